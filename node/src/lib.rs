@@ -1,0 +1,1 @@
+//! The Flare node.

@@ -1,0 +1,1 @@
+//! Flare wire types and workflows.
