@@ -1,1 +1,9 @@
-//! The Flare node.
+//! The Flare node: the simulator, trainers and data, job folders, and (in later modules) the
+//! libp2p driver and roles. The binary `flare-node` is a thin CLI over this library.
+
+pub mod bench;
+pub mod data;
+pub mod job;
+pub mod learner;
+pub mod model_io;
+pub mod simulator;

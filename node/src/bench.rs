@@ -1,0 +1,179 @@
+//! `flare-node bench …`: repeatable measurements of the simulator (seconds per round, peak
+//! memory), run in a fresh process per configuration so peak RSS belongs to that run alone.
+
+use std::path::Path;
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::simulator::{SimOptions, SimReport, run};
+
+/// One simulator benchmark configuration.
+#[derive(Debug, Clone)]
+pub struct SimBench {
+    /// f32 parameters in the model.
+    pub params: usize,
+    /// Simulated clients.
+    pub clients: usize,
+    /// Rounds.
+    pub rounds: u32,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+/// What one benchmark run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SimBenchResult {
+    /// f32 parameters in the model.
+    pub params: usize,
+    /// Simulated clients.
+    pub clients: usize,
+    /// Rounds.
+    pub rounds: u32,
+    /// Worker threads.
+    pub threads: usize,
+    /// Median wall seconds per round.
+    pub median_round_s: f64,
+    /// Peak resident memory of the process in MiB (`VmHWM`).
+    pub peak_rss_mib: f64,
+    /// Whole run in seconds, including setup and writing the final model.
+    pub total_s: f64,
+}
+
+/// Writes a job that trains a synthetic model with FedAvg into `dir`.
+pub fn write_synthetic_job(
+    dir: &Path,
+    params: usize,
+    clients: usize,
+    rounds: u32,
+) -> anyhow::Result<()> {
+    let cfg = dir.join("app/config");
+    std::fs::create_dir_all(&cfg).with_context(|| format!("cannot create {}", cfg.display()))?;
+    let meta =
+        json!({"name": "bench-synthetic", "min_clients": clients, "deploy_map": {"app": ["@ALL"]}});
+    let server = json!({
+        "format_version": 2,
+        "workflows": [{"id": "sag", "name": "ScatterAndGather", "args": {
+            "num_rounds": rounds, "min_clients": clients,
+            "wait_time_after_min_received": 0, "task_timeout": 3600, "validate_final": false}}],
+        "components": [
+            {"id": "model", "name": "SyntheticModel", "args": {"num_params": params}},
+            {"id": "aggregator", "name": "FedAvg", "args": {}},
+            {"id": "persistor", "name": "SafetensorsPersistor", "args": {"save_every_round": false}}
+        ]
+    });
+    let client = json!({
+        "format_version": 2,
+        "executors": [{"tasks": ["train", "validate"],
+                       "executor": {"name": "SyntheticLearner", "args": {"num_params": params}}}]
+    });
+    for (path, v) in [
+        (dir.join("meta.json"), meta),
+        (cfg.join("config_fed_server.json"), server),
+        (cfg.join("config_fed_client.json"), client),
+    ] {
+        std::fs::write(&path, serde_json::to_vec_pretty(&v)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Peak resident set size of this process in MiB, from `/proc/self/status`.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Runs one configuration in this process and measures it.
+pub fn run_sim_bench(b: &SimBench) -> anyhow::Result<SimBenchResult> {
+    let dir = tempfile::tempdir()?;
+    let job = dir.path().join("job");
+    write_synthetic_job(&job, b.params, b.clients, b.rounds)?;
+    let report: SimReport = run(&SimOptions {
+        job_dir: job,
+        clients: b.clients,
+        workspace: dir.path().join("ws"),
+        threads: b.threads,
+        progress: false,
+    })?;
+    Ok(SimBenchResult {
+        params: b.params,
+        clients: b.clients,
+        rounds: b.rounds,
+        threads: b.threads,
+        median_round_s: median(report.rounds.iter().map(|r| r.seconds).collect()),
+        peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
+        total_s: report.seconds,
+    })
+}
+
+/// Centralized training of the built-in MLP on the whole MNIST training part: the yardstick
+/// that federated runs are compared with.
+pub fn run_centralized(data_dir: &Path, epochs: usize) -> anyhow::Result<serde_json::Value> {
+    use crate::learner::mlp::{Mlp, MlpHyper};
+    use rand::SeedableRng;
+    let ds = crate::data::Dataset::load_mnist_test(data_dir)?;
+    let (train, test) = ds.split(2_000, 0);
+    let hyper = MlpHyper {
+        epochs: 1,
+        ..MlpHyper::default()
+    };
+    let mut net = Mlp::init(hyper.hidden, 0);
+    let idx: Vec<usize> = (0..train.len()).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let started = std::time::Instant::now();
+    let mut per_epoch = Vec::new();
+    for _ in 0..epochs {
+        net.train(&train, &idx, &hyper, &mut rng)?;
+        per_epoch.push(net.evaluate(&test)["accuracy"]);
+    }
+    Ok(json!({
+        "train_examples": train.len(),
+        "held_out_examples": test.len(),
+        "hidden": hyper.hidden,
+        "epochs": epochs,
+        "held_out_accuracy_per_epoch": per_epoch,
+        "seconds": started.elapsed().as_secs_f64(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+    }
+
+    #[test]
+    fn a_small_benchmark_runs_and_measures() {
+        let r = run_sim_bench(&SimBench {
+            params: 10,
+            clients: 4,
+            rounds: 3,
+            threads: 2,
+        })
+        .unwrap();
+        assert_eq!(r.rounds, 3);
+        assert!(r.median_round_s > 0.0 && r.median_round_s < 5.0, "{r:?}");
+        assert!(r.peak_rss_mib > 1.0, "{r:?}");
+    }
+}

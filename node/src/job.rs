@@ -1,0 +1,931 @@
+//! Job folders in FLARE's layout, and the registry of built-in components they name.
+//!
+//! ```text
+//! my-job/
+//!   meta.json                       name, min_clients, mandatory_clients, deploy_map
+//!   app/config/config_fed_server.json   workflows + components (model, aggregator, persistor)
+//!   app/config/config_fed_client.json   executors (the learner and the tasks it serves)
+//! ```
+//! Config files may also be YAML (`.yml`/`.yaml`). Every error names the file and the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use flare_protocols::model::FLModel;
+use flare_protocols::workflows::scatter_gather::SagConfig;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::data::{Dataset, Partition};
+use crate::learner::Learner;
+use crate::learner::mlp::{Mlp, MlpHyper, MlpLearner};
+use crate::learner::synthetic::{SyntheticArgs, SyntheticLearner};
+
+/// Why a job could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file is malformed or a key has a bad value.
+    #[error("{file}: {key}: {reason}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// The key, as a path such as `workflows[0].args.num_rounds` (`.` for the whole file).
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn invalid(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> JobError {
+    JobError::Invalid {
+        file: file.to_path_buf(),
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses JSON or YAML (by extension) into `T`, naming the failing key.
+fn parse_file<T: DeserializeOwned>(path: &Path) -> Result<T, JobError> {
+    let text = std::fs::read_to_string(path).map_err(|source| JobError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let yaml = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yml" | "yaml")
+    );
+    let located = |key: String, reason: String| {
+        let key = if key.is_empty() || key == "?" {
+            ".".into()
+        } else {
+            key
+        };
+        invalid(path, key, reason)
+    };
+    if yaml {
+        let de = serde_yaml::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(de)
+            .map_err(|e| located(e.path().to_string(), e.inner().to_string()))
+    } else {
+        let mut de = serde_json::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| located(e.path().to_string(), e.inner().to_string()))
+    }
+}
+
+/// Parses a component's `args` into `T`, naming `key.args.<field>` on error.
+fn parse_args<T: DeserializeOwned>(
+    file: &Path,
+    key: &str,
+    args: serde_json::Value,
+) -> Result<T, JobError> {
+    serde_path_to_error::deserialize(args).map_err(|e| {
+        let inner = e.path().to_string();
+        let at = if inner.is_empty() || inner == "." {
+            format!("{key}.args")
+        } else {
+            format!("{key}.args.{inner}")
+        };
+        invalid(file, at, e.inner().to_string())
+    })
+}
+
+/// `meta.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobMeta {
+    /// Job name.
+    pub name: String,
+    /// Clients needed to run the job.
+    #[serde(default = "one")]
+    pub min_clients: usize,
+    /// Clients that must take part.
+    #[serde(default)]
+    pub mandatory_clients: Vec<String>,
+    /// App folder → sites it deploys to (`@ALL`, `server`, or site names).
+    pub deploy_map: BTreeMap<String, Vec<String>>,
+    /// Resources each site needs (kept for the node's policy checks).
+    #[serde(default)]
+    pub resource_spec: BTreeMap<String, serde_json::Value>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// A `{ "id", "name", "args" }` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ComponentEntry {
+    #[serde(default)]
+    id: String,
+    name: String,
+    #[serde(default = "empty_args")]
+    args: serde_json::Value,
+}
+
+fn empty_args() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerFile {
+    #[serde(default)]
+    format_version: Option<u32>,
+    workflows: Vec<ComponentEntry>,
+    #[serde(default)]
+    components: Vec<ComponentEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientFile {
+    #[serde(default)]
+    format_version: Option<u32>,
+    executors: Vec<ExecutorEntry>,
+    #[serde(default)]
+    components: Vec<ComponentEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecutorEntry {
+    tasks: Vec<String>,
+    executor: ComponentEntry,
+}
+
+/// Arguments of the `ScatterAndGather` workflow (FLARE's names; durations in seconds).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SagArgs {
+    num_rounds: u32,
+    #[serde(default)]
+    start_round: u32,
+    #[serde(default = "one")]
+    min_clients: usize,
+    #[serde(default = "default_wait")]
+    wait_time_after_min_received: f64,
+    #[serde(default = "default_timeout", alias = "train_timeout")]
+    task_timeout: f64,
+    #[serde(default = "yes")]
+    validate_final: bool,
+    #[serde(default = "model_id")]
+    model_id: String,
+    #[serde(default = "aggregator_id")]
+    aggregator_id: String,
+    #[serde(default = "persistor_id")]
+    persistor_id: String,
+}
+
+fn default_wait() -> f64 {
+    10.0
+}
+fn default_timeout() -> f64 {
+    600.0
+}
+fn yes() -> bool {
+    true
+}
+fn model_id() -> String {
+    "model".into()
+}
+fn aggregator_id() -> String {
+    "aggregator".into()
+}
+fn persistor_id() -> String {
+    "persistor".into()
+}
+
+/// Where the initial global model comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A fresh MNIST MLP (`MnistMlp`).
+    MnistMlp {
+        /// Hidden units.
+        hidden: usize,
+        /// Initialization seed.
+        seed: u64,
+    },
+    /// A synthetic model of a given size (`SyntheticModel`).
+    Synthetic(SyntheticArgs),
+    /// Weights from a safetensors file (`SafetensorsModel`).
+    File(PathBuf),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MnistMlpModelArgs {
+    #[serde(default = "hidden")]
+    hidden: usize,
+    #[serde(default)]
+    seed: u64,
+}
+
+fn hidden() -> usize {
+    64
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileModelArgs {
+    path: PathBuf,
+}
+
+/// How the server persists global models (`SafetensorsPersistor`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PersistorConfig {
+    /// Write every round's global model, not only the final one.
+    pub save_every_round: bool,
+}
+
+impl Default for PersistorConfig {
+    fn default() -> Self {
+        PersistorConfig {
+            save_every_round: true,
+        }
+    }
+}
+
+/// The server side of an app: the workflow and its components.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerApp {
+    /// Scatter-and-gather settings.
+    pub sag: SagConfig,
+    /// The initial model.
+    pub model: ModelSource,
+    /// Persistence settings.
+    pub persistor: PersistorConfig,
+}
+
+fn seconds(file: &Path, key: &str, v: f64) -> Result<Duration, JobError> {
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| invalid(file, key, format!("{v} is not a valid number of seconds")))
+}
+
+impl ServerApp {
+    /// Loads `<app>/config/config_fed_server.{json,yml,yaml}`.
+    pub fn load(app_dir: &Path) -> Result<ServerApp, JobError> {
+        let file = config_file(app_dir, "config_fed_server")?;
+        let f: ServerFile = parse_file(&file)?;
+        check_format(&file, f.format_version)?;
+        let [wf] = f.workflows.as_slice() else {
+            return Err(invalid(
+                &file,
+                "workflows",
+                format!(
+                    "exactly one workflow is supported, found {}",
+                    f.workflows.len()
+                ),
+            ));
+        };
+        if wf.name != "ScatterAndGather" {
+            return Err(invalid(
+                &file,
+                "workflows[0].name",
+                format!("unknown workflow {:?} (known: ScatterAndGather)", wf.name),
+            ));
+        }
+        let a: SagArgs = parse_args(&file, "workflows[0]", wf.args.clone())?;
+        let sag = SagConfig {
+            num_rounds: a.num_rounds,
+            start_round: a.start_round,
+            min_clients: a.min_clients,
+            wait_time_after_min_received: seconds(
+                &file,
+                "workflows[0].args.wait_time_after_min_received",
+                a.wait_time_after_min_received,
+            )?,
+            task_timeout: seconds(&file, "workflows[0].args.task_timeout", a.task_timeout)?,
+            validate_final: a.validate_final,
+        };
+        if sag.num_rounds == 0 {
+            return Err(invalid(
+                &file,
+                "workflows[0].args.num_rounds",
+                "must be at least 1",
+            ));
+        }
+        if sag.task_timeout.is_zero() {
+            return Err(invalid(
+                &file,
+                "workflows[0].args.task_timeout",
+                "must be positive",
+            ));
+        }
+        let mut seen = BTreeMap::new();
+        for (i, c) in f.components.iter().enumerate() {
+            if seen.insert(c.id.as_str(), i).is_some() {
+                return Err(invalid(
+                    &file,
+                    format!("components[{i}].id"),
+                    format!("duplicate id {:?}", c.id),
+                ));
+            }
+        }
+        let find = |id: &str, arg: &str| {
+            seen.get(id).map(|&i| (i, &f.components[i])).ok_or_else(|| {
+                invalid(
+                    &file,
+                    format!("workflows[0].args.{arg}"),
+                    format!("no component with id {id:?}"),
+                )
+            })
+        };
+        let (mi, m) = find(&a.model_id, "model_id")?;
+        let key = format!("components[{mi}]");
+        let model = match m.name.as_str() {
+            "MnistMlp" => {
+                let x: MnistMlpModelArgs = parse_args(&file, &key, m.args.clone())?;
+                ModelSource::MnistMlp {
+                    hidden: x.hidden,
+                    seed: x.seed,
+                }
+            }
+            "SyntheticModel" => ModelSource::Synthetic(parse_args(&file, &key, m.args.clone())?),
+            "SafetensorsModel" => {
+                let x: FileModelArgs = parse_args(&file, &key, m.args.clone())?;
+                ModelSource::File(app_dir.join(x.path))
+            }
+            other => {
+                return Err(invalid(
+                    &file,
+                    format!("{key}.name"),
+                    format!(
+                        "unknown model {other:?} (known: MnistMlp, SyntheticModel, SafetensorsModel)"
+                    ),
+                ));
+            }
+        };
+        let (ai, agg) = find(&a.aggregator_id, "aggregator_id")?;
+        if agg.name != "FedAvg" {
+            return Err(invalid(
+                &file,
+                format!("components[{ai}].name"),
+                format!("unknown aggregator {:?} (known: FedAvg)", agg.name),
+            ));
+        }
+        let _: EmptyArgs = parse_args(&file, &format!("components[{ai}]"), agg.args.clone())?;
+        let persistor = match seen.get(a.persistor_id.as_str()) {
+            None => PersistorConfig::default(),
+            Some(&pi) => {
+                let p = &f.components[pi];
+                if p.name != "SafetensorsPersistor" {
+                    return Err(invalid(
+                        &file,
+                        format!("components[{pi}].name"),
+                        format!(
+                            "unknown persistor {:?} (known: SafetensorsPersistor)",
+                            p.name
+                        ),
+                    ));
+                }
+                parse_args(&file, &format!("components[{pi}]"), p.args.clone())?
+            }
+        };
+        if let Some((i, c)) = f
+            .components
+            .iter()
+            .enumerate()
+            .find(|(_, c)| ![&a.model_id, &a.aggregator_id, &a.persistor_id].contains(&&c.id))
+        {
+            return Err(invalid(
+                &file,
+                format!("components[{i}]"),
+                format!(
+                    "component {:?} ({}) is not used by any workflow",
+                    c.id, c.name
+                ),
+            ));
+        }
+        Ok(ServerApp {
+            sag,
+            model,
+            persistor,
+        })
+    }
+
+    /// Builds the initial global model.
+    pub fn initial_model(&self) -> anyhow::Result<FLModel> {
+        Ok(match &self.model {
+            ModelSource::MnistMlp { hidden, seed } => Mlp::init(*hidden, *seed).to_model(),
+            ModelSource::Synthetic(a) => a.init()?,
+            ModelSource::File(path) => crate::model_io::read(path)?,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyArgs {}
+
+/// Arguments of `MnistMlpLearner`: where the data is, how it is split and partitioned, and
+/// the training hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MnistLearnerArgs {
+    /// Folder with the MNIST IDX files; relative paths start at the job folder.
+    pub data_dir: PathBuf,
+    /// Examples held out for validation (the rest is partitioned across sites).
+    #[serde(default = "held_out")]
+    pub held_out: usize,
+    /// Seed of the train/held-out split.
+    #[serde(default)]
+    pub split_seed: u64,
+    /// How the training part is divided across sites.
+    #[serde(default)]
+    pub partition: Partition,
+    /// Seed of the partition.
+    #[serde(default)]
+    pub partition_seed: u64,
+    /// Hidden units.
+    #[serde(default = "hidden")]
+    pub hidden: usize,
+    /// Learning rate.
+    #[serde(default = "lr")]
+    pub lr: f32,
+    /// Mini-batch size.
+    #[serde(default = "batch")]
+    pub batch_size: usize,
+    /// Local epochs per round.
+    #[serde(default = "one")]
+    pub epochs: usize,
+    /// Shuffle seed.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn held_out() -> usize {
+    2000
+}
+fn lr() -> f32 {
+    0.1
+}
+fn batch() -> usize {
+    32
+}
+
+/// Which learner a client app runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LearnerSpec {
+    /// The built-in MNIST MLP.
+    MnistMlp(MnistLearnerArgs),
+    /// The synthetic benchmark learner.
+    Synthetic(SyntheticArgs),
+}
+
+/// The client side of an app: which tasks it serves, with which learner.
+#[derive(Debug)]
+pub struct ClientApp {
+    /// Task names the executor serves.
+    pub tasks: Vec<String>,
+    /// The learner.
+    pub learner: LearnerSpec,
+    file: PathBuf,
+    /// MNIST train part, held-out part and the partition, loaded once for all sites.
+    mnist: OnceLock<Result<MnistShared, String>>,
+}
+
+#[derive(Debug)]
+struct MnistShared {
+    train: Arc<Dataset>,
+    held_out: Arc<Dataset>,
+    parts: BTreeMap<usize, Vec<Vec<usize>>>,
+}
+
+impl ClientApp {
+    /// Loads `<app>/config/config_fed_client.{json,yml,yaml}`.
+    pub fn load(app_dir: &Path) -> Result<ClientApp, JobError> {
+        let file = config_file(app_dir, "config_fed_client")?;
+        let f: ClientFile = parse_file(&file)?;
+        check_format(&file, f.format_version)?;
+        if !f.components.is_empty() {
+            return Err(invalid(
+                &file,
+                "components",
+                "client components are not supported yet",
+            ));
+        }
+        let [e] = f.executors.as_slice() else {
+            return Err(invalid(
+                &file,
+                "executors",
+                format!(
+                    "exactly one executor is supported, found {}",
+                    f.executors.len()
+                ),
+            ));
+        };
+        if e.tasks.is_empty() {
+            return Err(invalid(&file, "executors[0].tasks", "lists no task"));
+        }
+        let key = "executors[0].executor";
+        let learner = match e.executor.name.as_str() {
+            "MnistMlpLearner" => {
+                let mut a: MnistLearnerArgs = parse_args(&file, key, e.executor.args.clone())?;
+                if a.data_dir.is_relative() {
+                    let job_dir = app_dir.parent().unwrap_or(app_dir);
+                    a.data_dir = job_dir.join(&a.data_dir);
+                }
+                if !a.data_dir.is_dir() {
+                    return Err(invalid(
+                        &file,
+                        format!("{key}.args.data_dir"),
+                        format!("{} is not a folder", a.data_dir.display()),
+                    ));
+                }
+                if a.batch_size == 0 || a.hidden == 0 || !(a.lr.is_finite() && a.lr > 0.0) {
+                    return Err(invalid(
+                        &file,
+                        format!("{key}.args"),
+                        "hidden, batch_size and lr must be positive",
+                    ));
+                }
+                LearnerSpec::MnistMlp(a)
+            }
+            "SyntheticLearner" => {
+                LearnerSpec::Synthetic(parse_args(&file, key, e.executor.args.clone())?)
+            }
+            other => {
+                return Err(invalid(
+                    &file,
+                    format!("{key}.name"),
+                    format!(
+                        "unknown executor {other:?} (known: MnistMlpLearner, SyntheticLearner)"
+                    ),
+                ));
+            }
+        };
+        Ok(ClientApp {
+            tasks: e.tasks.clone(),
+            learner,
+            file,
+            mnist: OnceLock::new(),
+        })
+    }
+
+    fn mnist(&self, a: &MnistLearnerArgs, num_sites: usize) -> Result<&MnistShared, JobError> {
+        let shared = self.mnist.get_or_init(|| {
+            let ds = Dataset::load_mnist_test(&a.data_dir).map_err(|e| e.to_string())?;
+            let (train, held_out) = ds.split(a.held_out, a.split_seed);
+            let parts = a
+                .partition
+                .split(&train.labels, num_sites, a.partition_seed)
+                .map_err(|e| e.to_string())?;
+            Ok(MnistShared {
+                train: Arc::new(train),
+                held_out: Arc::new(held_out),
+                parts: BTreeMap::from([(num_sites, parts)]),
+            })
+        });
+        match shared {
+            Ok(s) if s.parts.contains_key(&num_sites) => Ok(s),
+            Ok(_) => Err(invalid(
+                &self.file,
+                "executors[0].executor.args.partition",
+                "the partition was made for another number of sites",
+            )),
+            Err(reason) => Err(invalid(
+                &self.file,
+                "executors[0].executor.args.data_dir",
+                reason.clone(),
+            )),
+        }
+    }
+
+    /// The learner of site number `index` (0-based) out of `num_sites`.
+    pub fn make_learner(
+        &self,
+        index: usize,
+        num_sites: usize,
+    ) -> Result<Box<dyn Learner>, JobError> {
+        Ok(match &self.learner {
+            LearnerSpec::MnistMlp(a) => {
+                let s = self.mnist(a, num_sites)?;
+                let hyper = MlpHyper {
+                    hidden: a.hidden,
+                    lr: a.lr,
+                    batch_size: a.batch_size,
+                    epochs: a.epochs,
+                    seed: a.seed,
+                };
+                Box::new(MlpLearner::new(
+                    hyper,
+                    Arc::clone(&s.train),
+                    s.parts[&num_sites][index].clone(),
+                    Arc::clone(&s.held_out),
+                    index as u64,
+                ))
+            }
+            LearnerSpec::Synthetic(a) => Box::new(SyntheticLearner::new(a.clone(), index)),
+        })
+    }
+}
+
+fn check_format(file: &Path, v: Option<u32>) -> Result<(), JobError> {
+    match v {
+        None | Some(2) => Ok(()),
+        Some(other) => Err(invalid(
+            file,
+            "format_version",
+            format!("version {other} is not supported (use 2)"),
+        )),
+    }
+}
+
+fn config_file(app_dir: &Path, stem: &str) -> Result<PathBuf, JobError> {
+    let dir = app_dir.join("config");
+    for ext in ["json", "yml", "yaml"] {
+        let p = dir.join(format!("{stem}.{ext}"));
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(JobError::Io {
+        path: dir.join(format!("{stem}.json")),
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no such file (.json, .yml or .yaml)",
+        ),
+    })
+}
+
+/// A loaded job: its meta and the apps of the server and the clients.
+#[derive(Debug)]
+pub struct Job {
+    /// The job folder.
+    pub dir: PathBuf,
+    /// `meta.json`.
+    pub meta: JobMeta,
+    /// The server's app.
+    pub server: ServerApp,
+    /// Client apps by app folder name.
+    pub client_apps: BTreeMap<String, ClientApp>,
+    /// App folder name for each entry of the deploy map (`@ALL` or a site name).
+    deploy: Vec<(String, String)>,
+}
+
+impl Job {
+    /// Loads and checks a whole job folder.
+    pub fn load(dir: &Path) -> Result<Job, JobError> {
+        let meta_path = dir.join("meta.json");
+        let meta: JobMeta = parse_file(&meta_path)?;
+        if meta.name.trim().is_empty() {
+            return Err(invalid(&meta_path, "name", "must not be empty"));
+        }
+        if meta.min_clients == 0 {
+            return Err(invalid(&meta_path, "min_clients", "must be at least 1"));
+        }
+        if meta.deploy_map.is_empty() {
+            return Err(invalid(&meta_path, "deploy_map", "deploys no app"));
+        }
+        let mut server = None;
+        let mut client_apps = BTreeMap::new();
+        let mut deploy = Vec::new();
+        for (app, sites) in &meta.deploy_map {
+            let app_dir = dir.join(app);
+            if !app_dir.is_dir() {
+                return Err(invalid(
+                    &meta_path,
+                    format!("deploy_map.{app}"),
+                    format!("app folder {} does not exist", app_dir.display()),
+                ));
+            }
+            for site in sites {
+                if site == "server" || site == "@ALL" {
+                    if server.is_some() {
+                        return Err(invalid(
+                            &meta_path,
+                            format!("deploy_map.{app}"),
+                            "the server is deployed more than one app",
+                        ));
+                    }
+                    server = Some(ServerApp::load(&app_dir)?);
+                }
+                if site != "server" {
+                    if !client_apps.contains_key(app) {
+                        client_apps.insert(app.clone(), ClientApp::load(&app_dir)?);
+                    }
+                    deploy.push((site.clone(), app.clone()));
+                }
+            }
+        }
+        let server = server.ok_or_else(|| {
+            invalid(
+                &meta_path,
+                "deploy_map",
+                "no app is deployed to the server (use \"server\" or \"@ALL\")",
+            )
+        })?;
+        if client_apps.is_empty() {
+            return Err(invalid(
+                &meta_path,
+                "deploy_map",
+                "no app is deployed to any client",
+            ));
+        }
+        Ok(Job {
+            dir: dir.to_path_buf(),
+            meta,
+            server,
+            client_apps,
+            deploy,
+        })
+    }
+
+    /// The client app deployed to `site`: its own entry first, then `@ALL`.
+    pub fn app_for(&self, site: &str) -> Option<&ClientApp> {
+        let by = |who: &str| {
+            self.deploy
+                .iter()
+                .find(|(s, _)| s == who)
+                .and_then(|(_, app)| self.client_apps.get(app))
+        };
+        by(site).or_else(|| by("@ALL"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    const SERVER: &str = r#"{
+      "format_version": 2,
+      "workflows": [{"id": "sag", "name": "ScatterAndGather",
+                      "args": {"num_rounds": 2, "min_clients": 2}}],
+      "components": [
+        {"id": "model", "name": "MnistMlp", "args": {"hidden": 16}},
+        {"id": "aggregator", "name": "FedAvg", "args": {}},
+        {"id": "persistor", "name": "SafetensorsPersistor", "args": {"save_every_round": false}}
+      ]
+    }"#;
+
+    fn client(data: &str) -> String {
+        format!(
+            r#"{{"format_version": 2, "executors": [{{"tasks": ["train", "validate"],
+               "executor": {{"name": "MnistMlpLearner", "args": {{"data_dir": "{data}", "hidden": 16}}}}}}]}}"#
+        )
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let f = Fixture {
+                dir: tempfile::tempdir().unwrap(),
+            };
+            let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist");
+            f.write(
+                "meta.json",
+                r#"{"name": "t", "min_clients": 2, "deploy_map": {"app": ["@ALL"]}}"#,
+            );
+            f.write("app/config/config_fed_server.json", SERVER);
+            f.write(
+                "app/config/config_fed_client.json",
+                &client(&data.display().to_string()),
+            );
+            f
+        }
+        fn write(&self, rel: &str, text: &str) {
+            let p = self.dir.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        fn err(&self) -> String {
+            Job::load(self.dir.path()).unwrap_err().to_string()
+        }
+    }
+
+    #[test]
+    fn a_good_job_loads() {
+        let f = Fixture::new();
+        let job = Job::load(f.dir.path()).unwrap();
+        assert_eq!(job.server.sag.num_rounds, 2);
+        assert_eq!(
+            job.server.sag.wait_time_after_min_received,
+            Duration::from_secs(10)
+        );
+        assert!(!job.server.persistor.save_every_round);
+        assert_eq!(
+            job.server.model,
+            ModelSource::MnistMlp {
+                hidden: 16,
+                seed: 0
+            }
+        );
+        assert!(job.app_for("site-7").is_some());
+        let l = job.app_for("site-1").unwrap().make_learner(0, 2);
+        assert!(l.is_ok());
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let cases: Vec<(&str, String, &str)> = vec![
+            (
+                "app/config/config_fed_server.json",
+                SERVER.replace("\"num_rounds\": 2", "\"num_rounds\": \"two\""),
+                "config_fed_server.json: workflows[0].args.num_rounds: invalid type",
+            ),
+            (
+                "app/config/config_fed_server.json",
+                SERVER.replace("ScatterAndGather", "Scatter"),
+                "workflows[0].name: unknown workflow \"Scatter\"",
+            ),
+            (
+                "app/config/config_fed_server.json",
+                SERVER.replace("\"hidden\": 16", "\"hiddn\": 16"),
+                "components[0].args.hiddn: unknown field",
+            ),
+            (
+                "app/config/config_fed_server.json",
+                SERVER.replace("\"FedAvg\"", "\"FedProx\""),
+                "components[1].name: unknown aggregator \"FedProx\"",
+            ),
+            (
+                "app/config/config_fed_server.json",
+                SERVER.replace("\"id\": \"model\"", "\"id\": \"net\""),
+                "workflows[0].args.model_id: no component with id \"model\"",
+            ),
+            (
+                "app/config/config_fed_server.json",
+                SERVER.replace(
+                    "\"min_clients\": 2}",
+                    "\"min_clients\": 2, \"task_timeout\": -1}",
+                ),
+                "workflows[0].args.task_timeout",
+            ),
+            (
+                "app/config/config_fed_client.json",
+                client("/nonexistent/mnist"),
+                "executors[0].executor.args.data_dir: /nonexistent/mnist is not a folder",
+            ),
+            (
+                "app/config/config_fed_client.json",
+                client("x").replace("MnistMlpLearner", "Nope"),
+                "executors[0].executor.name: unknown executor \"Nope\"",
+            ),
+            (
+                "app/config/config_fed_client.json",
+                "{ not json".into(),
+                "config_fed_client.json: .: key must be a string",
+            ),
+            (
+                "meta.json",
+                r#"{"name": "t", "deploy_map": {"missing": ["@ALL"]}}"#.into(),
+                "meta.json: deploy_map.missing: app folder",
+            ),
+            (
+                "meta.json",
+                r#"{"name": "t", "deploy_map": {"app": ["site-1"]}}"#.into(),
+                "meta.json: deploy_map: no app is deployed to the server",
+            ),
+            (
+                "meta.json",
+                r#"{"name": "t", "min_clients": 0, "deploy_map": {"app": ["@ALL"]}}"#.into(),
+                "meta.json: min_clients: must be at least 1",
+            ),
+        ];
+        for (file, text, want) in cases {
+            let f = Fixture::new();
+            f.write(file, &text);
+            let err = f.err();
+            assert!(err.contains(want), "for {file}: {err:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn yaml_configs_are_accepted() {
+        let f = Fixture::new();
+        std::fs::remove_file(f.dir.path().join("app/config/config_fed_server.json")).unwrap();
+        f.write(
+            "app/config/config_fed_server.yml",
+            "format_version: 2\nworkflows:\n  - id: sag\n    name: ScatterAndGather\n    args: {num_rounds: 3, min_clients: 1}\ncomponents:\n  - {id: model, name: SyntheticModel, args: {num_params: 10}}\n  - {id: aggregator, name: FedAvg}\n",
+        );
+        let job = Job::load(f.dir.path()).unwrap();
+        assert_eq!(job.server.sag.num_rounds, 3);
+        assert_eq!(job.server.initial_model().unwrap().num_params(), 10);
+        f.write(
+            "app/config/config_fed_server.yml",
+            "workflows:\n  - id: sag\n    name: ScatterAndGather\n    args: {num_rounds: x}\n",
+        );
+        assert!(
+            f.err()
+                .contains("config_fed_server.yml: workflows[0].args.num_rounds"),
+            "{}",
+            f.err()
+        );
+    }
+}

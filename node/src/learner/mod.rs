@@ -1,0 +1,105 @@
+//! Trainers: the [`Learner`] trait every training back-end implements, and the executor that
+//! turns a [`Task`] into a [`TaskResult`] through it.
+//!
+//! Three back-ends implement the trait: the built-in pure-Rust MLP ([`mlp`]), LibTorch
+//! (feature `torch`), and an external process speaking the Client API. [`synthetic`] is a
+//! model of any size for benchmarks.
+
+pub mod gemm;
+pub mod mlp;
+pub mod synthetic;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use flare_protocols::model::{FLModel, META_NUM_SAMPLES, MetaValue, ModelError};
+use flare_protocols::shareable::{ReturnCode, Shareable, Task, TaskResult, task_names};
+
+/// Why a learner could not do its work.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnerError {
+    /// The incoming model does not fit the learner's network.
+    #[error("incoming model does not fit: {0}")]
+    Incompatible(#[from] ModelError),
+    /// The site has no data to train on.
+    #[error("no local training data")]
+    NoData,
+    /// Training diverged (a non-finite loss).
+    #[error("training diverged: {0}")]
+    Diverged(String),
+    /// Anything else the back-end reports.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// A training back-end: a model goes in, a model with metrics comes out (FLARE's `Learner`).
+pub trait Learner: Send {
+    /// Trains locally starting from `global` and returns the new weights (full or diff),
+    /// with the number of training samples in `meta[NUM_SAMPLES]`.
+    fn train(&mut self, global: &FLModel, round: u32) -> Result<FLModel, LearnerError>;
+
+    /// Measures `model` on the site's validation data (`accuracy`, `loss`, …).
+    fn validate(&mut self, model: &FLModel) -> Result<BTreeMap<String, f64>, LearnerError>;
+}
+
+/// Runs `task` on `learner` and wraps the outcome in a result; never panics on bad input.
+///
+/// For `train`, the incoming global model is validated first and its metrics travel with the
+/// trained weights (FLARE's Client API convention), so the controller learns each global
+/// model's quality without an extra round trip.
+pub fn execute(learner: &mut dyn Learner, task: &Task) -> TaskResult {
+    let data = match run(learner, task) {
+        Ok(model) => Shareable::with_model(Arc::new(model)),
+        Err((code, reason)) => Shareable::error(code, reason),
+    };
+    TaskResult {
+        task_id: task.id,
+        round: task.round,
+        data,
+    }
+}
+
+fn run(learner: &mut dyn Learner, task: &Task) -> Result<FLModel, (ReturnCode, String)> {
+    let Some(global) = task.data.model.as_deref() else {
+        return Err((
+            ReturnCode::ValidationError,
+            "the task carries no model".into(),
+        ));
+    };
+    let fail = |e: LearnerError| {
+        let code = match e {
+            LearnerError::Incompatible(_) => ReturnCode::ValidationError,
+            _ => ReturnCode::ExecutionException,
+        };
+        (code, e.to_string())
+    };
+    match task.name.as_str() {
+        task_names::TRAIN => {
+            let metrics = learner.validate(global).map_err(fail)?;
+            let mut out = learner.train(global, task.round).map_err(fail)?;
+            out.metrics = metrics;
+            out.current_round = Some(task.round);
+            Ok(out)
+        }
+        task_names::VALIDATE => {
+            let metrics = learner.validate(global).map_err(fail)?;
+            let mut out = FLModel {
+                metrics,
+                ..FLModel::default()
+            };
+            if let Some(n) = global.meta.get(META_NUM_SAMPLES) {
+                out.meta.insert(META_NUM_SAMPLES.into(), n.clone());
+            }
+            Ok(out)
+        }
+        other => Err((
+            ReturnCode::TaskUnknown,
+            format!("no executor for task {other:?}"),
+        )),
+    }
+}
+
+/// Shorthand for the sample-count metadata entry.
+pub(crate) fn samples_meta(n: usize) -> (String, MetaValue) {
+    (META_NUM_SAMPLES.to_string(), MetaValue::Int(n as i64))
+}

@@ -1,0 +1,411 @@
+//! The simulator (`flare-node simulate`): the server's controller and every client in one
+//! process, over an in-memory transport, driving the same sans-IO state machine as the node.
+//!
+//! One thread runs the controller; `threads` workers run client tasks. Tasks wait in a bounded
+//! queue and results come back over a rendezvous channel, so at most `threads + 1` trained
+//! models exist at once however many clients there are, and the global model is shared with
+//! every task rather than copied.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use flare_protocols::model::FLModel;
+use flare_protocols::shareable::{Task, TaskResult};
+use flare_protocols::time::Time;
+use flare_protocols::workflows::scatter_gather::{Event, Output, ScatterGather};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::job::{ClientApp, Job};
+use crate::learner::{Learner, execute};
+
+/// How to run a simulation.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// The job folder.
+    pub job_dir: PathBuf,
+    /// Number of simulated clients (`site-1` … `site-N`).
+    pub clients: usize,
+    /// Where models and metrics go.
+    pub workspace: PathBuf,
+    /// Worker threads that run client tasks.
+    pub threads: usize,
+    /// Show a progress bar and per-round lines on stderr.
+    pub progress: bool,
+}
+
+/// One round as it happened.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RoundReport {
+    /// Round number.
+    pub round: u32,
+    /// Results aggregated.
+    pub accepted: usize,
+    /// Wall time from the round's start to its aggregation.
+    pub seconds: f64,
+}
+
+/// What a simulation produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SimReport {
+    /// Job name.
+    pub job: String,
+    /// Rounds in order.
+    pub rounds: Vec<RoundReport>,
+    /// Metrics per global model version (0 = initial, k = after k rounds).
+    pub metrics: BTreeMap<u32, BTreeMap<String, f64>>,
+    /// Where the final model was written.
+    pub final_model: PathBuf,
+    /// Where the per-round models were written (empty when not saved).
+    pub round_models: Vec<PathBuf>,
+    /// Where the metrics JSON was written.
+    pub metrics_file: PathBuf,
+    /// Total wall time in seconds.
+    pub seconds: f64,
+}
+
+/// A client task handed to a worker.
+type Work = (usize, Task);
+/// A worker's answer: client index, and the result or a failure to build the learner.
+type Done = (usize, Result<TaskResult, String>);
+
+/// Runs a job to completion and returns its report.
+pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
+    let started = Instant::now();
+    let job = Job::load(&opts.job_dir)?;
+    if opts.clients == 0 {
+        bail!("-n must be at least 1");
+    }
+    if opts.clients < job.meta.min_clients {
+        bail!(
+            "{}: min_clients is {} but only {} clients are simulated",
+            opts.job_dir.join("meta.json").display(),
+            job.meta.min_clients,
+            opts.clients
+        );
+    }
+    let names: Vec<String> = (1..=opts.clients).map(|i| format!("site-{i}")).collect();
+    for m in &job.meta.mandatory_clients {
+        if !names.contains(m) {
+            bail!("mandatory client {m:?} is not among the simulated sites");
+        }
+    }
+    let apps: Vec<&ClientApp> = names
+        .iter()
+        .map(|n| {
+            job.app_for(n)
+                .with_context(|| format!("deploy_map deploys no app to {n}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let initial = job.server.initial_model()?;
+    let mut ctrl = ScatterGather::new(job.server.sag.clone(), names.clone(), initial)
+        .with_context(|| format!("{}: workflow settings", opts.job_dir.display()))?;
+
+    let out_dir = opts.workspace.join("server").join("simulate_job");
+    let models_dir = out_dir.join("models");
+    std::fs::create_dir_all(&models_dir)
+        .with_context(|| format!("cannot create {}", models_dir.display()))?;
+
+    let threads = opts.threads.max(1);
+    let (work_tx, work_rx) = sync_channel::<Work>(threads);
+    let (done_tx, done_rx) = sync_channel::<Done>(0);
+    let work_rx = Arc::new(Mutex::new(work_rx));
+    let learners: Vec<Mutex<Option<Box<dyn Learner>>>> =
+        (0..opts.clients).map(|_| Mutex::new(None)).collect();
+    let num_sites = opts.clients;
+
+    let report = std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let work_rx = Arc::clone(&work_rx);
+            let done_tx = done_tx.clone();
+            let learners = &learners;
+            let apps = &apps;
+            scope.spawn(move || worker(&work_rx, &done_tx, learners, apps, num_sites));
+        }
+        drop(done_tx);
+        let driver = Driver {
+            opts,
+            job: &job,
+            names: &names,
+            started,
+            models_dir: &models_dir,
+            out_dir: &out_dir,
+        };
+        let r = driver.drive(&mut ctrl, &work_tx, &done_rx);
+        drop(work_tx);
+        r
+    })?;
+    Ok(report)
+}
+
+fn worker(
+    work_rx: &Mutex<Receiver<Work>>,
+    done_tx: &SyncSender<Done>,
+    learners: &[Mutex<Option<Box<dyn Learner>>>],
+    apps: &[&ClientApp],
+    num_sites: usize,
+) {
+    loop {
+        let next = match work_rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok((i, task)) = next else { return };
+        let outcome = match learners[i].lock() {
+            Ok(mut slot) => {
+                if slot.is_none() {
+                    match apps[i].make_learner(i, num_sites) {
+                        Ok(l) => *slot = Some(l),
+                        Err(e) => {
+                            let _ = done_tx.send((i, Err(e.to_string())));
+                            continue;
+                        }
+                    }
+                }
+                match slot.as_mut() {
+                    Some(l) => Ok(execute(l.as_mut(), &task)),
+                    None => Err("learner missing".to_string()),
+                }
+            }
+            Err(_) => Err("a previous task of this client panicked".to_string()),
+        };
+        if done_tx.send((i, outcome)).is_err() {
+            return;
+        }
+    }
+}
+
+struct Driver<'a> {
+    opts: &'a SimOptions,
+    job: &'a Job,
+    names: &'a [String],
+    started: Instant,
+    models_dir: &'a Path,
+    out_dir: &'a Path,
+}
+
+impl Driver<'_> {
+    fn now(&self) -> Time {
+        Time::from_duration(self.started.elapsed())
+    }
+
+    fn drive(
+        &self,
+        ctrl: &mut ScatterGather,
+        work_tx: &SyncSender<Work>,
+        done_rx: &Receiver<Done>,
+    ) -> anyhow::Result<SimReport> {
+        let total_rounds = self.job.server.sag.num_rounds;
+        let bar = self.progress_bar(total_rounds);
+        let mut pending: VecDeque<Work> = VecDeque::new();
+        let mut rounds = Vec::new();
+        let mut metrics = BTreeMap::new();
+        let mut round_models = Vec::new();
+        let mut round_start = Instant::now();
+        let mut outcome: Option<Result<Arc<FLModel>, String>> = None;
+        ctrl.start(self.now());
+        loop {
+            while let Some(out) = ctrl.poll_output() {
+                match out {
+                    Output::Send { to, task } => {
+                        let i = self.index(&to)?;
+                        pending.push_back((i, task));
+                    }
+                    Output::Event(e) => match e {
+                        Event::RoundStarted { round, clients } => {
+                            round_start = Instant::now();
+                            if let Some(b) = &bar {
+                                b.set_length(clients as u64);
+                                b.set_position(0);
+                                b.set_prefix(format!(
+                                    "round {}/{}",
+                                    round + 1 - self.job.server.sag.start_round,
+                                    total_rounds
+                                ));
+                            }
+                        }
+                        Event::ResultAccepted { answered, .. } => {
+                            if let Some(b) = &bar {
+                                b.set_position(answered as u64);
+                            }
+                        }
+                        Event::ResultExcluded {
+                            round,
+                            client,
+                            reason,
+                            ..
+                        } => {
+                            tracing::warn!(round, %client, %reason, "result excluded");
+                        }
+                        Event::ResultDropped { client, reason, .. } => {
+                            tracing::warn!(%client, ?reason, "result dropped");
+                        }
+                        Event::TimedOut { round, clients } => {
+                            tracing::warn!(round, ?clients, "clients timed out");
+                        }
+                        Event::ModelEvaluated {
+                            version,
+                            metrics: m,
+                        } => {
+                            metrics.insert(version, m);
+                        }
+                        Event::RoundAggregated {
+                            round,
+                            model,
+                            accepted,
+                        } => {
+                            let seconds = round_start.elapsed().as_secs_f64();
+                            rounds.push(RoundReport {
+                                round,
+                                accepted,
+                                seconds,
+                            });
+                            let line = format!(
+                                "round {}/{}: {accepted}/{} clients aggregated in {seconds:.2} s (elapsed {:.1} s)",
+                                round + 1 - self.job.server.sag.start_round,
+                                total_rounds,
+                                self.names.len(),
+                                self.started.elapsed().as_secs_f64()
+                            );
+                            match &bar {
+                                Some(b) => b.println(line),
+                                None if self.opts.progress => eprintln!("{line}"),
+                                None => {}
+                            }
+                            if self.job.server.persistor.save_every_round {
+                                let p = self
+                                    .models_dir
+                                    .join(format!("round-{round:03}.safetensors"));
+                                crate::model_io::write(&p, &model)?;
+                                round_models.push(p);
+                            }
+                        }
+                        Event::Finished { model } => outcome = Some(Ok(model)),
+                        Event::Aborted { reason, .. } => outcome = Some(Err(reason)),
+                    },
+                }
+            }
+            if ctrl.is_done() {
+                break;
+            }
+            // Hand out as much work as the bounded queue takes.
+            while let Some(w) = pending.pop_front() {
+                match work_tx.try_send(w) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(w)) => {
+                        pending.push_front(w);
+                        break;
+                    }
+                    Err(TrySendError::Disconnected(_)) => bail!("all simulator workers stopped"),
+                }
+            }
+            let wait = match ctrl.poll_timeout() {
+                Some(at) => at.saturating_since(self.now()),
+                None => Duration::from_secs(1),
+            };
+            // Wake up at least every 50 ms while work waits for room in the queue.
+            let wait = if pending.is_empty() {
+                wait
+            } else {
+                wait.min(Duration::from_millis(50))
+            };
+            match done_rx.recv_timeout(wait) {
+                Ok((i, Ok(result))) => ctrl.handle_result(self.now(), &self.names[i], result),
+                Ok((i, Err(e))) => bail!("{}: {e}", self.names[i]),
+                Err(RecvTimeoutError::Timeout) => {
+                    let now = self.now();
+                    if ctrl.poll_timeout().is_some_and(|t| t <= now) {
+                        ctrl.handle_timeout(now);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => bail!("all simulator workers stopped"),
+            }
+        }
+        if let Some(b) = &bar {
+            b.finish_and_clear();
+        }
+        let metrics_file = self.out_dir.join("metrics.json");
+        let final_model = self.out_dir.join("global_final.safetensors");
+        let report = SimReport {
+            job: self.job.meta.name.clone(),
+            rounds,
+            metrics,
+            final_model: final_model.clone(),
+            round_models,
+            metrics_file: metrics_file.clone(),
+            seconds: self.started.elapsed().as_secs_f64(),
+        };
+        let json = serde_json::to_vec_pretty(&report)?;
+        std::fs::write(&metrics_file, json)
+            .with_context(|| format!("cannot write {}", metrics_file.display()))?;
+        match outcome {
+            Some(Ok(model)) => {
+                crate::model_io::write(&final_model, &model)?;
+                Ok(report)
+            }
+            Some(Err(reason)) => bail!("the job aborted: {reason}"),
+            None => bail!("the controller stopped without an outcome"),
+        }
+    }
+
+    fn index(&self, name: &str) -> anyhow::Result<usize> {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .with_context(|| format!("the controller addressed an unknown client {name}"))
+    }
+
+    fn progress_bar(&self, rounds: u32) -> Option<ProgressBar> {
+        if !self.opts.progress || !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let b = ProgressBar::new(self.names.len() as u64);
+        let style = ProgressStyle::with_template(
+            "{prefix:>12} [{bar:30}] {pos}/{len} clients done, elapsed {elapsed}",
+        )
+        .ok()?
+        .progress_chars("=> ");
+        b.set_style(style);
+        b.set_prefix(format!("round 1/{rounds}"));
+        Some(b)
+    }
+}
+
+/// The per-version metrics as a table, one row per global model version.
+pub fn format_table(report: &SimReport) -> String {
+    let mut keys: Vec<&String> = report.metrics.values().flat_map(|m| m.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut s = format!("{:>6} {:>8} {:>9}", "round", "clients", "seconds");
+    for k in &keys {
+        s.push_str(&format!(" {k:>10}"));
+    }
+    s.push('\n');
+    for (version, m) in &report.metrics {
+        let (clients, secs) = match version
+            .checked_sub(1)
+            .and_then(|i| report.rounds.get(i as usize))
+        {
+            Some(r) => (r.accepted.to_string(), format!("{:.2}", r.seconds)),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        let label = if *version == 0 {
+            "init".to_string()
+        } else {
+            version.to_string()
+        };
+        s.push_str(&format!("{label:>6} {clients:>8} {secs:>9}"));
+        for k in &keys {
+            match m.get(*k) {
+                Some(v) => s.push_str(&format!(" {v:>10.4}")),
+                None => s.push_str(&format!(" {:>10}", "-")),
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
