@@ -1,5 +1,10 @@
 //! Weighted federated averaging (FedAvg) that streams: each result is folded into one running
-//! sum as it arrives and can be dropped at once, so memory holds one accumulator, not N models.
+//! accumulator as it arrives and can be dropped at once, so memory holds one accumulator, not
+//! N models.
+//!
+//! f32 tensors keep a running weighted *mean* in f32 (`m += w/W · (x − m)`) rather than a
+//! running sum: its rounding error grows with the number of results, not with the size of
+//! the sum, and it needs no second buffer at the end. Other dtypes sum in f64.
 
 use std::collections::BTreeMap;
 
@@ -43,8 +48,9 @@ pub fn weight_of(model: &FLModel) -> f64 {
 /// Running weighted sum of one tensor.
 #[derive(Debug)]
 enum Acc {
-    /// f32 sums kept as little-endian bytes, so finishing reuses the buffer as the tensor.
-    F32(Vec<u8>),
+    /// The running weighted mean as little-endian f32 bytes, so finishing reuses the buffer
+    /// as the tensor.
+    F32Mean(Vec<u8>),
     /// f64 sums, for f16/bf16/i64 tensors.
     Wide(Vec<f64>),
 }
@@ -109,20 +115,22 @@ impl FedAvg {
             }
         }
         self.params_type = Some(result.params_type);
+        // This result's share of the mean over everything folded in so far.
+        let share = (weight / (self.total_weight + weight)) as f32;
         for (name, t) in &result.params {
             let acc = self
                 .sums
                 .entry(name.clone())
                 .or_insert_with(|| match t.dtype() {
-                    DType::F32 => Acc::F32(vec![0; t.bytes().len()]),
+                    DType::F32 => Acc::F32Mean(vec![0; t.bytes().len()]),
                     _ => Acc::Wide(vec![0.0; t.numel()]),
                 });
             match acc {
-                Acc::F32(sum) => {
-                    let w = weight as f32;
-                    for (s, x) in sum.chunks_exact_mut(4).zip(t.bytes().chunks_exact(4)) {
-                        let v = read_f32(s) + w * read_f32(x);
-                        s.copy_from_slice(&v.to_le_bytes());
+                Acc::F32Mean(mean) => {
+                    for (m, x) in mean.chunks_exact_mut(4).zip(t.bytes().chunks_exact(4)) {
+                        let old = read_f32(m);
+                        let v = old + share * (read_f32(x) - old);
+                        m.copy_from_slice(&v.to_le_bytes());
                     }
                 }
                 Acc::Wide(sum) => t.for_each_f64(|i, v| sum[i] += weight * v),
@@ -167,24 +175,22 @@ impl FedAvg {
                 .into());
             };
             let t = match acc {
-                Acc::F32(mut sum) if b.dtype() == DType::F32 => {
-                    let inv = (1.0 / total) as f32;
-                    for (s, x) in sum.chunks_exact_mut(4).zip(b.bytes().chunks_exact(4)) {
-                        let mut v = read_f32(s) * inv;
-                        if diff {
-                            v += read_f32(x);
+                Acc::F32Mean(mut mean) if b.dtype() == DType::F32 => {
+                    if diff {
+                        for (m, x) in mean.chunks_exact_mut(4).zip(b.bytes().chunks_exact(4)) {
+                            let v = read_f32(m) + read_f32(x);
+                            m.copy_from_slice(&v.to_le_bytes());
                         }
-                        s.copy_from_slice(&v.to_le_bytes());
                     }
-                    Tensor::from_bytes(DType::F32, b.shape().to_vec(), sum)?
+                    Tensor::from_bytes(DType::F32, b.shape().to_vec(), mean)?
                 }
-                Acc::F32(sum) => {
+                Acc::F32Mean(mean) => {
                     let mut base_vals = Vec::with_capacity(b.numel());
                     b.for_each_f64(|_, v| base_vals.push(v));
-                    let vals = sum
+                    let vals = mean
                         .chunks_exact(4)
                         .zip(base_vals)
-                        .map(|(s, x)| f64::from(read_f32(s)) / total + if diff { x } else { 0.0 });
+                        .map(|(m, x)| f64::from(read_f32(m)) + if diff { x } else { 0.0 });
                     Tensor::from_f64_like(b, vals)
                 }
                 Acc::Wide(sum) => {
