@@ -1,5 +1,7 @@
 //! The real `flare-node simulate` binary on the shipped example and on generated jobs.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
