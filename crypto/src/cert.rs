@@ -451,6 +451,8 @@ pub struct RootCa {
     der: Vec<u8>,
     public: SigningPublicKey,
     name: String,
+    not_before: i64,
+    not_after: i64,
 }
 
 fn unix(now: SystemTime) -> i64 {
@@ -495,6 +497,8 @@ impl RootCa {
             der: der.to_vec(),
             public,
             name,
+            not_before: parsed.validity().not_before.timestamp(),
+            not_after: parsed.validity().not_after.timestamp(),
         })
     }
 
@@ -506,6 +510,16 @@ impl RootCa {
     /// The CA's common name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Start of the CA's validity (Unix seconds).
+    pub fn not_before(&self) -> i64 {
+        self.not_before
+    }
+
+    /// End of the CA's validity (Unix seconds); no participant certificate outlives it.
+    pub fn not_after(&self) -> i64 {
+        self.not_after
     }
 
     /// Verifies a participant certificate (chain, validity at `now`, shape) and reads it.

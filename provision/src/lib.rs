@@ -1,1 +1,4 @@
-//! Flare provisioning.
+//! Flare provisioning: `project.yml` → signed startup kits, the kit loader the node uses,
+//! and POC workspaces.
+
+pub mod project;
