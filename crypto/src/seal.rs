@@ -445,6 +445,31 @@ impl<'a> SealedMessage<'a> {
     }
 }
 
+/// A chunk buffer whose first byte (the flag) is outside what the AEAD sees.
+struct Framed(Vec<u8>);
+
+impl AsRef<[u8]> for Framed {
+    fn as_ref(&self) -> &[u8] {
+        self.0.get(1..).unwrap_or_default()
+    }
+}
+
+impl AsMut<[u8]> for Framed {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.0.get_mut(1..).unwrap_or_default()
+    }
+}
+
+impl aes_gcm::aead::Buffer for Framed {
+    fn extend_from_slice(&mut self, other: &[u8]) -> aes_gcm::aead::Result<()> {
+        self.0.extend_from_slice(other);
+        Ok(())
+    }
+    fn truncate(&mut self, len: usize) {
+        self.0.truncate(len + 1);
+    }
+}
+
 /// Seals a large payload chunk by chunk; never holds more than one chunk.
 pub struct StreamSealer {
     enc: Option<EncryptorBE32<Aes256Gcm>>,
@@ -499,17 +524,17 @@ impl StreamSealer {
         let mut buf = Vec::with_capacity(1 + chunk.len() + TAG_LEN);
         buf.push(u8::from(last));
         buf.extend_from_slice(chunk);
-        let mut body = buf.split_off(1);
+        // Encrypt in place behind the flag byte: no second copy of the chunk.
+        let mut framed = Framed(buf);
         let res = if last {
             let enc = self.enc.take().ok_or(SealError::AfterEnd)?;
-            enc.encrypt_last_in_place(&self.aad, &mut body)
+            enc.encrypt_last_in_place(&self.aad, &mut framed)
         } else {
             let enc = self.enc.as_mut().ok_or(SealError::AfterEnd)?;
-            enc.encrypt_next_in_place(&self.aad, &mut body)
+            enc.encrypt_next_in_place(&self.aad, &mut framed)
         };
         res.map_err(|_| SealError::CounterExhausted)?;
-        buf.append(&mut body);
-        Ok(buf)
+        Ok(framed.0)
     }
 
     /// Seals the next chunk (at most [`MAX_CHUNK_LEN`] bytes).

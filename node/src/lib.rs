@@ -1,1 +1,3 @@
 //! The Flare node.
+
+pub mod cmd_provision;

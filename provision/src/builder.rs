@@ -475,6 +475,19 @@ fn zip_dir(src: &Path, name: &str, out: &Path) -> Result<(), ProvisionError> {
     Ok(())
 }
 
+/// [`provision`] at the current time with the OS random source (for the CLI).
+pub fn provision_now(
+    project: &Project,
+    workspace: &Path,
+) -> Result<ProvisionOutput, ProvisionError> {
+    provision(
+        project,
+        workspace,
+        OffsetDateTime::now_utc(),
+        &ring::rand::SystemRandom::new(),
+    )
+}
+
 /// Provisions `project` into `workspace/<project>/prod_NN` (the next free NN).
 ///
 /// `now` sets certificate dates; `rng` makes keys and serials. Builds into a hidden folder and

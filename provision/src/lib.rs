@@ -12,7 +12,7 @@ pub mod kit;
 pub mod poc;
 pub mod project;
 
-pub use builder::{ProvisionError, ProvisionOutput, provision};
+pub use builder::{ProvisionError, ProvisionOutput, provision, provision_now};
 pub use config::{NodeConfig, PeerAddr};
 pub use kit::{Kit, KitError, load_kit};
 pub use project::{Project, ProjectError};

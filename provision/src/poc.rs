@@ -128,6 +128,15 @@ pub fn poc_project_yml(clients: usize, base: u16) -> String {
     s
 }
 
+/// [`prepare`] at the current time with the OS random source (for the CLI).
+pub fn prepare_now(opts: &PocOptions) -> Result<PocOutput, PocError> {
+    prepare(
+        opts,
+        OffsetDateTime::now_utc(),
+        &ring::rand::SystemRandom::new(),
+    )
+}
+
 /// Prepares a POC workspace.
 pub fn prepare(
     opts: &PocOptions,
