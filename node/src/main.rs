@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flare_node::bench::{SimBench, run_sim_bench};
+use flare_node::cmd_provision;
 use flare_node::simulator::{self, SimOptions};
 use tracing_subscriber::EnvFilter;
 
@@ -46,6 +47,13 @@ enum Command {
     /// Measure Flare itself.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Make signed startup kits from a project.yml.
+    Provision(cmd_provision::ProvisionArgs),
+    /// A local proof-of-concept project.
+    Poc {
+        #[command(subcommand)]
+        command: cmd_provision::PocCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,6 +157,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             println!("{}", serde_json::to_string(&r)?);
         }
+        Command::Provision(args) => cmd_provision::run_provision(&args)?,
+        Command::Poc { command } => cmd_provision::run_poc(&command)?,
         Command::Bench(BenchCommand::Centralized { data_dir, epochs }) => {
             let r = flare_node::bench::run_centralized(&data_dir, epochs)?;
             println!("{}", serde_json::to_string(&r)?);

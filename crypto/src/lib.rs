@@ -1,0 +1,22 @@
+//! Flare cryptography: participant identities, the project CA and certificates, folder
+//! signatures for kits and jobs, and sealed peer-to-peer messages.
+//!
+//! Pure: this crate never reads the clock or the OS random source. Every function that needs
+//! the time takes `now`, and every function that needs randomness takes a
+//! `&dyn ring::rand::SecureRandom`. Folder signatures read files (that is their job); writing
+//! key files with safe permissions is left to `flare-provision`.
+
+pub mod cert;
+pub mod folder;
+pub mod identity;
+pub mod oid;
+pub mod seal;
+
+pub use cert::{
+    AdminRole, CaParams, CertError, CertificateAuthority, IssuedCert, ParticipantCert,
+    ParticipantCertParams, Role, RoleKind, RootCa,
+};
+pub use identity::{
+    Identity, KeyError, SealingPublicKey, SealingSecret, SigningPublicKey, SigningSecret,
+};
+pub use libp2p_identity::PeerId;

@@ -1,0 +1,566 @@
+//! Provisioning: a checked [`Project`] → `workspace/<project>/prod_NN/` with one signed
+//! startup kit per participant, zips and a `docker-compose.yml`. The root CA lives in
+//! `workspace/<project>/state/` (never in a kit) and is reused by later runs.
+
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use flare_crypto::folder::{FolderError, Purpose, write_folder_signature};
+use flare_crypto::{
+    CaParams, CertError, CertificateAuthority, Identity, KeyError, ParticipantCertParams, Role,
+    RootCa, SigningSecret,
+};
+use ring::rand::SecureRandom;
+use time::OffsetDateTime;
+
+use crate::config::{
+    NODE_CONFIG_VERSION, NodeConfig, PeerAddr, default_authorization, default_privacy,
+    default_resources,
+};
+use crate::kit::{
+    ADMIN_SCRIPT, CERT_FILE, KEY_FILE, NODE_CONFIG_FILE, ROOT_CA_FILE, SEALING_KEY_FILE,
+    START_SCRIPT, STOP_SCRIPT,
+};
+use crate::project::{Participant, Project};
+
+/// The folder under `workspace/<project>/` that keeps the root CA between runs.
+pub const STATE_DIR: &str = "state";
+/// The root CA's secret key in the state folder (mode 0600).
+pub const CA_KEY_FILE: &str = "rootCA.key";
+/// How long a new root CA lasts (days).
+pub const CA_VALIDITY_DAYS: i64 = 3650;
+/// The most `prod_NN` folders.
+const MAX_PROD: u32 = 9999;
+
+/// Why provisioning failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// A file or folder could not be written or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key could not be made or read.
+    #[error("{path}: {source}")]
+    Key {
+        /// The key file, or the participant.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: KeyError,
+    },
+    /// A certificate could not be made, or the stored root CA is unusable.
+    #[error("certificate: {0}")]
+    Cert(#[from] CertError),
+    /// A kit could not be signed.
+    #[error("signing kit: {0}")]
+    Sign(#[from] FolderError),
+    /// A zip could not be written.
+    #[error("{path}: {source}")]
+    Zip {
+        /// The zip file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: zip::result::ZipError,
+    },
+    /// Every `prod_NN` number is taken.
+    #[error("{0}: no free prod_NN folder number")]
+    NoProdNumber(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
+    move |source| ProvisionError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What a provisioning run made.
+#[derive(Clone, Debug)]
+pub struct ProvisionOutput {
+    /// `workspace/<project>/prod_NN`.
+    pub prod_dir: PathBuf,
+    /// Each participant's name and folder (holding `startup/`, `local/`, `transfer/`).
+    pub kits: Vec<(String, PathBuf)>,
+    /// The zips written.
+    pub zips: Vec<PathBuf>,
+    /// The compose file written.
+    pub docker_compose: Option<PathBuf>,
+    /// Whether the root CA was made in this run (false: reused from `state/`).
+    pub new_ca: bool,
+}
+
+/// Writes a file that only its owner may read.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), ProvisionError> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(io_err(path))?;
+    f.write_all(contents).map_err(io_err(path))
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), ProvisionError> {
+    fs::write(path, contents).map_err(io_err(path))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))?;
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    Ok(())
+}
+
+fn random16(rng: &dyn SecureRandom) -> Result<[u8; 16], ProvisionError> {
+    let mut b = [0u8; 16];
+    rng.fill(&mut b).map_err(|_| ProvisionError::Key {
+        path: PathBuf::from("<random source>"),
+        source: KeyError::Random,
+    })?;
+    Ok(b)
+}
+
+/// Loads the root CA from `state/`, or makes and stores a new one.
+fn root_ca(
+    project: &Project,
+    state: &Path,
+    now: OffsetDateTime,
+    rng: &dyn SecureRandom,
+) -> Result<(CertificateAuthority, bool), ProvisionError> {
+    let cert_path = state.join(ROOT_CA_FILE);
+    let key_path = state.join(CA_KEY_FILE);
+    if cert_path.exists() {
+        let pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        let key_pem =
+            zeroize::Zeroizing::new(fs::read_to_string(&key_path).map_err(io_err(&key_path))?);
+        let key =
+            SigningSecret::from_pkcs8_pem(&key_pem).map_err(|source| ProvisionError::Key {
+                path: key_path.clone(),
+                source,
+            })?;
+        // The stored CA must still be valid.
+        RootCa::from_pem(&pem, to_system(now))?;
+        return Ok((CertificateAuthority::from_pem(&pem, key)?, false));
+    }
+    fs::create_dir_all(state).map_err(io_err(state))?;
+    let key = SigningSecret::generate(rng).map_err(|source| ProvisionError::Key {
+        path: key_path.clone(),
+        source,
+    })?;
+    let org = project.server().map(|s| s.org.clone());
+    let ca = CertificateAuthority::create(
+        key,
+        &CaParams {
+            common_name: project.name.clone(),
+            org,
+            not_before: now - time::Duration::hours(1),
+            not_after: now + time::Duration::days(CA_VALIDITY_DAYS),
+            serial: random16(rng)?,
+        },
+    )?;
+    let key_pem = ca
+        .secret()
+        .to_pkcs8_pem()
+        .map_err(|source| ProvisionError::Key {
+            path: key_path.clone(),
+            source,
+        })?;
+    write_secret_file(&key_path, key_pem.as_bytes())?;
+    write_file(&cert_path, ca.cert().pem.as_bytes(), 0o644)?;
+    Ok((ca, true))
+}
+
+fn to_system(t: OffsetDateTime) -> SystemTime {
+    let secs = t.unix_timestamp();
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        SystemTime::UNIX_EPOCH
+    }
+}
+
+/// The next free `prod_NN` number under `project_dir`.
+fn next_prod(project_dir: &Path) -> Result<u32, ProvisionError> {
+    let mut next = 0;
+    if project_dir.exists() {
+        for entry in fs::read_dir(project_dir).map_err(io_err(project_dir))? {
+            let entry = entry.map_err(io_err(project_dir))?;
+            let name = entry.file_name();
+            let Some(n) = name.to_str().and_then(|s| s.strip_prefix("prod_")) else {
+                continue;
+            };
+            if let Ok(n) = n.parse::<u32>() {
+                next = next.max(n + 1);
+            }
+        }
+    }
+    if next > MAX_PROD {
+        return Err(ProvisionError::NoProdNumber(project_dir.to_path_buf()));
+    }
+    Ok(next)
+}
+
+/// A multiaddr for a host name or IP literal and a port.
+pub fn multiaddr(host: &str, port: u16) -> String {
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => format!("/ip4/{ip}/tcp/{port}"),
+        Ok(IpAddr::V6(ip)) => format!("/ip6/{ip}/tcp/{port}"),
+        Err(_) => format!("/dns/{host}/tcp/{port}"),
+    }
+}
+
+fn listen_addr(p: &Participant, port: u16) -> String {
+    multiaddr(&p.listen_host.to_string(), port)
+}
+
+fn node_config(project: &Project, p: &Participant, ids: &[(String, String)]) -> NodeConfig {
+    let peer_id = |name: &str| {
+        ids.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| id.clone())
+            .unwrap_or_default()
+    };
+    let server = project.server();
+    let server_addr = |admin: bool| -> PeerAddr {
+        match server {
+            Some(s) => {
+                let port = if admin {
+                    s.admin_port.unwrap_or(s.port)
+                } else {
+                    s.port
+                };
+                PeerAddr {
+                    name: s.name.clone(),
+                    peer_id: peer_id(&s.name),
+                    addrs: s.host_names.iter().map(|h| multiaddr(h, port)).collect(),
+                }
+            }
+            None => PeerAddr {
+                name: String::new(),
+                peer_id: String::new(),
+                addrs: vec![],
+            },
+        }
+    };
+    let relay_addrs: Vec<PeerAddr> = project
+        .participants
+        .iter()
+        .filter(|r| r.role == Role::Relay)
+        .map(|r| PeerAddr {
+            name: r.name.clone(),
+            peer_id: peer_id(&r.name),
+            addrs: r.host_names.iter().map(|h| multiaddr(h, r.port)).collect(),
+        })
+        .collect();
+    let (listen, server, relays) = match p.role {
+        Role::Server => {
+            let mut listen = vec![listen_addr(p, p.port)];
+            if let Some(a) = p.admin_port.filter(|a| *a != p.port) {
+                listen.push(listen_addr(p, a));
+            }
+            (listen, server_addr(false), vec![])
+        }
+        Role::Relay => (vec![listen_addr(p, p.port)], server_addr(false), vec![]),
+        Role::Client => {
+            let mut relays = relay_addrs;
+            relays.push(server_addr(false));
+            (vec![listen_addr(p, p.port)], server_addr(false), relays)
+        }
+        Role::Admin(_) => (vec![], server_addr(true), vec![]),
+    };
+    NodeConfig {
+        format_version: NODE_CONFIG_VERSION,
+        project: project.name.clone(),
+        name: p.name.clone(),
+        org: p.org.clone(),
+        role: p.role,
+        listen,
+        server,
+        relays,
+    }
+}
+
+const START_SH: &str = r#"#!/usr/bin/env sh
+# Starts this Flare node in the background. Set FLARE_NODE to use another binary.
+DIR="$(cd "$(dirname "$0")/.." && pwd)"
+FLARE_NODE="${FLARE_NODE:-flare-node}"
+if [ -f "$DIR/node.pid" ] && kill -0 "$(cat "$DIR/node.pid")" 2>/dev/null; then
+  echo "already running (pid $(cat "$DIR/node.pid"))"; exit 1
+fi
+nohup "$FLARE_NODE" --kit "$DIR/startup" >>"$DIR/log.txt" 2>&1 &
+echo $! > "$DIR/node.pid"
+echo "started $(basename "$DIR") (pid $!), log: $DIR/log.txt"
+"#;
+
+const STOP_SH: &str = r#"#!/usr/bin/env sh
+# Stops the Flare node started by start.sh.
+DIR="$(cd "$(dirname "$0")/.." && pwd)"
+if [ ! -f "$DIR/node.pid" ]; then echo "not running (no node.pid)"; exit 0; fi
+PID="$(cat "$DIR/node.pid")"
+kill "$PID" 2>/dev/null && echo "stopped $(basename "$DIR") (pid $PID)"
+rm -f "$DIR/node.pid"
+"#;
+
+const FL_ADMIN_SH: &str = r#"#!/usr/bin/env sh
+# The Flare admin console for this admin kit, e.g. `fl_admin.sh list`.
+DIR="$(cd "$(dirname "$0")/.." && pwd)"
+FLARE_NODE="${FLARE_NODE:-flare-node}"
+exec "$FLARE_NODE" admin --kit "$DIR/startup" "$@"
+"#;
+
+/// Writes one participant's folder (startup/, local/, transfer/) and signs startup/.
+#[allow(clippy::too_many_arguments)]
+fn write_kit(
+    dir: &Path,
+    ca: &CertificateAuthority,
+    p: &Participant,
+    id: &Identity,
+    config: &NodeConfig,
+    now: OffsetDateTime,
+    not_after: OffsetDateTime,
+    rng: &dyn SecureRandom,
+) -> Result<(), ProvisionError> {
+    let startup = dir.join("startup");
+    let local = dir.join("local");
+    let transfer = dir.join("transfer");
+    for d in [&startup, &local, &transfer] {
+        fs::create_dir_all(d).map_err(io_err(d))?;
+    }
+    let key_err = |source| ProvisionError::Key {
+        path: PathBuf::from(&p.name),
+        source,
+    };
+    let cert = ca.issue(&ParticipantCertParams {
+        name: p.name.clone(),
+        org: p.org.clone(),
+        role: p.role,
+        signing_public: id.signing.public().map_err(key_err)?,
+        sealing_public: id.sealing.public(),
+        not_before: now - time::Duration::hours(1),
+        not_after,
+        serial: random16(rng)?,
+    })?;
+    write_file(&startup.join(ROOT_CA_FILE), ca.cert().pem.as_bytes(), 0o644)?;
+    write_file(&startup.join(CERT_FILE), cert.pem.as_bytes(), 0o644)?;
+    write_secret_file(
+        &startup.join(KEY_FILE),
+        id.signing.to_pkcs8_pem().map_err(key_err)?.as_bytes(),
+    )?;
+    write_secret_file(
+        &startup.join(SEALING_KEY_FILE),
+        id.sealing.to_pkcs8_pem().map_err(key_err)?.as_bytes(),
+    )?;
+    let json = |v: &serde_json::Value| {
+        let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+        s.push('\n');
+        s
+    };
+    let cfg = serde_json::to_value(config).unwrap_or_default();
+    write_file(
+        &startup.join(NODE_CONFIG_FILE),
+        json(&cfg).as_bytes(),
+        0o644,
+    )?;
+    match p.role {
+        Role::Admin(_) => write_file(&startup.join(ADMIN_SCRIPT), FL_ADMIN_SH.as_bytes(), 0o755)?,
+        _ => {
+            write_file(&startup.join(START_SCRIPT), START_SH.as_bytes(), 0o755)?;
+            write_file(&startup.join(STOP_SCRIPT), STOP_SH.as_bytes(), 0o755)?;
+        }
+    }
+    write_file(
+        &local.join("authorization.json"),
+        json(&default_authorization()).as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &local.join("privacy.json"),
+        json(&default_privacy()).as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &local.join("resources.json"),
+        json(&default_resources()).as_bytes(),
+        0o644,
+    )?;
+    write_folder_signature(&startup, Purpose::Kit, ca.secret())?;
+    Ok(())
+}
+
+fn docker_compose(project: &Project, image: &str) -> String {
+    let mut s = format!(
+        "# Runs every node of project {:?} on this host (host networking, as the kits name\n\
+         # 127.0.0.1/host names). Build or pull the image first. Generated by flare-node provision.\n\
+         services:\n",
+        project.name
+    );
+    for p in project
+        .participants
+        .iter()
+        .filter(|p| !matches!(p.role, Role::Admin(_)))
+    {
+        let n = &p.name;
+        s.push_str(&format!(
+            "  {n}:\n    image: \"{image}\"\n    container_name: \"{n}\"\n    network_mode: host\n    \
+             volumes:\n      - \"./{n}:/workspace/{n}\"\n    working_dir: \"/workspace/{n}\"\n    \
+             command: [\"flare-node\", \"--kit\", \"/workspace/{n}/startup\"]\n    restart: unless-stopped\n"
+        ));
+    }
+    s
+}
+
+fn zip_dir(src: &Path, name: &str, out: &Path) -> Result<(), ProvisionError> {
+    let zerr = |source| ProvisionError::Zip {
+        path: out.to_path_buf(),
+        source,
+    };
+    let file = fs::File::create(out).map_err(io_err(out))?;
+    let mut zw = zip::ZipWriter::new(file);
+    fn add(
+        zw: &mut zip::ZipWriter<fs::File>,
+        dir: &Path,
+        prefix: &str,
+        out: &Path,
+    ) -> Result<(), ProvisionError> {
+        let zerr = |source| ProvisionError::Zip {
+            path: out.to_path_buf(),
+            source,
+        };
+        let mut entries: Vec<_> = fs::read_dir(dir)
+            .map_err(io_err(dir))?
+            .collect::<Result<_, _>>()
+            .map_err(io_err(dir))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            let rel = format!("{prefix}/{}", e.file_name().to_string_lossy());
+            let meta = e.metadata().map_err(io_err(&path))?;
+            #[cfg(unix)]
+            let mode = {
+                use std::os::unix::fs::PermissionsExt;
+                meta.permissions().mode() & 0o777
+            };
+            #[cfg(not(unix))]
+            let mode = 0o644;
+            let opts = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated)
+                .unix_permissions(mode);
+            if meta.is_dir() {
+                zw.add_directory(rel.as_str(), opts).map_err(zerr)?;
+                add(zw, &path, &rel, out)?;
+            } else {
+                zw.start_file(rel.as_str(), opts).map_err(zerr)?;
+                let bytes = fs::read(&path).map_err(io_err(&path))?;
+                zw.write_all(&bytes).map_err(io_err(out))?;
+            }
+        }
+        Ok(())
+    }
+    zw.add_directory(name, zip::write::SimpleFileOptions::default())
+        .map_err(zerr)?;
+    add(&mut zw, src, name, out)?;
+    zw.finish().map_err(zerr)?;
+    Ok(())
+}
+
+/// [`provision`] at the current time with the OS random source (for the CLI).
+pub fn provision_now(
+    project: &Project,
+    workspace: &Path,
+) -> Result<ProvisionOutput, ProvisionError> {
+    provision(
+        project,
+        workspace,
+        OffsetDateTime::now_utc(),
+        &ring::rand::SystemRandom::new(),
+    )
+}
+
+/// Provisions `project` into `workspace/<project>/prod_NN` (the next free NN).
+///
+/// `now` sets certificate dates; `rng` makes keys and serials. Builds into a hidden folder and
+/// renames it into place at the end, so a failed run leaves no half-made `prod_NN`.
+pub fn provision(
+    project: &Project,
+    workspace: &Path,
+    now: OffsetDateTime,
+    rng: &dyn SecureRandom,
+) -> Result<ProvisionOutput, ProvisionError> {
+    let project_dir = workspace.join(&project.name);
+    fs::create_dir_all(&project_dir).map_err(io_err(&project_dir))?;
+    let (ca, new_ca) = root_ca(project, &project_dir.join(STATE_DIR), now, rng)?;
+    let root = RootCa::from_pem(&ca.cert().pem, to_system(now))?;
+    let ca_end = OffsetDateTime::from_unix_timestamp(root.not_after())
+        .unwrap_or(now + time::Duration::days(1));
+    let not_after =
+        (now + time::Duration::days(i64::from(project.builders.validity_days))).min(ca_end);
+
+    let n = next_prod(&project_dir)?;
+    let prod_name = format!("prod_{n:02}");
+    let prod_dir = project_dir.join(&prod_name);
+    let tmp = project_dir.join(format!(".{prod_name}.partial"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+
+    let mut ids = Vec::with_capacity(project.participants.len());
+    for p in &project.participants {
+        let id = Identity::generate(rng).map_err(|source| ProvisionError::Key {
+            path: PathBuf::from(&p.name),
+            source,
+        })?;
+        ids.push(id);
+    }
+    let names: Vec<(String, String)> = project
+        .participants
+        .iter()
+        .zip(&ids)
+        .map(|(p, id)| {
+            let pid = id.peer_id().map(|x| x.to_string()).unwrap_or_default();
+            (p.name.clone(), pid)
+        })
+        .collect();
+    let mut kits = Vec::new();
+    for (p, id) in project.participants.iter().zip(&ids) {
+        let cfg = node_config(project, p, &names);
+        write_kit(&tmp.join(&p.name), &ca, p, id, &cfg, now, not_after, rng)?;
+        kits.push((p.name.clone(), prod_dir.join(&p.name)));
+    }
+    let mut compose = None;
+    if let Some(image) = &project.builders.docker_compose {
+        let path = tmp.join("docker-compose.yml");
+        write_file(&path, docker_compose(project, image).as_bytes(), 0o644)?;
+        compose = Some(prod_dir.join("docker-compose.yml"));
+    }
+    let mut zips = Vec::new();
+    if project.builders.zip {
+        for p in &project.participants {
+            let out = tmp.join(format!("{}.zip", p.name));
+            zip_dir(&tmp.join(&p.name), &p.name, &out)?;
+            zips.push(prod_dir.join(format!("{}.zip", p.name)));
+        }
+    }
+    // rename(2) refuses a non-empty target, so an existing prod_NN is never overwritten.
+    fs::rename(&tmp, &prod_dir).map_err(io_err(&prod_dir))?;
+    tracing::info!(prod_dir = %prod_dir.display(), participants = kits.len(), new_ca, "provisioned");
+    Ok(ProvisionOutput {
+        prod_dir,
+        kits,
+        zips,
+        docker_compose: compose,
+        new_ca,
+    })
+}
