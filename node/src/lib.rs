@@ -7,4 +7,5 @@ pub mod data;
 pub mod job;
 pub mod learner;
 pub mod model_io;
+pub mod net;
 pub mod simulator;

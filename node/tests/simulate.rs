@@ -45,7 +45,8 @@ fn hello_fedavg_reaches_85_percent_with_8_clients() {
 
     // The written model is the final one: evaluating it independently gives the reported
     // accuracy on the same held-out split.
-    let model = flare_node::model_io::read(Path::new(report["final_model"].as_str().unwrap())).unwrap();
+    let model =
+        flare_node::model_io::read(Path::new(report["final_model"].as_str().unwrap())).unwrap();
     let net = Mlp::from_model(&model, 64).unwrap();
     let (_, held_out) = Dataset::load_mnist_test(&root().join("data/mnist"))
         .unwrap()
@@ -66,7 +67,8 @@ fn a_thousand_clients_of_a_tiny_model_finish() {
     assert!(rounds.iter().all(|r| r["accepted"] == 1000));
     // Every site adds (index % 1024) + 1 with equal weight: the mean step is 500.5 a round.
     // FedAvg's running f32 mean over 1000 results stays within a few ulps of 1501.5.
-    let model = flare_node::model_io::read(Path::new(report["final_model"].as_str().unwrap())).unwrap();
+    let model =
+        flare_node::model_io::read(Path::new(report["final_model"].as_str().unwrap())).unwrap();
     for v in model.params["layer.0000"].to_f32_vec() {
         assert!((v - 1501.5).abs() < 1e-3, "{v}");
     }
@@ -80,17 +82,31 @@ fn bad_jobs_fail_with_the_file_and_key() {
     let server = job.join("app/config/config_fed_server.json");
     let text = std::fs::read_to_string(&server).unwrap();
     std::fs::write(&server, text.replace("\"FedAvg\"", "\"Median\"")).unwrap();
-    let out = bin().args(["simulate", "-n", "2"]).arg(&job).output().unwrap();
+    let out = bin()
+        .args(["simulate", "-n", "2"])
+        .arg(&job)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("config_fed_server.json: components[1].name: unknown aggregator \"Median\""), "{err}");
+    assert!(
+        err.contains("config_fed_server.json: components[1].name: unknown aggregator \"Median\""),
+        "{err}"
+    );
 
-    let out = bin().args(["simulate", "-n", "1"]).arg(root().join("examples/hello-fedavg")).output().unwrap();
+    let out = bin()
+        .args(["simulate", "-n", "1"])
+        .arg(root().join("examples/hello-fedavg"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("min_clients is 2 but only 1 clients"), "{err}");
 
-    let out = bin().args(["simulate", "-n", "2", "/nonexistent/job"]).output().unwrap();
+    let out = bin()
+        .args(["simulate", "-n", "2", "/nonexistent/job"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/job"));
 }
@@ -109,8 +125,14 @@ fn dirichlet_skew_still_trains() {
     .unwrap();
     let client = std::fs::read_to_string(src.join("app/config/config_fed_client.json"))
         .unwrap()
-        .replace("../../data/mnist", &root().join("data/mnist").display().to_string())
-        .replace("{ \"kind\": \"uniform\" }", "{ \"kind\": \"dirichlet\", \"alpha\": 0.5 }");
+        .replace(
+            "../../data/mnist",
+            &root().join("data/mnist").display().to_string(),
+        )
+        .replace(
+            "{ \"kind\": \"uniform\" }",
+            "{ \"kind\": \"dirichlet\", \"alpha\": 0.5 }",
+        );
     assert!(client.contains("dirichlet"));
     std::fs::write(job.join("app/config/config_fed_client.json"), client).unwrap();
     let report = simulate(&job, 4, &dir.path().join("ws"));

@@ -1,0 +1,889 @@
+//! The libp2p driver: one task owns the `Swarm`; everything else talks to it through a
+//! bounded command channel ([`NetHandle`]) and hears from it through a bounded event channel.
+//!
+//! Transport: TCP + Noise + yamux, with the circuit-relay client on every node and the relay
+//! server on the server node. Admission: on every new connection both sides send `Hello` with
+//! their certificate; a peer is admitted once its certificate chains to the project CA, is in
+//! its validity period, and carries the key of the connection's PeerId. A peer that is not
+//! admitted within [`NetConfig::admission_timeout`] is disconnected and blocked; no handler of
+//! ours (control, bulk, relay) serves a peer that is not admitted.
+
+pub mod bulk;
+pub mod codec;
+pub mod protocol;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use flare_crypto::{ParticipantCert, RootCa};
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, allow_block_list, dcutr, identify, noise, ping, relay, tcp, yamux,
+};
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, oneshot};
+
+use self::codec::CborCodec;
+use self::protocol::{
+    CONTROL_PROTOCOL, ControlRequest, ControlResponse, MAX_CONTROL_REQUEST, MAX_CONTROL_RESPONSE,
+};
+
+/// Why a network operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The swarm task has stopped.
+    #[error("the network task has stopped")]
+    Stopped,
+    /// Building the transport failed.
+    #[error("cannot build the transport: {0}")]
+    Transport(String),
+    /// A listen or dial address was refused.
+    #[error("address {addr}: {reason}")]
+    Address {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer is not connected and admitted.
+    #[error("peer {0} is not admitted")]
+    NotAdmitted(PeerId),
+    /// A control request failed on the way.
+    #[error("request to {peer} failed: {reason}")]
+    Request {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// Timed out waiting for something.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+/// What the driver needs to know about this node.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Run a circuit relay server (the server node).
+    pub relay_server: bool,
+    /// Addresses to announce as confirmed external addresses (the relay needs one).
+    pub external: Vec<Multiaddr>,
+    /// Project name; peers of another project are refused.
+    pub project: String,
+    /// How long a connected peer has to get admitted.
+    pub admission_timeout: Duration,
+    /// Idle connections stay open this long.
+    pub idle_timeout: Duration,
+    /// Control request timeout.
+    pub request_timeout: Duration,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            listen: Vec::new(),
+            relay_server: false,
+            external: Vec::new(),
+            project: String::new(),
+            admission_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// An admitted peer.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Its PeerId.
+    pub peer: PeerId,
+    /// Its verified certificate.
+    pub cert: ParticipantCert,
+    /// Whether every open connection to it goes through a relay.
+    pub relayed: bool,
+    /// The address of its latest connection.
+    pub addr: Multiaddr,
+}
+
+/// Admitted peers, shared with bulk handlers and the relay's admission filter.
+#[derive(Debug, Clone, Default)]
+pub struct PeerTable(Arc<RwLock<HashMap<PeerId, PeerInfo>>>);
+
+impl PeerTable {
+    /// The peer's record, if admitted.
+    pub fn get(&self, peer: &PeerId) -> Option<PeerInfo> {
+        self.0.read().ok()?.get(peer).cloned()
+    }
+
+    /// Whether the peer is admitted.
+    pub fn is_admitted(&self, peer: &PeerId) -> bool {
+        self.0.read().is_ok_and(|t| t.contains_key(peer))
+    }
+
+    /// The admitted peer with participant name `name`.
+    pub fn by_name(&self, name: &str) -> Option<PeerInfo> {
+        self.0
+            .read()
+            .ok()?
+            .values()
+            .find(|p| p.cert.name == name)
+            .cloned()
+    }
+
+    /// All admitted peers.
+    pub fn all(&self) -> Vec<PeerInfo> {
+        self.0
+            .read()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn insert(&self, info: PeerInfo) {
+        if let Ok(mut t) = self.0.write() {
+            t.insert(info.peer, info);
+        }
+    }
+
+    fn remove(&self, peer: &PeerId) -> Option<PeerInfo> {
+        self.0.write().ok()?.remove(peer)
+    }
+
+    fn update(&self, peer: &PeerId, f: impl FnOnce(&mut PeerInfo)) {
+        if let Ok(mut t) = self.0.write()
+            && let Some(p) = t.get_mut(peer)
+        {
+            f(p);
+        }
+    }
+}
+
+/// What the driver reports to the node's roles.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A peer was admitted.
+    Admitted(PeerInfo),
+    /// An admitted peer's last connection closed.
+    Disconnected {
+        /// The peer.
+        peer: PeerId,
+        /// Its participant name.
+        name: String,
+    },
+    /// An admitted peer sent a control request; answer through `reply`.
+    Request {
+        /// The sender.
+        from: PeerInfo,
+        /// The request.
+        request: ControlRequest,
+        /// Where the answer goes.
+        reply: oneshot::Sender<ControlResponse>,
+    },
+    /// A peer was refused admission.
+    Refused {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// A relay circuit opened or closed (server only): for counters and tests.
+    RelayCircuit {
+        /// Source peer.
+        src: PeerId,
+        /// Destination peer.
+        dst: PeerId,
+        /// Opened (true) or closed (false).
+        opened: bool,
+    },
+}
+
+/// Where the answer to one of our requests goes.
+type ReplyTo = oneshot::Sender<Result<ControlResponse, NetError>>;
+
+enum Command {
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    Listen {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    Request {
+        peer: PeerId,
+        request: ControlRequest,
+        reply: oneshot::Sender<Result<ControlResponse, NetError>>,
+    },
+    Respond {
+        id: u64,
+        response: ControlResponse,
+    },
+    Listeners {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    CloseRelayed {
+        peer: PeerId,
+        reply: oneshot::Sender<usize>,
+    },
+    Disconnect {
+        peer: PeerId,
+    },
+}
+
+/// A cloneable handle to the swarm task.
+#[derive(Clone)]
+pub struct NetHandle {
+    cmd: mpsc::Sender<Command>,
+    /// Opens and accepts bulk streams without passing through the event loop.
+    pub streams: libp2p_stream::Control,
+    /// Admitted peers.
+    pub peers: PeerTable,
+    /// This node's PeerId.
+    pub local: PeerId,
+}
+
+impl std::fmt::Debug for NetHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetHandle")
+            .field("local", &self.local)
+            .finish()
+    }
+}
+
+impl NetHandle {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(make(tx))
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// Dials an address (ending in `/p2p/<peer>` to check who answers).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.call(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    /// Starts listening on an address (also `/p2p-circuit` addresses for relay reservations).
+    pub async fn listen(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.call(|reply| Command::Listen { addr, reply }).await?
+    }
+
+    /// Sends a control request to an admitted peer and waits for the answer.
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        request: ControlRequest,
+    ) -> Result<ControlResponse, NetError> {
+        self.call(|reply| Command::Request {
+            peer,
+            request,
+            reply,
+        })
+        .await?
+    }
+
+    /// The addresses this node listens on.
+    pub async fn listeners(&self) -> Result<Vec<Multiaddr>, NetError> {
+        self.call(|reply| Command::Listeners { reply }).await
+    }
+
+    /// Closes relayed connections to `peer` when a direct one exists, so bulk traffic goes
+    /// direct; returns how many were closed.
+    pub async fn close_relayed(&self, peer: PeerId) -> Result<usize, NetError> {
+        self.call(|reply| Command::CloseRelayed { peer, reply })
+            .await
+    }
+
+    /// Drops every connection to `peer`.
+    pub async fn disconnect(&self, peer: PeerId) -> Result<(), NetError> {
+        self.cmd
+            .send(Command::Disconnect { peer })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// Waits until `peer` is admitted, up to `timeout`.
+    pub async fn wait_admitted(
+        &self,
+        peer: PeerId,
+        timeout: Duration,
+    ) -> Result<PeerInfo, NetError> {
+        let start = Instant::now();
+        loop {
+            if let Some(p) = self.peers.get(&peer) {
+                return Ok(p);
+            }
+            if start.elapsed() > timeout {
+                return Err(NetError::Timeout(format!("admission of {peer}")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    blocks: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    control: request_response::Behaviour<CborCodec<ControlRequest, ControlResponse>>,
+    streams: libp2p_stream::Behaviour,
+    relay_server: Toggle<relay::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+}
+
+/// Credentials the driver presents and checks.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// This node's certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// The project's root CA.
+    pub root_ca: RootCa,
+}
+
+/// Starts the swarm task. Returns its handle and the event receiver.
+pub fn spawn(
+    keypair: libp2p::identity::Keypair,
+    creds: Credentials,
+    cfg: NetConfig,
+) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
+    let peers = PeerTable::default();
+    let relay_peers = peers.clone();
+    let relay_server = cfg.relay_server;
+    let request_timeout = cfg.request_timeout;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_behaviour(|key, relay_client| {
+            let local = key.public().to_peer_id();
+            let relay = relay_server.then(|| {
+                let admitted = relay_peers.clone();
+                let admitted2 = relay_peers.clone();
+                let mut rc = relay::Config {
+                    max_reservations: 1024,
+                    max_reservations_per_peer: 4,
+                    reservation_duration: Duration::from_secs(3600),
+                    max_circuits: 1024,
+                    max_circuits_per_peer: 64,
+                    // Model transfers need unlimited bytes and a long (non-zero) duration.
+                    max_circuit_duration: Duration::from_secs(24 * 3600),
+                    max_circuit_bytes: 0,
+                    ..relay::Config::default()
+                };
+                rc.reservation_rate_limiters =
+                    vec![Box::new(move |p: PeerId, _: &Multiaddr, _: Instant| {
+                        admitted.is_admitted(&p)
+                    })];
+                rc.circuit_src_rate_limiters =
+                    vec![Box::new(move |p: PeerId, _: &Multiaddr, _: Instant| {
+                        admitted2.is_admitted(&p)
+                    })];
+                relay::Behaviour::new(local, rc)
+            });
+            let rr_cfg = request_response::Config::default()
+                .with_request_timeout(request_timeout)
+                .with_max_concurrent_streams(64);
+            Ok(Behaviour {
+                blocks: allow_block_list::Behaviour::default(),
+                control: request_response::Behaviour::with_codec(
+                    CborCodec::new(MAX_CONTROL_REQUEST, MAX_CONTROL_RESPONSE),
+                    [(CONTROL_PROTOCOL, ProtocolSupport::Full)],
+                    rr_cfg,
+                ),
+                streams: libp2p_stream::Behaviour::new(),
+                relay_server: Toggle::from(relay),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(local),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/flare/1.0.0".into(),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::new(
+                    ping::Config::new()
+                        .with_interval(Duration::from_secs(15))
+                        .with_timeout(Duration::from_secs(60)),
+                ),
+            })
+        })
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(cfg.idle_timeout))
+        .build();
+    for addr in &cfg.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Address {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+    }
+    for addr in &cfg.external {
+        swarm.add_external_address(addr.clone());
+    }
+    let local = *swarm.local_peer_id();
+    let streams = swarm.behaviour().streams.new_control();
+    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (ev_tx, ev_rx) = mpsc::channel(256);
+    let driver = Driver {
+        swarm,
+        creds,
+        cfg,
+        peers: peers.clone(),
+        cmd_tx: cmd_tx.clone(),
+        events: ev_tx,
+        pending_admission: HashMap::new(),
+        hello_sent: HashSet::new(),
+        outbound: HashMap::new(),
+        inbound: HashMap::new(),
+        next_inbound: 0,
+        connections: HashMap::new(),
+    };
+    tokio::spawn(driver.run(cmd_rx));
+    Ok((
+        NetHandle {
+            cmd: cmd_tx,
+            streams,
+            peers,
+            local,
+        },
+        ev_rx,
+    ))
+}
+
+struct Driver {
+    swarm: Swarm<Behaviour>,
+    creds: Credentials,
+    cfg: NetConfig,
+    peers: PeerTable,
+    cmd_tx: mpsc::Sender<Command>,
+    events: mpsc::Sender<NetEvent>,
+    /// Connected peers not yet admitted, with their deadline.
+    pending_admission: HashMap<PeerId, Instant>,
+    hello_sent: HashSet<PeerId>,
+    /// Our requests in flight; `None` for the admission `Hello`.
+    outbound: HashMap<OutboundRequestId, (PeerId, Option<ReplyTo>)>,
+    inbound: HashMap<u64, ResponseChannel<ControlResponse>>,
+    next_inbound: u64,
+    /// Open connections per peer: id → (address, relayed).
+    connections: HashMap<PeerId, HashMap<ConnectionId, (Multiaddr, bool)>>,
+}
+
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+impl Driver {
+    async fn run(mut self, mut cmd_rx: mpsc::Receiver<Command>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm(ev).await,
+                cmd = cmd_rx.recv() => match cmd {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                _ = tick.tick() => self.expire_admissions(),
+            }
+        }
+    }
+
+    fn hello(&self) -> ControlRequest {
+        ControlRequest::Hello {
+            project: self.cfg.project.clone(),
+            cert_der: ByteBuf::from(self.creds.cert_der.clone()),
+        }
+    }
+
+    fn refuse(&mut self, peer: PeerId, reason: String) {
+        tracing::warn!(%peer, %reason, "peer refused admission; disconnecting and blocking");
+        self.pending_admission.remove(&peer);
+        self.swarm.behaviour_mut().blocks.block_peer(peer);
+        let _ = self.swarm.disconnect_peer_id(peer);
+        let _ = self.events.try_send(NetEvent::Refused { peer, reason });
+    }
+
+    /// Verifies a peer's certificate and admits it.
+    fn admit(&mut self, peer: PeerId, project: &str, cert_der: &[u8]) -> bool {
+        if self.peers.is_admitted(&peer) {
+            return true;
+        }
+        if project != self.cfg.project {
+            self.refuse(
+                peer,
+                format!("belongs to project {project:?}, not {:?}", self.cfg.project),
+            );
+            return false;
+        }
+        let roles = [
+            flare_crypto::RoleKind::Server,
+            flare_crypto::RoleKind::Client,
+            flare_crypto::RoleKind::Admin,
+            flare_crypto::RoleKind::Relay,
+        ];
+        match self
+            .creds
+            .root_ca
+            .verify_peer(cert_der, SystemTime::now(), &peer, &roles)
+        {
+            Ok(cert) => {
+                if let Some(other) = self.peers.by_name(&cert.name)
+                    && other.peer != peer
+                {
+                    self.refuse(
+                        peer,
+                        format!("name {:?} is already taken by {}", cert.name, other.peer),
+                    );
+                    return false;
+                }
+                let conns = self.connections.get(&peer);
+                let relayed = conns.is_some_and(|c| c.values().all(|(_, r)| *r));
+                let addr = conns
+                    .and_then(|c| c.values().next().map(|(a, _)| a.clone()))
+                    .unwrap_or_else(Multiaddr::empty);
+                let info = PeerInfo {
+                    peer,
+                    cert,
+                    relayed,
+                    addr,
+                };
+                tracing::info!(%peer, name = %info.cert.name, role = %info.cert.role, relayed, "peer admitted");
+                self.pending_admission.remove(&peer);
+                self.peers.insert(info.clone());
+                let _ = self.events.try_send(NetEvent::Admitted(info));
+                true
+            }
+            Err(e) => {
+                self.refuse(peer, format!("certificate rejected: {e}"));
+                false
+            }
+        }
+    }
+
+    fn expire_admissions(&mut self) {
+        let now = Instant::now();
+        let late: Vec<PeerId> = self
+            .pending_admission
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in late {
+            self.refuse(peer, "not admitted in time".into());
+        }
+    }
+
+    async fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let addr = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address.clone(),
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+                };
+                let relayed = endpoint.is_relayed() || is_relayed(&addr);
+                self.connections
+                    .entry(peer_id)
+                    .or_default()
+                    .insert(connection_id, (addr.clone(), relayed));
+                if self.peers.is_admitted(&peer_id) {
+                    let direct_now = !relayed;
+                    self.peers.update(&peer_id, |p| {
+                        if direct_now {
+                            p.relayed = false;
+                            p.addr = addr.clone();
+                        }
+                    });
+                    return;
+                }
+                self.pending_admission
+                    .entry(peer_id)
+                    .or_insert_with(|| Instant::now() + self.cfg.admission_timeout);
+                if self.hello_sent.insert(peer_id) {
+                    let hello = self.hello();
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .control
+                        .send_request(&peer_id, hello);
+                    self.outbound.insert(id, (peer_id, None));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                if let Some(c) = self.connections.get_mut(&peer_id) {
+                    c.remove(&connection_id);
+                }
+                if num_established == 0 {
+                    self.connections.remove(&peer_id);
+                    self.pending_admission.remove(&peer_id);
+                    self.hello_sent.remove(&peer_id);
+                    if let Some(info) = self.peers.remove(&peer_id) {
+                        tracing::info!(peer = %peer_id, name = %info.cert.name, "peer disconnected");
+                        let _ = self.events.try_send(NetEvent::Disconnected {
+                            peer: peer_id,
+                            name: info.cert.name,
+                        });
+                    }
+                } else if let Some(c) = self.connections.get(&peer_id) {
+                    let relayed = c.values().all(|(_, r)| *r);
+                    self.peers.update(&peer_id, |p| p.relayed = relayed);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Control(ev)) => self.on_control(ev).await,
+            SwarmEvent::Behaviour(BehaviourEvent::RelayServer(ev)) => match ev {
+                relay::Event::CircuitReqAccepted {
+                    src_peer_id,
+                    dst_peer_id,
+                } => {
+                    let _ = self.events.try_send(NetEvent::RelayCircuit {
+                        src: src_peer_id,
+                        dst: dst_peer_id,
+                        opened: true,
+                    });
+                }
+                relay::Event::CircuitClosed {
+                    src_peer_id,
+                    dst_peer_id,
+                    ..
+                } => {
+                    let _ = self.events.try_send(NetEvent::RelayCircuit {
+                        src: src_peer_id,
+                        dst: dst_peer_id,
+                        opened: false,
+                    });
+                }
+                other => tracing::debug!(?other, "relay server"),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                // Learn the peer's listen addresses so later dials and DCUtR can use them.
+                for addr in info.listen_addrs {
+                    self.swarm.add_peer_address(peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(ev)) => {
+                tracing::info!(peer = %ev.remote_peer_id, result = ?ev.result.map(|_| ()), "hole punch");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, %error, "dial failed");
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_control(&mut self, ev: request_response::Event<ControlRequest, ControlResponse>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                if let ControlRequest::Hello { project, cert_der } = &request {
+                    let welcome = if self.admit(peer, project, cert_der) {
+                        ControlResponse::Welcome {
+                            cert_der: ByteBuf::from(self.creds.cert_der.clone()),
+                        }
+                    } else {
+                        ControlResponse::Error {
+                            reason: "admission refused".into(),
+                        }
+                    };
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .control
+                        .send_response(channel, welcome);
+                    return;
+                }
+                let Some(from) = self.peers.get(&peer) else {
+                    tracing::warn!(%peer, "control request from a peer that is not admitted");
+                    let _ = self.swarm.behaviour_mut().control.send_response(
+                        channel,
+                        ControlResponse::Error {
+                            reason: "not admitted".into(),
+                        },
+                    );
+                    return;
+                };
+                let id = self.next_inbound;
+                self.next_inbound += 1;
+                self.inbound.insert(id, channel);
+                let (tx, rx) = oneshot::channel();
+                let cmd = self.cmd_tx.clone();
+                // The role answers on `tx`; the answer returns through the command channel, so
+                // the event loop never waits for a role.
+                tokio::spawn(async move {
+                    let response = rx.await.unwrap_or(ControlResponse::Error {
+                        reason: "the node dropped the request".into(),
+                    });
+                    let _ = cmd.send(Command::Respond { id, response }).await;
+                });
+                if self
+                    .events
+                    .try_send(NetEvent::Request {
+                        from,
+                        request,
+                        reply: tx,
+                    })
+                    .is_err()
+                {
+                    tracing::warn!(%peer, "event queue full; request dropped");
+                }
+            }
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let Some((_, reply)) = self.outbound.remove(&request_id) else {
+                    return;
+                };
+                match reply {
+                    Some(tx) => {
+                        let _ = tx.send(Ok(response));
+                    }
+                    None => match response {
+                        ControlResponse::Welcome { cert_der } => {
+                            let project = self.cfg.project.clone();
+                            self.admit(peer, &project, &cert_der);
+                        }
+                        other => self.refuse(peer, format!("answered Hello with {other:?}")),
+                    },
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some((_, Some(tx))) = self.outbound.remove(&request_id) {
+                    let _ = tx.send(Err(NetError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::warn!(%peer, %error, "inbound control request failed");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Dial { addr, reply } => {
+                let r = self
+                    .swarm
+                    .dial(addr.clone())
+                    .map_err(|e| NetError::Address {
+                        addr: addr.to_string(),
+                        reason: e.to_string(),
+                    });
+                let _ = reply.send(r);
+            }
+            Command::Listen { addr, reply } => {
+                let r =
+                    self.swarm
+                        .listen_on(addr.clone())
+                        .map(|_| ())
+                        .map_err(|e| NetError::Address {
+                            addr: addr.to_string(),
+                            reason: e.to_string(),
+                        });
+                let _ = reply.send(r);
+            }
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                if !self.peers.is_admitted(&peer) {
+                    let _ = reply.send(Err(NetError::NotAdmitted(peer)));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .control
+                    .send_request(&peer, request);
+                self.outbound.insert(id, (peer, Some(reply)));
+            }
+            Command::Respond { id, response } => {
+                if let Some(ch) = self.inbound.remove(&id) {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .control
+                        .send_response(ch, response);
+                }
+            }
+            Command::Listeners { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::CloseRelayed { peer, reply } => {
+                let mut closed = 0;
+                if let Some(c) = self.connections.get(&peer)
+                    && c.values().any(|(_, r)| !*r)
+                {
+                    let relayed: Vec<ConnectionId> = c
+                        .iter()
+                        .filter(|(_, (_, r))| *r)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in relayed {
+                        if self.swarm.close_connection(id) {
+                            closed += 1;
+                        }
+                    }
+                }
+                let _ = reply.send(closed);
+            }
+            Command::Disconnect { peer } => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+}

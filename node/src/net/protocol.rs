@@ -1,0 +1,126 @@
+//! The messages of Flare's own libp2p protocols and their limits.
+//!
+//! - `/flare/control/1.0.0`: request-response, CBOR, for admission, admin commands, deploys,
+//!   heartbeats and task notices. Capped at [`MAX_CONTROL_REQUEST`]/[`MAX_CONTROL_RESPONSE`].
+//! - `/flare/bulk/1.0.0`: one-directional streams carrying sealed models in chunks
+//!   (see [`super::bulk`]).
+
+use std::collections::BTreeMap;
+
+use libp2p::StreamProtocol;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// Control protocol name.
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/flare/control/1.0.0");
+/// Bulk protocol name.
+pub const BULK_PROTOCOL: StreamProtocol = StreamProtocol::new("/flare/bulk/1.0.0");
+/// Largest control request: a job bundle fits, a model does not.
+pub const MAX_CONTROL_REQUEST: usize = 16 << 20;
+/// Largest control response.
+pub const MAX_CONTROL_RESPONSE: usize = 16 << 20;
+
+/// A job folder in transit: its files and the submitting admin's signature over them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobBundle {
+    /// Relative path → contents, for every file of the job folder.
+    pub files: BTreeMap<String, ByteBuf>,
+    /// The `signature.json` the admin made over those files.
+    pub signature: ByteBuf,
+}
+
+/// What an admin asks the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// Store and schedule a job.
+    Submit(JobBundle),
+    /// All jobs.
+    List,
+    /// The server and its sites, or one job in detail.
+    Status {
+        /// A job id, or none for the server.
+        job: Option<String>,
+    },
+    /// Stop a job.
+    Abort {
+        /// Job id.
+        job: String,
+    },
+    /// Fetch a finished job's results (final model and metrics).
+    Download {
+        /// Job id.
+        job: String,
+    },
+    /// Remove a job that is not running.
+    Delete {
+        /// Job id.
+        job: String,
+    },
+    /// Submit a copy of an existing job under a new id.
+    Clone {
+        /// Job id.
+        job: String,
+    },
+    /// Connected sites and how they are connected.
+    Sites,
+}
+
+/// Everything a node may ask another over the control protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// Admission: the sender's certificate (the first message on every connection).
+    Hello {
+        /// The project the sender belongs to.
+        project: String,
+        /// The sender's certificate, DER.
+        cert_der: ByteBuf,
+    },
+    /// An admin command (admin → server).
+    Admin(AdminRequest),
+    /// Liveness and progress (client → server).
+    Heartbeat {
+        /// Jobs the site runs now, with the round it is in.
+        jobs: BTreeMap<String, u32>,
+    },
+    /// Deploy a job's app to a site (server → client).
+    Deploy {
+        /// Job id.
+        job: String,
+        /// The job as submitted.
+        bundle: JobBundle,
+    },
+    /// Stop a job on a site (server → client).
+    AbortJob {
+        /// Job id.
+        job: String,
+    },
+}
+
+/// Answers to [`ControlRequest`]s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControlResponse {
+    /// Admission accepted; the responder's own certificate.
+    Welcome {
+        /// The responder's certificate, DER.
+        cert_der: ByteBuf,
+    },
+    /// Done.
+    Ok,
+    /// The site declined (for example by its local policy), with the reason.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// The request failed, with the reason.
+    Error {
+        /// Why.
+        reason: String,
+    },
+    /// An admin command's answer, as JSON text for the CLI to render.
+    Admin {
+        /// The payload.
+        json: String,
+        /// Files returned by `download`: relative path → contents.
+        files: BTreeMap<String, ByteBuf>,
+    },
+}

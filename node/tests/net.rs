@@ -1,0 +1,208 @@
+//! The libp2p driver over real loopback TCP with Noise, using kits from real provisioning:
+//! admission, refusal of foreign and stolen certificates, and sealed bulk transfers.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use flare_node::net::bulk::{self, Route, Sealing, TransferMeta};
+use flare_node::net::protocol::BULK_PROTOCOL;
+use flare_node::net::{Credentials, NetConfig, NetEvent, NetHandle, spawn};
+use flare_protocols::model::{FLModel, Tensor};
+use flare_protocols::shareable::ReturnCode;
+use flare_provision::kit::{Kit, load_kit};
+use flare_provision::poc::{PocOptions, prepare_now};
+use futures::StreamExt;
+use libp2p::Multiaddr;
+use tokio::sync::mpsc;
+
+fn poc(dir: &Path, clients: usize) -> Vec<Kit> {
+    let out = prepare_now(&PocOptions {
+        workspace: dir.to_path_buf(),
+        clients,
+        base_port: None,
+    })
+    .unwrap();
+    out.provisioned
+        .kits
+        .iter()
+        .map(|(_, p)| load_kit(&p.join("startup"), SystemTime::now()).unwrap())
+        .collect()
+}
+
+fn kit<'a>(kits: &'a [Kit], name: &str) -> &'a Kit {
+    kits.iter().find(|k| k.name() == name).unwrap()
+}
+
+fn start(k: &Kit, listen: bool) -> (NetHandle, mpsc::Receiver<NetEvent>) {
+    start_as(k, &k.cert.der, listen)
+}
+
+fn start_as(k: &Kit, cert_der: &[u8], listen: bool) -> (NetHandle, mpsc::Receiver<NetEvent>) {
+    let cfg = NetConfig {
+        listen: if listen {
+            vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()]
+        } else {
+            vec![]
+        },
+        project: k.config.project.clone(),
+        admission_timeout: Duration::from_secs(3),
+        ..NetConfig::default()
+    };
+    spawn(
+        k.identity.signing.to_libp2p().unwrap(),
+        Credentials {
+            cert_der: cert_der.to_vec(),
+            root_ca: k.root_ca.clone(),
+        },
+        cfg,
+    )
+    .unwrap()
+}
+
+async fn listen_addr(h: &NetHandle) -> Multiaddr {
+    for _ in 0..100 {
+        if let Some(a) = h.listeners().await.unwrap().into_iter().next() {
+            return a.with(libp2p::multiaddr::Protocol::P2p(h.local));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no listen address");
+}
+
+async fn refused(rx: &mut mpsc::Receiver<NetEvent>) -> String {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(NetEvent::Refused { reason, .. })) => return reason,
+            Ok(Some(_)) => {}
+            other => panic!("no refusal: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admitted_peers_exchange_a_sealed_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let kits = poc(dir.path(), 2);
+    let server = kit(&kits, "server");
+    let site = kit(&kits, "site-1");
+    let (s, _srx) = start(server, true);
+    let (c, _crx) = start(site, false);
+    c.dial(listen_addr(&s).await).await.unwrap();
+    let on_client = c.wait_admitted(s.local, Duration::from_secs(10)).await.unwrap();
+    let on_server = s.wait_admitted(c.local, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(on_client.cert.name, "server");
+    assert_eq!(on_server.cert.name, "site-1");
+    assert!(!on_server.relayed);
+
+    // A 3 MiB model, sealed to the server, through a bulk stream.
+    let values: Vec<f32> = (0..786_432).map(|i| i as f32).collect();
+    let model = FLModel::from_params(BTreeMap::from([(
+        "w".to_string(),
+        Tensor::from_f32(vec![768, 1024], &values).unwrap(),
+    )]));
+    let mut incoming = s.streams.clone().accept(BULK_PROTOCOL).unwrap();
+    let server_sealing = Sealing::new(s.local, server.identity.sealing.clone());
+    let client_sealing = Sealing::new(c.local, site.identity.sealing.clone());
+    let route = Route {
+        job: "j1".into(),
+        workflow: "sag".into(),
+        round: 3,
+        kind: "result".into(),
+    };
+    let meta = TransferMeta {
+        task_id: 9,
+        task_name: "train".into(),
+        round: 3,
+        return_code: ReturnCode::Ok,
+        headers: BTreeMap::new(),
+        skeleton: None,
+    };
+    let sender = {
+        let mut ctl = c.streams.clone();
+        let model = model.clone();
+        let route = route.clone();
+        let meta = meta.clone();
+        tokio::spawn(async move {
+            let mut st = ctl.open_stream(on_client.peer, BULK_PROTOCOL).await.unwrap();
+            bulk::send(&mut st, &client_sealing, &on_client, &route, meta, Some(&model))
+                .await
+                .unwrap()
+        })
+    };
+    let (peer, mut st) = incoming.next().await.unwrap();
+    let from = s.peers.get(&peer).unwrap();
+    let got = bulk::receive(&mut st, &server_sealing, &from, 1 << 30).await.unwrap();
+    let sent = sender.await.unwrap();
+    assert_eq!(got.model.as_ref(), Some(&model));
+    assert_eq!(got.meta.task_id, 9);
+    assert_eq!(got.header.job, "j1");
+    assert_eq!(got.header.kind, "result");
+    assert_eq!(got.bytes, sent);
+    // Sealing adds a tag per 1 MiB chunk and a header: a little over the model's size.
+    assert!(sent > 3 * (1 << 20) && sent < 3 * (1 << 20) + 4096, "{sent}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = poc(&dir.path().join("a"), 1);
+    let theirs = poc(&dir.path().join("b"), 1);
+    let (s, mut srx) = start(kit(&ours, "server"), true);
+    // Same project name, same participant name, but a different root CA.
+    let (c, _crx) = start(kit(&theirs, "site-1"), false);
+    c.dial(listen_addr(&s).await).await.unwrap();
+    let reason = refused(&mut srx).await;
+    assert!(reason.contains("certificate rejected"), "{reason}");
+    assert!(!s.peers.is_admitted(&c.local));
+    // Blocked: a second dial does not get admitted either.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = c.dial(listen_addr(&s).await).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!s.peers.is_admitted(&c.local));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let kits = poc(dir.path(), 2);
+    let (s, mut srx) = start(kit(&kits, "server"), true);
+    // site-2's key presenting site-1's certificate: the key is not the certificate's.
+    let stolen = kit(&kits, "site-1").cert.der.clone();
+    let (c, _crx) = start_as(kit(&kits, "site-2"), &stolen, false);
+    c.dial(listen_addr(&s).await).await.unwrap();
+    let reason = refused(&mut srx).await;
+    assert!(reason.contains("certificate rejected"), "{reason}");
+    assert!(!s.peers.is_admitted(&c.local));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_dropped_after_the_admission_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let kits = poc(dir.path(), 1);
+    let (s, mut srx) = start(kit(&kits, "server"), true);
+    // A plain libp2p node with Noise but without our protocol: it never says Hello.
+    let mut stranger = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| libp2p::ping::Behaviour::default())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    stranger.dial(listen_addr(&s).await).unwrap();
+    let drive = tokio::spawn(async move {
+        loop {
+            stranger.select_next_some().await;
+        }
+    });
+    let reason = refused(&mut srx).await;
+    assert!(reason.contains("not admitted in time"), "{reason}");
+    drive.abort();
+}
