@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cmd_provision;
 pub mod data;
 pub mod job;
+pub mod jobpack;
 pub mod learner;
 pub mod model_io;
 pub mod net;
