@@ -10,3 +10,4 @@ pub mod learner;
 pub mod model_io;
 pub mod net;
 pub mod simulator;
+pub mod store;

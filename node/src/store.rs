@@ -1,0 +1,924 @@
+//! The server's job store on disk: every submitted job, its status history and its results,
+//! kept so that they survive a server restart.
+//!
+//! ```text
+//! <root>/jobs/<job_id>/record.json   the JobRecord (written atomically: temp, fsync, rename)
+//! <root>/jobs/<job_id>/job/          the unpacked job folder, admin signature verified
+//! <root>/jobs/<job_id>/result/       the final model and metrics
+//! ```
+//!
+//! A job folder appears under `jobs/` only complete: it is built as `jobs/.<id>.partial` and
+//! renamed into place, and deleted by renaming it to `jobs/.<id>.deleting` first. Folders
+//! whose names start with `.` are leftovers of a crash and are removed by [`JobStore::open`].
+//!
+//! Job ids come from admins and so are untrusted: every method checks one (lowercase ASCII
+//! letters, digits and `-`, at most [`MAX_ID_LEN`] bytes) before it touches the file system.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use flare_crypto::SigningPublicKey;
+use flare_crypto::folder::SIGNATURE_FILE;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::job::{Job, JobError, JobMeta};
+use crate::jobpack::{FolderFiles, JobPackError, unpack_verified};
+use crate::net::protocol::JobBundle;
+
+/// The file holding a job's [`JobRecord`].
+pub const RECORD_FILE: &str = "record.json";
+/// The job folder inside a job's store folder.
+pub const JOB_DIR: &str = "job";
+/// The result folder inside a job's store folder.
+pub const RESULT_DIR: &str = "result";
+/// The longest job id accepted.
+pub const MAX_ID_LEN: usize = 64;
+/// The largest record.json read (bytes); records are small, this bounds a corrupt one.
+const MAX_RECORD_LEN: u64 = 16 << 20;
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Stored, waiting for its sites.
+    Submitted,
+    /// Sent to its sites, not yet running.
+    Dispatched,
+    /// Rounds are under way.
+    Running,
+    /// Completed; results are in `result/`.
+    Finished,
+    /// Stopped by an error.
+    Failed,
+    /// Stopped by an admin.
+    Aborted,
+}
+
+impl JobState {
+    /// The name used in records and tables (`submitted`, `running`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Submitted => "submitted",
+            JobState::Dispatched => "dispatched",
+            JobState::Running => "running",
+            JobState::Finished => "finished",
+            JobState::Failed => "failed",
+            JobState::Aborted => "aborted",
+        }
+    }
+
+    /// Whether the job holds sites now (it may not be deleted).
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Dispatched | JobState::Running)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One step of a job's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusEntry {
+    /// When (Unix milliseconds).
+    pub at_ms: u64,
+    /// The state entered.
+    pub state: JobState,
+    /// Why, for people reading `status`.
+    pub note: String,
+}
+
+/// Everything the server knows about one job; `record.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job id (also its folder name).
+    pub id: String,
+    /// The name from `meta.json`.
+    pub name: String,
+    /// Who submitted it (the admin's certificate name).
+    pub submitter: String,
+    /// When it was submitted (Unix milliseconds); `list` sorts by it.
+    pub submitted_ms: u64,
+    /// The current state.
+    pub state: JobState,
+    /// Every state entered, oldest first, so a restart does not lose what happened.
+    pub history: Vec<StatusEntry>,
+    /// The round under way, once rounds have started.
+    pub round: Option<u32>,
+    /// Site → its latest state or refusal reason, for `status`.
+    pub sites: BTreeMap<String, String>,
+    /// Round → metric name → value, as reported by validation.
+    pub metrics: BTreeMap<u32, BTreeMap<String, f64>>,
+}
+
+/// A `jobs/` entry that [`JobStore::open`] could not load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedRecord {
+    /// The record file (or job folder).
+    pub path: PathBuf,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// Why a job store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file or folder could not be read, written or removed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A job id is not one this store could have made.
+    #[error("invalid job id {0:?} (lowercase letters, digits and '-', at most 64)")]
+    BadId(String),
+    /// No job has this id.
+    #[error("no job {0}")]
+    NotFound(String),
+    /// The job is dispatched or running, so it cannot be deleted.
+    #[error("job {id} is {state}; abort it first")]
+    Active {
+        /// The job id.
+        id: String,
+        /// Its state.
+        state: JobState,
+    },
+    /// The submitted bundle was refused (bad path, bad signature, too large).
+    #[error(transparent)]
+    Bundle(#[from] JobPackError),
+    /// The submitted job does not load (bad `meta.json` or config).
+    #[error("invalid job: {0}")]
+    Job(#[from] JobError),
+    /// A record could not be encoded (a bug).
+    #[error("{path}: {source}")]
+    Encode {
+        /// The record file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The OS random source failed.
+    #[error("no randomness for a job id")]
+    Random,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Checks an untrusted job id; only such an id is ever joined onto a path.
+fn check_id(id: &str) -> Result<&str, StoreError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && !id.starts_with('-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(id)
+    } else {
+        Err(StoreError::BadId(id.chars().take(80).collect()))
+    }
+}
+
+/// A new job id: the submission time in milliseconds as 12 hex digits (so ids sort by time)
+/// and 4 random hex digits, e.g. `0193a1b2c3d4-9f0e`.
+fn new_id(now_ms: u64, rng: &dyn SecureRandom) -> Result<String, StoreError> {
+    let mut r = [0u8; 2];
+    rng.fill(&mut r).map_err(|_| StoreError::Random)?;
+    Ok(format!("{now_ms:012x}-{}", hex::encode(r)))
+}
+
+/// The jobs of one server, on disk under a root folder.
+#[derive(Debug)]
+pub struct JobStore {
+    jobs_dir: PathBuf,
+    /// Every loaded record by id; the lock also serialises writes to the folders.
+    records: Mutex<BTreeMap<String, JobRecord>>,
+    skipped: Vec<SkippedRecord>,
+    rng: SystemRandom,
+}
+
+impl JobStore {
+    /// Opens (or creates) the store under `root` and loads every record. A record that does
+    /// not parse is skipped and reported by [`JobStore::skipped`] (and logged), not fatal.
+    pub fn open(root: &Path) -> Result<JobStore, StoreError> {
+        let jobs_dir = root.join("jobs");
+        fs::create_dir_all(&jobs_dir).map_err(io(&jobs_dir))?;
+        let mut records = BTreeMap::new();
+        let mut skipped = Vec::new();
+        for entry in fs::read_dir(&jobs_dir).map_err(io(&jobs_dir))? {
+            let entry = entry.map_err(io(&jobs_dir))?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') {
+                // A submit, clone or delete that a crash interrupted.
+                tracing::warn!(path = %path.display(), "removing an unfinished job folder");
+                fs::remove_dir_all(&path).map_err(io(&path))?;
+                continue;
+            }
+            let mut skip = |path: PathBuf, reason: String| {
+                tracing::warn!(path = %path.display(), %reason, "skipping a job record");
+                skipped.push(SkippedRecord { path, reason });
+            };
+            if check_id(&name).is_err() || !path.is_dir() {
+                skip(path, "not a job folder".into());
+                continue;
+            }
+            let file = path.join(RECORD_FILE);
+            match read_record(&file) {
+                Ok(r) if r.id == name => {
+                    records.insert(r.id.clone(), r);
+                }
+                Ok(r) => skip(file, format!("the record is for job {:?}", r.id)),
+                Err(reason) => skip(file, reason),
+            }
+        }
+        Ok(JobStore {
+            jobs_dir,
+            records: Mutex::new(records),
+            skipped,
+            rng: SystemRandom::new(),
+        })
+    }
+
+    /// The entries that [`JobStore::open`] skipped, with the reason.
+    pub fn skipped(&self) -> &[SkippedRecord] {
+        &self.skipped
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, JobRecord>> {
+        // Records on disk are replaced atomically, so the map is usable after a panic.
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.jobs_dir.join(id)
+    }
+
+    /// The job folder of a job (`jobs/<id>/job`). The id is not checked here; methods that
+    /// take ids from admins check them.
+    pub fn job_dir(&self, id: &str) -> PathBuf {
+        self.dir(id).join(JOB_DIR)
+    }
+
+    /// The result folder of a job (`jobs/<id>/result`).
+    pub fn result_dir(&self, id: &str) -> PathBuf {
+        self.dir(id).join(RESULT_DIR)
+    }
+
+    /// An unused id and its partial folder (created), under the lock.
+    fn reserve(
+        &self,
+        records: &BTreeMap<String, JobRecord>,
+        now_ms: u64,
+    ) -> Result<(String, PathBuf), StoreError> {
+        for _ in 0..64 {
+            let id = new_id(now_ms, &self.rng)?;
+            if records.contains_key(&id) || self.dir(&id).exists() {
+                continue;
+            }
+            let partial = self.jobs_dir.join(format!(".{id}.partial"));
+            if partial.exists() {
+                fs::remove_dir_all(&partial).map_err(io(&partial))?;
+            }
+            fs::create_dir(&partial).map_err(io(&partial))?;
+            return Ok((id, partial));
+        }
+        Err(StoreError::Random)
+    }
+
+    /// Finishes a partial job folder: result folder, record, rename into place.
+    fn commit(&self, partial: &Path, record: &JobRecord) -> Result<(), StoreError> {
+        let result = partial.join(RESULT_DIR);
+        fs::create_dir(&result).map_err(io(&result))?;
+        write_record(&partial.join(RECORD_FILE), record)?;
+        let dest = self.dir(&record.id);
+        fs::rename(partial, &dest).map_err(io(&dest))?;
+        sync_dir(&self.jobs_dir)
+    }
+
+    /// Stores a submitted job: verifies the admin's signature while unpacking it, checks that
+    /// it loads, and records it as [`JobState::Submitted`].
+    pub fn submit(
+        &self,
+        bundle: &JobBundle,
+        submitter: &str,
+        admin_key: &SigningPublicKey,
+        now_ms: u64,
+    ) -> Result<JobRecord, StoreError> {
+        let mut records = self.lock();
+        let (id, partial) = self.reserve(&records, now_ms)?;
+        let done = (|| {
+            let job_dir = partial.join(JOB_DIR);
+            unpack_verified(bundle, &job_dir, admin_key)?;
+            let (name, note) = job_name(&job_dir)?;
+            let record = JobRecord {
+                id: id.clone(),
+                name,
+                submitter: submitter.to_owned(),
+                submitted_ms: now_ms,
+                state: JobState::Submitted,
+                history: vec![StatusEntry {
+                    at_ms: now_ms,
+                    state: JobState::Submitted,
+                    note,
+                }],
+                round: None,
+                sites: BTreeMap::new(),
+                metrics: BTreeMap::new(),
+            };
+            self.commit(&partial, &record)?;
+            Ok(record)
+        })();
+        match done {
+            Ok(record) => {
+                records.insert(id, record.clone());
+                Ok(record)
+            }
+            Err(e) => {
+                remove_quietly(&partial);
+                Err(e)
+            }
+        }
+    }
+
+    /// Every job, oldest submission first.
+    pub fn list(&self) -> Vec<JobRecord> {
+        let mut all: Vec<JobRecord> = self.lock().values().cloned().collect();
+        all.sort_by(|a, b| (a.submitted_ms, &a.id).cmp(&(b.submitted_ms, &b.id)));
+        all
+    }
+
+    /// One job.
+    pub fn get(&self, id: &str) -> Result<JobRecord, StoreError> {
+        let id = check_id(id)?;
+        self.lock()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))
+    }
+
+    /// Changes a record with `f` and writes it; the id cannot be changed. On a failed write
+    /// the stored record stays as it was.
+    pub fn update(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut JobRecord),
+    ) -> Result<JobRecord, StoreError> {
+        let id = check_id(id)?;
+        let mut records = self.lock();
+        let mut record = records
+            .get(id)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        f(&mut record);
+        record.id = id.to_owned();
+        write_record(&self.dir(id).join(RECORD_FILE), &record)?;
+        records.insert(id.to_owned(), record.clone());
+        Ok(record)
+    }
+
+    /// Moves a job to `state` and appends the step to its history.
+    pub fn set_state(
+        &self,
+        id: &str,
+        state: JobState,
+        note: &str,
+        now_ms: u64,
+    ) -> Result<JobRecord, StoreError> {
+        self.update(id, |r| {
+            r.state = state;
+            r.history.push(StatusEntry {
+                at_ms: now_ms,
+                state,
+                note: note.to_owned(),
+            });
+        })
+    }
+
+    /// Removes a job with its folder and results; refuses a dispatched or running job.
+    pub fn delete(&self, id: &str) -> Result<(), StoreError> {
+        let id = check_id(id)?;
+        let mut records = self.lock();
+        let record = records
+            .get(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        if record.state.is_active() {
+            return Err(StoreError::Active {
+                id: id.to_owned(),
+                state: record.state,
+            });
+        }
+        // Rename first, so a crash never leaves a job without its record or files.
+        let gone = self.jobs_dir.join(format!(".{id}.deleting"));
+        let dir = self.dir(id);
+        fs::rename(&dir, &gone).map_err(io(&dir))?;
+        records.remove(id);
+        fs::remove_dir_all(&gone).map_err(io(&gone))?;
+        Ok(())
+    }
+
+    /// Submits a copy of a job under a new id: the same (signed) job folder, no results,
+    /// state [`JobState::Submitted`].
+    pub fn clone_job(&self, id: &str, now_ms: u64) -> Result<JobRecord, StoreError> {
+        let id = check_id(id)?;
+        let mut records = self.lock();
+        let source = records
+            .get(id)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        let (new, partial) = self.reserve(&records, now_ms)?;
+        let done = (|| {
+            copy_tree(&self.job_dir(id), &partial.join(JOB_DIR))?;
+            let record = JobRecord {
+                id: new.clone(),
+                name: source.name.clone(),
+                submitter: source.submitter.clone(),
+                submitted_ms: now_ms,
+                state: JobState::Submitted,
+                history: vec![StatusEntry {
+                    at_ms: now_ms,
+                    state: JobState::Submitted,
+                    note: format!("cloned from {id}"),
+                }],
+                round: None,
+                sites: BTreeMap::new(),
+                metrics: BTreeMap::new(),
+            };
+            self.commit(&partial, &record)?;
+            Ok(record)
+        })();
+        match done {
+            Ok(record) => {
+                records.insert(new, record.clone());
+                Ok(record)
+            }
+            Err(e) => {
+                remove_quietly(&partial);
+                Err(e)
+            }
+        }
+    }
+
+    /// The stored job as the admin sent it: its files and the admin's `signature.json`, so
+    /// each site verifies the admin's signature itself.
+    pub fn read_bundle_for_deploy(&self, id: &str) -> Result<JobBundle, StoreError> {
+        let id = check_id(id)?;
+        if !self.lock().contains_key(id) {
+            return Err(StoreError::NotFound(id.to_owned()));
+        }
+        let dir = self.job_dir(id);
+        let mut read = FolderFiles::read(&dir)?;
+        let signature = read
+            .files
+            .remove(SIGNATURE_FILE)
+            .ok_or_else(|| StoreError::Io {
+                path: dir.join(SIGNATURE_FILE),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "missing"),
+            })?;
+        Ok(JobBundle {
+            files: read.files,
+            signature: ByteBuf::from(signature.into_vec()),
+        })
+    }
+}
+
+/// The job's name, after checking that it loads. A client data folder that is missing on the
+/// server is not an error here: data is site-local, and each site checks its own.
+fn job_name(job_dir: &Path) -> Result<(String, String), StoreError> {
+    match Job::load(job_dir) {
+        Ok(job) => Ok((job.meta.name, "submitted".to_owned())),
+        Err(JobError::Invalid { key, reason, .. }) if key.ends_with(".args.data_dir") => {
+            let meta_path = job_dir.join("meta.json");
+            let text = fs::read(&meta_path).map_err(io(&meta_path))?;
+            let meta: JobMeta = serde_json::from_slice(&text).map_err(|e| JobError::Invalid {
+                file: meta_path.clone(),
+                key: ".".into(),
+                reason: e.to_string(),
+            })?;
+            Ok((
+                meta.name,
+                format!("submitted (data_dir not checked on the server: {reason})"),
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn read_record(file: &Path) -> Result<JobRecord, String> {
+    let meta = fs::metadata(file).map_err(|e| e.to_string())?;
+    if meta.len() > MAX_RECORD_LEN {
+        return Err("record too large".into());
+    }
+    let bytes = fs::read(file).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
+/// Writes a record atomically: a temporary file, fsync, rename, fsync of the folder. Every
+/// error names the record file.
+fn write_record(file: &Path, record: &JobRecord) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec_pretty(record).map_err(|source| StoreError::Encode {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let tmp = file.with_extension("json.tmp");
+    let written = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, file)
+    })();
+    if let Err(source) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(StoreError::Io {
+            path: file.to_path_buf(),
+            source,
+        });
+    }
+    if let Some(dir) = file.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+/// Copies a stored job folder (regular files and folders only).
+fn copy_tree(from: &Path, to: &Path) -> Result<(), StoreError> {
+    fs::create_dir(to).map_err(io(to))?;
+    for entry in fs::read_dir(from).map_err(io(from))? {
+        let entry = entry.map_err(io(from))?;
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        let ty = entry.file_type().map_err(io(&src))?;
+        if ty.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else if ty.is_file() {
+            fs::copy(&src, &dst).map_err(io(&src))?;
+        } else {
+            return Err(StoreError::Io {
+                path: src,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "not a regular file or folder",
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn remove_quietly(dir: &Path) {
+    if let Err(e) = fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %dir.display(), error = %e, "could not remove a partial job folder");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobpack::{pack, tests::write_job};
+    use flare_crypto::SigningSecret;
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        root: PathBuf,
+        key: SigningSecret,
+        bundle: JobBundle,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let tmp = tempfile::tempdir().unwrap();
+            let job = tmp.path().join("job-src");
+            write_job(&job);
+            let key = SigningSecret::generate(&SystemRandom::new()).unwrap();
+            let bundle = pack(&job, &key).unwrap();
+            let root = tmp.path().join("store");
+            Fixture {
+                _tmp: tmp,
+                root,
+                key,
+                bundle,
+            }
+        }
+
+        fn open(&self) -> JobStore {
+            JobStore::open(&self.root).unwrap()
+        }
+
+        fn submit(&self, store: &JobStore, now: u64) -> JobRecord {
+            store
+                .submit(&self.bundle, "admin@x", &self.key.public().unwrap(), now)
+                .unwrap()
+        }
+    }
+
+    #[test]
+    fn records_and_history_survive_a_restart() {
+        let f = Fixture::new();
+        let store = f.open();
+        let a = f.submit(&store, 2_000);
+        let b = f.submit(&store, 1_000);
+        assert_ne!(a.id, b.id);
+        assert_eq!(a.name, "packed");
+        assert_eq!(a.state, JobState::Submitted);
+        assert!(store.job_dir(&a.id).join("meta.json").is_file());
+        assert!(store.result_dir(&a.id).is_dir());
+        store
+            .set_state(&a.id, JobState::Running, "3 sites", 2_500)
+            .unwrap();
+        store
+            .update(&a.id, |r| {
+                r.round = Some(1);
+                r.sites.insert("site-1".into(), "running".into());
+                r.metrics
+                    .entry(1)
+                    .or_default()
+                    .insert("accuracy".into(), 0.5);
+                r.id = "hijack".into();
+            })
+            .unwrap();
+        drop(store);
+
+        let store = f.open();
+        assert!(store.skipped().is_empty());
+        let list = store.list();
+        assert_eq!(
+            list.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            [b.id.as_str(), a.id.as_str()]
+        );
+        let a2 = store.get(&a.id).unwrap();
+        assert_eq!(a2.state, JobState::Running);
+        assert_eq!(a2.round, Some(1));
+        assert_eq!(a2.sites["site-1"], "running");
+        assert_eq!(a2.metrics[&1]["accuracy"], 0.5);
+        assert_eq!(
+            a2.history.iter().map(|h| h.state).collect::<Vec<_>>(),
+            [JobState::Submitted, JobState::Running]
+        );
+        assert_eq!(a2.history[1].note, "3 sites");
+        let err = store.get("0000000000aa-0000").unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotFound(id) if id == "0000000000aa-0000"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ids_are_sortable_and_safe() {
+        let rng = SystemRandom::new();
+        let a = new_id(0x0193_a1b2_c3d4, &rng).unwrap();
+        assert!(a.starts_with("0193a1b2c3d4-") && a.len() == 17, "{a}");
+        assert!(new_id(1, &rng).unwrap() < new_id(0x10, &rng).unwrap());
+        check_id(&a).unwrap();
+    }
+
+    #[test]
+    fn site_local_data_folder_is_not_required_on_the_server() {
+        // hello-fedavg names its data relative to the repository; the store is elsewhere.
+        let f = Fixture::new();
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello-fedavg");
+        let bundle = pack(&example, &f.key).unwrap();
+        let store = f.open();
+        let r = store
+            .submit(&bundle, "admin@x", &f.key.public().unwrap(), 5)
+            .unwrap();
+        assert_eq!(r.name, "hello-fedavg");
+        assert!(
+            r.history[0].note.contains("data_dir"),
+            "{}",
+            r.history[0].note
+        );
+    }
+
+    #[test]
+    fn deploy_bundle_is_what_the_admin_sent() {
+        let f = Fixture::new();
+        let store = f.open();
+        let a = f.submit(&store, 1);
+        let bundle = store.read_bundle_for_deploy(&a.id).unwrap();
+        assert_eq!(bundle, f.bundle);
+        // A site can verify it with the admin's key.
+        let site = f.root.join("site-copy");
+        unpack_verified(&bundle, &site, &f.key.public().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn delete_and_clone_rules() {
+        let f = Fixture::new();
+        let store = f.open();
+        let a = f.submit(&store, 1);
+        store.set_state(&a.id, JobState::Running, "", 2).unwrap();
+        let err = store.delete(&a.id).unwrap_err();
+        assert!(matches!(err, StoreError::Active { .. }), "{err}");
+        store.set_state(&a.id, JobState::Dispatched, "", 3).unwrap();
+        assert!(matches!(
+            store.delete(&a.id),
+            Err(StoreError::Active { .. })
+        ));
+
+        fs::write(store.result_dir(&a.id).join("model.safetensors"), b"m").unwrap();
+        let c = store.clone_job(&a.id, 10).unwrap();
+        assert_ne!(c.id, a.id);
+        assert_eq!(c.state, JobState::Submitted);
+        assert_eq!(c.name, a.name);
+        assert_eq!(c.history.len(), 1);
+        assert!(c.history[0].note.contains(&a.id));
+        assert!(
+            fs::read_dir(store.result_dir(&c.id))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+        assert_eq!(
+            store.read_bundle_for_deploy(&c.id).unwrap(),
+            store.read_bundle_for_deploy(&a.id).unwrap()
+        );
+
+        store
+            .set_state(&a.id, JobState::Aborted, "by admin", 11)
+            .unwrap();
+        store.delete(&a.id).unwrap();
+        assert!(!f.root.join("jobs").join(&a.id).exists());
+        assert!(matches!(store.get(&a.id), Err(StoreError::NotFound(_))));
+        assert!(matches!(store.delete(&a.id), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            store.clone_job(&a.id, 12),
+            Err(StoreError::NotFound(_))
+        ));
+        drop(store);
+        let store = f.open();
+        assert_eq!(
+            store.list().iter().map(|r| &r.id).collect::<Vec<_>>(),
+            [&c.id]
+        );
+    }
+
+    #[test]
+    fn bad_submissions_leave_nothing() {
+        let f = Fixture::new();
+        let store = f.open();
+        let other = SigningSecret::generate(&SystemRandom::new()).unwrap();
+        let err = store
+            .submit(&f.bundle, "x", &other.public().unwrap(), 1)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Bundle(_)), "{err}");
+        // A bundle signed by the admin whose job does not load.
+        let tmp = tempfile::tempdir().unwrap();
+        write_job(tmp.path());
+        fs::write(
+            tmp.path().join("app/config/config_fed_server.json"),
+            r#"{"format_version": 2, "workflows": [], "components": []}"#,
+        )
+        .unwrap();
+        let sig = flare_crypto::folder::sign_folder(
+            tmp.path(),
+            flare_crypto::folder::Purpose::Job,
+            &f.key,
+        )
+        .unwrap();
+        let mut bad = f.bundle.clone();
+        bad.files.insert(
+            "app/config/config_fed_server.json".into(),
+            ByteBuf::from(fs::read(tmp.path().join("app/config/config_fed_server.json")).unwrap()),
+        );
+        bad.signature = ByteBuf::from(serde_json::to_vec(&sig).unwrap());
+        let err = store
+            .submit(&bad, "x", &f.key.public().unwrap(), 1)
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Job(_)) && err.to_string().contains("config_fed_server"),
+            "{err}"
+        );
+        assert!(store.list().is_empty());
+        assert_eq!(fs::read_dir(f.root.join("jobs")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn corrupt_records_are_skipped_and_named() {
+        let f = Fixture::new();
+        let store = f.open();
+        let a = f.submit(&store, 1);
+        let b = f.submit(&store, 2);
+        drop(store);
+        let broken = f.root.join("jobs").join(&b.id).join(RECORD_FILE);
+        fs::write(&broken, b"{\"id\": tru").unwrap();
+        fs::create_dir(f.root.join("jobs/NotAnId")).unwrap();
+        fs::create_dir(f.root.join("jobs/.0000-0000.partial")).unwrap();
+        let store = f.open();
+        assert_eq!(store.list().len(), 1);
+        assert_eq!(store.list()[0].id, a.id);
+        let skipped = store.skipped();
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(skipped.iter().any(|s| s.path == broken));
+        assert!(skipped.iter().any(|s| s.path.ends_with("NotAnId")));
+        assert!(!f.root.join("jobs/.0000-0000.partial").exists());
+    }
+
+    #[test]
+    fn hostile_ids_are_refused() {
+        let f = Fixture::new();
+        let store = f.open();
+        let long = "a".repeat(MAX_ID_LEN + 1);
+        for id in [
+            "",
+            "..",
+            "../jobs",
+            "a/b",
+            "/etc",
+            "A",
+            "a b",
+            "a\0",
+            "-rf",
+            ".hidden",
+            "é",
+            long.as_str(),
+        ] {
+            assert!(matches!(store.get(id), Err(StoreError::BadId(_))), "{id:?}");
+            assert!(matches!(store.delete(id), Err(StoreError::BadId(_))));
+            assert!(matches!(store.clone_job(id, 1), Err(StoreError::BadId(_))));
+            assert!(matches!(
+                store.update(id, |_| {}),
+                Err(StoreError::BadId(_))
+            ));
+            assert!(matches!(
+                store.read_bundle_for_deploy(id),
+                Err(StoreError::BadId(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn failed_write_names_the_file_and_keeps_the_record() {
+        let f = Fixture::new();
+        let store = f.open();
+        let a = f.submit(&store, 1);
+        let file = f.root.join("jobs").join(&a.id).join(RECORD_FILE);
+        // The temporary file cannot be created (even by root): a folder has its name.
+        fs::create_dir(file.with_extension("json.tmp")).unwrap();
+        let err = store
+            .set_state(&a.id, JobState::Failed, "x", 2)
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Io { path, .. } if *path == file),
+            "{err}"
+        );
+        assert_eq!(store.get(&a.id).unwrap().state, JobState::Submitted);
+        let store = f.open();
+        assert_eq!(store.get(&a.id).unwrap().state, JobState::Submitted);
+    }
+
+    #[test]
+    fn read_only_folder_gives_an_error_naming_the_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = Fixture::new();
+        let store = f.open();
+        let a = f.submit(&store, 1);
+        let dir = f.root.join("jobs").join(&a.id);
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o555)).unwrap();
+        // Root ignores permissions; then there is nothing to test.
+        let probe = dir.join("probe");
+        let moot = fs::write(&probe, b"").is_ok();
+        let result = store.set_state(&a.id, JobState::Failed, "x", 2);
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        if moot {
+            eprintln!("running as root: the read-only check is moot");
+            return;
+        }
+        let err = result.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&dir.join(RECORD_FILE).display().to_string()),
+            "{err}"
+        );
+        assert_eq!(store.get(&a.id).unwrap().state, JobState::Submitted);
+        let store = f.open();
+        assert_eq!(store.get(&a.id).unwrap().state, JobState::Submitted);
+    }
+}
