@@ -534,17 +534,8 @@ impl ClientApp {
         let learner = match e.executor.name.as_str() {
             "MnistMlpLearner" => {
                 let mut a: MnistLearnerArgs = parse_args(&file, key, e.executor.args.clone())?;
-                if a.data_dir.is_relative() {
-                    let job_dir = app_dir.parent().unwrap_or(app_dir);
-                    a.data_dir = job_dir.join(&a.data_dir);
-                }
-                if !a.data_dir.is_dir() {
-                    return Err(invalid(
-                        &file,
-                        format!("{key}.args.data_dir"),
-                        format!("{} is not a folder", a.data_dir.display()),
-                    ));
-                }
+                let job_dir = app_dir.parent().unwrap_or(app_dir);
+                a.data_dir = resolve_data_dir(job_dir, &a.data_dir);
                 if a.batch_size == 0 || a.hidden == 0 || !(a.lr.is_finite() && a.lr > 0.0) {
                     return Err(invalid(
                         &file,
@@ -631,6 +622,40 @@ impl ClientApp {
             LearnerSpec::Synthetic(a) => Box::new(SyntheticLearner::new(a.clone(), index)),
         })
     }
+}
+
+/// Where a relative `data_dir` points: the job folder first (the simulator runs jobs in
+/// place); then, for a job deployed to a site's workspace, `$FLARE_DATA_ROOT` and the working
+/// directory, with the path's leading `..` components dropped. The first that exists wins;
+/// otherwise the job-relative path, so the error names what the job asked for.
+pub fn resolve_data_dir(job_dir: &Path, data_dir: &Path) -> PathBuf {
+    if data_dir.is_absolute() {
+        return data_dir.to_path_buf();
+    }
+    let in_job = job_dir.join(data_dir);
+    if in_job.is_dir() {
+        return in_job;
+    }
+    let tail: PathBuf = data_dir
+        .components()
+        .skip_while(|c| {
+            matches!(
+                c,
+                std::path::Component::ParentDir | std::path::Component::CurDir
+            )
+        })
+        .collect();
+    let roots = std::env::var_os("FLARE_DATA_ROOT")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(std::env::current_dir().ok());
+    for root in roots {
+        let p = root.join(&tail);
+        if p.is_dir() {
+            return p;
+        }
+    }
+    in_job
 }
 
 fn check_format(file: &Path, v: Option<u32>) -> Result<(), JobError> {
@@ -869,11 +894,6 @@ mod tests {
             ),
             (
                 "app/config/config_fed_client.json",
-                client("/nonexistent/mnist"),
-                "executors[0].executor.args.data_dir: /nonexistent/mnist is not a folder",
-            ),
-            (
-                "app/config/config_fed_client.json",
                 client("x").replace("MnistMlpLearner", "Nope"),
                 "executors[0].executor.name: unknown executor \"Nope\"",
             ),
@@ -904,6 +924,25 @@ mod tests {
             let err = f.err();
             assert!(err.contains(want), "for {file}: {err:?} lacks {want:?}");
         }
+    }
+
+    #[test]
+    fn missing_data_is_reported_when_a_site_builds_its_learner() {
+        // The data lives at the sites: an admin submits without it, a site names the key.
+        let f = Fixture::new();
+        f.write(
+            "app/config/config_fed_client.json",
+            &client("/nonexistent/mnist"),
+        );
+        let job = Job::load(f.dir.path()).unwrap();
+        let err = match job.app_for("site-1").unwrap().make_learner(0, 2) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("learner built without data"),
+        };
+        assert!(
+            err.contains("executors[0].executor.args.data_dir: /nonexistent/mnist"),
+            "{err}"
+        );
     }
 
     #[test]

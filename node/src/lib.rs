@@ -2,6 +2,7 @@
 //! libp2p driver and roles. The binary `flare-node` is a thin CLI over this library.
 
 pub mod bench;
+pub mod bench_net;
 pub mod cmd_provision;
 pub mod data;
 pub mod job;
@@ -9,5 +10,6 @@ pub mod jobpack;
 pub mod learner;
 pub mod model_io;
 pub mod net;
+pub mod roles;
 pub mod simulator;
 pub mod store;

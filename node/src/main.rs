@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flare_node::bench::{SimBench, run_sim_bench};
 use flare_node::cmd_provision;
+use flare_node::roles::admin::AdminCommand;
 use flare_node::simulator::{self, SimOptions};
 use tracing_subscriber::EnvFilter;
 
@@ -18,8 +19,11 @@ use tracing_subscriber::EnvFilter;
     about = "Flare: peer-to-peer federated learning"
 )]
 struct Cli {
+    /// Run the node of this startup kit (server or client), e.g. `--kit site-1/startup`.
+    #[arg(long, value_name = "STARTUP_DIR")]
+    kit: Option<PathBuf>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,6 +51,17 @@ enum Command {
     /// Measure Flare itself.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Admin console: talk to the server with an admin kit.
+    Admin {
+        /// The admin's startup kit folder.
+        #[arg(long, value_name = "STARTUP_DIR")]
+        kit: PathBuf,
+        /// Print JSON instead of tables.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Make signed startup kits from a project.yml.
     Provision(cmd_provision::ProvisionArgs),
     /// A local proof-of-concept project.
@@ -74,6 +89,38 @@ enum BenchCommand {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// A sealed transfer between two node processes, direct or through the relay: MiB/s and
+    /// each process's peak RSS.
+    Transfer {
+        /// Payload size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Go through the server's circuit relay (hole punching off).
+        #[arg(long)]
+        relayed: bool,
+    },
+    /// One end of `bench transfer` (started by it).
+    #[command(hide = true)]
+    TransferPeer {
+        /// The kit to run as.
+        #[arg(long)]
+        kit: PathBuf,
+        /// Receive instead of send.
+        #[arg(long)]
+        receive: bool,
+        /// Payload size in MiB.
+        #[arg(long)]
+        mib: u64,
+        /// The receiver's PeerId.
+        #[arg(long)]
+        to: Option<String>,
+        /// The receiver's address.
+        #[arg(long)]
+        addr: Option<String>,
+        /// Through the relay.
+        #[arg(long)]
+        relayed: bool,
+    },
     /// Centralized training of the built-in MLP on all of MNIST's training part (the
     /// accuracy federated runs are compared with).
     Centralized {
@@ -91,13 +138,44 @@ fn cpus() -> usize {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A node logs its progress by default; commands only warn.
+    let default = if cli.kit.is_some() { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    match (&cli.kit, &cli.command) {
+        (Some(kit), None) => return exit(flare_node::roles::run_node(kit)),
+        (Some(_), Some(_)) => {
+            eprintln!(
+                "error: --kit runs a node; give it alone (admin commands take `admin --kit`)"
+            );
+            return ExitCode::from(2);
+        }
+        (None, Some(Command::Admin { kit, json, command })) => {
+            let code = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(flare_node::roles::admin::run(kit, command.clone(), *json)),
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    1
+                }
+            };
+            return ExitCode::from(code as u8);
+        }
+        (None, None) => {
+            eprintln!("error: give --kit <STARTUP_DIR> to run a node, or a command (see --help)");
+            return ExitCode::from(2);
+        }
+        (None, Some(_)) => {}
+    }
+    exit(run(cli))
+}
+
+fn exit(r: anyhow::Result<()>) -> ExitCode {
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -107,7 +185,11 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        return Ok(());
+    };
+    match command {
+        Command::Admin { .. } => {}
         Command::Simulate {
             job,
             clients,
@@ -159,6 +241,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Provision(args) => cmd_provision::run_provision(&args)?,
         Command::Poc { command } => cmd_provision::run_poc(&command)?,
+        Command::Bench(BenchCommand::Transfer { mib, relayed }) => {
+            let r = flare_node::bench_net::run_transfer(mib, relayed)?;
+            println!("{r}");
+        }
+        Command::Bench(BenchCommand::TransferPeer {
+            kit,
+            receive,
+            mib,
+            to,
+            addr,
+            relayed,
+        }) => {
+            let args = flare_node::bench_net::PeerArgs {
+                kit,
+                receive,
+                mib,
+                to: to.map(|t| t.parse()).transpose().context("--to")?,
+                addr: addr.map(|a| a.parse()).transpose().context("--addr")?,
+                relayed,
+            };
+            tokio::runtime::Runtime::new()?.block_on(flare_node::bench_net::run_peer(args))?;
+        }
         Command::Bench(BenchCommand::Centralized { data_dir, epochs }) => {
             let r = flare_node::bench::run_centralized(&data_dir, epochs)?;
             println!("{}", serde_json::to_string(&r)?);

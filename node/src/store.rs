@@ -27,7 +27,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use crate::job::{Job, JobError, JobMeta};
+use crate::job::{Job, JobError};
 use crate::jobpack::{FolderFiles, JobPackError, unpack_verified};
 use crate::net::protocol::JobBundle;
 
@@ -504,24 +504,11 @@ impl JobStore {
 
 /// The job's name, after checking that it loads. A client data folder that is missing on the
 /// server is not an error here: data is site-local, and each site checks its own.
+/// The job's name: the job must load, except for site-local things such as data folders,
+/// which only the sites check.
 fn job_name(job_dir: &Path) -> Result<(String, String), StoreError> {
-    match Job::load(job_dir) {
-        Ok(job) => Ok((job.meta.name, "submitted".to_owned())),
-        Err(JobError::Invalid { key, reason, .. }) if key.ends_with(".args.data_dir") => {
-            let meta_path = job_dir.join("meta.json");
-            let text = fs::read(&meta_path).map_err(io(&meta_path))?;
-            let meta: JobMeta = serde_json::from_slice(&text).map_err(|e| JobError::Invalid {
-                file: meta_path.clone(),
-                key: ".".into(),
-                reason: e.to_string(),
-            })?;
-            Ok((
-                meta.name,
-                format!("submitted (data_dir not checked on the server: {reason})"),
-            ))
-        }
-        Err(e) => Err(e.into()),
-    }
+    let job = Job::load(job_dir)?;
+    Ok((job.meta.name, "submitted".to_owned()))
 }
 
 fn read_record(file: &Path) -> Result<JobRecord, String> {
@@ -710,11 +697,7 @@ mod tests {
             .submit(&bundle, "admin@x", &f.key.public().unwrap(), 5)
             .unwrap();
         assert_eq!(r.name, "hello-fedavg");
-        assert!(
-            r.history[0].note.contains("data_dir"),
-            "{}",
-            r.history[0].note
-        );
+        assert_eq!(r.history[0].note, "submitted");
     }
 
     #[test]

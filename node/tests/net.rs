@@ -91,8 +91,14 @@ async fn admitted_peers_exchange_a_sealed_model() {
     let (s, _srx) = start(server, true);
     let (c, _crx) = start(site, false);
     c.dial(listen_addr(&s).await).await.unwrap();
-    let on_client = c.wait_admitted(s.local, Duration::from_secs(10)).await.unwrap();
-    let on_server = s.wait_admitted(c.local, Duration::from_secs(10)).await.unwrap();
+    let on_client = c
+        .wait_admitted(s.local, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let on_server = s
+        .wait_admitted(c.local, Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(on_client.cert.name, "server");
     assert_eq!(on_server.cert.name, "site-1");
     assert!(!on_server.relayed);
@@ -126,15 +132,27 @@ async fn admitted_peers_exchange_a_sealed_model() {
         let route = route.clone();
         let meta = meta.clone();
         tokio::spawn(async move {
-            let mut st = ctl.open_stream(on_client.peer, BULK_PROTOCOL).await.unwrap();
-            bulk::send(&mut st, &client_sealing, &on_client, &route, meta, Some(&model))
+            let mut st = ctl
+                .open_stream(on_client.peer, BULK_PROTOCOL)
                 .await
-                .unwrap()
+                .unwrap();
+            bulk::send(
+                &mut st,
+                &client_sealing,
+                &on_client,
+                &route,
+                meta,
+                Some(&model),
+            )
+            .await
+            .unwrap()
         })
     };
     let (peer, mut st) = incoming.next().await.unwrap();
     let from = s.peers.get(&peer).unwrap();
-    let got = bulk::receive(&mut st, &server_sealing, &from, 1 << 30).await.unwrap();
+    let got = bulk::receive(&mut st, &server_sealing, &from, 1 << 30)
+        .await
+        .unwrap();
     let sent = sender.await.unwrap();
     assert_eq!(got.model.as_ref(), Some(&model));
     assert_eq!(got.meta.task_id, 9);
@@ -142,7 +160,10 @@ async fn admitted_peers_exchange_a_sealed_model() {
     assert_eq!(got.header.kind, "result");
     assert_eq!(got.bytes, sent);
     // Sealing adds a tag per 1 MiB chunk and a header: a little over the model's size.
-    assert!(sent > 3 * (1 << 20) && sent < 3 * (1 << 20) + 4096, "{sent}");
+    assert!(
+        sent > 3 * (1 << 20) && sent < 3 * (1 << 20) + 4096,
+        "{sent}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -252,15 +252,27 @@ pub async fn send<S: futures::AsyncWrite + Unpin>(
         kind: route.kind.clone(),
         seq: sealing.seq.fetch_add(1, Ordering::Relaxed),
     };
-    let (sealer, head) = StreamSealer::start(
-        &header,
-        &sealing.secret,
-        &to.cert.sealing_public,
-        sealing.rng.as_ref(),
-    )?;
-    write_frame(stream, &head).await?;
     meta.skeleton = model.map(Skeleton::of);
-    let meta_bytes = encode(&meta, MAX_META).map_err(|e| BulkError::Malformed(e.to_string()))?;
+    let mut w = start_stream(stream, sealing, header, &to.cert.sealing_public, &meta).await?;
+    if let Some(m) = model {
+        for t in m.params.values() {
+            w.push(t.bytes()).await?;
+        }
+    }
+    w.finish().await
+}
+
+/// Writes the sealed-stream header and the meta; returns the writer for the tensor bytes.
+async fn start_stream<'a, S: futures::AsyncWrite + Unpin>(
+    stream: &'a mut S,
+    sealing: &Sealing,
+    header: MessageHeader,
+    to: &flare_crypto::SealingPublicKey,
+    meta: &TransferMeta,
+) -> Result<ChunkWriter<'a, S>, BulkError> {
+    let (sealer, head) = StreamSealer::start(&header, &sealing.secret, to, sealing.rng.as_ref())?;
+    write_frame(stream, &head).await?;
+    let meta_bytes = encode(meta, MAX_META).map_err(|e| BulkError::Malformed(e.to_string()))?;
     let mut w = ChunkWriter {
         out: stream,
         sealer: Some(sealer),
@@ -269,10 +281,50 @@ pub async fn send<S: futures::AsyncWrite + Unpin>(
     };
     w.push(&(meta_bytes.len() as u32).to_be_bytes()).await?;
     w.push(&meta_bytes).await?;
-    if let Some(m) = model {
-        for t in m.params.values() {
-            w.push(t.bytes()).await?;
-        }
+    Ok(w)
+}
+
+/// Sends a synthetic f32 model of `bytes` bytes (rounded down to whole f32s), generated chunk
+/// by chunk, so the sender's memory does not grow with the size: for transfer benchmarks.
+pub async fn send_synthetic<S: futures::AsyncWrite + Unpin>(
+    stream: &mut S,
+    sealing: &Sealing,
+    to: &PeerInfo,
+    route: &Route,
+    bytes: u64,
+) -> Result<u64, BulkError> {
+    let header = MessageHeader {
+        sender: sealing.me,
+        receiver: to.peer,
+        job: route.job.clone(),
+        workflow: route.workflow.clone(),
+        round: route.round,
+        kind: route.kind.clone(),
+        seq: sealing.seq.fetch_add(1, Ordering::Relaxed),
+    };
+    let elements = usize::try_from(bytes / 4).map_err(|_| BulkError::Malformed("size".into()))?;
+    let meta = TransferMeta {
+        task_id: 0,
+        task_name: "bench".into(),
+        round: 0,
+        return_code: ReturnCode::Ok,
+        headers: BTreeMap::new(),
+        skeleton: Some(Skeleton {
+            tensors: vec![("synthetic".into(), DType::F32, vec![elements])],
+            params_type: ParamsType::Full,
+            metrics: BTreeMap::new(),
+            meta: BTreeMap::new(),
+            current_round: None,
+            total_rounds: None,
+        }),
+    };
+    let mut w = start_stream(stream, sealing, header, &to.cert.sealing_public, &meta).await?;
+    let block: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
+    let mut left = elements as u64 * 4;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        w.push(&block[..n]).await?;
+        left -= n as u64;
     }
     w.finish().await
 }
@@ -293,11 +345,15 @@ pub struct Received {
 /// Rebuilds meta and tensors from the plaintext as it arrives.
 struct Assembler {
     max_model_bytes: u64,
+    /// Keep tensor bytes (false: count and check them, then drop them).
+    keep: bool,
     prefix: Vec<u8>,
     meta: Option<TransferMeta>,
     /// Index of the tensor being filled, and its bytes so far.
     current: usize,
     filling: Vec<u8>,
+    /// Bytes of the current tensor received so far.
+    filled: usize,
     tensors: BTreeMap<String, Tensor>,
 }
 
@@ -354,10 +410,18 @@ impl Assembler {
                 ));
             };
             let want = numel(shape).unwrap_or(0) * dtype.size();
-            let take = (want - self.filling.len()).min(data.len());
-            self.filling.extend_from_slice(&data[..take]);
+            let take = (want - self.filled).min(data.len());
+            if self.keep {
+                self.filling.extend_from_slice(&data[..take]);
+            }
+            self.filled += take;
             data = &data[take..];
-            if self.filling.len() == want {
+            if self.filled == want {
+                self.filled = 0;
+                if !self.keep {
+                    self.current += 1;
+                    continue;
+                }
                 let t =
                     Tensor::from_bytes(*dtype, shape.clone(), std::mem::take(&mut self.filling))
                         .map_err(|e| BulkError::Malformed(e.to_string()))?;
@@ -375,6 +439,21 @@ impl Assembler {
             .ok_or_else(|| BulkError::Malformed("transfer ended before its meta".into()))?;
         let model = match &meta.skeleton {
             None => None,
+            Some(s) if !self.keep => {
+                if self.current
+                    + s.tensors
+                        .iter()
+                        .skip(self.current)
+                        .filter(|t| numel(&t.2) == Some(0))
+                        .count()
+                    != s.tensors.len()
+                {
+                    return Err(BulkError::Malformed(
+                        "transfer ended inside a tensor".into(),
+                    ));
+                }
+                None
+            }
             Some(s) => {
                 // Zero-sized tensors need no bytes; settle them now.
                 while let Some((name, dtype, shape)) = s.tensors.get(self.current) {
@@ -412,6 +491,27 @@ pub async fn receive<S: futures::AsyncRead + Unpin>(
     from: &PeerInfo,
     max_model_bytes: u64,
 ) -> Result<Received, BulkError> {
+    receive_inner(stream, sealing, from, max_model_bytes, true).await
+}
+
+/// Like [`receive`], but checks and drops the tensor bytes instead of keeping them: memory
+/// stays at one chunk whatever the size. For transfer benchmarks.
+pub async fn receive_discard<S: futures::AsyncRead + Unpin>(
+    stream: &mut S,
+    sealing: &Sealing,
+    from: &PeerInfo,
+    max_model_bytes: u64,
+) -> Result<Received, BulkError> {
+    receive_inner(stream, sealing, from, max_model_bytes, false).await
+}
+
+async fn receive_inner<S: futures::AsyncRead + Unpin>(
+    stream: &mut S,
+    sealing: &Sealing,
+    from: &PeerInfo,
+    max_model_bytes: u64,
+    keep: bool,
+) -> Result<Received, BulkError> {
     let head = read_frame(stream, 64 << 10)
         .await?
         .ok_or_else(|| BulkError::Malformed("empty stream".into()))?;
@@ -438,6 +538,8 @@ pub async fn receive<S: futures::AsyncRead + Unpin>(
     let header = opener.header().clone();
     let mut asm = Assembler {
         max_model_bytes,
+        keep,
+        filled: 0,
         prefix: Vec::new(),
         meta: None,
         current: 0,

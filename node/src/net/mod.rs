@@ -84,6 +84,8 @@ pub struct NetConfig {
     pub idle_timeout: Duration,
     /// Control request timeout.
     pub request_timeout: Duration,
+    /// Try to upgrade relayed connections to direct ones (DCUtR).
+    pub hole_punching: bool,
 }
 
 impl Default for NetConfig {
@@ -96,6 +98,7 @@ impl Default for NetConfig {
             admission_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(60),
+            hole_punching: true,
         }
     }
 }
@@ -340,7 +343,7 @@ struct Behaviour {
     streams: libp2p_stream::Behaviour,
     relay_server: Toggle<relay::Behaviour>,
     relay_client: relay::client::Behaviour,
-    dcutr: dcutr::Behaviour,
+    dcutr: Toggle<dcutr::Behaviour>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
 }
@@ -364,6 +367,7 @@ pub fn spawn(
     let relay_peers = peers.clone();
     let relay_server = cfg.relay_server;
     let request_timeout = cfg.request_timeout;
+    let hole_punching = cfg.hole_punching;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -413,7 +417,7 @@ pub fn spawn(
                 streams: libp2p_stream::Behaviour::new(),
                 relay_server: Toggle::from(relay),
                 relay_client,
-                dcutr: dcutr::Behaviour::new(local),
+                dcutr: Toggle::from(hole_punching.then(|| dcutr::Behaviour::new(local))),
                 identify: identify::Behaviour::new(identify::Config::new(
                     "/flare/1.0.0".into(),
                     key.public(),

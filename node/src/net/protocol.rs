@@ -88,6 +88,13 @@ pub enum ControlRequest {
         job: String,
         /// The job as submitted.
         bundle: JobBundle,
+        /// The submitting admin's certificate (DER): the site checks it chains to the project
+        /// CA and that its key signed the bundle.
+        submitter_cert: ByteBuf,
+        /// This site's position among the job's sites (for data partitioning).
+        site_index: u32,
+        /// How many sites the job was deployed to.
+        num_sites: u32,
     },
     /// Stop a job on a site (server → client).
     AbortJob {

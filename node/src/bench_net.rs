@@ -1,0 +1,242 @@
+//! `flare-node bench transfer`: a sealed model transfer between two real node processes, direct
+//! or through the server's circuit relay, with throughput and each process's peak RSS.
+//!
+//! The orchestrator provisions a throw-away POC project, starts the relay (a real server node)
+//! when asked, then a receiving and a sending `flare-node bench transfer-peer` process. The
+//! payload is generated and checked chunk by chunk, so memory reflects the transfer path, not
+//! the model.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use serde_json::{Value, json};
+
+use crate::bench::peak_rss_mib;
+use crate::net::bulk::{self, Route, Sealing};
+use crate::net::protocol::BULK_PROTOCOL;
+use crate::net::{Credentials, NetConfig, spawn};
+use crate::roles::peer_addrs;
+
+/// What one peer process does.
+#[derive(Debug, Clone)]
+pub struct PeerArgs {
+    /// The kit to run as.
+    pub kit: PathBuf,
+    /// Receive (true) or send (false).
+    pub receive: bool,
+    /// Payload size in MiB.
+    pub mib: u64,
+    /// Sender: the receiver's PeerId.
+    pub to: Option<PeerId>,
+    /// Sender: where to dial the receiver.
+    pub addr: Option<Multiaddr>,
+    /// Connect through the relay in the kit (the server), without hole punching.
+    pub relayed: bool,
+}
+
+struct Reaper(Vec<Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn vm_hwm_of(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+fn lines(child: &mut Child, what: &str) -> anyhow::Result<BufReader<std::process::ChildStdout>> {
+    Ok(BufReader::new(
+        child
+            .stdout
+            .take()
+            .with_context(|| format!("{what}: no stdout"))?,
+    ))
+}
+
+fn next_json(r: &mut BufReader<std::process::ChildStdout>, what: &str) -> anyhow::Result<Value> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if line.is_empty() {
+        bail!("{what} exited without output");
+    }
+    serde_json::from_str(line.trim()).with_context(|| format!("{what} said {line:?}"))
+}
+
+/// Runs the whole benchmark and returns its JSON report.
+pub fn run_transfer(mib: u64, relayed: bool) -> anyhow::Result<Value> {
+    let bin = std::env::current_exe()?;
+    let dir = tempfile::tempdir()?;
+    let out = flare_provision::poc::prepare_now(&flare_provision::poc::PocOptions {
+        workspace: dir.path().join("poc"),
+        clients: 2,
+        base_port: None,
+    })?;
+    let kit_of = |name: &str| -> anyhow::Result<PathBuf> {
+        out.provisioned
+            .kits
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p.join("startup"))
+            .with_context(|| format!("no kit {name}"))
+    };
+    let mut procs = Reaper(Vec::new());
+    let mut relay_pid = None;
+    if relayed {
+        let server = Command::new(&bin)
+            .arg("--kit")
+            .arg(kit_of("server")?)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        relay_pid = Some(server.id());
+        procs.0.push(server);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let peer = |kit: PathBuf, extra: Vec<String>| -> anyhow::Result<Child> {
+        let mut c = Command::new(&bin);
+        c.args(["bench", "transfer-peer", "--mib", &mib.to_string(), "--kit"])
+            .arg(kit)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if relayed {
+            c.arg("--relayed");
+        }
+        Ok(c.spawn()?)
+    };
+    let mut receiver = peer(kit_of("site-2")?, vec!["--receive".into()])?;
+    let mut rx_out = lines(&mut receiver, "receiver")?;
+    procs.0.push(receiver);
+    let ready = next_json(&mut rx_out, "receiver")?;
+    let to = ready["peer"].as_str().context("receiver peer")?.to_string();
+    let addr = ready["addr"].as_str().context("receiver addr")?.to_string();
+    let mut sender = peer(
+        kit_of("site-1")?,
+        vec!["--to".into(), to, "--addr".into(), addr],
+    )?;
+    let mut tx_out = lines(&mut sender, "sender")?;
+    procs.0.push(sender);
+    let sent = next_json(&mut tx_out, "sender")?;
+    let got = next_json(&mut rx_out, "receiver")?;
+    let relay_rss = relay_pid.and_then(vm_hwm_of);
+    Ok(json!({
+        "mode": if relayed { "relayed" } else { "direct" },
+        "mib": mib,
+        "sender": sent,
+        "receiver": got,
+        "relay_peak_rss_mib": relay_rss,
+    }))
+}
+
+/// One end of the benchmark; prints JSON lines on stdout.
+pub async fn run_peer(a: PeerArgs) -> anyhow::Result<()> {
+    let kit = flare_provision::kit::load_kit(&a.kit, SystemTime::now())?;
+    let listen: Vec<Multiaddr> = if a.receive && !a.relayed {
+        vec!["/ip4/127.0.0.1/tcp/0".parse()?]
+    } else {
+        Vec::new()
+    };
+    let (net, _events) = spawn(
+        kit.identity.signing.to_libp2p()?,
+        Credentials {
+            cert_der: kit.cert.der.clone(),
+            root_ca: kit.root_ca.clone(),
+        },
+        NetConfig {
+            listen,
+            project: kit.config.project.clone(),
+            hole_punching: !a.relayed,
+            ..NetConfig::default()
+        },
+    )?;
+    let sealing = Sealing::new(net.local, kit.identity.sealing.clone());
+    let bytes = a.mib << 20;
+    let (server, server_addrs) = peer_addrs(&kit.config.server)?;
+    let circuit_base = server_addrs
+        .first()
+        .cloned()
+        .context("no server address")?
+        .with(Protocol::P2pCircuit);
+    if a.relayed {
+        crate::roles::connect(&net, server, &server_addrs, Duration::from_secs(20)).await?;
+    }
+    if a.receive {
+        let mut incoming = net
+            .streams
+            .clone()
+            .accept(BULK_PROTOCOL)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let addr = if a.relayed {
+            net.listen(circuit_base.clone()).await?;
+            // Give the reservation a moment to be accepted.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            circuit_base.with(Protocol::P2p(net.local))
+        } else {
+            let mut found = None;
+            for _ in 0..100 {
+                if let Some(l) = net.listeners().await?.into_iter().next() {
+                    found = Some(l.with(Protocol::P2p(net.local)));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            found.context("no listen address")?
+        };
+        println!(
+            "{}",
+            json!({"peer": net.local.to_string(), "addr": addr.to_string()})
+        );
+        let (peer, mut stream) = incoming.next().await.context("no stream")?;
+        let from = net
+            .peers
+            .get(&peer)
+            .context("stream from an unadmitted peer")?;
+        let start = Instant::now();
+        let got = bulk::receive_discard(&mut stream, &sealing, &from, bytes + (1 << 20)).await?;
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            json!({"role": "receiver", "bytes": got.bytes, "secs": secs,
+                   "mib_s": got.bytes as f64 / secs / 1048576.0, "relayed": from.relayed,
+                   "peak_rss_mib": peak_rss_mib()})
+        );
+        return Ok(());
+    }
+    let to = a.to.context("--to is required to send")?;
+    let addr = a.addr.context("--addr is required to send")?;
+    net.dial(addr).await?;
+    let info = net.wait_admitted(to, Duration::from_secs(20)).await?;
+    let route = Route {
+        job: "bench".into(),
+        workflow: "bench".into(),
+        round: 0,
+        kind: "payload".into(),
+    };
+    let start = Instant::now();
+    let mut stream = net.streams.clone().open_stream(to, BULK_PROTOCOL).await?;
+    let sent = bulk::send_synthetic(&mut stream, &sealing, &info, &route, bytes).await?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"role": "sender", "bytes": sent, "secs": secs, "mib_s": sent as f64 / secs / 1048576.0,
+               "relayed": info.relayed, "peak_rss_mib": peak_rss_mib()})
+    );
+    // Let the last frames drain before the process exits.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! A client site: connects to the server (and reserves a relay slot there), accepts deployed
+//! jobs its local policy allows, runs their tasks on its learner, and streams results back
+//! sealed to the server.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use flare_crypto::RoleKind;
+use flare_protocols::shareable::{Shareable, Task, TaskId};
+use flare_provision::kit::Kit;
+use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::watch;
+
+use super::policy::SitePolicy;
+use super::{connect, peer_addrs, start_net};
+use crate::job::Job;
+use crate::learner::{Learner, execute};
+use crate::net::bulk::{self, Route, Sealing, TransferMeta};
+use crate::net::protocol::{BULK_PROTOCOL, ControlRequest, ControlResponse};
+use crate::net::{NetEvent, NetHandle, PeerInfo};
+
+/// Largest model a site accepts in one task.
+pub const MAX_TASK_MODEL: u64 = 16 << 30;
+
+struct JobSlot {
+    learner: Arc<Mutex<Box<dyn Learner>>>,
+    round: u32,
+}
+
+struct Site {
+    kit: Kit,
+    dir: PathBuf,
+    net: NetHandle,
+    sealing: Sealing,
+    server: PeerId,
+    jobs: Mutex<HashMap<String, JobSlot>>,
+}
+
+/// Runs a client site until `shutdown` turns true.
+pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let dir = kit
+        .participant_dir()
+        .context("the kit folder has no parent")?
+        .to_path_buf();
+    let (net, mut events) = start_net(&kit, false)?;
+    let (server, server_addrs) = peer_addrs(&kit.config.server)?;
+    let sealing = Sealing::new(net.local, kit.identity.sealing.clone());
+    let site = Arc::new(Site {
+        kit,
+        dir,
+        net: net.clone(),
+        sealing,
+        server,
+        jobs: Mutex::new(HashMap::new()),
+    });
+    tracing::info!(site = %site.kit.name(), peer = %net.local, "client starting");
+
+    // Tasks arrive as bulk streams from the server.
+    let mut incoming = net
+        .streams
+        .clone()
+        .accept(BULK_PROTOCOL)
+        .map_err(|e| anyhow::anyhow!("bulk protocol: {e}"))?;
+    let s2 = Arc::clone(&site);
+    tokio::spawn(async move {
+        while let Some((peer, stream)) = incoming.next().await {
+            let s = Arc::clone(&s2);
+            tokio::spawn(async move {
+                if let Err(e) = s.on_stream(peer, stream).await {
+                    tracing::warn!(%peer, error = %e, "task transfer failed");
+                }
+            });
+        }
+    });
+
+    let s3 = Arc::clone(&site);
+    let addrs2 = server_addrs.clone();
+    tokio::spawn(async move { s3.keep_connected(addrs2).await });
+
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(NetEvent::Request { from, request, reply }) => {
+                    let resp = site.on_request(&from, request);
+                    let _ = reply.send(resp);
+                }
+                Some(NetEvent::Disconnected { name, .. }) => {
+                    tracing::warn!(peer = %name, "disconnected");
+                }
+                Some(_) => {}
+                None => break,
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    tracing::info!(site = %site.kit.name(), "client stopped");
+    Ok(())
+}
+
+impl Site {
+    /// Keeps a connection and a relay reservation at the server; heartbeats every 10 s.
+    async fn keep_connected(self: Arc<Self>, addrs: Vec<Multiaddr>) {
+        let mut reserved = false;
+        loop {
+            if !self.net.peers.is_admitted(&self.server) {
+                reserved = false;
+                match connect(&self.net, self.server, &addrs, Duration::from_secs(30)).await {
+                    Ok(()) => tracing::info!("connected to the server"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "server unreachable; retrying");
+                        continue;
+                    }
+                }
+            }
+            if !reserved && let Some(a) = addrs.first() {
+                let circuit = a.clone().with(Protocol::P2pCircuit);
+                match self.net.listen(circuit.clone()).await {
+                    Ok(()) => reserved = true,
+                    Err(e) => tracing::warn!(%circuit, error = %e, "relay reservation failed"),
+                }
+            }
+            let jobs: BTreeMap<String, u32> = self
+                .jobs
+                .lock()
+                .map(|j| j.iter().map(|(k, v)| (k.clone(), v.round)).collect())
+                .unwrap_or_default();
+            let _ = self
+                .net
+                .request(self.server, ControlRequest::Heartbeat { jobs })
+                .await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    }
+
+    fn on_request(&self, from: &PeerInfo, request: ControlRequest) -> ControlResponse {
+        if from.peer != self.server {
+            return ControlResponse::Error {
+                reason: "only the server sends control requests to a site".into(),
+            };
+        }
+        match request {
+            ControlRequest::Deploy {
+                job,
+                bundle,
+                submitter_cert,
+                site_index,
+                num_sites,
+            } => match self.deploy(&job, &bundle, &submitter_cert, site_index, num_sites) {
+                Ok(()) => ControlResponse::Ok,
+                Err(Refusal::Policy(reason)) => {
+                    tracing::warn!(%job, %reason, "job refused by local policy");
+                    ControlResponse::Refused { reason }
+                }
+                Err(Refusal::Error(e)) => {
+                    tracing::warn!(%job, error = %format!("{e:#}"), "deploy failed");
+                    ControlResponse::Error {
+                        reason: format!("{e:#}"),
+                    }
+                }
+            },
+            ControlRequest::AbortJob { job } => {
+                if let Ok(mut jobs) = self.jobs.lock() {
+                    jobs.remove(&job);
+                }
+                tracing::info!(%job, "job aborted");
+                ControlResponse::Ok
+            }
+            other => ControlResponse::Error {
+                reason: format!("a site does not serve {other:?}"),
+            },
+        }
+    }
+
+    fn deploy(
+        &self,
+        job_id: &str,
+        bundle: &crate::net::protocol::JobBundle,
+        submitter_cert: &[u8],
+        site_index: u32,
+        num_sites: u32,
+    ) -> Result<(), Refusal> {
+        let submitter = self
+            .kit
+            .root_ca
+            .verify(submitter_cert, SystemTime::now())
+            .map_err(|e| Refusal::Policy(format!("submitter certificate rejected: {e}")))?;
+        submitter
+            .check_role(&[RoleKind::Admin])
+            .map_err(|e| Refusal::Policy(e.to_string()))?;
+        if job_id.is_empty()
+            || !job_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(Refusal::Policy(format!("bad job id {job_id:?}")));
+        }
+        let dest = self.dir.join("jobs").join(job_id);
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest).map_err(|e| Refusal::Error(e.into()))?;
+        }
+        std::fs::create_dir_all(self.dir.join("jobs")).map_err(|e| Refusal::Error(e.into()))?;
+        crate::jobpack::unpack_verified(bundle, &dest, &submitter.signing_public)
+            .map_err(|e| Refusal::Policy(format!("job signature: {e}")))?;
+        let job = Job::load(&dest).map_err(|e| Refusal::Error(e.into()))?;
+        let running = self.jobs.lock().map(|j| j.len()).unwrap_or(0);
+        let policy =
+            SitePolicy::load(&self.dir.join("local")).map_err(|e| Refusal::Error(e.into()))?;
+        policy
+            .check(
+                self.kit.name(),
+                self.kit.org(),
+                &submitter,
+                &job.meta,
+                running,
+            )
+            .map_err(Refusal::Policy)?;
+        let app = job.app_for(self.kit.name()).ok_or_else(|| {
+            Refusal::Policy(format!("the job deploys no app to {}", self.kit.name()))
+        })?;
+        let learner = app
+            .make_learner(site_index as usize, num_sites.max(1) as usize)
+            .map_err(|e| Refusal::Error(e.into()))?;
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.insert(
+                job_id.to_string(),
+                JobSlot {
+                    learner: Arc::new(Mutex::new(learner)),
+                    round: 0,
+                },
+            );
+        }
+        tracing::info!(job = %job_id, name = %job.meta.name, site_index, num_sites, "job deployed");
+        Ok(())
+    }
+
+    async fn on_stream(
+        self: Arc<Self>,
+        peer: PeerId,
+        mut stream: libp2p::Stream,
+    ) -> anyhow::Result<()> {
+        if peer != self.server {
+            anyhow::bail!("bulk stream from {peer}, not from the server");
+        }
+        let from = self
+            .net
+            .peers
+            .get(&peer)
+            .context("the server is not admitted")?;
+        let got = bulk::receive(&mut stream, &self.sealing, &from, MAX_TASK_MODEL).await?;
+        drop(stream);
+        let job = got.header.job.clone();
+        let learner = {
+            let mut jobs = self
+                .jobs
+                .lock()
+                .map_err(|_| anyhow::anyhow!("job table poisoned"))?;
+            let slot = jobs
+                .get_mut(&job)
+                .with_context(|| format!("task for job {job} that is not deployed here"))?;
+            slot.round = got.meta.round;
+            Arc::clone(&slot.learner)
+        };
+        let task = Task {
+            id: TaskId(got.meta.task_id),
+            name: got.meta.task_name.clone(),
+            round: got.meta.round,
+            data: Shareable {
+                headers: got.meta.headers.clone(),
+                return_code: got.meta.return_code,
+                model: got.model.map(Arc::new),
+            },
+        };
+        tracing::info!(%job, task = %task.name, round = task.round, "task received");
+        let result = tokio::task::spawn_blocking(move || match learner.lock() {
+            Ok(mut l) => execute(l.as_mut(), &task),
+            Err(_) => flare_protocols::TaskResult {
+                task_id: task.id,
+                round: task.round,
+                data: Shareable::error(
+                    flare_protocols::ReturnCode::ExecutionException,
+                    "a previous task of this job panicked",
+                ),
+            },
+        })
+        .await?;
+        let meta = TransferMeta {
+            task_id: result.task_id.0,
+            task_name: got.meta.task_name,
+            round: result.round,
+            return_code: result.data.return_code,
+            headers: result.data.headers.clone(),
+            skeleton: None,
+        };
+        let route = Route {
+            job,
+            workflow: got.header.workflow,
+            round: u64::from(result.round),
+            kind: "result".into(),
+        };
+        let server = self
+            .net
+            .peers
+            .get(&self.server)
+            .context("the server went away")?;
+        let mut out = self
+            .net
+            .streams
+            .clone()
+            .open_stream(self.server, BULK_PROTOCOL)
+            .await?;
+        bulk::send(
+            &mut out,
+            &self.sealing,
+            &server,
+            &route,
+            meta,
+            result.data.model.as_deref(),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+enum Refusal {
+    /// The site's policy says no: reported as a refusal.
+    Policy(String),
+    /// Something failed: reported as an error.
+    Error(anyhow::Error),
+}

@@ -1,0 +1,742 @@
+//! The server: keeps the job store, answers admins, deploys jobs to sites once enough of them
+//! are connected, drives each job's scatter-and-gather controller over the network, and runs
+//! the circuit relay for sites that cannot reach each other.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use flare_crypto::{AdminRole, Role, RoleKind};
+use flare_protocols::shareable::{Shareable, Task, TaskResult};
+use flare_protocols::time::Time;
+use flare_protocols::workflows::scatter_gather::{Event, Output, ScatterGather};
+use flare_provision::kit::Kit;
+use futures::StreamExt;
+use libp2p::PeerId;
+use serde_bytes::ByteBuf;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use super::{now_ms, start_net};
+use crate::job::Job;
+use crate::net::bulk::{self, Route, Sealing, TransferMeta};
+use crate::net::protocol::{
+    AdminRequest, BULK_PROTOCOL, ControlRequest, ControlResponse, MAX_CONTROL_RESPONSE,
+};
+use crate::net::{NetEvent, NetHandle, PeerInfo};
+use crate::store::{JobState, JobStore};
+
+/// Largest result model the server accepts from a site.
+pub const MAX_RESULT_MODEL: u64 = 16 << 30;
+/// Workflow name bound into sealed task and result streams.
+const WORKFLOW: &str = "scatter_and_gather";
+
+/// A site's last heartbeat: when (ms) and its jobs with their rounds.
+type Heartbeat = (u64, BTreeMap<String, u32>);
+
+struct Runner {
+    results: mpsc::Sender<(String, TaskResult)>,
+    abort: watch::Sender<bool>,
+}
+
+/// Counters a test or an operator can read from `status`.
+#[derive(Debug, Default)]
+struct Counters {
+    relay_circuits_opened: AtomicU64,
+    relay_circuits_closed: AtomicU64,
+}
+
+struct Server {
+    kit: Kit,
+    net: NetHandle,
+    sealing: Sealing,
+    store: JobStore,
+    runners: Mutex<HashMap<String, Runner>>,
+    /// Per site: when it last reported, and the round of each job it runs.
+    heartbeats: Mutex<HashMap<String, Heartbeat>>,
+    counters: Counters,
+    started_ms: u64,
+}
+
+/// Runs the server until `shutdown` turns true.
+pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let dir: PathBuf = kit
+        .participant_dir()
+        .context("the kit folder has no parent")?
+        .to_path_buf();
+    let store = JobStore::open(&dir.join("store"))?;
+    // Jobs that were running when the server stopped cannot continue: say so in their
+    // history (which stays whole) so an admin can clone them.
+    for rec in store.list() {
+        if matches!(rec.state, JobState::Dispatched | JobState::Running) {
+            store.set_state(
+                &rec.id,
+                JobState::Failed,
+                "the server restarted while the job ran; `clone` it to run it again",
+                now_ms(),
+            )?;
+        }
+    }
+    let (net, mut events) = start_net(&kit, true)?;
+    let sealing = Sealing::new(net.local, kit.identity.sealing.clone());
+    tracing::info!(peer = %net.local, listen = ?kit.config.listen, "server starting");
+    let server = Arc::new(Server {
+        kit,
+        net: net.clone(),
+        sealing,
+        store,
+        runners: Mutex::new(HashMap::new()),
+        heartbeats: Mutex::new(HashMap::new()),
+        counters: Counters::default(),
+        started_ms: now_ms(),
+    });
+
+    let mut incoming = net
+        .streams
+        .clone()
+        .accept(BULK_PROTOCOL)
+        .map_err(|e| anyhow::anyhow!("bulk protocol: {e}"))?;
+    let s2 = Arc::clone(&server);
+    tokio::spawn(async move {
+        while let Some((peer, stream)) = incoming.next().await {
+            let s = Arc::clone(&s2);
+            tokio::spawn(async move {
+                if let Err(e) = s.on_result_stream(peer, stream).await {
+                    tracing::warn!(%peer, error = %format!("{e:#}"), "result transfer failed");
+                }
+            });
+        }
+    });
+
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(NetEvent::Request { from, request, reply }) => {
+                    let s = Arc::clone(&server);
+                    tokio::spawn(async move {
+                        let resp = s.on_request(&from, request).await;
+                        let _ = reply.send(resp);
+                    });
+                }
+                Some(NetEvent::RelayCircuit { opened, src, dst }) => {
+                    let c = if opened { &server.counters.relay_circuits_opened } else { &server.counters.relay_circuits_closed };
+                    c.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%src, %dst, opened, "relay circuit");
+                }
+                Some(_) => {}
+                None => break,
+            },
+            _ = tick.tick() => Arc::clone(&server).schedule().await,
+            _ = shutdown.changed() => break,
+        }
+    }
+    // Stop running jobs cleanly: their history records the shutdown.
+    let ids: Vec<String> = server
+        .runners
+        .lock()
+        .map(|r| r.keys().cloned().collect())
+        .unwrap_or_default();
+    for id in ids {
+        let _ = server.store.set_state(
+            &id,
+            JobState::Failed,
+            "the server shut down while the job ran",
+            now_ms(),
+        );
+    }
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+fn admin_json(v: serde_json::Value) -> ControlResponse {
+    ControlResponse::Admin {
+        json: v.to_string(),
+        files: BTreeMap::new(),
+    }
+}
+
+fn err(reason: impl Into<String>) -> ControlResponse {
+    ControlResponse::Error {
+        reason: reason.into(),
+    }
+}
+
+impl Server {
+    fn connected_sites(&self) -> Vec<PeerInfo> {
+        let mut v: Vec<PeerInfo> = self
+            .net
+            .peers
+            .all()
+            .into_iter()
+            .filter(|p| p.cert.role.kind() == RoleKind::Client)
+            .collect();
+        v.sort_by(|a, b| a.cert.name.cmp(&b.cert.name));
+        v
+    }
+
+    async fn on_request(
+        self: &Arc<Self>,
+        from: &PeerInfo,
+        request: ControlRequest,
+    ) -> ControlResponse {
+        match request {
+            ControlRequest::Heartbeat { jobs } => {
+                if let Ok(mut h) = self.heartbeats.lock() {
+                    h.insert(from.cert.name.clone(), (now_ms(), jobs));
+                }
+                ControlResponse::Ok
+            }
+            ControlRequest::Admin(req) => match from.cert.role {
+                Role::Admin(role) => self.on_admin(from, role, req).await,
+                other => err(format!(
+                    "admin commands need an admin certificate, not {other}"
+                )),
+            },
+            other => err(format!("the server does not serve {other:?}")),
+        }
+    }
+
+    async fn on_admin(
+        self: &Arc<Self>,
+        from: &PeerInfo,
+        role: AdminRole,
+        req: AdminRequest,
+    ) -> ControlResponse {
+        let may_manage = !matches!(role, AdminRole::Member);
+        match req {
+            AdminRequest::Submit(bundle) => {
+                if !may_manage {
+                    return err("the member role may not submit jobs");
+                }
+                match self.store.submit(
+                    &bundle,
+                    &from.cert.name,
+                    &from.cert.signing_public,
+                    now_ms(),
+                ) {
+                    Ok(rec) => {
+                        let cert_path = self.store.job_dir(&rec.id).with_file_name("submitter.der");
+                        if let Err(e) = std::fs::write(&cert_path, &from.cert.der) {
+                            return err(format!("{}: {e}", cert_path.display()));
+                        }
+                        tracing::info!(job = %rec.id, name = %rec.name, by = %from.cert.name, "job submitted");
+                        admin_json(json!({"job_id": rec.id, "name": rec.name}))
+                    }
+                    Err(e) => err(format!("{e}")),
+                }
+            }
+            AdminRequest::List => admin_json(json!(self.store.list())),
+            AdminRequest::Status { job: None } => {
+                let sites: Vec<serde_json::Value> = self.sites_json();
+                let jobs = self.store.list();
+                let running = jobs.iter().filter(|j| j.state == JobState::Running).count();
+                admin_json(json!({
+                    "server": self.kit.name(),
+                    "peer_id": self.net.local.to_string(),
+                    "uptime_s": (now_ms() - self.started_ms) / 1000,
+                    "jobs": jobs.len(),
+                    "running": running,
+                    "sites": sites,
+                    "relay_circuits_opened": self.counters.relay_circuits_opened.load(Ordering::Relaxed),
+                    "relay_circuits_closed": self.counters.relay_circuits_closed.load(Ordering::Relaxed),
+                }))
+            }
+            AdminRequest::Status { job: Some(id) } => match self.store.get(&id) {
+                Ok(rec) => admin_json(json!(rec)),
+                Err(e) => err(e.to_string()),
+            },
+            AdminRequest::Abort { job } => {
+                if !may_manage {
+                    return err("the member role may not abort jobs");
+                }
+                let runner = self
+                    .runners
+                    .lock()
+                    .ok()
+                    .and_then(|r| r.get(&job).map(|r| r.abort.clone()));
+                match (runner, self.store.get(&job)) {
+                    (Some(abort), _) => {
+                        let _ = abort.send(true);
+                        admin_json(json!({"job_id": job, "state": "aborting"}))
+                    }
+                    (None, Ok(rec)) if rec.state == JobState::Submitted => {
+                        match self.store.set_state(
+                            &job,
+                            JobState::Aborted,
+                            &format!("aborted by {}", from.cert.name),
+                            now_ms(),
+                        ) {
+                            Ok(_) => admin_json(json!({"job_id": job, "state": "aborted"})),
+                            Err(e) => err(e.to_string()),
+                        }
+                    }
+                    (None, Ok(rec)) => {
+                        err(format!("job {job} is {} and cannot be aborted", rec.state))
+                    }
+                    (None, Err(e)) => err(e.to_string()),
+                }
+            }
+            AdminRequest::Download { job } => self.download(&job),
+            AdminRequest::Delete { job } => {
+                if !may_manage {
+                    return err("the member role may not delete jobs");
+                }
+                match self.store.delete(&job) {
+                    Ok(()) => admin_json(json!({"job_id": job, "deleted": true})),
+                    Err(e) => err(e.to_string()),
+                }
+            }
+            AdminRequest::Clone { job } => {
+                if !may_manage {
+                    return err("the member role may not clone jobs");
+                }
+                match self.store.clone_job(&job, now_ms()) {
+                    Ok(rec) => {
+                        let src = self.store.job_dir(&job).with_file_name("submitter.der");
+                        let dst = self.store.job_dir(&rec.id).with_file_name("submitter.der");
+                        if let Err(e) = std::fs::copy(&src, &dst) {
+                            return err(format!("{}: {e}", dst.display()));
+                        }
+                        admin_json(json!({"job_id": rec.id, "name": rec.name, "cloned_from": job}))
+                    }
+                    Err(e) => err(e.to_string()),
+                }
+            }
+            AdminRequest::Sites => admin_json(json!(self.sites_json())),
+        }
+    }
+
+    fn sites_json(&self) -> Vec<serde_json::Value> {
+        let beats = self
+            .heartbeats
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        self.connected_sites()
+            .into_iter()
+            .map(|p| {
+                let (last, jobs) = beats.get(&p.cert.name).cloned().unwrap_or_default();
+                json!({
+                    "name": p.cert.name,
+                    "org": p.cert.org,
+                    "peer_id": p.peer.to_string(),
+                    "connection": if p.relayed { "relayed" } else { "direct" },
+                    "address": p.addr.to_string(),
+                    "last_heartbeat_ms_ago": if last == 0 { serde_json::Value::Null } else { json!(now_ms().saturating_sub(last)) },
+                    "jobs": jobs,
+                })
+            })
+            .collect()
+    }
+
+    fn download(&self, job: &str) -> ControlResponse {
+        let rec = match self.store.get(job) {
+            Ok(r) => r,
+            Err(e) => return err(e.to_string()),
+        };
+        if rec.state != JobState::Finished {
+            return err(format!(
+                "job {job} is {}; results exist once it is finished",
+                rec.state
+            ));
+        }
+        let dir = self.store.result_dir(job);
+        let mut files = BTreeMap::new();
+        let mut total = 0usize;
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let Ok(bytes) = std::fs::read(&p) else {
+                    return err(format!("cannot read {}", p.display()));
+                };
+                total += bytes.len();
+                if total > MAX_CONTROL_RESPONSE - (64 << 10) {
+                    return err(format!(
+                        "the results of {job} exceed {} MiB and cannot be downloaded over the control channel",
+                        MAX_CONTROL_RESPONSE >> 20
+                    ));
+                }
+                let rel = p
+                    .strip_prefix(&dir)
+                    .map(|r| r.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                files.insert(rel, ByteBuf::from(bytes));
+            }
+        }
+        ControlResponse::Admin {
+            json: json!({"job_id": job, "files": files.keys().collect::<Vec<_>>()}).to_string(),
+            files,
+        }
+    }
+
+    /// Deploys submitted jobs whose sites are connected.
+    async fn schedule(self: Arc<Self>) {
+        let pending: Vec<String> = self
+            .store
+            .list()
+            .into_iter()
+            .filter(|r| r.state == JobState::Submitted)
+            .map(|r| r.id)
+            .collect();
+        for id in pending {
+            if let Err(e) = Arc::clone(&self).try_deploy(&id).await {
+                tracing::warn!(job = %id, error = %format!("{e:#}"), "deploy failed");
+                let _ = self
+                    .store
+                    .set_state(&id, JobState::Failed, &format!("{e:#}"), now_ms());
+            }
+        }
+    }
+
+    async fn try_deploy(self: Arc<Self>, id: &str) -> anyhow::Result<()> {
+        let job = Job::load(&self.store.job_dir(id))?;
+        let connected = self.connected_sites();
+        let all = job
+            .meta
+            .deploy_map
+            .values()
+            .any(|s| s.iter().any(|x| x == "@ALL"));
+        let targets: Vec<PeerInfo> = connected
+            .into_iter()
+            .filter(|p| {
+                all || job
+                    .meta
+                    .deploy_map
+                    .values()
+                    .any(|s| s.contains(&p.cert.name))
+            })
+            .collect();
+        let names: Vec<&str> = targets.iter().map(|p| p.cert.name.as_str()).collect();
+        let mandatory_ok = job
+            .meta
+            .mandatory_clients
+            .iter()
+            .all(|m| names.contains(&m.as_str()));
+        if targets.len() < job.meta.min_clients || !mandatory_ok {
+            return Ok(()); // wait for more sites
+        }
+        self.store.set_state(
+            id,
+            JobState::Dispatched,
+            &format!("deploying to {}", names.join(", ")),
+            now_ms(),
+        )?;
+        let bundle = self.store.read_bundle_for_deploy(id)?;
+        let cert_path = self.store.job_dir(id).with_file_name("submitter.der");
+        let submitter_cert =
+            std::fs::read(&cert_path).with_context(|| cert_path.display().to_string())?;
+        let n = targets.len() as u32;
+        let mut asks = Vec::new();
+        for (i, p) in targets.iter().enumerate() {
+            let req = ControlRequest::Deploy {
+                job: id.to_string(),
+                bundle: bundle.clone(),
+                submitter_cert: ByteBuf::from(submitter_cert.clone()),
+                site_index: i as u32,
+                num_sites: n,
+            };
+            let net = self.net.clone();
+            let peer = p.peer;
+            asks.push(async move { net.request(peer, req).await });
+        }
+        let answers = futures::future::join_all(asks).await;
+        let mut accepted = Vec::new();
+        let mut states = BTreeMap::new();
+        for (p, a) in targets.iter().zip(answers) {
+            let state = match a {
+                Ok(ControlResponse::Ok) => {
+                    accepted.push(p.cert.name.clone());
+                    "deployed".to_string()
+                }
+                Ok(ControlResponse::Refused { reason }) => format!("refused: {reason}"),
+                Ok(ControlResponse::Error { reason }) => format!("error: {reason}"),
+                Ok(other) => format!("error: unexpected answer {other:?}"),
+                Err(e) => format!("error: {e}"),
+            };
+            states.insert(p.cert.name.clone(), state);
+        }
+        self.store.update(id, |r| r.sites = states.clone())?;
+        let mandatory_ok = job
+            .meta
+            .mandatory_clients
+            .iter()
+            .all(|m| accepted.contains(m));
+        if accepted.len() < job.meta.min_clients
+            || !mandatory_ok
+            || accepted.len() < job.server.sag.min_clients
+        {
+            let why = format!(
+                "{} of {} sites accepted the job (min_clients {}): {:?}",
+                accepted.len(),
+                targets.len(),
+                job.meta.min_clients.max(job.server.sag.min_clients),
+                states
+            );
+            self.store.set_state(id, JobState::Failed, &why, now_ms())?;
+            self.stop_on_sites(id, &accepted).await;
+            return Ok(());
+        }
+        self.store.set_state(
+            id,
+            JobState::Running,
+            &format!("running on {}", accepted.join(", ")),
+            now_ms(),
+        )?;
+        let (results_tx, results_rx) = mpsc::channel(64);
+        let (abort_tx, abort_rx) = watch::channel(false);
+        if let Ok(mut r) = self.runners.lock() {
+            r.insert(
+                id.to_string(),
+                Runner {
+                    results: results_tx,
+                    abort: abort_tx,
+                },
+            );
+        }
+        let s = Arc::clone(&self);
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let outcome = Arc::clone(&s)
+                .run_job(&id, job, accepted.clone(), results_rx, abort_rx)
+                .await;
+            if let Ok(mut r) = s.runners.lock() {
+                r.remove(&id);
+            }
+            let (state, note) = match outcome {
+                Ok((state, note)) => (state, note),
+                Err(e) => (JobState::Failed, format!("{e:#}")),
+            };
+            tracing::info!(job = %id, %state, %note, "job ended");
+            let _ = s.store.set_state(&id, state, &note, now_ms());
+            s.stop_on_sites(&id, &accepted).await;
+        });
+        Ok(())
+    }
+
+    async fn stop_on_sites(&self, id: &str, sites: &[String]) {
+        for name in sites {
+            if let Some(p) = self.net.peers.by_name(name) {
+                let _ = self
+                    .net
+                    .request(
+                        p.peer,
+                        ControlRequest::AbortJob {
+                            job: id.to_string(),
+                        },
+                    )
+                    .await;
+            }
+        }
+    }
+
+    /// Drives one job's controller until it finishes, aborts, or an admin stops it.
+    async fn run_job(
+        self: Arc<Self>,
+        id: &str,
+        job: Job,
+        sites: Vec<String>,
+        mut results: mpsc::Receiver<(String, TaskResult)>,
+        mut abort: watch::Receiver<bool>,
+    ) -> anyhow::Result<(JobState, String)> {
+        let initial = job.server.initial_model()?;
+        let mut ctrl = ScatterGather::new(job.server.sag.clone(), sites, initial)?;
+        let epoch = Instant::now();
+        let now = || Time::from_duration(epoch.elapsed());
+        let result_dir = self.store.result_dir(id);
+        std::fs::create_dir_all(result_dir.join("models"))
+            .with_context(|| result_dir.display().to_string())?;
+        ctrl.start(now());
+        loop {
+            while let Some(out) = ctrl.poll_output() {
+                match out {
+                    Output::Send { to, task } => {
+                        let s = Arc::clone(&self);
+                        let id = id.to_string();
+                        tokio::spawn(async move {
+                            if let Err(e) = s.send_task(&id, &to, task).await {
+                                tracing::warn!(job = %id, site = %to, error = %format!("{e:#}"), "task not delivered");
+                            }
+                        });
+                    }
+                    Output::Event(ev) => {
+                        if let Some(end) = self.on_job_event(id, &job, &result_dir, ev)? {
+                            return Ok(end);
+                        }
+                    }
+                }
+            }
+            if ctrl.is_done() {
+                return Ok((
+                    JobState::Failed,
+                    "the controller stopped without an outcome".into(),
+                ));
+            }
+            let wait = ctrl
+                .poll_timeout()
+                .map_or(Duration::from_secs(1), |t| t.saturating_since(now()));
+            tokio::select! {
+                r = results.recv() => match r {
+                    Some((site, result)) => ctrl.handle_result(now(), &site, result),
+                    None => return Ok((JobState::Failed, "result channel closed".into())),
+                },
+                _ = tokio::time::sleep(wait) => ctrl.handle_timeout(now()),
+                _ = abort.changed() => return Ok((JobState::Aborted, "aborted by an admin".into())),
+            }
+        }
+    }
+
+    /// Records what the controller reports; returns the job's end state when it ends.
+    fn on_job_event(
+        &self,
+        id: &str,
+        job: &Job,
+        result_dir: &std::path::Path,
+        ev: Event,
+    ) -> anyhow::Result<Option<(JobState, String)>> {
+        match ev {
+            Event::RoundStarted { round, clients } => {
+                tracing::info!(job = %id, round, clients, "round started");
+                self.store.update(id, |r| r.round = Some(round))?;
+            }
+            Event::ModelEvaluated { version, metrics } => {
+                tracing::info!(job = %id, version, ?metrics, "global model evaluated");
+                self.store.update(id, |r| {
+                    r.metrics.insert(version, metrics.clone());
+                })?;
+            }
+            Event::RoundAggregated {
+                round,
+                model,
+                accepted,
+            } => {
+                tracing::info!(job = %id, round, accepted, "round aggregated");
+                if job.server.persistor.save_every_round {
+                    crate::model_io::write(
+                        &result_dir.join(format!("models/round-{round:03}.safetensors")),
+                        &model,
+                    )?;
+                }
+            }
+            Event::ResultExcluded {
+                client,
+                reason,
+                round,
+                ..
+            } => {
+                tracing::warn!(job = %id, %client, round, %reason, "result excluded");
+            }
+            Event::TimedOut { clients, round } => {
+                tracing::warn!(job = %id, round, ?clients, "sites timed out");
+            }
+            Event::ResultDropped { client, reason, .. } => {
+                tracing::warn!(job = %id, %client, ?reason, "result dropped");
+            }
+            Event::ResultAccepted { .. } => {}
+            Event::Finished { model } => {
+                crate::model_io::write(&result_dir.join("global_final.safetensors"), &model)?;
+                let rec = self.store.get(id)?;
+                let metrics = serde_json::to_vec_pretty(
+                    &json!({"job_id": id, "name": rec.name, "metrics": rec.metrics}),
+                )?;
+                std::fs::write(result_dir.join("metrics.json"), metrics)?;
+                return Ok(Some((JobState::Finished, "finished".into())));
+            }
+            Event::Aborted { reason, .. } => return Ok(Some((JobState::Failed, reason))),
+        }
+        Ok(None)
+    }
+
+    async fn send_task(&self, id: &str, site: &str, task: Task) -> anyhow::Result<()> {
+        let to = self
+            .net
+            .peers
+            .by_name(site)
+            .with_context(|| format!("site {site} is not connected"))?;
+        let meta = TransferMeta {
+            task_id: task.id.0,
+            task_name: task.name.clone(),
+            round: task.round,
+            return_code: task.data.return_code,
+            headers: task.data.headers.clone(),
+            skeleton: None,
+        };
+        let route = Route {
+            job: id.to_string(),
+            workflow: WORKFLOW.into(),
+            round: u64::from(task.round),
+            kind: "task".into(),
+        };
+        let mut stream = self
+            .net
+            .streams
+            .clone()
+            .open_stream(to.peer, BULK_PROTOCOL)
+            .await?;
+        bulk::send(
+            &mut stream,
+            &self.sealing,
+            &to,
+            &route,
+            meta,
+            task.data.model.as_deref(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn on_result_stream(
+        self: Arc<Self>,
+        peer: PeerId,
+        mut stream: libp2p::Stream,
+    ) -> anyhow::Result<()> {
+        let from = self
+            .net
+            .peers
+            .get(&peer)
+            .with_context(|| format!("bulk stream from {peer}, which is not admitted"))?;
+        if from.cert.role.kind() != RoleKind::Client {
+            anyhow::bail!(
+                "bulk stream from {} ({}), not a site",
+                from.cert.name,
+                from.cert.role
+            );
+        }
+        let got = bulk::receive(&mut stream, &self.sealing, &from, MAX_RESULT_MODEL).await?;
+        if got.header.kind != "result" {
+            anyhow::bail!(
+                "unexpected {} transfer from {}",
+                got.header.kind,
+                from.cert.name
+            );
+        }
+        let tx = self
+            .runners
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&got.header.job).map(|r| r.results.clone()))
+            .with_context(|| format!("result for job {} that is not running", got.header.job))?;
+        let result = TaskResult {
+            task_id: flare_protocols::TaskId(got.meta.task_id),
+            round: got.meta.round,
+            data: Shareable {
+                headers: got.meta.headers,
+                return_code: got.meta.return_code,
+                model: got.model.map(Arc::new),
+            },
+        };
+        tx.send((from.cert.name.clone(), result)).await.ok();
+        Ok(())
+    }
+}

@@ -1,0 +1,376 @@
+//! Real federations: a server and client sites as separate `flare-node` processes started from
+//! provisioned POC kits on 127.0.0.1, driven with the admin console as a user would.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flare_node::data::Dataset;
+use flare_node::learner::mlp::Mlp;
+use serde_json::Value;
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_flare-node"))
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+struct Federation {
+    _dir: tempfile::TempDir,
+    prod: PathBuf,
+    nodes: Vec<(String, Child)>,
+}
+
+impl Drop for Federation {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Federation {
+    /// Tests run in parallel: each federation gets its own port range.
+    fn prepare(clients: usize, base_port: u16) -> Federation {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("poc");
+        let out = Command::new(bin())
+            .args([
+                "poc",
+                "prepare",
+                "-n",
+                &clients.to_string(),
+                "--base-port",
+                &base_port.to_string(),
+                "-w",
+            ])
+            .arg(&ws)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let prod = std::fs::read_dir(&ws)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path().join("prod_00"))
+            .find(|p| p.is_dir())
+            .unwrap();
+        Federation {
+            _dir: dir,
+            prod,
+            nodes: Vec::new(),
+        }
+    }
+
+    fn start(&mut self, name: &str) {
+        let dir = self.prod.join(name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log.txt"))
+            .unwrap();
+        let child = Command::new(bin())
+            .arg("--kit")
+            .arg(dir.join("startup"))
+            .current_dir(root())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.nodes.push((name.to_string(), child));
+    }
+
+    fn kill(&mut self, name: &str) {
+        let i = self.nodes.iter().position(|(n, _)| n == name).unwrap();
+        let (_, mut c) = self.nodes.remove(i);
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.prod.join(name).join("log.txt")).unwrap_or_default()
+    }
+
+    fn admin(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("admin")
+            .arg("--kit")
+            .arg(self.prod.join("admin@nvidia.com/startup"))
+            .arg("--json")
+            .args(args)
+            .current_dir(root())
+            .output()
+            .unwrap()
+    }
+
+    fn admin_json(&self, args: &[&str]) -> Value {
+        let out = self.admin(args);
+        assert!(
+            out.status.success(),
+            "admin {args:?} failed: {}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log("server")
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn wait_sites(&self, n: usize) {
+        let start = Instant::now();
+        loop {
+            let sites = self.admin_json(&["sites"]);
+            if sites.as_array().unwrap().len() >= n {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "sites did not connect: {sites}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn wait_round(&self, job: &str, round: u64) {
+        let start = Instant::now();
+        loop {
+            let st = self.admin_json(&["status", job]);
+            if st["round"].as_u64().is_some_and(|r| r >= round) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "job stuck: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// A copy of hello-fedavg with `rounds` rounds and a short wait after the quorum.
+fn job_copy(dir: &Path, rounds: u32, wait_s: u32) -> PathBuf {
+    let src = root().join("examples/hello-fedavg");
+    let job = dir.join(format!("fedavg-{rounds}"));
+    std::fs::create_dir_all(job.join("app/config")).unwrap();
+    std::fs::copy(src.join("meta.json"), job.join("meta.json")).unwrap();
+    std::fs::copy(
+        src.join("app/config/config_fed_client.json"),
+        job.join("app/config/config_fed_client.json"),
+    )
+    .unwrap();
+    let server = std::fs::read_to_string(src.join("app/config/config_fed_server.json"))
+        .unwrap()
+        .replace("\"num_rounds\": 5", &format!("\"num_rounds\": {rounds}"))
+        .replace(
+            "\"wait_time_after_min_received\": 10",
+            &format!("\"wait_time_after_min_received\": {wait_s}"),
+        );
+    std::fs::write(job.join("app/config/config_fed_server.json"), server).unwrap();
+    job
+}
+
+fn held_out_accuracy(model: &Path) -> f64 {
+    let m = flare_node::model_io::read(model).unwrap();
+    let net = Mlp::from_model(&m, 64).unwrap();
+    let (_, test) = Dataset::load_mnist_test(&root().join("data/mnist"))
+        .unwrap()
+        .split(2000, 0);
+    net.evaluate(&test)["accuracy"]
+}
+
+#[test]
+fn three_sites_run_hello_fedavg_like_the_simulator() {
+    let mut f = Federation::prepare(3, 18_100);
+    f.start("server");
+    for s in ["site-1", "site-2", "site-3"] {
+        f.start(s);
+    }
+    f.wait_sites(3);
+    let sites = f.admin_json(&["sites"]);
+    assert!(
+        sites
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["connection"] == "direct"),
+        "{sites}"
+    );
+
+    let sub = f.admin_json(&[
+        "submit",
+        root().join("examples/hello-fedavg").to_str().unwrap(),
+    ]);
+    let job = sub["job_id"].as_str().unwrap().to_string();
+    let out = f.admin(&["wait", &job, "--timeout", "300"]);
+    assert!(
+        out.status.success(),
+        "job did not finish: {}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        f.log("server")
+    );
+    let st = f.admin_json(&["status", &job]);
+    assert_eq!(st["state"], "finished");
+    let states: Vec<&str> = st["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["submitted", "dispatched", "running", "finished"]);
+
+    let dl = f.admin_json(&["download", &job]);
+    let dir = PathBuf::from(dl["dir"].as_str().unwrap());
+    let acc = held_out_accuracy(&dir.join("global_final.safetensors"));
+    let reported = st["metrics"]["5"]["accuracy"].as_f64().unwrap();
+    assert!(
+        (acc - reported).abs() < 1e-9,
+        "file {acc} vs reported {reported}"
+    );
+    assert!(acc >= 0.85, "accuracy {acc}");
+
+    // The same job in the simulator with 3 clients: the same sites, partitions and seeds.
+    let ws = tempfile::tempdir().unwrap();
+    let sim = Command::new(bin())
+        .args(["simulate", "--quiet", "--json", "-n", "3", "-w"])
+        .arg(ws.path())
+        .arg(root().join("examples/hello-fedavg"))
+        .output()
+        .unwrap();
+    let sim: Value = serde_json::from_slice(&sim.stdout).unwrap();
+    let sim_acc = sim["metrics"]["5"]["accuracy"].as_f64().unwrap();
+    assert!(
+        (sim_acc - acc).abs() < 0.01,
+        "simulator {sim_acc} vs federation {acc}"
+    );
+}
+
+#[test]
+fn a_dead_site_and_a_server_restart_lose_nothing() {
+    let mut f = Federation::prepare(3, 18_200);
+    f.start("server");
+    for s in ["site-1", "site-2", "site-3"] {
+        f.start(s);
+    }
+    f.wait_sites(3);
+    let tmp = tempfile::tempdir().unwrap();
+    // min_clients is 2: losing one of three sites mid-job must not stop it.
+    let job = f.admin_json(&["submit", job_copy(tmp.path(), 6, 1).to_str().unwrap()])["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    f.wait_round(&job, 1);
+    f.kill("site-3");
+    let out = f.admin(&["wait", &job, "--timeout", "300"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        f.log("server")
+    );
+    let st = f.admin_json(&["status", &job]);
+    assert!(
+        st["metrics"]["6"]["accuracy"].as_f64().unwrap() > 0.85,
+        "{st}"
+    );
+
+    // A second job; the server dies in the middle of it and comes back.
+    let job2 = f.admin_json(&["submit", job_copy(tmp.path(), 20, 1).to_str().unwrap()])["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    f.wait_round(&job2, 1);
+    let before = f.admin_json(&["list"]);
+    f.kill("server");
+    f.start("server");
+    f.wait_sites(2);
+    let after = f.admin_json(&["list"]);
+    assert_eq!(
+        before.as_array().unwrap().len(),
+        after.as_array().unwrap().len()
+    );
+    let st1 = f.admin_json(&["status", &job]);
+    assert_eq!(
+        st1["state"], "finished",
+        "the finished job survives the restart"
+    );
+    let st2 = f.admin_json(&["status", &job2]);
+    let states: Vec<&str> = st2["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["submitted", "dispatched", "running", "failed"],
+        "{st2}"
+    );
+    assert!(
+        st2["history"][3]["note"]
+            .as_str()
+            .unwrap()
+            .contains("restarted")
+    );
+    // It can be run again.
+    let again = f.admin_json(&["clone", &job2]);
+    assert_ne!(again["job_id"], job2.as_str());
+}
+
+#[test]
+fn bad_jobs_and_kits_are_refused_with_the_reason() {
+    let mut f = Federation::prepare(1, 18_300);
+    f.start("server");
+    f.start("site-1");
+    f.wait_sites(1);
+    // A job whose server config names an unknown aggregator: refused at submit with exit 1
+    // ("the command failed"); the job never reaches the server.
+    let tmp = tempfile::tempdir().unwrap();
+    let job = job_copy(tmp.path(), 1, 1);
+    let cfg = job.join("app/config/config_fed_server.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"FedAvg\"", "\"Median\"");
+    std::fs::write(&cfg, text).unwrap();
+    let out = f.admin(&["submit", job.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("components[1].name: unknown aggregator \"Median\""),
+        "{err}"
+    );
+    assert_eq!(f.admin_json(&["list"]).as_array().unwrap().len(), 0);
+
+    // Unknown job ids are errors with exit code 1.
+    let out = f.admin(&["status", "no-such-job"]);
+    assert_eq!(out.status.code(), Some(1));
+
+    // A tampered kit does not start, and the error names the changed file.
+    let kit = f.prod.join("site-1/startup");
+    let node_json = kit.join("node.json");
+    let text = std::fs::read_to_string(&node_json)
+        .unwrap()
+        .replace("site-1", "site-9");
+    std::fs::write(&node_json, text).unwrap();
+    let out = Command::new(bin()).arg("--kit").arg(&kit).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node.json"), "{err}");
+
+    // With the server gone, the console says it cannot reach it (exit 3).
+    f.kill("server");
+    let out = f.admin(&["list"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the server"));
+}
