@@ -9,5 +9,6 @@ pub mod jobpack;
 pub mod learner;
 pub mod model_io;
 pub mod net;
+pub mod poc_run;
 pub mod simulator;
 pub mod store;
