@@ -427,6 +427,13 @@ mod tests {
         bin: PathBuf,
     }
 
+    impl Drop for Poc {
+        /// A failing test must not leave its fake nodes running.
+        fn drop(&mut self) {
+            let _ = stop_detailed(&self.dir, Duration::from_millis(200));
+        }
+    }
+
     /// A POC with 2 sites and a fake node: a script that takes `--kit X` and waits;
     /// `ignore_term` makes it (and its children) ignore SIGTERM.
     fn poc(ignore_term: bool) -> Poc {
