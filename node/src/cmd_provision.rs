@@ -9,6 +9,8 @@ use flare_provision::poc::{self, DEFAULT_POC_DIR, PocOptions};
 use flare_provision::project::SAMPLE_PROJECT_YML;
 use flare_provision::{Project, ProvisionOutput, provision_now};
 
+use crate::poc_run;
+
 /// `flare-node provision`: make startup kits from a project.yml.
 #[derive(Args, Debug, Clone)]
 pub struct ProvisionArgs {
@@ -35,6 +37,19 @@ pub enum PocCommand {
         /// free run from 8002, in steps of 100.
         #[arg(long)]
         base_port: Option<u16>,
+    },
+    /// Start the server, then every site, in the background (logs in each participant's
+    /// log.txt, pids in node.pid).
+    Start {
+        /// The POC folder.
+        #[arg(short = 'w', long = "workspace", default_value = DEFAULT_POC_DIR)]
+        workspace: PathBuf,
+    },
+    /// Stop the nodes that `poc start` started (SIGTERM, then SIGKILL after 10 s).
+    Stop {
+        /// The POC folder.
+        #[arg(short = 'w', long = "workspace", default_value = DEFAULT_POC_DIR)]
+        workspace: PathBuf,
     },
     /// Remove the POC folder (only if `poc prepare` made it).
     Clean {
@@ -114,6 +129,59 @@ pub fn run_poc(cmd: &PocCommand) -> anyhow::Result<()> {
                 out.base_port
             );
             print_output(&out.provisioned);
+            Ok(())
+        }
+        PocCommand::Start { workspace } => {
+            let bin = std::env::current_exe().context("locating the flare-node binary")?;
+            let started = poc_run::start(workspace, &bin)?;
+            for (name, pid) in &started {
+                println!("started {name} (pid {pid})");
+            }
+            println!(
+                "logs: <participant>/{} under {}",
+                poc_run::LOG_FILE,
+                workspace.display()
+            );
+            // A node with a bad kit or config exits at once; say so rather than leave the
+            // person to find out from `poc stop`.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let dead: Vec<&str> = started
+                .iter()
+                .filter(|(_, pid)| !poc_run::is_alive(*pid))
+                .map(|(name, _)| name.as_str())
+                .collect();
+            if !dead.is_empty() {
+                bail!(
+                    "exited at once: {} (see their {}); run `flare-node poc stop` to clean up",
+                    dead.join(", "),
+                    poc_run::LOG_FILE
+                );
+            }
+            Ok(())
+        }
+        PocCommand::Stop { workspace } => {
+            let report = poc_run::stop_detailed(workspace, poc_run::STOP_GRACE)?;
+            for (name, pid) in &report.stopped {
+                let how = if report.killed.contains(name) {
+                    " with SIGKILL"
+                } else {
+                    ""
+                };
+                println!("stopped {name} (pid {pid}){how}");
+            }
+            for (name, pid) in &report.stale {
+                match pid {
+                    Some(pid) => {
+                        println!(
+                            "{name}: removed a stale pid file (pid {pid} is not its node any more)"
+                        )
+                    }
+                    None => println!("{name}: removed an unreadable pid file"),
+                }
+            }
+            if report.stopped.is_empty() && report.stale.is_empty() {
+                println!("nothing was running under {}", workspace.display());
+            }
             Ok(())
         }
         PocCommand::Clean { workspace } => {

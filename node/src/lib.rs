@@ -10,6 +10,7 @@ pub mod jobpack;
 pub mod learner;
 pub mod model_io;
 pub mod net;
+pub mod poc_run;
 pub mod roles;
 pub mod simulator;
 pub mod store;
