@@ -523,7 +523,7 @@ impl TorchCnnLearner {
         let trainer = CnnTrainer::new(device, &hyper)?;
         let all: Vec<usize> = (0..validation.len()).collect();
         tracing::info!(
-            site,
+            site = site + 1,
             ?device,
             samples = indices.len(),
             "torch CNN learner ready"
