@@ -518,23 +518,27 @@ impl TorchCnnLearner {
         validation: &Arc<Dataset>,
         site: usize,
     ) -> Result<Self, LearnerError> {
+        // The device first: loading the CUDA back-end must precede any other LibTorch call.
         let device = resolve_device(device)?;
-        tch::manual_seed(hyper.seed.wrapping_add(site as u64) as i64);
-        let trainer = CnnTrainer::new(device, &hyper)?;
-        let all: Vec<usize> = (0..validation.len()).collect();
-        tracing::info!(
-            site = site + 1,
-            ?device,
-            samples = indices.len(),
-            "torch CNN learner ready"
-        );
-        Ok(TorchCnnLearner {
-            rng: ChaCha8Rng::seed_from_u64(hyper.seed ^ (site as u64).rotate_left(17)),
-            train: to_device(train, indices, device),
-            validation: to_device(validation, &all, device),
-            hyper,
-            trainer,
-            site,
+        guarded(|| {
+            tch::manual_seed(hyper.seed.wrapping_add(site as u64) as i64);
+            let trainer = CnnTrainer::new(device, &hyper)?;
+            let all: Vec<usize> = (0..validation.len()).collect();
+            let learner = TorchCnnLearner {
+                rng: ChaCha8Rng::seed_from_u64(hyper.seed ^ (site as u64).rotate_left(17)),
+                train: to_device(train, indices, device),
+                validation: to_device(validation, &all, device),
+                hyper,
+                trainer,
+                site,
+            };
+            tracing::info!(
+                site = site + 1,
+                ?device,
+                samples = indices.len(),
+                "torch CNN learner ready"
+            );
+            Ok(learner)
         })
     }
 
@@ -544,8 +548,35 @@ impl TorchCnnLearner {
     }
 }
 
+/// Runs `f`, turning a LibTorch error that `tch` raises as a panic (its non-`f_` methods,
+/// for example on CUDA running out of memory) into a [`LearnerError`], so a failing step
+/// fails the task instead of the node.
+fn guarded<T>(f: impl FnOnce() -> Result<T, LearnerError>) -> Result<T, LearnerError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown error".into());
+        Err(LearnerError::Backend(format!("LibTorch: {msg}")))
+    })
+}
+
 impl Learner for TorchCnnLearner {
     fn train(&mut self, global: &FLModel, round: u32) -> Result<FLModel, LearnerError> {
+        guarded(|| self.train_round(global, round))
+    }
+
+    fn validate(&mut self, model: &FLModel) -> Result<BTreeMap<String, f64>, LearnerError> {
+        guarded(|| {
+            self.trainer.net_mut().load(model)?;
+            evaluate(self.trainer.net(), &self.validation.0, &self.validation.1)
+        })
+    }
+}
+
+impl TorchCnnLearner {
+    fn train_round(&mut self, global: &FLModel, round: u32) -> Result<FLModel, LearnerError> {
         let started = Instant::now();
         self.trainer.net_mut().load(global)?;
         let loaded = Instant::now();
@@ -577,11 +608,6 @@ impl Learner for TorchCnnLearner {
             MetaValue::Float(samples_per_s),
         );
         Ok(out)
-    }
-
-    fn validate(&mut self, model: &FLModel) -> Result<BTreeMap<String, f64>, LearnerError> {
-        self.trainer.net_mut().load(model)?;
-        evaluate(self.trainer.net(), &self.validation.0, &self.validation.1)
     }
 }
 
@@ -631,6 +657,19 @@ mod tests {
             assert!(matches!(err, LearnerError::Incompatible(_)), "{err}");
             assert!(err.to_string().contains(want), "{err} lacks {want}");
         }
+    }
+
+    #[test]
+    fn libtorch_errors_become_learner_errors() {
+        let r = guarded(|| {
+            Ok(Tensor::zeros([2, 3], tch::kind::FLOAT_CPU)
+                .matmul(&Tensor::zeros([2, 3], tch::kind::FLOAT_CPU)))
+        });
+        let err = r.unwrap_err().to_string();
+        assert!(
+            err.starts_with("LibTorch: ") && err.contains("shapes cannot be multiplied"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -707,9 +746,10 @@ mod tests {
             if optimizer != OptimizerKind::Adam {
                 continue;
             }
+            let tmp = tempfile::tempdir().unwrap();
             let dir = match std::env::var_os("FLARE_TORCH_INTEROP_DIR") {
                 Some(d) => PathBuf::from(d),
-                None => std::env::temp_dir().join(format!("flare-interop-{}", std::process::id())),
+                None => tmp.path().to_path_buf(),
             };
             std::fs::create_dir_all(&dir).unwrap();
             let mut model = t.net().to_model().unwrap();
