@@ -152,6 +152,83 @@ pub fn run_centralized(data_dir: &Path, epochs: usize) -> anyhow::Result<serde_j
     }))
 }
 
+/// One `flare-node bench torch-step` configuration (feature `torch`).
+#[derive(Debug, Clone)]
+pub struct TorchStepBench {
+    /// Where to train.
+    pub device: crate::learner::cnn::DeviceSpec,
+    /// Batch sizes to time, one after the other.
+    pub batch_sizes: Vec<usize>,
+    /// Timed steps per batch size.
+    pub steps: usize,
+    /// Untimed steps first (cuDNN autotuning, allocator warm-up).
+    pub warmup: usize,
+    /// The optimizer.
+    pub optimizer: crate::learner::cnn::OptimizerKind,
+    /// Its learning rate.
+    pub lr: f64,
+}
+
+/// Times the CNN training step of the torch learner ([`crate::learner::torch::CnnTrainer`])
+/// on random data kept on the device, as `bench/torch_step.py` does in PyTorch: batches are
+/// consecutive slices of an 8192-example pool, the clock is read after a device sync.
+#[cfg(feature = "torch")]
+pub fn run_torch_step(b: &TorchStepBench) -> anyhow::Result<Vec<serde_json::Value>> {
+    use crate::learner::cnn::CnnHyper;
+    use crate::learner::torch::{CnnTrainer, resolve_device};
+    use tch::{Device, Kind, Tensor};
+
+    let device = resolve_device(b.device)?;
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    tch::manual_seed(0);
+    const POOL: i64 = 8192;
+    let x = Tensor::randn([POOL, 1, 28, 28], (Kind::Float, device));
+    let y = Tensor::randint(10, [POOL], (Kind::Int64, device));
+    let mut out = Vec::new();
+    for &bs in &b.batch_sizes {
+        let bs = i64::try_from(bs.clamp(1, POOL as usize))?;
+        let hyper = CnnHyper {
+            lr: b.lr,
+            batch_size: bs as usize,
+            optimizer: b.optimizer,
+            ..CnnHyper::default()
+        };
+        let mut t = CnnTrainer::new(device, &hyper)?;
+        // Start from PyTorch's default initialization, as the Python side does.
+        t.net_mut().load(&crate::learner::cnn::init(0))?;
+        let batches = POOL / bs;
+        let mut run = |steps: usize| {
+            let mut last = None;
+            for i in 0..steps as i64 {
+                let start = (i % batches) * bs;
+                last = Some(t.step(&x.narrow(0, start, bs), &y.narrow(0, start, bs)));
+            }
+            sync();
+            last.map(|l| f64::try_from(l).unwrap_or(f64::NAN))
+        };
+        run(b.warmup);
+        let started = std::time::Instant::now();
+        let loss = run(b.steps);
+        let secs = started.elapsed().as_secs_f64();
+        out.push(json!({
+            "impl": "flare-tch",
+            "device": format!("{device:?}"),
+            "optimizer": format!("{:?}", b.optimizer).to_lowercase(),
+            "batch_size": bs,
+            "steps": b.steps,
+            "seconds": secs,
+            "ms_per_step": 1e3 * secs / b.steps.max(1) as f64,
+            "samples_per_s": (b.steps as f64 * bs as f64) / secs,
+            "last_loss": loss,
+        }));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 
 use crate::data::{Dataset, Partition};
 use crate::learner::Learner;
+use crate::learner::cnn::{self, CnnHyper, DeviceSpec, OptimizerKind};
 use crate::learner::mlp::{Mlp, MlpHyper, MlpLearner};
 use crate::learner::synthetic::{SyntheticArgs, SyntheticLearner};
 
@@ -217,6 +218,11 @@ pub enum ModelSource {
         /// Initialization seed.
         seed: u64,
     },
+    /// A fresh MNIST CNN (`MnistCnn`), initialized in pure Rust like PyTorch's defaults.
+    MnistCnn {
+        /// Initialization seed.
+        seed: u64,
+    },
     /// A synthetic model of a given size (`SyntheticModel`).
     Synthetic(SyntheticArgs),
     /// Weights from a safetensors file (`SafetensorsModel`).
@@ -234,6 +240,13 @@ struct MnistMlpModelArgs {
 
 fn hidden() -> usize {
     64
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MnistCnnModelArgs {
+    #[serde(default)]
+    seed: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,6 +366,10 @@ impl ServerApp {
                     seed: x.seed,
                 }
             }
+            "MnistCnn" => {
+                let x: MnistCnnModelArgs = parse_args(&file, &key, m.args.clone())?;
+                ModelSource::MnistCnn { seed: x.seed }
+            }
             "SyntheticModel" => ModelSource::Synthetic(parse_args(&file, &key, m.args.clone())?),
             "SafetensorsModel" => {
                 let x: FileModelArgs = parse_args(&file, &key, m.args.clone())?;
@@ -363,7 +380,7 @@ impl ServerApp {
                     &file,
                     format!("{key}.name"),
                     format!(
-                        "unknown model {other:?} (known: MnistMlp, SyntheticModel, SafetensorsModel)"
+                        "unknown model {other:?} (known: MnistMlp, MnistCnn, SyntheticModel, SafetensorsModel)"
                     ),
                 ));
             }
@@ -420,6 +437,7 @@ impl ServerApp {
     pub fn initial_model(&self) -> anyhow::Result<FLModel> {
         Ok(match &self.model {
             ModelSource::MnistMlp { hidden, seed } => Mlp::init(*hidden, *seed).to_model(),
+            ModelSource::MnistCnn { seed } => cnn::init(*seed),
             ModelSource::Synthetic(a) => a.init()?,
             ModelSource::File(path) => crate::model_io::read(path)?,
         })
@@ -466,6 +484,69 @@ pub struct MnistLearnerArgs {
     pub seed: u64,
 }
 
+/// Arguments of `TorchCnnLearner` (feature `torch`): the data as for `MnistMlpLearner`, and
+/// the CNN's training settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TorchCnnArgs {
+    /// Folder with the MNIST IDX files; relative paths start at the job folder.
+    pub data_dir: PathBuf,
+    /// Examples held out for validation (the rest is partitioned across sites).
+    #[serde(default = "held_out")]
+    pub held_out: usize,
+    /// Seed of the train/held-out split.
+    #[serde(default)]
+    pub split_seed: u64,
+    /// How the training part is divided across sites.
+    #[serde(default)]
+    pub partition: Partition,
+    /// Seed of the partition.
+    #[serde(default)]
+    pub partition_seed: u64,
+    /// Mini-batch size.
+    #[serde(default = "cnn_batch")]
+    pub batch_size: usize,
+    /// Local epochs per round.
+    #[serde(default = "one")]
+    pub epochs: usize,
+    /// Learning rate.
+    #[serde(default = "cnn_lr")]
+    pub lr: f64,
+    /// `sgd`, `adam` or `adadelta`.
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[serde(default)]
+    pub device: DeviceSpec,
+    /// Dropout while training.
+    #[serde(default = "yes")]
+    pub dropout: bool,
+    /// Seed of the shuffle and of dropout.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn cnn_batch() -> usize {
+    64
+}
+fn cnn_lr() -> f64 {
+    1e-3
+}
+
+impl TorchCnnArgs {
+    /// The training settings.
+    pub fn hyper(&self) -> CnnHyper {
+        CnnHyper {
+            lr: self.lr,
+            batch_size: self.batch_size,
+            epochs: self.epochs,
+            optimizer: self.optimizer,
+            dropout: self.dropout,
+            seed: self.seed,
+        }
+    }
+}
+
 fn held_out() -> usize {
     2000
 }
@@ -481,6 +562,8 @@ fn batch() -> usize {
 pub enum LearnerSpec {
     /// The built-in MNIST MLP.
     MnistMlp(MnistLearnerArgs),
+    /// The LibTorch MNIST CNN (feature `torch`).
+    TorchCnn(TorchCnnArgs),
     /// The synthetic benchmark learner.
     Synthetic(SyntheticArgs),
 }
@@ -545,6 +628,25 @@ impl ClientApp {
                 }
                 LearnerSpec::MnistMlp(a)
             }
+            "TorchCnnLearner" if cfg!(not(feature = "torch")) => {
+                return Err(invalid(
+                    &file,
+                    format!("{key}.name"),
+                    "TorchCnnLearner needs LibTorch, but this flare-node was built without the `torch` feature (rebuild with `--features torch`)",
+                ));
+            }
+            "TorchCnnLearner" => {
+                let mut a: TorchCnnArgs = parse_args(&file, key, e.executor.args.clone())?;
+                a.data_dir = data_dir(&file, key, app_dir, &a.data_dir)?;
+                if a.batch_size == 0 || a.epochs == 0 || !(a.lr.is_finite() && a.lr > 0.0) {
+                    return Err(invalid(
+                        &file,
+                        format!("{key}.args"),
+                        "batch_size, epochs and lr must be positive",
+                    ));
+                }
+                LearnerSpec::TorchCnn(a)
+            }
             "SyntheticLearner" => {
                 LearnerSpec::Synthetic(parse_args(&file, key, e.executor.args.clone())?)
             }
@@ -553,7 +655,7 @@ impl ClientApp {
                     &file,
                     format!("{key}.name"),
                     format!(
-                        "unknown executor {other:?} (known: MnistMlpLearner, SyntheticLearner)"
+                        "unknown executor {other:?} (known: MnistMlpLearner, TorchCnnLearner, SyntheticLearner)"
                     ),
                 ));
             }
@@ -566,9 +668,9 @@ impl ClientApp {
         })
     }
 
-    fn mnist(&self, a: &MnistLearnerArgs, num_sites: usize) -> Result<&MnistShared, JobError> {
+    fn mnist(&self, a: DataArgs<'_>, num_sites: usize) -> Result<&MnistShared, JobError> {
         let shared = self.mnist.get_or_init(|| {
-            let ds = Dataset::load_mnist_test(&a.data_dir).map_err(|e| e.to_string())?;
+            let ds = Dataset::load_mnist_test(a.data_dir).map_err(|e| e.to_string())?;
             let (train, held_out) = ds.split(a.held_out, a.split_seed);
             let parts = a
                 .partition
@@ -603,7 +705,16 @@ impl ClientApp {
     ) -> Result<Box<dyn Learner>, JobError> {
         Ok(match &self.learner {
             LearnerSpec::MnistMlp(a) => {
-                let s = self.mnist(a, num_sites)?;
+                let s = self.mnist(
+                    DataArgs {
+                        data_dir: &a.data_dir,
+                        held_out: a.held_out,
+                        split_seed: a.split_seed,
+                        partition: &a.partition,
+                        partition_seed: a.partition_seed,
+                    },
+                    num_sites,
+                )?;
                 let hyper = MlpHyper {
                     hidden: a.hidden,
                     lr: a.lr,
@@ -619,9 +730,76 @@ impl ClientApp {
                     index as u64,
                 ))
             }
+            LearnerSpec::TorchCnn(a) => self.torch_learner(a, index, num_sites)?,
             LearnerSpec::Synthetic(a) => Box::new(SyntheticLearner::new(a.clone(), index)),
         })
     }
+
+    #[cfg(feature = "torch")]
+    fn torch_learner(
+        &self,
+        a: &TorchCnnArgs,
+        index: usize,
+        num_sites: usize,
+    ) -> Result<Box<dyn Learner>, JobError> {
+        let s = self.mnist(
+            DataArgs {
+                data_dir: &a.data_dir,
+                held_out: a.held_out,
+                split_seed: a.split_seed,
+                partition: &a.partition,
+                partition_seed: a.partition_seed,
+            },
+            num_sites,
+        )?;
+        let learner = crate::learner::torch::TorchCnnLearner::new(
+            a.hyper(),
+            a.device,
+            &s.train,
+            &s.parts[&num_sites][index],
+            &s.held_out,
+            index,
+        )
+        .map_err(|e| {
+            invalid(
+                &self.file,
+                "executors[0].executor.args.device",
+                e.to_string(),
+            )
+        })?;
+        Ok(Box::new(learner))
+    }
+
+    #[cfg(not(feature = "torch"))]
+    fn torch_learner(
+        &self,
+        _: &TorchCnnArgs,
+        _: usize,
+        _: usize,
+    ) -> Result<Box<dyn Learner>, JobError> {
+        Err(invalid(
+            &self.file,
+            "executors[0].executor.name",
+            "TorchCnnLearner needs LibTorch, but this flare-node was built without the `torch` feature",
+        ))
+    }
+}
+
+/// Where a learner's MNIST data comes from and how it is split.
+#[derive(Debug, Clone, Copy)]
+struct DataArgs<'a> {
+    data_dir: &'a Path,
+    held_out: usize,
+    split_seed: u64,
+    partition: &'a Partition,
+    partition_seed: u64,
+}
+
+/// Resolves a learner's `data_dir` (see [`resolve_data_dir`]). Whether it exists is checked
+/// where the data is read: at the site, not where the job is submitted.
+fn data_dir(_file: &Path, _key: &str, app_dir: &Path, dir: &Path) -> Result<PathBuf, JobError> {
+    let job_dir = app_dir.parent().unwrap_or(app_dir);
+    Ok(resolve_data_dir(job_dir, dir))
 }
 
 /// Where a relative `data_dir` points: the job folder first (the simulator runs jobs in
@@ -923,6 +1101,78 @@ mod tests {
             f.write(file, &text);
             let err = f.err();
             assert!(err.contains(want), "for {file}: {err:?} lacks {want:?}");
+        }
+    }
+
+    fn torch_client(data: &str, extra: &str) -> String {
+        format!(
+            r#"{{"executors": [{{"tasks": ["train", "validate"],
+               "executor": {{"name": "TorchCnnLearner", "args": {{"data_dir": "{data}"{extra}}}}}}}]}}"#
+        )
+    }
+
+    #[test]
+    fn the_cnn_model_and_learner_are_configured() {
+        let f = Fixture::new();
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist");
+        let data = data.display().to_string();
+        f.write(
+            "app/config/config_fed_server.json",
+            &SERVER.replace(
+                r#""name": "MnistMlp", "args": {"hidden": 16}"#,
+                r#""name": "MnistCnn", "args": {"seed": 7}"#,
+            ),
+        );
+        f.write(
+            "app/config/config_fed_client.json",
+            &torch_client(
+                &data,
+                r#", "device": "cpu", "optimizer": "adadelta", "lr": 1.0"#,
+            ),
+        );
+        let loaded = Job::load(f.dir.path());
+        if cfg!(feature = "torch") {
+            let job = loaded.unwrap();
+            assert_eq!(job.server.model, ModelSource::MnistCnn { seed: 7 });
+            assert_eq!(job.server.initial_model().unwrap(), cnn::init(7));
+            let LearnerSpec::TorchCnn(a) = &job.app_for("site-1").unwrap().learner else {
+                panic!("not the torch learner");
+            };
+            assert_eq!(a.device, DeviceSpec::Cpu);
+            assert_eq!(a.optimizer, OptimizerKind::Adadelta);
+            assert_eq!((a.batch_size, a.epochs), (64, 1));
+        } else {
+            let err = loaded.unwrap_err().to_string();
+            assert!(
+                err.contains("config_fed_client.json: executors[0].executor.name")
+                    && err.contains("built without the `torch` feature"),
+                "{err}"
+            );
+        }
+        for (extra, want) in [
+            (
+                r#", "device": "gpu""#,
+                "executors[0].executor.args.device: unknown device \"gpu\"",
+            ),
+            (
+                r#", "optimizer": "lbfgs""#,
+                "executors[0].executor.args.optimizer: unknown variant `lbfgs`",
+            ),
+            (
+                r#", "lr": 0"#,
+                "executors[0].executor.args: batch_size, epochs and lr must be positive",
+            ),
+        ] {
+            f.write(
+                "app/config/config_fed_client.json",
+                &torch_client(&data, extra),
+            );
+            let err = f.err();
+            if cfg!(feature = "torch") {
+                assert!(err.contains(want), "{err:?} lacks {want:?}");
+            } else {
+                assert!(err.contains("built without the `torch` feature"), "{err}");
+            }
         }
     }
 

@@ -131,6 +131,28 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         epochs: usize,
     },
+    /// Time one training step of the LibTorch CNN (compare with `bench/torch_step.py`).
+    #[cfg(feature = "torch")]
+    TorchStep {
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Batch sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "64,256")]
+        batch_sizes: Vec<usize>,
+        /// Timed steps per batch size.
+        #[arg(long, default_value_t = 300)]
+        steps: usize,
+        /// Untimed warm-up steps.
+        #[arg(long, default_value_t = 50)]
+        warmup: usize,
+        /// sgd, adam or adadelta.
+        #[arg(long, default_value = "adam")]
+        optimizer: String,
+        /// Learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+    },
 }
 
 fn cpus() -> usize {
@@ -266,6 +288,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Centralized { data_dir, epochs }) => {
             let r = flare_node::bench::run_centralized(&data_dir, epochs)?;
             println!("{}", serde_json::to_string(&r)?);
+        }
+        #[cfg(feature = "torch")]
+        Command::Bench(BenchCommand::TorchStep {
+            device,
+            batch_sizes,
+            steps,
+            warmup,
+            optimizer,
+            lr,
+        }) => {
+            let rows = flare_node::bench::run_torch_step(&flare_node::bench::TorchStepBench {
+                device: device.parse().map_err(anyhow::Error::msg)?,
+                batch_sizes,
+                steps,
+                warmup,
+                optimizer: optimizer.parse().map_err(anyhow::Error::msg)?,
+                lr,
+            })?;
+            for r in rows {
+                println!("{}", serde_json::to_string(&r)?);
+            }
         }
     }
     Ok(())

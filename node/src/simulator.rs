@@ -136,7 +136,10 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
             out_dir: &out_dir,
         };
         let r = driver.drive(&mut ctrl, &work_tx, &done_rx);
+        // Close both channels before the scope joins the workers: a worker blocked sending
+        // a result nobody will read (the drive stopped on an error) then returns.
         drop(work_tx);
+        drop(done_rx);
         r
     })?;
     Ok(report)
@@ -408,4 +411,44 @@ pub fn format_table(report: &SimReport) -> String {
         s.push('\n');
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A learner that cannot be built on any site (a bad partition) must end the run with
+    /// that error, not leave workers blocked on results nobody reads.
+    #[test]
+    fn a_learner_that_cannot_be_built_fails_the_run_without_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = dir.path().join("job");
+        crate::bench::write_synthetic_job(&job, 10, 3, 1).unwrap();
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist");
+        let client = serde_json::json!({"executors": [{"tasks": ["train", "validate"],
+            "executor": {"name": "MnistMlpLearner", "args": {"data_dir": data,
+                "partition": {"kind": "dirichlet", "alpha": -1.0}}}}]});
+        std::fs::write(
+            job.join("app/config/config_fed_client.json"),
+            client.to_string(),
+        )
+        .unwrap();
+        let (tx, rx) = sync_channel(1);
+        let ws = dir.path().join("ws");
+        std::thread::spawn(move || {
+            let r = run(&SimOptions {
+                job_dir: job,
+                clients: 3,
+                workspace: ws,
+                threads: 3,
+                progress: false,
+            });
+            let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let err = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the simulator hung")
+            .unwrap_err();
+        assert!(err.contains("alpha"), "{err}");
+    }
 }

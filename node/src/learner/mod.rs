@@ -2,12 +2,15 @@
 //! turns a [`Task`] into a [`TaskResult`] through it.
 //!
 //! Three back-ends implement the trait: the built-in pure-Rust MLP ([`mlp`]), LibTorch
-//! (feature `torch`), and an external process speaking the Client API. [`synthetic`] is a
+//! (feature `torch`: the CNN of [`cnn`] trained by `torch::TorchCnnLearner`), and an external process speaking the Client API. [`synthetic`] is a
 //! model of any size for benchmarks.
 
+pub mod cnn;
 pub mod gemm;
 pub mod mlp;
 pub mod synthetic;
+#[cfg(feature = "torch")]
+pub mod torch;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
