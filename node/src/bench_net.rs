@@ -240,3 +240,86 @@ pub async fn run_peer(a: PeerArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(())
 }
+
+/// One FedAvg job of a synthetic model run by a real server and `clients` client processes
+/// from a throw-away POC: seconds per round and each process's peak RSS.
+pub fn run_fedavg(params: usize, clients: usize, rounds: u32) -> anyhow::Result<Value> {
+    let bin = std::env::current_exe()?;
+    let dir = tempfile::tempdir()?;
+    let out = flare_provision::poc::prepare_now(&flare_provision::poc::PocOptions {
+        workspace: dir.path().join("poc"),
+        clients,
+        base_port: None,
+    })?;
+    let job = dir.path().join("job");
+    crate::bench::write_synthetic_job(&job, params, clients, rounds)?;
+    let mut procs = Reaper(Vec::new());
+    let mut names = Vec::new();
+    let mut admin_kit = None;
+    for (name, path) in &out.provisioned.kits {
+        if name.contains('@') {
+            admin_kit = Some(path.join("startup"));
+            continue;
+        }
+        let child = Command::new(&bin)
+            .arg("--kit")
+            .arg(path.join("startup"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        names.push(name.clone());
+        procs.0.push(child);
+    }
+    let admin_kit = admin_kit.context("no admin kit")?;
+    let admin = |args: &[&str]| -> anyhow::Result<Value> {
+        let o = Command::new(&bin)
+            .arg("admin")
+            .arg("--kit")
+            .arg(&admin_kit)
+            .arg("--json")
+            .args(args)
+            .output()?;
+        if !o.status.success() {
+            bail!("admin {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(serde_json::from_slice(&o.stdout)?)
+    };
+    let start = Instant::now();
+    loop {
+        let sites = admin(&["sites"])?;
+        if sites.as_array().map_or(0, Vec::len) >= clients {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("only {sites} connected");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let job_dir = job.to_string_lossy().into_owned();
+    let id = admin(&["submit", &job_dir])?["job_id"]
+        .as_str()
+        .context("job id")?
+        .to_string();
+    let rec = admin(&["wait", &id, "--timeout", "3600"])?;
+    let at = |state: &str| {
+        rec["history"]
+            .as_array()
+            .and_then(|h| h.iter().find(|e| e["state"] == state))
+            .and_then(|e| e["at_ms"].as_u64())
+    };
+    let running = at("running").context("no running entry")?;
+    let finished = at("finished").context("the job did not finish")?;
+    let rss: Vec<Value> = names
+        .iter()
+        .zip(&procs.0)
+        .map(|(n, c)| json!({"process": n, "peak_rss_mib": vm_hwm_of(c.id())}))
+        .collect();
+    Ok(json!({
+        "params": params,
+        "clients": clients,
+        "rounds": rounds,
+        "seconds_per_round": (finished - running) as f64 / 1000.0 / f64::from(rounds.max(1)),
+        "processes": rss,
+    }))
+}

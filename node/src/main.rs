@@ -99,6 +99,19 @@ enum BenchCommand {
         #[arg(long)]
         relayed: bool,
     },
+    /// One FedAvg job of a synthetic model on a server and client processes: seconds per
+    /// round and each process's peak RSS.
+    Fedavg {
+        /// f32 parameters.
+        #[arg(long, default_value_t = 100_000_000)]
+        params: usize,
+        /// Client processes.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Rounds.
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+    },
     /// One end of `bench transfer` (started by it).
     #[command(hide = true)]
     TransferPeer {
@@ -265,6 +278,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Poc { command } => cmd_provision::run_poc(&command)?,
         Command::Bench(BenchCommand::Transfer { mib, relayed }) => {
             let r = flare_node::bench_net::run_transfer(mib, relayed)?;
+            println!("{r}");
+        }
+        Command::Bench(BenchCommand::Fedavg {
+            params,
+            clients,
+            rounds,
+        }) => {
+            let r = flare_node::bench_net::run_fedavg(params, clients, rounds)?;
             println!("{r}");
         }
         Command::Bench(BenchCommand::TransferPeer {
