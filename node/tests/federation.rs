@@ -374,3 +374,62 @@ fn bad_jobs_and_kits_are_refused_with_the_reason() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the server"));
 }
+
+#[test]
+fn poc_start_runs_the_nodes_and_poc_stop_ends_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("poc");
+    let run = |args: &[&str]| {
+        let out = Command::new(bin())
+            .args(args)
+            .arg("-w")
+            .arg(&ws)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["poc", "prepare", "-n", "2", "--base-port", "18400"]);
+    let started = run(&["poc", "start"]);
+    assert!(
+        started.contains("started server") && started.contains("started site-2"),
+        "{started}"
+    );
+    let f = Federation {
+        _dir: tempfile::tempdir().unwrap(),
+        prod: std::fs::read_dir(&ws)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path().join("prod_00"))
+            .find(|p| p.is_dir())
+            .unwrap(),
+        nodes: Vec::new(),
+    };
+    f.wait_sites(2);
+    let pids: Vec<u32> = ["server", "site-1", "site-2"]
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(f.prod.join(n).join("node.pid"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let stopped = run(&["poc", "stop"]);
+    assert!(stopped.contains("stopped site-1"), "{stopped}");
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .unwrap_or_default()
+                    .contains("zombie"),
+            "pid {pid} still runs"
+        );
+    }
+}
