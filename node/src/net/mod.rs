@@ -10,6 +10,7 @@
 
 pub mod bulk;
 pub mod codec;
+pub mod connect;
 pub mod protocol;
 
 use std::collections::{HashMap, HashSet};
@@ -250,6 +251,8 @@ pub struct NetHandle {
     pub peers: PeerTable,
     /// This node's PeerId.
     pub local: PeerId,
+    /// Whether DCUtR runs ([`NetConfig::hole_punching`]).
+    pub hole_punching: bool,
 }
 
 impl std::fmt::Debug for NetHandle {
@@ -468,6 +471,7 @@ pub fn spawn(
             streams,
             peers,
             local,
+            hole_punching,
         },
         ev_rx,
     ))
