@@ -17,6 +17,9 @@ use super::{NetError, NetHandle, PeerInfo};
 pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long to wait for DCUtR after a relayed connection (it fails slowly, ~30 s).
 pub const HOLE_PUNCH_WAIT: Duration = Duration::from_secs(4);
+/// How long a new direct connection gets to settle on the remote's side before the relayed
+/// one is closed.
+pub const DIRECT_GRACE: Duration = Duration::from_millis(300);
 
 /// Splits `<relay addr>/p2p/<relay>/p2p-circuit[/p2p/<peer>]` into the relay's PeerId and its
 /// dialable address (with `/p2p/<relay>`).
@@ -63,13 +66,27 @@ async fn wait_for(
 }
 
 /// Closes relayed connections to `peer` (it has a direct one) and returns its fresh record.
+///
+/// The direct connection completes on our side a moment before the remote's (the last
+/// handshake message is in flight), so closing the relayed one at once can leave the remote
+/// with no connection for an instant: it would drop our admission. Hence the grace period
+/// first. Then it waits until the relayed connections are really gone: a stream opened while
+/// one is still closing may pick it and fail.
 async fn go_direct(net: &NetHandle, peer: PeerId) -> Result<PeerInfo, NetError> {
-    let closed = net.close_relayed(peer).await?;
-    if closed > 0 {
+    let has_relayed = |c: &[(Multiaddr, bool)]| c.iter().any(|(_, r)| *r);
+    if has_relayed(&net.connections(peer).await?) {
+        tokio::time::sleep(DIRECT_GRACE).await;
+        let closed = net.close_relayed(peer).await?;
         tracing::info!(%peer, closed, "closed relayed connections; bulk traffic goes direct");
-        // Let the close reach the swarm, so new streams cannot pick the relayed connection.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        wait_for(net, peer, deadline, |p| !p.relayed).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while has_relayed(&net.connections(peer).await?) {
+            if Instant::now() >= deadline {
+                return Err(NetError::Timeout(format!(
+                    "closing the relayed connection to {peer}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     net.peers.get(&peer).ok_or(NetError::NotAdmitted(peer))
 }

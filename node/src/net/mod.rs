@@ -236,6 +236,10 @@ enum Command {
         peer: PeerId,
         reply: oneshot::Sender<usize>,
     },
+    Connections {
+        peer: PeerId,
+        reply: oneshot::Sender<Vec<(Multiaddr, bool)>>,
+    },
     Disconnect {
         peer: PeerId,
     },
@@ -309,6 +313,12 @@ impl NetHandle {
     /// direct; returns how many were closed.
     pub async fn close_relayed(&self, peer: PeerId) -> Result<usize, NetError> {
         self.call(|reply| Command::CloseRelayed { peer, reply })
+            .await
+    }
+
+    /// The open connections to `peer`: address and whether it is relayed.
+    pub async fn connections(&self, peer: PeerId) -> Result<Vec<(Multiaddr, bool)>, NetError> {
+        self.call(|reply| Command::Connections { peer, reply })
             .await
     }
 
@@ -888,6 +898,14 @@ impl Driver {
                     }
                 }
                 let _ = reply.send(closed);
+            }
+            Command::Connections { peer, reply } => {
+                let list = self
+                    .connections
+                    .get(&peer)
+                    .map(|c| c.values().cloned().collect())
+                    .unwrap_or_default();
+                let _ = reply.send(list);
             }
             Command::Disconnect { peer } => {
                 let _ = self.swarm.disconnect_peer_id(peer);
