@@ -248,9 +248,10 @@ pub async fn run_peer(a: PeerArgs) -> anyhow::Result<()> {
                    "circuit": circuit.as_ref().map(ToString::to_string)})
         );
         let (peer, mut stream) = incoming.next().await.context("no stream")?;
+        // A peer whose relayed connection just closed may be re-admitting on the direct one.
         let from = net
-            .peers
-            .get(&peer)
+            .wait_admitted(peer, Duration::from_secs(5))
+            .await
             .context("stream from an unadmitted peer")?;
         let start = Instant::now();
         let got = bulk::receive_discard(&mut stream, &sealing, &from, bytes + (1 << 20)).await?;
