@@ -245,7 +245,7 @@ fn log_of(p: &Path) -> String {
 }
 
 /// One transfer from site-a to site-b; returns (sender, receiver) reports.
-fn transfer(lab: &mut Lab, prod: &Path, tag: &str) -> (Value, Value) {
+fn transfer(lab: &mut Lab, prod: &Path, tag: &str, give_direct: bool) -> (Value, Value) {
     let logs = lab.dir.path().to_path_buf();
     let kit = |n: &str| prod.join(n).join("startup").display().to_string();
     let mib = MIB.to_string();
@@ -287,7 +287,12 @@ fn transfer(lab: &mut Lab, prod: &Path, tag: &str) -> (Value, Value) {
     .map(ToString::to_string)
     .collect();
     args.push(ready["peer"].as_str().unwrap().to_string());
-    for a in ready["addrs"].as_array().unwrap() {
+    for a in ready["addrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|_| give_direct)
+    {
         args.push("--addr".into());
         args.push(a.as_str().unwrap().to_string());
     }
@@ -351,7 +356,7 @@ fn sites_without_a_route_use_the_relay_and_with_one_go_direct() {
     };
 
     // (a) No route between the sites: the direct dial fails, the relay carries the payload.
-    let (sent, got) = transfer(&mut lab, &prod, "no-route");
+    let (sent, got) = transfer(&mut lab, &prod, "no-route", true);
     let after_relay = lab.circuits_opened(&prod);
     println!("relay circuits opened: {before} before, {after_relay} after the relayed transfer");
     // The payload plus the sealing overhead (headers and tags).
@@ -379,7 +384,7 @@ fn sites_without_a_route_use_the_relay_and_with_one_go_direct() {
     // (b) The server namespace now routes between them: the transfer goes direct, and the
     // relay opens no new circuit.
     lab.forward(true);
-    let (sent, got) = transfer(&mut lab, &prod, "routed");
+    let (sent, got) = transfer(&mut lab, &prod, "routed", true);
     let after_direct = lab.circuits_opened(&prod);
     println!("relay circuits opened: {after_direct} after the direct transfer");
     // The payload plus the sealing overhead (headers and tags).
@@ -397,6 +402,19 @@ fn sites_without_a_route_use_the_relay_and_with_one_go_direct() {
     assert_eq!(
         after_direct, after_relay,
         "a direct transfer opened a circuit"
+    );
+
+    // (c) Routed, but the sender knows only the circuit: it connects through the relay, DCUtR
+    // brings a direct connection, and the relayed one is closed before the payload flows.
+    let (sent, got) = transfer(&mut lab, &prod, "hole-punch", false);
+    let after_punch = lab.circuits_opened(&prod);
+    println!("relay circuits opened: {after_punch} after the hole-punched transfer");
+    assert!(after_punch > after_direct, "no circuit was opened first");
+    assert_eq!(got["relayed"], Value::Bool(false), "receiver: {got}");
+    assert_eq!(sent["relayed"], Value::Bool(false), "sender: {sent}");
+    assert!(
+        !sent["conn_addr"].as_str().unwrap().contains("p2p-circuit"),
+        "{sent}"
     );
     println!("netns test took {:.1} s", started.elapsed().as_secs_f64());
 }
