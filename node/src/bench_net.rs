@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 use crate::bench::peak_rss_mib;
 use crate::net::bulk::{self, Route, Sealing};
+use crate::net::connect::connect_peer;
 use crate::net::protocol::BULK_PROTOCOL;
 use crate::net::{Credentials, NetConfig, spawn};
 use crate::roles::peer_addrs;
@@ -34,9 +35,15 @@ pub struct PeerArgs {
     pub mib: u64,
     /// Sender: the receiver's PeerId.
     pub to: Option<PeerId>,
-    /// Sender: where to dial the receiver.
-    pub addr: Option<Multiaddr>,
-    /// Connect through the relay in the kit (the server), without hole punching.
+    /// Sender: the receiver's direct addresses (tried first).
+    pub addr: Vec<Multiaddr>,
+    /// Sender: the receiver's relay circuit address (the fallback).
+    pub circuit: Option<Multiaddr>,
+    /// Listen here (both ends; DCUtR needs listeners). Receiver default: 127.0.0.1, any port.
+    pub listen: Option<Multiaddr>,
+    /// Receiver: also reserve a circuit on the kit's server (the relay).
+    pub relay: bool,
+    /// Relay only: no direct addresses and no hole punching (implies `relay`).
     pub relayed: bool,
 }
 
@@ -124,11 +131,16 @@ pub fn run_transfer(mib: u64, relayed: bool) -> anyhow::Result<Value> {
     procs.0.push(receiver);
     let ready = next_json(&mut rx_out, "receiver")?;
     let to = ready["peer"].as_str().context("receiver peer")?.to_string();
-    let addr = ready["addr"].as_str().context("receiver addr")?.to_string();
-    let mut sender = peer(
-        kit_of("site-1")?,
-        vec!["--to".into(), to, "--addr".into(), addr],
-    )?;
+    let mut args = vec!["--to".to_string(), to];
+    for a in ready["addrs"].as_array().into_iter().flatten() {
+        args.push("--addr".into());
+        args.push(a.as_str().context("receiver addr")?.to_string());
+    }
+    if let Some(c) = ready["circuit"].as_str() {
+        args.push("--circuit".into());
+        args.push(c.to_string());
+    }
+    let mut sender = peer(kit_of("site-1")?, args)?;
     let mut tx_out = lines(&mut sender, "sender")?;
     procs.0.push(sender);
     let sent = next_json(&mut tx_out, "sender")?;
@@ -143,13 +155,47 @@ pub fn run_transfer(mib: u64, relayed: bool) -> anyhow::Result<Value> {
     }))
 }
 
+/// The addresses peers should dial to reach this node directly (loopback only when there is
+/// nothing else), each ending in `/p2p/<local>`.
+async fn direct_addrs(net: &crate::net::NetHandle) -> anyhow::Result<Vec<Multiaddr>> {
+    let is_loopback = |a: &Multiaddr| {
+        a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_loopback(),
+            Protocol::Ip6(ip) => ip.is_loopback(),
+            _ => false,
+        })
+    };
+    let start = Instant::now();
+    let mut found = Vec::new();
+    while start.elapsed() < Duration::from_secs(5) {
+        found = net
+            .listeners()
+            .await?
+            .into_iter()
+            .filter(|a| !a.iter().any(|p| p == Protocol::P2pCircuit))
+            .collect();
+        if found.iter().any(|a| !is_loopback(a)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if found.iter().any(|a| !is_loopback(a)) {
+        found.retain(|a| !is_loopback(a));
+    }
+    Ok(found
+        .into_iter()
+        .map(|a| a.with(Protocol::P2p(net.local)))
+        .collect())
+}
+
 /// One end of the benchmark; prints JSON lines on stdout.
 pub async fn run_peer(a: PeerArgs) -> anyhow::Result<()> {
     let kit = flare_provision::kit::load_kit(&a.kit, SystemTime::now())?;
-    let listen: Vec<Multiaddr> = if a.receive && !a.relayed {
-        vec!["/ip4/127.0.0.1/tcp/0".parse()?]
-    } else {
-        Vec::new()
+    let listen: Vec<Multiaddr> = match (&a.listen, a.relayed) {
+        (_, true) => Vec::new(),
+        (Some(l), false) => vec![l.clone()],
+        (None, false) if a.receive => vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        (None, false) => Vec::new(),
     };
     let (net, _events) = spawn(
         kit.identity.signing.to_libp2p()?,
@@ -166,45 +212,46 @@ pub async fn run_peer(a: PeerArgs) -> anyhow::Result<()> {
     )?;
     let sealing = Sealing::new(net.local, kit.identity.sealing.clone());
     let bytes = a.mib << 20;
-    let (server, server_addrs) = peer_addrs(&kit.config.server)?;
-    let circuit_base = server_addrs
-        .first()
-        .cloned()
-        .context("no server address")?
-        .with(Protocol::P2pCircuit);
-    if a.relayed {
-        crate::roles::connect(&net, server, &server_addrs, Duration::from_secs(20)).await?;
-    }
+    let use_relay = a.relayed || a.relay;
     if a.receive {
         let mut incoming = net
             .streams
             .clone()
             .accept(BULK_PROTOCOL)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let addr = if a.relayed {
-            net.listen(circuit_base.clone()).await?;
+        let addrs = if a.relayed {
+            Vec::new()
+        } else {
+            direct_addrs(&net).await?
+        };
+        let circuit = if use_relay {
+            let (server, server_addrs) = peer_addrs(&kit.config.server)?;
+            crate::roles::connect(&net, server, &server_addrs, Duration::from_secs(20)).await?;
+            // Reserve on the relay at the address that reached it.
+            let mut base = net.peers.get(&server).context("relay gone")?.addr;
+            if !matches!(base.iter().last(), Some(Protocol::P2p(_))) {
+                base.push(Protocol::P2p(server));
+            }
+            let circuit = base.with(Protocol::P2pCircuit);
+            net.listen(circuit.clone()).await?;
             // Give the reservation a moment to be accepted.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            circuit_base.with(Protocol::P2p(net.local))
+            Some(circuit.with(Protocol::P2p(net.local)))
         } else {
-            let mut found = None;
-            for _ in 0..100 {
-                if let Some(l) = net.listeners().await?.into_iter().next() {
-                    found = Some(l.with(Protocol::P2p(net.local)));
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            found.context("no listen address")?
+            None
         };
+        let first = addrs.first().or(circuit.as_ref()).context("no address")?;
         println!(
             "{}",
-            json!({"peer": net.local.to_string(), "addr": addr.to_string()})
+            json!({"peer": net.local.to_string(), "addr": first.to_string(),
+                   "addrs": addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                   "circuit": circuit.as_ref().map(ToString::to_string)})
         );
         let (peer, mut stream) = incoming.next().await.context("no stream")?;
+        // A peer whose relayed connection just closed may be re-admitting on the direct one.
         let from = net
-            .peers
-            .get(&peer)
+            .wait_admitted(peer, Duration::from_secs(5))
+            .await
             .context("stream from an unadmitted peer")?;
         let start = Instant::now();
         let got = bulk::receive_discard(&mut stream, &sealing, &from, bytes + (1 << 20)).await?;
@@ -213,14 +260,27 @@ pub async fn run_peer(a: PeerArgs) -> anyhow::Result<()> {
             "{}",
             json!({"role": "receiver", "bytes": got.bytes, "secs": secs,
                    "mib_s": got.bytes as f64 / secs / 1048576.0, "relayed": from.relayed,
-                   "peak_rss_mib": peak_rss_mib()})
+                   "conn_addr": from.addr.to_string(), "peak_rss_mib": peak_rss_mib()})
         );
         return Ok(());
     }
     let to = a.to.context("--to is required to send")?;
-    let addr = a.addr.context("--addr is required to send")?;
-    net.dial(addr).await?;
-    let info = net.wait_admitted(to, Duration::from_secs(20)).await?;
+    let direct: Vec<Multiaddr> = if a.relayed {
+        Vec::new()
+    } else {
+        a.addr.clone()
+    };
+    if direct.is_empty() && a.circuit.is_none() {
+        bail!("--addr or --circuit is required to send");
+    }
+    let info = connect_peer(
+        &net,
+        to,
+        &direct,
+        a.circuit.as_ref(),
+        Duration::from_secs(30),
+    )
+    .await?;
     let route = Route {
         job: "bench".into(),
         workflow: "bench".into(),
@@ -234,7 +294,8 @@ pub async fn run_peer(a: PeerArgs) -> anyhow::Result<()> {
     println!(
         "{}",
         json!({"role": "sender", "bytes": sent, "secs": secs, "mib_s": sent as f64 / secs / 1048576.0,
-               "relayed": info.relayed, "peak_rss_mib": peak_rss_mib()})
+               "relayed": info.relayed, "conn_addr": info.addr.to_string(),
+               "peak_rss_mib": peak_rss_mib()})
     );
     // Let the last frames drain before the process exits.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -127,10 +127,19 @@ enum BenchCommand {
         /// The receiver's PeerId.
         #[arg(long)]
         to: Option<String>,
-        /// The receiver's address.
+        /// The receiver's direct address (repeatable; tried first).
         #[arg(long)]
-        addr: Option<String>,
-        /// Through the relay.
+        addr: Vec<String>,
+        /// The receiver's relay circuit address (the fallback).
+        #[arg(long)]
+        circuit: Option<String>,
+        /// Listen here (DCUtR needs listeners on both ends).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Receiver: also reserve a circuit on the kit's server (the relay).
+        #[arg(long)]
+        relay: bool,
+        /// Relay only: no direct addresses, no hole punching.
         #[arg(long)]
         relayed: bool,
     },
@@ -294,6 +303,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mib,
             to,
             addr,
+            circuit,
+            listen,
+            relay,
             relayed,
         }) => {
             let args = flare_node::bench_net::PeerArgs {
@@ -301,7 +313,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 receive,
                 mib,
                 to: to.map(|t| t.parse()).transpose().context("--to")?,
-                addr: addr.map(|a| a.parse()).transpose().context("--addr")?,
+                addr: addr
+                    .iter()
+                    .map(|a| a.parse())
+                    .collect::<Result<_, _>>()
+                    .context("--addr")?,
+                circuit: circuit
+                    .map(|a| a.parse())
+                    .transpose()
+                    .context("--circuit")?,
+                listen: listen.map(|a| a.parse()).transpose().context("--listen")?,
+                relay,
                 relayed,
             };
             tokio::runtime::Runtime::new()?.block_on(flare_node::bench_net::run_peer(args))?;

@@ -10,6 +10,7 @@
 
 pub mod bulk;
 pub mod codec;
+pub mod connect;
 pub mod protocol;
 
 use std::collections::{HashMap, HashSet};
@@ -235,6 +236,10 @@ enum Command {
         peer: PeerId,
         reply: oneshot::Sender<usize>,
     },
+    Connections {
+        peer: PeerId,
+        reply: oneshot::Sender<Vec<(Multiaddr, bool)>>,
+    },
     Disconnect {
         peer: PeerId,
     },
@@ -250,6 +255,8 @@ pub struct NetHandle {
     pub peers: PeerTable,
     /// This node's PeerId.
     pub local: PeerId,
+    /// Whether DCUtR runs ([`NetConfig::hole_punching`]).
+    pub hole_punching: bool,
 }
 
 impl std::fmt::Debug for NetHandle {
@@ -306,6 +313,12 @@ impl NetHandle {
     /// direct; returns how many were closed.
     pub async fn close_relayed(&self, peer: PeerId) -> Result<usize, NetError> {
         self.call(|reply| Command::CloseRelayed { peer, reply })
+            .await
+    }
+
+    /// The open connections to `peer`: address and whether it is relayed.
+    pub async fn connections(&self, peer: PeerId) -> Result<Vec<(Multiaddr, bool)>, NetError> {
+        self.call(|reply| Command::Connections { peer, reply })
             .await
     }
 
@@ -468,6 +481,7 @@ pub fn spawn(
             streams,
             peers,
             local,
+            hole_punching,
         },
         ev_rx,
     ))
@@ -884,6 +898,14 @@ impl Driver {
                     }
                 }
                 let _ = reply.send(closed);
+            }
+            Command::Connections { peer, reply } => {
+                let list = self
+                    .connections
+                    .get(&peer)
+                    .map(|c| c.values().cloned().collect())
+                    .unwrap_or_default();
+                let _ = reply.send(list);
             }
             Command::Disconnect { peer } => {
                 let _ = self.swarm.disconnect_peer_id(peer);

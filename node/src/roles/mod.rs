@@ -38,12 +38,23 @@ pub fn start_net(
                 .with_context(|| format!("node.json: listen: bad address {a:?}"))
         })
         .collect::<anyhow::Result<_>>()?;
+    // The relay needs a confirmed external address: the listen addresses, plus the addresses
+    // clients are given (host_names), which is what counts when listening on 0.0.0.0.
+    let external = if relay_server {
+        let mut ext = listen.clone();
+        for a in &kit.config.server.addrs {
+            if let Ok(m) = a.parse::<Multiaddr>()
+                && !ext.contains(&m)
+            {
+                ext.push(m);
+            }
+        }
+        ext
+    } else {
+        Vec::new()
+    };
     let cfg = NetConfig {
-        external: if relay_server {
-            listen.clone()
-        } else {
-            Vec::new()
-        },
+        external,
         listen,
         relay_server,
         project: kit.config.project.clone(),
