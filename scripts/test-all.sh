@@ -13,4 +13,4 @@ if [ ! -x "$VENV/bin/pytest" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check pytest numpy safetensors
 fi
-FLARE_NODE_BIN="$PWD/target/release/flare-node" "$VENV/bin/pytest" -q tests/python/test_safetensors_interop.py
+FLARE_NODE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/flare-node" "$VENV/bin/pytest" -q tests/python/test_safetensors_interop.py

@@ -150,6 +150,10 @@ impl Federation {
                 return;
             }
             assert!(
+                !matches!(st["state"].as_str(), Some("failed" | "aborted")),
+                "job ended early: {st}"
+            );
+            assert!(
                 start.elapsed() < Duration::from_secs(120),
                 "job stuck: {st}"
             );
@@ -272,12 +276,14 @@ fn a_dead_site_and_a_server_restart_lose_nothing() {
         .to_string();
     f.wait_round(&job, 1);
     f.kill("site-3");
-    let out = f.admin(&["wait", &job, "--timeout", "300"]);
+    let out = f.admin(&["wait", &job, "--timeout", "120"]);
     assert!(
         out.status.success(),
-        "{}\n{}",
+        "{}\nserver:\n{}\nsite-1:\n{}\nsite-2:\n{}",
         String::from_utf8_lossy(&out.stdout),
-        f.log("server")
+        f.log("server"),
+        f.log("site-1"),
+        f.log("site-2")
     );
     let st = f.admin_json(&["status", &job]);
     assert!(

@@ -31,6 +31,8 @@ pub const CHUNK: usize = 1 << 20;
 const MAX_FRAME: usize = CHUNK + 1024;
 /// Largest transfer meta (CBOR) accepted.
 const MAX_META: usize = 4 << 20;
+/// The byte a receiver writes back once a transfer is complete.
+const ACK: u8 = 0x06;
 /// How long a frame may take to arrive before the transfer is abandoned.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -49,6 +51,9 @@ pub enum BulkError {
     /// A frame did not arrive in time.
     #[error("transfer stalled: no data for {0:?}")]
     Stalled(Duration),
+    /// The receiver did not confirm the transfer.
+    #[error("transfer not acknowledged: {0}")]
+    NotAcknowledged(String),
     /// The sender is not an admitted peer.
     #[error("peer {0} is not admitted")]
     NotAdmitted(PeerId),
@@ -224,18 +229,35 @@ impl<W: futures::AsyncWrite + Unpin> ChunkWriter<'_, W> {
         Ok(())
     }
 
-    async fn finish(mut self) -> Result<u64, BulkError> {
+    async fn finish(mut self) -> Result<u64, BulkError>
+    where
+        W: futures::AsyncRead,
+    {
         let sealer = self.sealer.take().ok_or(SealError::AfterEnd)?;
         let framed = sealer.seal_last(&self.buf)?;
         write_frame(self.out, &framed).await?;
         self.out.flush().await?;
         self.out.close().await?;
-        Ok(self.sent + framed.len() as u64 + 4)
+        // The receiver acknowledges a transfer it opened and rebuilt completely. Without the
+        // ack the sender cannot tell a delivered transfer from one the receiving side dropped
+        // (libp2p-stream drops inbound streams its accept queue has no room for).
+        let mut ack = [0u8; 1];
+        match tokio::time::timeout(FRAME_TIMEOUT, self.out.read_exact(&mut ack)).await {
+            Ok(Ok(())) if ack[0] == ACK => Ok(self.sent + framed.len() as u64 + 4),
+            Ok(Ok(())) => Err(BulkError::NotAcknowledged(format!(
+                "bad ack byte {}",
+                ack[0]
+            ))),
+            Ok(Err(e)) => Err(BulkError::NotAcknowledged(e.to_string())),
+            Err(_) => Err(BulkError::NotAcknowledged(format!(
+                "no ack within {FRAME_TIMEOUT:?}"
+            ))),
+        }
     }
 }
 
 /// Seals and sends `meta` and `model` to `to` over `stream`; returns the bytes written.
-pub async fn send<S: futures::AsyncWrite + Unpin>(
+pub async fn send<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     stream: &mut S,
     sealing: &Sealing,
     to: &PeerInfo,
@@ -243,15 +265,7 @@ pub async fn send<S: futures::AsyncWrite + Unpin>(
     mut meta: TransferMeta,
     model: Option<&FLModel>,
 ) -> Result<u64, BulkError> {
-    let header = MessageHeader {
-        sender: sealing.me,
-        receiver: to.peer,
-        job: route.job.clone(),
-        workflow: route.workflow.clone(),
-        round: route.round,
-        kind: route.kind.clone(),
-        seq: sealing.seq.fetch_add(1, Ordering::Relaxed),
-    };
+    let header = sealing.header(to, route);
     meta.skeleton = model.map(Skeleton::of);
     let mut w = start_stream(stream, sealing, header, &to.cert.sealing_public, &meta).await?;
     if let Some(m) = model {
@@ -260,6 +274,21 @@ pub async fn send<S: futures::AsyncWrite + Unpin>(
         }
     }
     w.finish().await
+}
+
+impl Sealing {
+    /// The seal header of a new transfer to `to` on `route`, with a fresh sequence number.
+    fn header(&self, to: &PeerInfo, route: &Route) -> MessageHeader {
+        MessageHeader {
+            sender: self.me,
+            receiver: to.peer,
+            job: route.job.clone(),
+            workflow: route.workflow.clone(),
+            round: route.round,
+            kind: route.kind.clone(),
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+        }
+    }
 }
 
 /// Writes the sealed-stream header and the meta; returns the writer for the tensor bytes.
@@ -286,22 +315,14 @@ async fn start_stream<'a, S: futures::AsyncWrite + Unpin>(
 
 /// Sends a synthetic f32 model of `bytes` bytes (rounded down to whole f32s), generated chunk
 /// by chunk, so the sender's memory does not grow with the size: for transfer benchmarks.
-pub async fn send_synthetic<S: futures::AsyncWrite + Unpin>(
+pub async fn send_synthetic<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     stream: &mut S,
     sealing: &Sealing,
     to: &PeerInfo,
     route: &Route,
     bytes: u64,
 ) -> Result<u64, BulkError> {
-    let header = MessageHeader {
-        sender: sealing.me,
-        receiver: to.peer,
-        job: route.job.clone(),
-        workflow: route.workflow.clone(),
-        round: route.round,
-        kind: route.kind.clone(),
-        seq: sealing.seq.fetch_add(1, Ordering::Relaxed),
-    };
+    let header = sealing.header(to, route);
     let elements = usize::try_from(bytes / 4).map_err(|_| BulkError::Malformed("size".into()))?;
     let meta = TransferMeta {
         task_id: 0,
@@ -380,6 +401,14 @@ impl Assembler {
                 let take = need.min(data.len());
                 self.prefix.extend_from_slice(&data[..take]);
                 data = &data[take..];
+                if let Some(len) = self.prefix.get(..4) {
+                    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                    if len > MAX_META {
+                        return Err(BulkError::Malformed(format!(
+                            "meta of {len} bytes exceeds {MAX_META}"
+                        )));
+                    }
+                }
                 if self.prefix.len() > 4 && take == need {
                     let meta: TransferMeta = decode(&self.prefix[4..], MAX_META)
                         .map_err(|e| BulkError::Malformed(e.to_string()))?;
@@ -485,7 +514,7 @@ impl Assembler {
 }
 
 /// Receives and opens one transfer from `from` (an admitted peer).
-pub async fn receive<S: futures::AsyncRead + Unpin>(
+pub async fn receive<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     stream: &mut S,
     sealing: &Sealing,
     from: &PeerInfo,
@@ -496,7 +525,7 @@ pub async fn receive<S: futures::AsyncRead + Unpin>(
 
 /// Like [`receive`], but checks and drops the tensor bytes instead of keeping them: memory
 /// stays at one chunk whatever the size. For transfer benchmarks.
-pub async fn receive_discard<S: futures::AsyncRead + Unpin>(
+pub async fn receive_discard<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     stream: &mut S,
     sealing: &Sealing,
     from: &PeerInfo,
@@ -505,7 +534,7 @@ pub async fn receive_discard<S: futures::AsyncRead + Unpin>(
     receive_inner(stream, sealing, from, max_model_bytes, false).await
 }
 
-async fn receive_inner<S: futures::AsyncRead + Unpin>(
+async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     stream: &mut S,
     sealing: &Sealing,
     from: &PeerInfo,
@@ -563,10 +592,176 @@ async fn receive_inner<S: futures::AsyncRead + Unpin>(
     }
     opener.finish()?;
     let (meta, model) = asm.finish()?;
+    stream.write_all(&[ACK]).await?;
+    stream.flush().await?;
+    let _ = stream.close().await;
     Ok(Received {
         header,
         meta,
         model,
         bytes,
     })
+}
+
+/// How many times [`deliver`] tries a transfer.
+pub const ATTEMPTS: u32 = 4;
+
+/// Opens a bulk stream to `to` and sends `meta` and `model`, trying again (up to [`ATTEMPTS`]
+/// times, with a growing pause) while the receiver does not acknowledge the transfer and is
+/// still admitted. A retried transfer that had in fact arrived is a duplicate the receiver's
+/// workflow drops.
+pub async fn deliver(
+    net: &super::NetHandle,
+    sealing: &Sealing,
+    to: &PeerInfo,
+    route: &Route,
+    meta: &TransferMeta,
+    model: Option<&FLModel>,
+) -> Result<u64, BulkError> {
+    let mut last = None;
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+            if !net.peers.is_admitted(&to.peer) {
+                break;
+            }
+        }
+        let result = match net
+            .streams
+            .clone()
+            .open_stream(to.peer, super::protocol::BULK_PROTOCOL)
+            .await
+        {
+            Ok(mut stream) => send(&mut stream, sealing, to, route, meta.clone(), model).await,
+            Err(e) => Err(BulkError::Io(std::io::Error::other(e.to_string()))),
+        };
+        match result {
+            Ok(n) => return Ok(n),
+            Err(e) => {
+                tracing::warn!(peer = %to.peer, attempt, error = %e, "transfer failed; retrying");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or(BulkError::NotAdmitted(to.peer)))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn assembler(keep: bool) -> Assembler {
+        Assembler {
+            max_model_bytes: 1 << 20,
+            keep,
+            prefix: Vec::new(),
+            meta: None,
+            current: 0,
+            filling: Vec::new(),
+            filled: 0,
+            tensors: BTreeMap::new(),
+        }
+    }
+
+    fn plaintext(model: &FLModel) -> Vec<u8> {
+        let meta = TransferMeta {
+            task_id: 1,
+            task_name: "train".into(),
+            round: 2,
+            return_code: ReturnCode::Ok,
+            headers: BTreeMap::new(),
+            skeleton: Some(Skeleton::of(model)),
+        };
+        let m = encode(&meta, MAX_META).unwrap();
+        let mut out = (m.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&m);
+        for t in model.params.values() {
+            out.extend_from_slice(t.bytes());
+        }
+        out
+    }
+
+    fn model() -> FLModel {
+        FLModel::from_params(BTreeMap::from([
+            (
+                "a".to_string(),
+                Tensor::from_f32(vec![3], &[1.0, 2.0, 3.0]).unwrap(),
+            ),
+            ("b".to_string(), Tensor::zeros(DType::F32, vec![0]).unwrap()),
+            ("c".to_string(), Tensor::from_i64(vec![2], &[7, 8]).unwrap()),
+        ]))
+    }
+
+    #[test]
+    fn rebuilds_a_model_from_any_chunking() {
+        let m = model();
+        let bytes = plaintext(&m);
+        for step in [1, 3, 7, bytes.len()] {
+            let mut a = assembler(true);
+            for c in bytes.chunks(step) {
+                a.push(c).unwrap();
+            }
+            let (meta, got) = a.finish().unwrap();
+            assert_eq!(meta.round, 2);
+            assert_eq!(got.unwrap().params, m.params);
+        }
+        let mut d = assembler(false);
+        d.push(&bytes).unwrap();
+        assert!(d.finish().unwrap().1.is_none());
+    }
+
+    #[test]
+    fn refuses_lies_about_sizes() {
+        let bytes = plaintext(&model());
+        // One byte more than the skeleton declares.
+        let mut a = assembler(true);
+        let mut more = bytes.clone();
+        more.push(0);
+        assert!(a.push(&more).is_err());
+        // Cut inside a tensor.
+        let mut a = assembler(true);
+        a.push(&bytes[..bytes.len() - 3]).unwrap();
+        assert!(a.finish().is_err());
+        // A declared meta larger than the cap.
+        let mut a = assembler(true);
+        assert!(a.push(&(MAX_META as u32 + 1).to_be_bytes()).is_err());
+        // A model larger than the receiver accepts.
+        let mut a = assembler(true);
+        a.max_model_bytes = 8;
+        assert!(a.push(&bytes).is_err());
+    }
+
+    #[test]
+    fn frames_over_the_cap_are_refused() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut big = (MAX_FRAME as u32 + 1).to_be_bytes().to_vec();
+            big.extend_from_slice(&[0; 16]);
+            let mut r = futures::io::Cursor::new(big);
+            assert!(read_frame(&mut r, MAX_FRAME).await.is_err());
+            let mut empty = futures::io::Cursor::new(Vec::new());
+            assert!(read_frame(&mut empty, MAX_FRAME).await.unwrap().is_none());
+            let mut cut = futures::io::Cursor::new(vec![0, 0, 0, 9, 1, 2]);
+            assert!(read_frame(&mut cut, MAX_FRAME).await.is_err());
+        });
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn random_plaintext_never_panics(chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..8)) {
+            let mut a = assembler(true);
+            for c in &chunks {
+                if a.push(c).is_err() {
+                    break;
+                }
+            }
+            let _ = a.finish();
+        }
+    }
 }

@@ -307,18 +307,12 @@ impl Site {
             .peers
             .get(&self.server)
             .context("the server went away")?;
-        let mut out = self
-            .net
-            .streams
-            .clone()
-            .open_stream(self.server, BULK_PROTOCOL)
-            .await?;
-        bulk::send(
-            &mut out,
+        bulk::deliver(
+            &self.net,
             &self.sealing,
             &server,
             &route,
-            meta,
+            &meta,
             result.data.model.as_deref(),
         )
         .await?;

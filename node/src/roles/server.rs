@@ -519,8 +519,10 @@ impl Server {
                 Err(e) => (JobState::Failed, format!("{e:#}")),
             };
             tracing::info!(job = %id, %state, %note, "job ended");
-            let _ = s.store.set_state(&id, state, &note, now_ms());
+            // Free the sites first: a job submitted as soon as this one reads as ended must
+            // not find them still busy with it.
             s.stop_on_sites(&id, &accepted).await;
+            let _ = s.store.set_state(&id, state, &note, now_ms());
         });
         Ok(())
     }
@@ -678,18 +680,12 @@ impl Server {
             round: u64::from(task.round),
             kind: "task".into(),
         };
-        let mut stream = self
-            .net
-            .streams
-            .clone()
-            .open_stream(to.peer, BULK_PROTOCOL)
-            .await?;
-        bulk::send(
-            &mut stream,
+        bulk::deliver(
+            &self.net,
             &self.sealing,
             &to,
             &route,
-            meta,
+            &meta,
             task.data.model.as_deref(),
         )
         .await?;
