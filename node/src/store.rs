@@ -119,6 +119,27 @@ pub struct JobRecord {
     pub metrics: BTreeMap<u32, BTreeMap<String, f64>>,
 }
 
+impl JobRecord {
+    /// A new record in state `submitted`, its history starting with `note`.
+    fn submitted(id: String, name: String, submitter: String, now_ms: u64, note: String) -> Self {
+        JobRecord {
+            id,
+            name,
+            submitter,
+            submitted_ms: now_ms,
+            state: JobState::Submitted,
+            history: vec![StatusEntry {
+                at_ms: now_ms,
+                state: JobState::Submitted,
+                note,
+            }],
+            round: None,
+            sites: BTreeMap::new(),
+            metrics: BTreeMap::new(),
+        }
+    }
+}
+
 /// A `jobs/` entry that [`JobStore::open`] could not load.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SkippedRecord {
@@ -331,21 +352,7 @@ impl JobStore {
             let job_dir = partial.join(JOB_DIR);
             unpack_verified(bundle, &job_dir, admin_key)?;
             let (name, note) = job_name(&job_dir)?;
-            let record = JobRecord {
-                id: id.clone(),
-                name,
-                submitter: submitter.to_owned(),
-                submitted_ms: now_ms,
-                state: JobState::Submitted,
-                history: vec![StatusEntry {
-                    at_ms: now_ms,
-                    state: JobState::Submitted,
-                    note,
-                }],
-                round: None,
-                sites: BTreeMap::new(),
-                metrics: BTreeMap::new(),
-            };
+            let record = JobRecord::submitted(id.clone(), name, submitter.to_owned(), now_ms, note);
             self.commit(&partial, &record)?;
             Ok(record)
         })();
@@ -449,21 +456,13 @@ impl JobStore {
         let (new, partial) = self.reserve(&records, now_ms)?;
         let done = (|| {
             copy_tree(&self.job_dir(id), &partial.join(JOB_DIR))?;
-            let record = JobRecord {
-                id: new.clone(),
-                name: source.name.clone(),
-                submitter: source.submitter.clone(),
-                submitted_ms: now_ms,
-                state: JobState::Submitted,
-                history: vec![StatusEntry {
-                    at_ms: now_ms,
-                    state: JobState::Submitted,
-                    note: format!("cloned from {id}"),
-                }],
-                round: None,
-                sites: BTreeMap::new(),
-                metrics: BTreeMap::new(),
-            };
+            let record = JobRecord::submitted(
+                new.clone(),
+                source.name.clone(),
+                source.submitter.clone(),
+                now_ms,
+                format!("cloned from {id}"),
+            );
             self.commit(&partial, &record)?;
             Ok(record)
         })();

@@ -680,23 +680,23 @@ impl Driver {
             SwarmEvent::Behaviour(BehaviourEvent::Control(ev)) => self.on_control(ev).await,
             SwarmEvent::Behaviour(BehaviourEvent::RelayServer(ev)) => match ev {
                 relay::Event::CircuitReqAccepted {
-                    src_peer_id,
-                    dst_peer_id,
+                    src_peer_id: src,
+                    dst_peer_id: dst,
                 } => {
                     let _ = self.events.try_send(NetEvent::RelayCircuit {
-                        src: src_peer_id,
-                        dst: dst_peer_id,
+                        src,
+                        dst,
                         opened: true,
                     });
                 }
                 relay::Event::CircuitClosed {
-                    src_peer_id,
-                    dst_peer_id,
+                    src_peer_id: src,
+                    dst_peer_id: dst,
                     ..
                 } => {
                     let _ = self.events.try_send(NetEvent::RelayCircuit {
-                        src: src_peer_id,
-                        dst: dst_peer_id,
+                        src,
+                        dst,
                         opened: false,
                     });
                 }
