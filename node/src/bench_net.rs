@@ -262,6 +262,9 @@ pub async fn run_peer(a: PeerArgs) -> anyhow::Result<()> {
                    "mib_s": got.bytes as f64 / secs / 1048576.0, "relayed": from.relayed,
                    "conn_addr": from.addr.to_string(), "peak_rss_mib": peak_rss_mib()})
         );
+        // Let the acknowledgement drain through the connection (and a relay) before the
+        // process exits and its connections close.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         return Ok(());
     }
     let to = a.to.context("--to is required to send")?;
