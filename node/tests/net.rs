@@ -125,6 +125,7 @@ async fn admitted_peers_exchange_a_sealed_model() {
         return_code: ReturnCode::Ok,
         headers: BTreeMap::new(),
         skeleton: None,
+        body: None,
     };
     let sender = {
         let mut ctl = c.streams.clone();

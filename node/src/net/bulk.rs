@@ -116,6 +116,9 @@ pub struct TransferMeta {
     pub headers: BTreeMap<String, MetaValue>,
     /// The model's skeleton, if a model follows.
     pub skeleton: Option<Skeleton>,
+    /// A workflow's own message (CBOR), for peer-to-peer workflows.
+    #[serde(default)]
+    pub body: Option<serde_bytes::ByteBuf>,
 }
 
 /// Where a transfer belongs: bound into the seal's associated data.
@@ -338,6 +341,7 @@ pub async fn send_synthetic<S: futures::AsyncRead + futures::AsyncWrite + Unpin>
             current_round: None,
             total_rounds: None,
         }),
+        body: None,
     };
     let mut w = start_stream(stream, sealing, header, &to.cert.sealing_public, &meta).await?;
     let block: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
@@ -673,6 +677,7 @@ mod tests {
             return_code: ReturnCode::Ok,
             headers: BTreeMap::new(),
             skeleton: Some(Skeleton::of(model)),
+            body: None,
         };
         let m = encode(&meta, MAX_META).unwrap();
         let mut out = (m.len() as u32).to_be_bytes().to_vec();

@@ -295,6 +295,7 @@ impl Site {
             return_code: result.data.return_code,
             headers: result.data.headers.clone(),
             skeleton: None,
+            body: None,
         };
         let route = Route {
             job,

@@ -673,6 +673,7 @@ impl Server {
             return_code: task.data.return_code,
             headers: task.data.headers.clone(),
             skeleton: None,
+            body: None,
         };
         let route = Route {
             job: id.to_string(),
