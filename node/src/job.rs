@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use flare_protocols::model::FLModel;
 use flare_protocols::workflows::scatter_gather::SagConfig;
+use flare_protocols::workflows::swarm::SwarmArgs;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -271,10 +272,31 @@ impl Default for PersistorConfig {
     }
 }
 
+/// Which workflow a job runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkflowSpec {
+    /// Server-controlled FedAvg (`ScatterAndGather`); settings in [`ServerApp::sag`].
+    ScatterAndGather,
+    /// Client-controlled swarm learning (`Swarm`, FLARE's `SwarmServerController`).
+    Swarm(Box<SwarmArgs>),
+}
+
+impl WorkflowSpec {
+    /// The workflow's name as bound into sealed transfers.
+    pub fn wire_name(&self) -> &'static str {
+        match self {
+            WorkflowSpec::ScatterAndGather => "scatter_and_gather",
+            WorkflowSpec::Swarm(_) => "swarm",
+        }
+    }
+}
+
 /// The server side of an app: the workflow and its components.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerApp {
-    /// Scatter-and-gather settings.
+    /// The workflow the job runs.
+    pub workflow: WorkflowSpec,
+    /// Scatter-and-gather settings (the defaults when the workflow is another one).
     pub sag: SagConfig,
     /// The initial model.
     pub model: ModelSource,
@@ -303,14 +325,50 @@ impl ServerApp {
                 ),
             ));
         };
-        if wf.name != "ScatterAndGather" {
-            return Err(invalid(
-                &file,
-                "workflows[0].name",
-                format!("unknown workflow {:?} (known: ScatterAndGather)", wf.name),
-            ));
-        }
-        let a: SagArgs = parse_args(&file, "workflows[0]", wf.args.clone())?;
+        let (workflow, a) = match wf.name.as_str() {
+            "ScatterAndGather" => (
+                WorkflowSpec::ScatterAndGather,
+                parse_args::<SagArgs>(&file, "workflows[0]", wf.args.clone())?,
+            ),
+            "Swarm" | "SwarmServerController" => {
+                let x: SwarmArgs = parse_args(&file, "workflows[0]", wf.args.clone())?;
+                // Check what needs no client list now; the rest is checked at deploy.
+                let names: Vec<String> = x
+                    .train_clients
+                    .iter()
+                    .chain(&x.aggr_clients)
+                    .chain(&x.result_clients)
+                    .chain(&x.starting_client)
+                    .cloned()
+                    .collect();
+                // Stand-ins for the sites the job will find at deploy, enough for min_clients.
+                let mut clients = names.clone();
+                clients.extend((0..x.min_clients.max(1)).map(|i| format!("\u{0}site-{i}")));
+                clients.sort();
+                clients.dedup();
+                x.to_config(&clients, 0)
+                    .map_err(|e| invalid(&file, "workflows[0].args", e.to_string()))?;
+                let sag = SagArgs {
+                    num_rounds: x.num_rounds,
+                    start_round: x.start_round,
+                    min_clients: x.min_clients,
+                    wait_time_after_min_received: x.wait_time_after_min_resps_received,
+                    task_timeout: x.learn_task_timeout,
+                    validate_final: true,
+                    model_id: model_id(),
+                    aggregator_id: aggregator_id(),
+                    persistor_id: persistor_id(),
+                };
+                (WorkflowSpec::Swarm(Box::new(x)), sag)
+            }
+            other => {
+                return Err(invalid(
+                    &file,
+                    "workflows[0].name",
+                    format!("unknown workflow {other:?} (known: ScatterAndGather, Swarm)"),
+                ));
+            }
+        };
         let sag = SagConfig {
             num_rounds: a.num_rounds,
             start_round: a.start_round,
@@ -427,6 +485,7 @@ impl ServerApp {
             ));
         }
         Ok(ServerApp {
+            workflow,
             sag,
             model,
             persistor,

@@ -20,7 +20,12 @@ use flare_protocols::time::Time;
 use flare_protocols::workflows::scatter_gather::{Event, Output, ScatterGather};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::job::{ClientApp, Job};
+use flare_protocols::workflows::ccwf::{
+    Action, ClientWorkflow, Input, ModelSlot, Outcome, ReportEvent,
+};
+use flare_protocols::workflows::swarm::{SwarmClient, SwarmMsg};
+
+use crate::job::{ClientApp, Job, WorkflowSpec};
 use crate::learner::{Learner, execute};
 
 /// How to run a simulation.
@@ -68,6 +73,23 @@ pub struct SimReport {
     pub seconds: f64,
 }
 
+/// The workflow being simulated.
+enum Ctrl {
+    Sag(Box<ScatterGather>),
+    Swarm {
+        clients: Vec<SwarmClient>,
+        first: String,
+        initial: Arc<FLModel>,
+    },
+}
+
+/// A run's seed for the clients' shared draws, from the job's name or id (FNV-1a).
+pub fn seed_of(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// A client task handed to a worker.
 type Work = (usize, Task);
 /// A worker's answer: client index, and the result or a failure to build the learner.
@@ -102,8 +124,30 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
         })
         .collect::<anyhow::Result<_>>()?;
     let initial = job.server.initial_model()?;
-    let mut ctrl = ScatterGather::new(job.server.sag.clone(), names.clone(), initial)
-        .with_context(|| format!("{}: workflow settings", opts.job_dir.display()))?;
+    let mut ctrl = match &job.server.workflow {
+        WorkflowSpec::ScatterAndGather => Ctrl::Sag(Box::new(
+            ScatterGather::new(job.server.sag.clone(), names.clone(), initial)
+                .with_context(|| format!("{}: workflow settings", opts.job_dir.display()))?,
+        )),
+        WorkflowSpec::Swarm(args) => {
+            let cfg = args
+                .to_config(&names, seed_of(&job.meta.name))
+                .with_context(|| format!("{}: swarm settings", opts.job_dir.display()))?;
+            let clients = names
+                .iter()
+                .map(|n| SwarmClient::new(cfg.clone(), n.as_str()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let first = args
+                .starting_client
+                .clone()
+                .unwrap_or_else(|| cfg.aggr_clients[0].clone());
+            Ctrl::Swarm {
+                clients,
+                first,
+                initial: Arc::new(initial),
+            }
+        }
+    };
 
     let out_dir = opts.workspace.join("server").join("simulate_job");
     let models_dir = out_dir.join("models");
@@ -135,7 +179,14 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
             models_dir: &models_dir,
             out_dir: &out_dir,
         };
-        let r = driver.drive(&mut ctrl, &work_tx, &done_rx);
+        let r = match &mut ctrl {
+            Ctrl::Sag(c) => driver.drive(c, &work_tx, &done_rx),
+            Ctrl::Swarm {
+                clients,
+                first,
+                initial,
+            } => driver.drive_swarm(clients, first, Arc::clone(initial), &work_tx, &done_rx),
+        };
         // Close both channels before the scope joins the workers: a worker blocked sending
         // a result nobody will read (the drive stopped on an error) then returns.
         drop(work_tx);
@@ -353,6 +404,171 @@ impl Driver<'_> {
             Some(Err(reason)) => bail!("the job aborted: {reason}"),
             None => bail!("the controller stopped without an outcome"),
         }
+    }
+
+    /// Runs a swarm: every client's state machine in this thread, messages over an in-memory
+    /// queue, tasks on the workers.
+    fn drive_swarm(
+        &self,
+        clients: &mut [SwarmClient],
+        first: &str,
+        initial: Arc<FLModel>,
+        work_tx: &SyncSender<Work>,
+        done_rx: &Receiver<Done>,
+    ) -> anyhow::Result<SimReport> {
+        let total_rounds = self.job.server.sag.num_rounds;
+        let start_round = self.job.server.sag.start_round;
+        let mut inbox: VecDeque<(usize, Input<SwarmMsg>)> = VecDeque::new();
+        let mut pending: VecDeque<Work> = VecDeque::new();
+        let mut rounds = Vec::new();
+        let mut metrics = BTreeMap::new();
+        let mut round_models = Vec::new();
+        let mut round_start = Instant::now();
+        let mut finished: Vec<Option<Result<(), String>>> = vec![None; clients.len()];
+        let mut final_model: Option<Arc<FLModel>> = None;
+        inbox.push_back((
+            self.index(first)?,
+            Input::Message {
+                from: "server".into(),
+                msg: SwarmMsg::Start,
+                model: Some(initial),
+            },
+        ));
+        loop {
+            // Deliver every queued input, then collect what the clients ask for.
+            while let Some((i, input)) = inbox.pop_front() {
+                clients[i].handle(self.now(), input);
+            }
+            for (i, c) in clients.iter_mut().enumerate() {
+                while let Some(a) = c.poll_action() {
+                    match a {
+                        Action::Send { to, msg, model } => {
+                            let from = self.names[i].clone();
+                            inbox
+                                .push_back((self.index(&to)?, Input::Message { from, msg, model }));
+                        }
+                        Action::RunTask(task) => pending.push_back((i, task)),
+                        Action::Report(r) => match r.event {
+                            ReportEvent::Aggregated {
+                                accepted,
+                                version,
+                                metrics: m,
+                                ..
+                            } => {
+                                metrics.insert(version, m);
+                                if version < total_rounds {
+                                    let seconds = round_start.elapsed().as_secs_f64();
+                                    round_start = Instant::now();
+                                    if self.opts.progress {
+                                        eprintln!(
+                                            "round {}/{total_rounds}: {}/{} clients aggregated by {} in {seconds:.2} s (elapsed {:.1} s)",
+                                            version + 1,
+                                            accepted.len(),
+                                            self.names.len(),
+                                            self.names[i],
+                                            self.started.elapsed().as_secs_f64()
+                                        );
+                                    }
+                                    rounds.push(RoundReport {
+                                        round: start_round + version,
+                                        accepted: accepted.len(),
+                                        seconds,
+                                    });
+                                }
+                            }
+                            ReportEvent::Finished(Outcome::Failed { reason }) => {
+                                finished[i] = Some(Err(reason));
+                            }
+                            ReportEvent::Finished(Outcome::Completed { .. }) => {
+                                finished[i] = Some(Ok(()));
+                            }
+                            _ => {}
+                        },
+                        Action::Persist { slot, model } => {
+                            let dir = self
+                                .opts
+                                .workspace
+                                .join(&self.names[i])
+                                .join("simulate_job");
+                            std::fs::create_dir_all(&dir)
+                                .with_context(|| format!("cannot create {}", dir.display()))?;
+                            let p = dir.join(format!("{}.safetensors", slot.file_stem()));
+                            crate::model_io::write(&p, &model)?;
+                            match slot {
+                                ModelSlot::Round(_)
+                                    if self.job.server.persistor.save_every_round =>
+                                {
+                                    let q = self
+                                        .models_dir
+                                        .join(format!("{}.safetensors", slot.file_stem()));
+                                    crate::model_io::write(&q, &model)?;
+                                    round_models.push(q);
+                                }
+                                ModelSlot::Final => final_model = Some(model),
+                                _ => {}
+                            }
+                        }
+                        Action::Finished(_) => {}
+                    }
+                }
+            }
+            if !inbox.is_empty() {
+                continue;
+            }
+            if finished.iter().all(Option::is_some) {
+                break;
+            }
+            while let Some(w) = pending.pop_front() {
+                match work_tx.try_send(w) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(w)) => {
+                        pending.push_front(w);
+                        break;
+                    }
+                    Err(TrySendError::Disconnected(_)) => bail!("all simulator workers stopped"),
+                }
+            }
+            let next = clients.iter().filter_map(|c| c.poll_timeout()).min();
+            let wait = next.map_or(Duration::from_secs(1), |t| t.saturating_since(self.now()));
+            let wait = if pending.is_empty() {
+                wait
+            } else {
+                wait.min(Duration::from_millis(50))
+            };
+            match done_rx.recv_timeout(wait) {
+                Ok((i, Ok(result))) => inbox.push_back((i, Input::TaskDone(result))),
+                Ok((i, Err(e))) => bail!("{}: {e}", self.names[i]),
+                Err(RecvTimeoutError::Timeout) => {
+                    let now = self.now();
+                    for c in clients.iter_mut() {
+                        if c.poll_timeout().is_some_and(|t| t <= now) {
+                            c.handle_timeout(now);
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => bail!("all simulator workers stopped"),
+            }
+        }
+        let metrics_file = self.out_dir.join("metrics.json");
+        let final_path = self.out_dir.join("global_final.safetensors");
+        let report = SimReport {
+            job: self.job.meta.name.clone(),
+            rounds,
+            metrics,
+            final_model: final_path.clone(),
+            round_models,
+            metrics_file: metrics_file.clone(),
+            seconds: self.started.elapsed().as_secs_f64(),
+        };
+        let json = serde_json::to_vec_pretty(&report)?;
+        std::fs::write(&metrics_file, json)
+            .with_context(|| format!("cannot write {}", metrics_file.display()))?;
+        if let Some(Some(Err(reason))) = finished.iter().find(|f| matches!(f, Some(Err(_)))) {
+            bail!("the job aborted: {reason}");
+        }
+        let model = final_model.context("no result client received the final model")?;
+        crate::model_io::write(&final_path, &model)?;
+        Ok(report)
     }
 
     fn index(&self, name: &str) -> anyhow::Result<usize> {

@@ -3,6 +3,7 @@
 
 pub mod ccwf;
 pub mod scatter_gather;
+pub mod swarm;
 
 #[cfg(test)]
 mod sim_tests;
