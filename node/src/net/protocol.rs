@@ -81,6 +81,32 @@ pub enum ControlRequest {
     Heartbeat {
         /// Jobs the site runs now, with the round it is in.
         jobs: BTreeMap<String, u32>,
+        /// Where the site listens (from its kit), so the server can tell other sites.
+        #[serde(default)]
+        listen: Vec<String>,
+    },
+    /// Configure a client-controlled workflow on a site (server → client).
+    Configure {
+        /// Job id.
+        job: String,
+        /// The other sites of the run and how to reach them.
+        peers: Vec<PeerEntry>,
+        /// The run's seed (every site draws aggregators from it).
+        seed: u64,
+        /// The site restarted while the run went on: it rejoins at the current round.
+        rejoin: bool,
+    },
+    /// Start a configured client-controlled workflow on its starting client (server → client).
+    StartWorkflow {
+        /// Job id.
+        job: String,
+    },
+    /// A progress report of a client-controlled workflow (client → server).
+    WorkflowReport {
+        /// Job id.
+        job: String,
+        /// The report.
+        report: flare_protocols::workflows::ccwf::Report,
     },
     /// Deploy a job's app to a site (server → client).
     Deploy {
@@ -101,6 +127,17 @@ pub enum ControlRequest {
         /// Job id.
         job: String,
     },
+}
+
+/// A site of a run: its name, PeerId and listen addresses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerEntry {
+    /// Participant name.
+    pub name: String,
+    /// PeerId, as text.
+    pub peer_id: String,
+    /// Listen addresses, as text.
+    pub addrs: Vec<String>,
 }
 
 /// Answers to [`ControlRequest`]s.

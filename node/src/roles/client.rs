@@ -14,7 +14,13 @@ use flare_provision::kit::Kit;
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+
+use super::workflow::{self, Inbound};
+use crate::job::WorkflowSpec;
+use crate::net::protocol::PeerEntry;
+use flare_protocols::workflows::ccwf::Input;
+use flare_protocols::workflows::swarm::{SwarmClient, SwarmMsg};
 
 use super::policy::SitePolicy;
 use super::{connect, peer_addrs, start_net};
@@ -30,6 +36,8 @@ pub const MAX_TASK_MODEL: u64 = 16 << 30;
 struct JobSlot {
     learner: Arc<Mutex<Box<dyn Learner>>>,
     round: u32,
+    /// A client-controlled workflow's task: its input and its stop switch.
+    workflow: Option<(mpsc::Sender<Inbound>, watch::Sender<bool>)>,
 }
 
 struct Site {
@@ -91,7 +99,9 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
                 }
                 Some(NetEvent::Disconnected { name, .. }) => {
                     tracing::warn!(peer = %name, "disconnected");
+                    site.peer_event(&name, false);
                 }
+                Some(NetEvent::Admitted(p)) => site.peer_event(&p.cert.name, true),
                 Some(_) => {}
                 None => break,
             },
@@ -129,9 +139,10 @@ impl Site {
                 .lock()
                 .map(|j| j.iter().map(|(k, v)| (k.clone(), v.round)).collect())
                 .unwrap_or_default();
+            let listen = self.kit.config.listen.clone();
             let _ = self
                 .net
-                .request(self.server, ControlRequest::Heartbeat { jobs })
+                .request(self.server, ControlRequest::Heartbeat { jobs, listen })
                 .await;
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
@@ -162,6 +173,26 @@ impl Site {
                         reason: format!("{e:#}"),
                     }
                 }
+            },
+            ControlRequest::Configure {
+                job,
+                peers,
+                seed,
+                rejoin,
+            } => match self.configure(&job, peers, seed, rejoin) {
+                Ok(()) => ControlResponse::Ok,
+                Err(e) => {
+                    tracing::warn!(%job, error = %format!("{e:#}"), "configure failed");
+                    ControlResponse::Error {
+                        reason: format!("{e:#}"),
+                    }
+                }
+            },
+            ControlRequest::StartWorkflow { job } => match self.start_workflow(&job) {
+                Ok(()) => ControlResponse::Ok,
+                Err(e) => ControlResponse::Error {
+                    reason: format!("{e:#}"),
+                },
             },
             ControlRequest::AbortJob { job } => {
                 if let Ok(mut jobs) = self.jobs.lock() {
@@ -199,6 +230,9 @@ impl Site {
         {
             return Err(Refusal::Policy(format!("bad job id {job_id:?}")));
         }
+        if self.jobs.lock().is_ok_and(|j| j.contains_key(job_id)) {
+            return Ok(()); // deployed already (a repeated deploy changes nothing)
+        }
         let dest = self.dir.join("jobs").join(job_id);
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(|e| Refusal::Error(e.into()))?;
@@ -231,6 +265,7 @@ impl Site {
                 JobSlot {
                     learner: Arc::new(Mutex::new(learner)),
                     round: 0,
+                    workflow: None,
                 },
             );
         }
@@ -243,17 +278,52 @@ impl Site {
         peer: PeerId,
         mut stream: libp2p::Stream,
     ) -> anyhow::Result<()> {
-        if peer != self.server {
-            anyhow::bail!("bulk stream from {peer}, not from the server");
-        }
         let from = self
             .net
             .peers
             .get(&peer)
-            .context("the server is not admitted")?;
+            .with_context(|| format!("bulk stream from {peer}, which is not admitted"))?;
+        if peer != self.server && from.cert.role.kind() != RoleKind::Client {
+            anyhow::bail!(
+                "bulk stream from {} ({}), neither the server nor a site",
+                from.cert.name,
+                from.cert.role
+            );
+        }
         let got = bulk::receive(&mut stream, &self.sealing, &from, MAX_TASK_MODEL).await?;
         drop(stream);
         let job = got.header.job.clone();
+        if got.header.kind == "ccwf" {
+            let tx = self
+                .jobs
+                .lock()
+                .map_err(|_| anyhow::anyhow!("job table poisoned"))?
+                .get(&job)
+                .and_then(|s| s.workflow.as_ref().map(|w| w.0.clone()))
+                .with_context(|| {
+                    format!("workflow message for job {job}, which does not run here")
+                })?;
+            let body = got
+                .meta
+                .body
+                .map(|b| b.into_vec())
+                .context("workflow message without a body")?;
+            tx.send(Inbound::Message {
+                from: from.cert.name.clone(),
+                body,
+                model: got.model,
+            })
+            .await
+            .ok();
+            return Ok(());
+        }
+        if peer != self.server {
+            anyhow::bail!(
+                "{} transfer from {}, not from the server",
+                got.header.kind,
+                from.cert.name
+            );
+        }
         let learner = {
             let mut jobs = self
                 .jobs
@@ -317,6 +387,109 @@ impl Site {
             result.data.model.as_deref(),
         )
         .await?;
+        Ok(())
+    }
+}
+
+impl Site {
+    /// Tells every running workflow that a peer came or went.
+    fn peer_event(&self, name: &str, up: bool) {
+        let senders: Vec<mpsc::Sender<Inbound>> = self
+            .jobs
+            .lock()
+            .map(|j| {
+                j.values()
+                    .filter_map(|s| s.workflow.as_ref().map(|w| w.0.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for tx in senders {
+            let _ = tx.try_send(Inbound::Peer {
+                name: name.to_string(),
+                up,
+            });
+        }
+    }
+
+    /// Starts a deployed job's client-controlled workflow among `peers`.
+    fn configure(
+        &self,
+        job_id: &str,
+        peers: Vec<PeerEntry>,
+        seed: u64,
+        rejoin: bool,
+    ) -> anyhow::Result<()> {
+        let dir = self.dir.join("jobs").join(job_id);
+        let job = Job::load(&dir)?;
+        let WorkflowSpec::Swarm(args) = &job.server.workflow else {
+            anyhow::bail!(
+                "job {job_id} runs {}, not a client-controlled workflow",
+                job.server.workflow.wire_name()
+            );
+        };
+        let mut names: Vec<String> = peers.iter().map(|p| p.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        let cfg = args.to_config(&names, seed)?;
+        let me = self.kit.name().to_string();
+        let wf = if rejoin {
+            SwarmClient::joining(cfg.clone(), me.clone())?
+        } else {
+            SwarmClient::new(cfg.clone(), me.clone())?
+        };
+        let mut jobs = self
+            .jobs
+            .lock()
+            .map_err(|_| anyhow::anyhow!("job table poisoned"))?;
+        let slot = jobs
+            .get_mut(job_id)
+            .with_context(|| format!("job {job_id} is not deployed here"))?;
+        if slot.workflow.is_some() {
+            return Ok(()); // configured already
+        }
+        let (tx, rx) = mpsc::channel(256);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server_addrs = peer_addrs(&self.kit.config.server)?.1;
+        let ctx = Arc::new(workflow::Context {
+            net: self.net.clone(),
+            sealing: self.sealing.clone(),
+            job: job_id.to_string(),
+            workflow: job.server.workflow.wire_name(),
+            me,
+            server: (self.server, server_addrs),
+            peers,
+            learner: Arc::clone(&slot.learner),
+            job_dir: dir,
+            result_clients: cfg.result_clients.clone(),
+        });
+        fn start(model: flare_protocols::FLModel) -> Input<SwarmMsg> {
+            Input::Message {
+                from: "server".into(),
+                msg: SwarmMsg::Start,
+                model: Some(Arc::new(model)),
+            }
+        }
+        tokio::spawn(workflow::run(ctx, wf, start, rx, stop_rx));
+        slot.workflow = Some((tx, stop_tx));
+        tracing::info!(job = %job_id, rejoin, "workflow configured");
+        Ok(())
+    }
+
+    /// Hands the initial model to the job's workflow (this site is the starting client).
+    fn start_workflow(&self, job_id: &str) -> anyhow::Result<()> {
+        let dir = self.dir.join("jobs").join(job_id);
+        let job = Job::load(&dir)?;
+        let model = job.server.initial_model()?;
+        let tx = self
+            .jobs
+            .lock()
+            .map_err(|_| anyhow::anyhow!("job table poisoned"))?
+            .get(job_id)
+            .and_then(|s| s.workflow.as_ref().map(|w| w.0.clone()))
+            .with_context(|| format!("job {job_id} is not configured here"))?;
+        tx.try_send(Inbound::Start(model))
+            .map_err(|_| anyhow::anyhow!("the workflow of job {job_id} is not accepting input"))?;
+        tracing::info!(job = %job_id, "workflow started here");
         Ok(())
     }
 }

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod client;
 pub mod policy;
 pub mod server;
+pub mod workflow;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

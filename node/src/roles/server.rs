@@ -21,24 +21,35 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use super::{now_ms, start_net};
-use crate::job::Job;
+use crate::job::{Job, WorkflowSpec};
 use crate::net::bulk::{self, Route, Sealing, TransferMeta};
 use crate::net::protocol::{
-    AdminRequest, BULK_PROTOCOL, ControlRequest, ControlResponse, MAX_CONTROL_RESPONSE,
+    AdminRequest, BULK_PROTOCOL, ControlRequest, ControlResponse, MAX_CONTROL_RESPONSE, PeerEntry,
 };
 use crate::net::{NetEvent, NetHandle, PeerInfo};
 use crate::store::{JobState, JobStore};
+use flare_protocols::workflows::ccwf::{Outcome, Report, ReportEvent};
 
 /// Largest result model the server accepts from a site.
 pub const MAX_RESULT_MODEL: u64 = 16 << 30;
 /// Workflow name bound into sealed task and result streams.
 const WORKFLOW: &str = "scatter_and_gather";
 
-/// A site's last heartbeat: when (ms) and its jobs with their rounds.
-type Heartbeat = (u64, BTreeMap<String, u32>);
+/// A site's last heartbeat: when (ms), its jobs with their rounds, and where it listens.
+type Heartbeat = (u64, BTreeMap<String, u32>, Vec<String>);
+
+/// What a client-controlled job's watcher hears from the sites.
+#[derive(Debug)]
+enum WfEvent {
+    /// A progress report.
+    Report(Report),
+    /// A result client uploaded a model (`global_final` or `best`).
+    Uploaded(String),
+}
 
 struct Runner {
     results: mpsc::Sender<(String, TaskResult)>,
+    reports: mpsc::Sender<(String, WfEvent)>,
     abort: watch::Sender<bool>,
 }
 
@@ -70,7 +81,17 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
     let store = JobStore::open(&dir.join("store"))?;
     // Jobs that were running when the server stopped cannot continue: say so in their
     // history (which stays whole) so an admin can clone them.
+    let mut resume = Vec::new();
     for rec in store.list() {
+        // A client-controlled job runs on its sites: watch it again.
+        if rec.state == JobState::Running
+            && let Ok(job) = Job::load(&store.job_dir(&rec.id))
+            && matches!(job.server.workflow, WorkflowSpec::Swarm(_))
+        {
+            let sites: Vec<String> = rec.sites.keys().cloned().collect();
+            resume.push((rec.id.clone(), job, sites));
+            continue;
+        }
         if matches!(rec.state, JobState::Dispatched | JobState::Running) {
             store.set_state(
                 &rec.id,
@@ -94,6 +115,10 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
         started_ms: now_ms(),
     });
 
+    for (id, job, sites) in resume {
+        tracing::info!(job = %id, "resuming the watch of a running swarm job");
+        Arc::clone(&server).launch(&id, job, sites, true);
+    }
     let mut incoming = net
         .streams
         .clone()
@@ -141,6 +166,13 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
         .map(|r| r.keys().cloned().collect())
         .unwrap_or_default();
     for id in ids {
+        // A client-controlled job goes on without the server; it is watched again after a
+        // restart.
+        if Job::load(&server.store.job_dir(&id))
+            .is_ok_and(|j| matches!(j.server.workflow, WorkflowSpec::Swarm(_)))
+        {
+            continue;
+        }
         let _ = server.store.set_state(
             &id,
             JobState::Failed,
@@ -184,11 +216,27 @@ impl Server {
         request: ControlRequest,
     ) -> ControlResponse {
         match request {
-            ControlRequest::Heartbeat { jobs } => {
+            ControlRequest::Heartbeat { jobs, listen } => {
                 if let Ok(mut h) = self.heartbeats.lock() {
-                    h.insert(from.cert.name.clone(), (now_ms(), jobs));
+                    h.insert(from.cert.name.clone(), (now_ms(), jobs, listen));
                 }
                 ControlResponse::Ok
+            }
+            ControlRequest::WorkflowReport { job, report } => {
+                let tx = self
+                    .runners
+                    .lock()
+                    .ok()
+                    .and_then(|r| r.get(&job).map(|r| r.reports.clone()));
+                match tx {
+                    Some(tx) => {
+                        let _ = tx
+                            .send((from.cert.name.clone(), WfEvent::Report(report)))
+                            .await;
+                        ControlResponse::Ok
+                    }
+                    None => err(format!("job {job} is not running here")),
+                }
             }
             ControlRequest::Admin(req) => match from.cert.role {
                 Role::Admin(role) => self.on_admin(from, role, req).await,
@@ -319,7 +367,7 @@ impl Server {
         self.connected_sites()
             .into_iter()
             .map(|p| {
-                let (last, jobs) = beats.get(&p.cert.name).cloned().unwrap_or_default();
+                let (last, jobs, _) = beats.get(&p.cert.name).cloned().unwrap_or_default();
                 json!({
                     "name": p.cert.name,
                     "org": p.cert.org,
@@ -494,13 +542,23 @@ impl Server {
             &format!("running on {}", accepted.join(", ")),
             now_ms(),
         )?;
+        Arc::clone(&self).launch(id, job, accepted, false);
+        Ok(())
+    }
+
+    /// Runs a job's workflow on a task of its own: the server's controller for
+    /// scatter-and-gather, a watcher for client-controlled workflows (`resume`: after a
+    /// server restart, without configuring or starting the sites again).
+    fn launch(self: Arc<Self>, id: &str, job: Job, accepted: Vec<String>, resume: bool) {
         let (results_tx, results_rx) = mpsc::channel(64);
+        let (reports_tx, reports_rx) = mpsc::channel(256);
         let (abort_tx, abort_rx) = watch::channel(false);
         if let Ok(mut r) = self.runners.lock() {
             r.insert(
                 id.to_string(),
                 Runner {
                     results: results_tx,
+                    reports: reports_tx,
                     abort: abort_tx,
                 },
             );
@@ -508,9 +566,18 @@ impl Server {
         let s = Arc::clone(&self);
         let id = id.to_string();
         tokio::spawn(async move {
-            let outcome = Arc::clone(&s)
-                .run_job(&id, job, accepted.clone(), results_rx, abort_rx)
-                .await;
+            let outcome = match job.server.workflow {
+                WorkflowSpec::ScatterAndGather => {
+                    Arc::clone(&s)
+                        .run_job(&id, job, accepted.clone(), results_rx, abort_rx)
+                        .await
+                }
+                WorkflowSpec::Swarm(_) => {
+                    Arc::clone(&s)
+                        .watch_swarm(&id, &job, &accepted, resume, reports_rx, abort_rx)
+                        .await
+                }
+            };
             if let Ok(mut r) = s.runners.lock() {
                 r.remove(&id);
             }
@@ -524,7 +591,305 @@ impl Server {
             s.stop_on_sites(&id, &accepted).await;
             let _ = s.store.set_state(&id, state, &note, now_ms());
         });
+    }
+
+    /// The run's sites as the other sites need them: PeerId and listen addresses.
+    fn peer_entries(&self, sites: &[String]) -> Vec<PeerEntry> {
+        let beats = self
+            .heartbeats
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        sites
+            .iter()
+            .filter_map(|name| {
+                let p = self.net.peers.by_name(name)?;
+                let addrs = beats.get(name).map(|b| b.2.clone()).unwrap_or_default();
+                Some(PeerEntry {
+                    name: name.clone(),
+                    peer_id: p.peer.to_string(),
+                    addrs,
+                })
+            })
+            .collect()
+    }
+
+    /// Appends a note to a running job's history.
+    fn note(&self, id: &str, note: String) {
+        let _ = self.store.update(id, |r| {
+            r.history.push(crate::store::StatusEntry {
+                at_ms: now_ms(),
+                state: r.state,
+                note,
+            });
+        });
+    }
+
+    /// Configures and starts a swarm job on its sites (unless `resume`), then watches it:
+    /// records the sites' reports, re-admits restarted sites, and ends the job when the final
+    /// model is uploaded and every connected site has finished, when a site reports failure,
+    /// or after `progress_timeout` without a report.
+    async fn watch_swarm(
+        self: Arc<Self>,
+        id: &str,
+        job: &Job,
+        sites: &[String],
+        resume: bool,
+        mut events: mpsc::Receiver<(String, WfEvent)>,
+        mut abort: watch::Receiver<bool>,
+    ) -> anyhow::Result<(JobState, String)> {
+        let WorkflowSpec::Swarm(args) = &job.server.workflow else {
+            anyhow::bail!("not a swarm job");
+        };
+        let seed = crate::simulator::seed_of(id);
+        let cfg = args.to_config(sites, seed)?;
+        let started_ms = now_ms();
+        if !resume {
+            let peers = self.peer_entries(sites);
+            let asks = sites.iter().filter_map(|name| {
+                let p = self.net.peers.by_name(name)?;
+                let req = ControlRequest::Configure {
+                    job: id.to_string(),
+                    peers: peers.clone(),
+                    seed,
+                    rejoin: false,
+                };
+                let net = self.net.clone();
+                let name = name.clone();
+                Some(async move { (name, net.request(p.peer, req).await) })
+            });
+            let answers = futures::future::join_all(asks).await;
+            let configured: Vec<String> = answers
+                .into_iter()
+                .filter_map(|(n, a)| match a {
+                    Ok(ControlResponse::Ok) => Some(n),
+                    other => {
+                        tracing::warn!(job = %id, site = %n, answer = ?other, "site not configured");
+                        None
+                    }
+                })
+                .collect();
+            let need = args.configure_min_clients.unwrap_or(sites.len());
+            if configured.len() < need {
+                return Ok((
+                    JobState::Failed,
+                    format!(
+                        "{} of {} sites configured, configure_min_clients is {need}",
+                        configured.len(),
+                        sites.len()
+                    ),
+                ));
+            }
+            self.note(id, format!("swarm configured on {}", configured.join(", ")));
+            let candidates: Vec<String> = args
+                .starting_client
+                .iter()
+                .chain(&cfg.aggr_clients)
+                .filter(|c| configured.contains(c))
+                .cloned()
+                .collect();
+            let mut started = None;
+            for c in candidates {
+                let Some(p) = self.net.peers.by_name(&c) else {
+                    continue;
+                };
+                let req = ControlRequest::StartWorkflow {
+                    job: id.to_string(),
+                };
+                if let Ok(ControlResponse::Ok) = self.net.request(p.peer, req).await {
+                    started = Some(c);
+                    break;
+                }
+            }
+            let Some(first) = started else {
+                return Ok((
+                    JobState::Failed,
+                    "no starting client accepted the start".into(),
+                ));
+            };
+            self.note(id, format!("swarm started on {first}"));
+        } else {
+            self.note(id, "the server restarted; watching the swarm again".into());
+        }
+        let progress_timeout =
+            Duration::try_from_secs_f64(args.progress_timeout).unwrap_or(Duration::from_secs(3600));
+        let mut last_progress = Instant::now();
+        let mut finished: BTreeMap<String, String> = BTreeMap::new();
+        let mut uploaded: std::collections::BTreeSet<String> = Default::default();
+        let mut rejoined: HashMap<String, Instant> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let result_dir = self.store.result_dir(id);
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some((site, WfEvent::Report(r))) => {
+                        last_progress = Instant::now();
+                        self.on_swarm_report(id, &site, r, &mut finished)?;
+                    }
+                    Some((site, WfEvent::Uploaded(stem))) => {
+                        self.note(id, format!("{site} uploaded {stem}"));
+                        uploaded.insert(stem);
+                    }
+                    None => return Ok((JobState::Failed, "report channel closed".into())),
+                },
+                _ = tick.tick() => {
+                    if last_progress.elapsed() > progress_timeout {
+                        return Ok((JobState::Failed, format!("no progress for {progress_timeout:?} (progress_timeout)")));
+                    }
+                    self.rejoin_restarted(id, sites, seed, started_ms, &mut rejoined).await;
+                }
+                _ = abort.changed() => return Ok((JobState::Aborted, "aborted by an admin".into())),
+            }
+            if let Some((site, why)) = finished.iter().find(|(_, v)| v.starts_with("failed")) {
+                return Ok((JobState::Failed, format!("{site}: {why}")));
+            }
+            let connected_done = sites
+                .iter()
+                .all(|s| finished.contains_key(s) || self.net.peers.by_name(s).is_none());
+            if uploaded.contains("global_final") && connected_done {
+                let rec = self.store.get(id)?;
+                let metrics = serde_json::to_vec_pretty(
+                    &json!({"job_id": id, "name": rec.name, "metrics": rec.metrics}),
+                )?;
+                std::fs::write(result_dir.join("metrics.json"), metrics)?;
+                return Ok((JobState::Finished, "finished".into()));
+            }
+        }
+    }
+
+    fn on_swarm_report(
+        &self,
+        id: &str,
+        site: &str,
+        r: Report,
+        finished: &mut BTreeMap<String, String>,
+    ) -> anyhow::Result<()> {
+        match r.event {
+            ReportEvent::Aggregated {
+                accepted,
+                pruned,
+                version,
+                metrics,
+                best,
+            } => {
+                tracing::info!(job = %id, %site, epoch = %r.epoch, ?metrics, "round aggregated");
+                let round = r.epoch.round;
+                let best_note = best
+                    .map(|b| {
+                        format!(
+                            "; best: version {} ({:.4}) held by {}",
+                            b.version, b.metric, b.holder
+                        )
+                    })
+                    .unwrap_or_default();
+                self.store.update(id, |rec| {
+                    rec.metrics.insert(version, metrics.clone());
+                    rec.round = Some(round);
+                    rec.history.push(crate::store::StatusEntry {
+                        at_ms: now_ms(),
+                        state: rec.state,
+                        note: format!(
+                            "epoch {} aggregated by {site}: accepted {accepted:?}, pruned {pruned:?}{best_note}",
+                            r.epoch
+                        ),
+                    });
+                })?;
+            }
+            ReportEvent::Reelected { previous, next } => {
+                self.note(
+                    id,
+                    format!(
+                        "{site}: aggregator {previous} replaced by {next} for epoch {}",
+                        r.epoch
+                    ),
+                );
+            }
+            ReportEvent::Training => {
+                self.store.update(id, |rec| {
+                    rec.sites
+                        .insert(site.to_string(), format!("round {}", r.epoch.round));
+                })?;
+            }
+            ReportEvent::Finished(outcome) => {
+                let state = match outcome {
+                    Outcome::Completed { .. } => "finished".to_string(),
+                    Outcome::Failed { reason } => format!("failed: {reason}"),
+                };
+                self.store.update(id, |rec| {
+                    rec.sites.insert(site.to_string(), state.clone());
+                })?;
+                finished.insert(site.to_string(), state);
+            }
+            ReportEvent::Alive | ReportEvent::Persisted { .. } | ReportEvent::Evaluated { .. } => {}
+        }
         Ok(())
+    }
+
+    /// Deploys the job again to a site of the run that restarted (its heartbeat no longer
+    /// lists the job), and configures it to rejoin.
+    async fn rejoin_restarted(
+        &self,
+        id: &str,
+        sites: &[String],
+        seed: u64,
+        started_ms: u64,
+        rejoined: &mut HashMap<String, Instant>,
+    ) {
+        let beats = self
+            .heartbeats
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        for (index, name) in sites.iter().enumerate() {
+            let Some((at, jobs, _)) = beats.get(name) else {
+                continue;
+            };
+            if *at <= started_ms || jobs.contains_key(id) {
+                continue;
+            }
+            if rejoined
+                .get(name)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
+            {
+                continue;
+            }
+            let Some(p) = self.net.peers.by_name(name) else {
+                continue;
+            };
+            rejoined.insert(name.clone(), Instant::now());
+            let deployed = async {
+                let bundle = self.store.read_bundle_for_deploy(id)?;
+                let cert_path = self.store.job_dir(id).with_file_name("submitter.der");
+                let submitter_cert = std::fs::read(&cert_path)?;
+                let req = ControlRequest::Deploy {
+                    job: id.to_string(),
+                    bundle,
+                    submitter_cert: ByteBuf::from(submitter_cert),
+                    site_index: index as u32,
+                    num_sites: sites.len() as u32,
+                };
+                match self.net.request(p.peer, req).await? {
+                    ControlResponse::Ok => {}
+                    other => anyhow::bail!("deploy answered {other:?}"),
+                }
+                let req = ControlRequest::Configure {
+                    job: id.to_string(),
+                    peers: self.peer_entries(sites),
+                    seed,
+                    rejoin: true,
+                };
+                match self.net.request(p.peer, req).await? {
+                    ControlResponse::Ok => Ok(()),
+                    other => anyhow::bail!("configure answered {other:?}"),
+                }
+            };
+            match deployed.await {
+                Ok(()) => self.note(id, format!("{name} restarted and rejoined the swarm")),
+                Err(e) => {
+                    tracing::warn!(job = %id, site = %name, error = %format!("{e:#}"), "rejoin failed")
+                }
+            }
+        }
     }
 
     async fn stop_on_sites(&self, id: &str, sites: &[String]) {
@@ -711,6 +1076,28 @@ impl Server {
             );
         }
         let got = bulk::receive(&mut stream, &self.sealing, &from, MAX_RESULT_MODEL).await?;
+        if got.header.kind == "upload" {
+            let stem = got.meta.task_name.as_str();
+            if !matches!(stem, "global_final" | "best") {
+                anyhow::bail!("{} uploaded an unknown file {stem:?}", from.cert.name);
+            }
+            let tx = self
+                .runners
+                .lock()
+                .ok()
+                .and_then(|r| r.get(&got.header.job).map(|r| r.reports.clone()))
+                .with_context(|| {
+                    format!("upload for job {} that is not running", got.header.job)
+                })?;
+            let model = got.model.context("upload without a model")?;
+            let dir = self.store.result_dir(&got.header.job);
+            std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+            crate::model_io::write(&dir.join(format!("{stem}.safetensors")), &model)?;
+            tx.send((from.cert.name.clone(), WfEvent::Uploaded(stem.to_string())))
+                .await
+                .ok();
+            return Ok(());
+        }
         if got.header.kind != "result" {
             anyhow::bail!(
                 "unexpected {} transfer from {}",

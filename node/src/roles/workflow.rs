@@ -1,0 +1,373 @@
+//! The site-side driver of client-controlled workflows (swarm): runs one [`ClientWorkflow`]
+//! state machine per job and carries out what it asks.
+//!
+//! - Peer messages go sealed to the receiving site over bulk streams (`bulk::deliver`), with
+//!   the model beside them; the site is connected first with `connect_peer` (direct, then the
+//!   server's relay). A delivery that fails for good reports the peer down to the workflow.
+//! - Local tasks run on the job's learner on a blocking thread, one at a time.
+//! - Reports go to the server over the control protocol through a bounded queue that keeps
+//!   them, in order, while the server is away, and delivers them when it is back.
+//! - Models the workflow persists are written under `<site>/jobs/<job>/models/`; the final
+//!   and best models of result clients are also uploaded to the server's job store.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flare_protocols::codec::{decode, encode};
+use flare_protocols::model::FLModel;
+use flare_protocols::shareable::{ReturnCode, Shareable};
+use flare_protocols::time::Time;
+use flare_protocols::workflows::ccwf::{Action, ClientWorkflow, Input, ModelSlot, Report};
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, watch};
+
+use crate::learner::{Learner, execute};
+use crate::net::NetHandle;
+use crate::net::bulk::{self, Route, Sealing, TransferMeta};
+use crate::net::connect::connect_peer;
+use crate::net::protocol::{ControlRequest, ControlResponse, PeerEntry};
+
+/// Largest workflow message (CBOR), models excluded.
+pub const MAX_WORKFLOW_MSG: usize = 1 << 20;
+/// Reports kept while the server is away; the oldest are dropped beyond this.
+const REPORT_QUEUE: usize = 4096;
+/// How long a peer connection may take (direct, relay, hole punching).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What reaches a job's workflow task from the rest of the site.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A sealed peer message: sender name, CBOR body, model.
+    Message {
+        /// Sender's participant name.
+        from: String,
+        /// The CBOR message.
+        body: Vec<u8>,
+        /// The model that came with it.
+        model: Option<FLModel>,
+    },
+    /// The server's start, with the initial model.
+    Start(FLModel),
+    /// A peer's connection state changed.
+    Peer {
+        /// Participant name.
+        name: String,
+        /// Reachable again (true) or gone (false).
+        up: bool,
+    },
+}
+
+/// Everything a workflow task needs from its site.
+pub struct Context {
+    /// The network.
+    pub net: NetHandle,
+    /// This site's sealing state.
+    pub sealing: Sealing,
+    /// Job id.
+    pub job: String,
+    /// Workflow name bound into sealed transfers.
+    pub workflow: &'static str,
+    /// This site's name.
+    pub me: String,
+    /// The server's PeerId and dialable addresses (for the relay circuit).
+    pub server: (PeerId, Vec<Multiaddr>),
+    /// The other sites.
+    pub peers: Vec<PeerEntry>,
+    /// The job's learner.
+    pub learner: Arc<Mutex<Box<dyn Learner>>>,
+    /// `<site>/jobs/<job>`.
+    pub job_dir: PathBuf,
+    /// Sites that receive the final and best models (they upload them to the server).
+    pub result_clients: Vec<String>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("job", &self.job)
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    fn peer(&self, name: &str) -> Option<(PeerId, Vec<Multiaddr>)> {
+        let e = self.peers.iter().find(|p| p.name == name)?;
+        let id: PeerId = e.peer_id.parse().ok()?;
+        let addrs = e.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        Some((id, addrs))
+    }
+
+    fn circuit(&self, to: PeerId) -> Option<Multiaddr> {
+        let (server, addrs) = &self.server;
+        // `addrs` already end in /p2p/<server>.
+        let base = addrs.first()?.clone();
+        let base = match base.iter().last() {
+            Some(Protocol::P2p(_)) => base,
+            _ => base.with(Protocol::P2p(*server)),
+        };
+        Some(base.with(Protocol::P2pCircuit).with(Protocol::P2p(to)))
+    }
+}
+
+/// Sends one message (and model) to the site `to`, connecting first; returns whether it was
+/// delivered.
+async fn send_to(
+    ctx: &Context,
+    to: &str,
+    body: Vec<u8>,
+    model: Option<Arc<FLModel>>,
+) -> anyhow::Result<()> {
+    let (peer, addrs) = ctx
+        .peer(to)
+        .ok_or_else(|| anyhow::anyhow!("{to} is not a site of this run"))?;
+    let info = match ctx.net.peers.get(&peer) {
+        Some(p) => p,
+        None => {
+            let circuit = ctx.circuit(peer);
+            connect_peer(&ctx.net, peer, &addrs, circuit.as_ref(), CONNECT_TIMEOUT).await?
+        }
+    };
+    let meta = TransferMeta {
+        task_id: 0,
+        task_name: "ccwf".into(),
+        round: 0,
+        return_code: ReturnCode::Ok,
+        headers: Default::default(),
+        skeleton: None,
+        body: Some(ByteBuf::from(body)),
+    };
+    let route = Route {
+        job: ctx.job.clone(),
+        workflow: ctx.workflow.into(),
+        round: 0,
+        kind: "ccwf".into(),
+    };
+    bulk::deliver(
+        &ctx.net,
+        &ctx.sealing,
+        &info,
+        &route,
+        &meta,
+        model.as_deref(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Uploads a final or best model to the server's job store.
+async fn upload(ctx: &Context, slot: &ModelSlot, model: &FLModel) -> anyhow::Result<()> {
+    let server = ctx
+        .net
+        .peers
+        .get(&ctx.server.0)
+        .ok_or_else(|| anyhow::anyhow!("the server is not connected"))?;
+    let meta = TransferMeta {
+        task_id: 0,
+        task_name: slot.file_stem(),
+        round: 0,
+        return_code: ReturnCode::Ok,
+        headers: Default::default(),
+        skeleton: None,
+        body: None,
+    };
+    let route = Route {
+        job: ctx.job.clone(),
+        workflow: ctx.workflow.into(),
+        round: 0,
+        kind: "upload".into(),
+    };
+    bulk::deliver(&ctx.net, &ctx.sealing, &server, &route, &meta, Some(model)).await?;
+    Ok(())
+}
+
+/// Delivers reports to the server in order, holding them while it is away.
+async fn reporter(ctx: Arc<Context>, mut rx: mpsc::Receiver<Report>) {
+    let mut queue: std::collections::VecDeque<Report> = Default::default();
+    loop {
+        if queue.is_empty() {
+            match rx.recv().await {
+                Some(r) => queue.push_back(r),
+                None => return,
+            }
+        }
+        while let Ok(r) = rx.try_recv() {
+            if queue.len() >= REPORT_QUEUE {
+                queue.pop_front();
+            }
+            queue.push_back(r);
+        }
+        let Some(r) = queue.front().cloned() else {
+            continue;
+        };
+        let req = ControlRequest::WorkflowReport {
+            job: ctx.job.clone(),
+            report: r,
+        };
+        match ctx.net.request(ctx.server.0, req).await {
+            Ok(ControlResponse::Ok) => {
+                queue.pop_front();
+            }
+            Ok(other) => {
+                tracing::warn!(job = %ctx.job, answer = ?other, "report refused; dropped");
+                queue.pop_front();
+            }
+            Err(e) => {
+                tracing::debug!(job = %ctx.job, error = %e, queued = queue.len(), "server away; report kept");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Runs `wf` for the job in `ctx` until `stop` turns true. `start` turns the server's start
+/// (with the initial model) into the workflow's input.
+pub async fn run<W>(
+    ctx: Arc<Context>,
+    mut wf: W,
+    start: fn(FLModel) -> Input<W::Msg>,
+    mut inbound: mpsc::Receiver<Inbound>,
+    mut stop: watch::Receiver<bool>,
+) where
+    W: ClientWorkflow + Send + 'static,
+    W::Msg: Send + 'static,
+{
+    let epoch = Instant::now();
+    let now = || Time::from_duration(epoch.elapsed());
+    let (self_tx, mut self_rx) = mpsc::channel::<Input<W::Msg>>(256);
+    let (report_tx, report_rx) = mpsc::channel::<Report>(1024);
+    tokio::spawn(reporter(Arc::clone(&ctx), report_rx));
+    let tasks = Arc::new(tokio::sync::Mutex::new(()));
+    let mut down: HashMap<String, bool> = HashMap::new();
+    loop {
+        while let Some(a) = wf.poll_action() {
+            match a {
+                Action::Send { to, msg, model } => {
+                    let body = match encode(&msg, MAX_WORKFLOW_MSG) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::error!(job = %ctx.job, error = %e, "cannot encode a workflow message");
+                            continue;
+                        }
+                    };
+                    let (c, tx) = (Arc::clone(&ctx), self_tx.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = send_to(&c, &to, body, model).await {
+                            tracing::warn!(job = %c.job, peer = %to, error = %format!("{e:#}"), "message not delivered");
+                            let _ = tx.send(Input::PeerDown(to)).await;
+                        }
+                    });
+                }
+                Action::RunTask(task) => {
+                    let (learner, tx, lock) = (
+                        Arc::clone(&ctx.learner),
+                        self_tx.clone(),
+                        Arc::clone(&tasks),
+                    );
+                    tokio::spawn(async move {
+                        let _one_at_a_time = lock.lock().await;
+                        let r = tokio::task::spawn_blocking(move || match learner.lock() {
+                            Ok(mut l) => execute(l.as_mut(), &task),
+                            Err(_) => flare_protocols::TaskResult {
+                                task_id: task.id,
+                                round: task.round,
+                                data: Shareable::error(
+                                    ReturnCode::ExecutionException,
+                                    "a previous task of this job panicked",
+                                ),
+                            },
+                        })
+                        .await;
+                        if let Ok(r) = r {
+                            let _ = tx.send(Input::TaskDone(r)).await;
+                        }
+                    });
+                }
+                Action::Report(r) => {
+                    if report_tx.try_send(r).is_err() {
+                        tracing::warn!(job = %ctx.job, "report queue full; report dropped");
+                    }
+                }
+                Action::Persist { slot, model } => {
+                    let path = ctx
+                        .job_dir
+                        .join("models")
+                        .join(format!("{}.safetensors", slot.file_stem()));
+                    let c = Arc::clone(&ctx);
+                    tokio::spawn(async move {
+                        let m = Arc::clone(&model);
+                        let p = path.clone();
+                        let wrote = tokio::task::spawn_blocking(move || {
+                            if let Some(d) = p.parent() {
+                                std::fs::create_dir_all(d)?;
+                            }
+                            crate::model_io::write(&p, &m).map_err(anyhow::Error::from)
+                        })
+                        .await;
+                        match wrote {
+                            Ok(Ok(())) => {
+                                tracing::info!(job = %c.job, path = %path.display(), "model saved")
+                            }
+                            Ok(Err(e)) => {
+                                tracing::error!(job = %c.job, path = %path.display(), error = %format!("{e:#}"), "cannot save a model")
+                            }
+                            Err(e) => {
+                                tracing::error!(job = %c.job, error = %e, "model writer failed")
+                            }
+                        }
+                        if matches!(slot, ModelSlot::Final | ModelSlot::Best)
+                            && c.result_clients.contains(&c.me)
+                        {
+                            for attempt in 0..30 {
+                                match upload(&c, &slot, &model).await {
+                                    Ok(()) => break,
+                                    Err(e) => {
+                                        tracing::warn!(job = %c.job, attempt, error = %format!("{e:#}"), "upload to the server failed; retrying");
+                                        tokio::time::sleep(Duration::from_secs(2)).await;
+                                    }
+                                }
+                            }
+                        }
+                    });
+                }
+                Action::Finished(outcome) => {
+                    tracing::info!(job = %ctx.job, ?outcome, "workflow finished on this site");
+                }
+            }
+        }
+        let wait = wf
+            .poll_timeout()
+            .map_or(Duration::from_secs(5), |t| t.saturating_since(now()));
+        tokio::select! {
+            m = inbound.recv() => match m {
+                Some(Inbound::Message { from, body, model }) => match decode::<W::Msg>(&body, MAX_WORKFLOW_MSG) {
+                    Ok(msg) => wf.handle(now(), Input::Message { from, msg, model: model.map(Arc::new) }),
+                    Err(e) => tracing::warn!(job = %ctx.job, peer = %from, error = %e, "malformed workflow message dropped"),
+                },
+                Some(Inbound::Start(model)) => wf.handle(now(), start(model)),
+                Some(Inbound::Peer { name, up }) => {
+                    let was_down = down.insert(name.clone(), !up).unwrap_or(false);
+                    if up && was_down {
+                        wf.handle(now(), Input::PeerUp(name));
+                    } else if !up {
+                        wf.handle(now(), Input::PeerDown(name));
+                    }
+                }
+                None => break,
+            },
+            Some(i) = self_rx.recv() => {
+                if let Input::PeerDown(n) = &i {
+                    down.insert(n.clone(), true);
+                }
+                wf.handle(now(), i);
+            }
+            _ = tokio::time::sleep(wait) => wf.handle_timeout(now()),
+            _ = stop.changed() => break,
+        }
+    }
+    tracing::info!(job = %ctx.job, "workflow stopped");
+}
