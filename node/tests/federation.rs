@@ -439,3 +439,142 @@ fn poc_start_runs_the_nodes_and_poc_stop_ends_them() {
         );
     }
 }
+
+/// A copy of swarm-mnist with `rounds` rounds and `epochs` local epochs (slower rounds).
+fn swarm_copy(dir: &Path, rounds: u32, epochs: u32) -> PathBuf {
+    let src = root().join("examples/swarm-mnist");
+    let job = dir.join(format!("swarm-{rounds}"));
+    std::fs::create_dir_all(job.join("app/config")).unwrap();
+    std::fs::copy(src.join("meta.json"), job.join("meta.json")).unwrap();
+    let client = std::fs::read_to_string(src.join("app/config/config_fed_client.json"))
+        .unwrap()
+        .replace("\"epochs\": 2", &format!("\"epochs\": {epochs}"));
+    std::fs::write(job.join("app/config/config_fed_client.json"), client).unwrap();
+    let server = std::fs::read_to_string(src.join("app/config/config_fed_server.json"))
+        .unwrap()
+        .replace("\"num_rounds\": 5", &format!("\"num_rounds\": {rounds}"));
+    std::fs::write(job.join("app/config/config_fed_server.json"), server).unwrap();
+    job
+}
+
+/// The aggregator every site computes for round `round` (attempt 0) of `job`.
+fn swarm_aggregator(job_dir: &Path, job_id: &str, round: u32) -> String {
+    let job = flare_node::job::Job::load(job_dir).unwrap();
+    let flare_node::job::WorkflowSpec::Swarm(args) = &job.server.workflow else {
+        panic!("not a swarm job");
+    };
+    let names: Vec<String> = (1..=3).map(|i| format!("site-{i}")).collect();
+    let cfg = args
+        .to_config(&names, flare_node::simulator::seed_of(job_id))
+        .unwrap();
+    cfg.aggregator(flare_protocols::workflows::ccwf::Epoch::new(round, 0))
+        .to_string()
+}
+
+#[test]
+fn swarm_survives_its_aggregator_and_the_server() {
+    let mut f = Federation::prepare(3, 18_500);
+    f.start("server");
+    for s in ["site-1", "site-2", "site-3"] {
+        f.start(s);
+    }
+    f.wait_sites(3);
+    let tmp = tempfile::tempdir().unwrap();
+
+    // The plain run reaches the simulator's accuracy (the same split and seeds).
+    let job = f.admin_json(&[
+        "submit",
+        root().join("examples/swarm-mnist").to_str().unwrap(),
+    ])["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = f.admin(&["wait", &job, "--timeout", "120"]);
+    assert!(out.status.success(), "{}", f.log("server"));
+    let st = f.admin_json(&["status", &job]);
+    let swarm_acc = st["metrics"]["5"]["accuracy"].as_f64().unwrap();
+    let dl = f.admin_json(&["download", &job]);
+    let dir = PathBuf::from(dl["dir"].as_str().unwrap());
+    let file_acc = held_out_accuracy(&dir.join("global_final.safetensors"));
+    assert!(
+        (file_acc - swarm_acc).abs() < 1e-9,
+        "{file_acc} vs {swarm_acc}"
+    );
+    assert!(dir.join("best.safetensors").is_file());
+    let ws = tempfile::tempdir().unwrap();
+    let sim = Command::new(bin())
+        .args(["simulate", "--quiet", "--json", "-n", "3", "-w"])
+        .arg(ws.path())
+        .arg(root().join("examples/hello-fedavg"))
+        .output()
+        .unwrap();
+    let sim: Value = serde_json::from_slice(&sim.stdout).unwrap();
+    let fedavg_acc = sim["metrics"]["5"]["accuracy"].as_f64().unwrap();
+    assert!(
+        (fedavg_acc - swarm_acc).abs() <= 0.005,
+        "swarm {swarm_acc} vs FedAvg {fedavg_acc}"
+    );
+
+    // Kill the aggregator of the round under way: the others re-elect and finish.
+    let src = swarm_copy(tmp.path(), 12, 40);
+    let job = f.admin_json(&["submit", src.to_str().unwrap()])["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let victim = swarm_aggregator(&src, &job, 4);
+    f.wait_round(&job, 3);
+    f.kill(&victim);
+    // And the server goes away for a while, then comes back.
+    std::thread::sleep(Duration::from_millis(500));
+    f.kill("server");
+    std::thread::sleep(Duration::from_secs(4));
+    f.start("server");
+    let out = f.admin(&["wait", &job, "--timeout", "240"]);
+    let survivors: Vec<&str> = ["site-1", "site-2", "site-3"]
+        .into_iter()
+        .filter(|s| *s != victim)
+        .collect();
+    assert!(
+        out.status.success(),
+        "{}\nserver:\n{}\n{}:\n{}\n{}:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        f.log("server"),
+        survivors[0],
+        f.log(survivors[0]),
+        survivors[1],
+        f.log(survivors[1])
+    );
+    let st = f.admin_json(&["status", &job]);
+    // The history is whole: every model version has its metrics, the restart is noted.
+    for v in 0..=12 {
+        assert!(
+            st["metrics"][v.to_string()]["accuracy"].as_f64().is_some(),
+            "version {v} missing: {st}"
+        );
+    }
+    let notes: Vec<&str> = st["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["note"].as_str().unwrap())
+        .collect();
+    assert!(
+        notes.iter().any(|n| n.contains("server restarted")),
+        "{notes:?}"
+    );
+    // Round 4 was aggregated once: by the victim before it died, or by its successor.
+    let round4: Vec<&&str> = notes.iter().filter(|n| n.starts_with("epoch 4.")).collect();
+    assert_eq!(round4.len(), 1, "{notes:?}");
+    if !round4[0].contains(&format!("aggregated by {victim}")) {
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains(&format!("aggregator {victim} replaced by"))),
+            "{notes:?}"
+        );
+    }
+    assert!(
+        st["metrics"]["12"]["accuracy"].as_f64().unwrap() > 0.9,
+        "{st}"
+    );
+}
