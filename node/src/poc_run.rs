@@ -229,7 +229,15 @@ fn spawn(p: &Participant, bin: &Path) -> Result<u32, PocRunError> {
         bin: bin.to_path_buf(),
         source,
     };
-    let child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    // Jobs name their data relative to where they were written: a node started here finds
+    // it from the folder `poc start` ran in, unless FLARE_DATA_ROOT says otherwise.
+    if std::env::var_os("FLARE_DATA_ROOT").is_none()
+        && let Ok(cwd) = std::env::current_dir()
+    {
+        cmd.env("FLARE_DATA_ROOT", cwd);
+    }
+    let child = cmd
         .arg("--kit")
         .arg(p.kit())
         .current_dir(&p.dir)
