@@ -2,6 +2,8 @@
 //! events come out. The simulator and the real node drive the same machines.
 
 pub mod ccwf;
+#[cfg(test)]
+pub(crate) mod ccwf_sim;
 pub mod scatter_gather;
 
 #[cfg(test)]
