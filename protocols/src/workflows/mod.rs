@@ -4,7 +4,11 @@
 pub mod ccwf;
 #[cfg(test)]
 pub(crate) mod ccwf_sim;
+pub mod cyclic;
 pub mod scatter_gather;
+
+#[cfg(test)]
+mod cyclic_sims;
 
 #[cfg(test)]
 mod sim_tests;
