@@ -4,9 +4,12 @@
 pub mod ccwf;
 #[cfg(test)]
 pub(crate) mod ccwf_sim;
+pub mod cse;
 pub mod cyclic;
 pub mod scatter_gather;
 
+#[cfg(test)]
+mod cse_sims;
 #[cfg(test)]
 mod cyclic_sims;
 
