@@ -174,6 +174,14 @@ pub enum ReportEvent {
         /// Its metrics on this client's data.
         metrics: BTreeMap<String, f64>,
     },
+    /// A cross-site evaluation that could not be done: the model never came (its holder is
+    /// down or silent), or validating it failed or timed out.
+    EvaluationFailed {
+        /// Which model was to be measured (a site name or `global`).
+        model: String,
+        /// Why it failed.
+        reason: String,
+    },
     /// The client persisted a model.
     Persisted {
         /// Which one.

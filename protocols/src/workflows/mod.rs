@@ -2,8 +2,17 @@
 //! events come out. The simulator and the real node drive the same machines.
 
 pub mod ccwf;
+#[cfg(test)]
+pub(crate) mod ccwf_sim;
+pub mod cse;
+pub mod cyclic;
 pub mod scatter_gather;
 pub mod swarm;
+
+#[cfg(test)]
+mod cse_sims;
+#[cfg(test)]
+mod cyclic_sims;
 
 #[cfg(test)]
 mod sim_tests;
