@@ -820,7 +820,10 @@ impl Server {
                 })?;
                 finished.insert(site.to_string(), state);
             }
-            ReportEvent::Alive | ReportEvent::Persisted { .. } | ReportEvent::Evaluated { .. } => {}
+            ReportEvent::Alive
+            | ReportEvent::Persisted { .. }
+            | ReportEvent::Evaluated { .. }
+            | ReportEvent::EvaluationFailed { .. } => {}
         }
         Ok(())
     }

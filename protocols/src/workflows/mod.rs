@@ -16,3 +16,5 @@ mod cyclic_sims;
 
 #[cfg(test)]
 mod sim_tests;
+#[cfg(test)]
+mod swarm_sims;
