@@ -196,6 +196,21 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
     Ok(report)
 }
 
+/// Hands queued work to the workers, as much as the bounded queue takes.
+fn hand_out(pending: &mut VecDeque<Work>, work_tx: &SyncSender<Work>) -> anyhow::Result<()> {
+    while let Some(w) = pending.pop_front() {
+        match work_tx.try_send(w) {
+            Ok(()) => {}
+            Err(TrySendError::Full(w)) => {
+                pending.push_front(w);
+                break;
+            }
+            Err(TrySendError::Disconnected(_)) => bail!("all simulator workers stopped"),
+        }
+    }
+    Ok(())
+}
+
 fn worker(
     work_rx: &Mutex<Receiver<Work>>,
     done_tx: &SyncSender<Done>,
@@ -346,17 +361,7 @@ impl Driver<'_> {
             if ctrl.is_done() {
                 break;
             }
-            // Hand out as much work as the bounded queue takes.
-            while let Some(w) = pending.pop_front() {
-                match work_tx.try_send(w) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(w)) => {
-                        pending.push_front(w);
-                        break;
-                    }
-                    Err(TrySendError::Disconnected(_)) => bail!("all simulator workers stopped"),
-                }
-            }
+            hand_out(&mut pending, work_tx)?;
             let wait = match ctrl.poll_timeout() {
                 Some(at) => at.saturating_since(self.now()),
                 None => Duration::from_secs(1),
@@ -382,6 +387,18 @@ impl Driver<'_> {
         if let Some(b) = &bar {
             b.finish_and_clear();
         }
+        let outcome = outcome.ok_or_else(|| "the controller stopped without an outcome".into());
+        self.write_report(rounds, metrics, round_models, outcome)
+    }
+
+    /// Writes `metrics.json` and, when the run ended with a model, `global_final.safetensors`.
+    fn write_report(
+        &self,
+        rounds: Vec<RoundReport>,
+        metrics: BTreeMap<u32, BTreeMap<String, f64>>,
+        round_models: Vec<PathBuf>,
+        outcome: Result<Result<Arc<FLModel>, String>, String>,
+    ) -> anyhow::Result<SimReport> {
         let metrics_file = self.out_dir.join("metrics.json");
         let final_model = self.out_dir.join("global_final.safetensors");
         let report = SimReport {
@@ -397,12 +414,12 @@ impl Driver<'_> {
         std::fs::write(&metrics_file, json)
             .with_context(|| format!("cannot write {}", metrics_file.display()))?;
         match outcome {
-            Some(Ok(model)) => {
+            Ok(Ok(model)) => {
                 crate::model_io::write(&final_model, &model)?;
                 Ok(report)
             }
-            Some(Err(reason)) => bail!("the job aborted: {reason}"),
-            None => bail!("the controller stopped without an outcome"),
+            Ok(Err(reason)) => bail!("the job aborted: {reason}"),
+            Err(missing) => bail!("{missing}"),
         }
     }
 
@@ -518,16 +535,7 @@ impl Driver<'_> {
             if finished.iter().all(Option::is_some) {
                 break;
             }
-            while let Some(w) = pending.pop_front() {
-                match work_tx.try_send(w) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(w)) => {
-                        pending.push_front(w);
-                        break;
-                    }
-                    Err(TrySendError::Disconnected(_)) => bail!("all simulator workers stopped"),
-                }
-            }
+            hand_out(&mut pending, work_tx)?;
             let next = clients.iter().filter_map(|c| c.poll_timeout()).min();
             let wait = next.map_or(Duration::from_secs(1), |t| t.saturating_since(self.now()));
             let wait = if pending.is_empty() {
@@ -549,26 +557,13 @@ impl Driver<'_> {
                 Err(RecvTimeoutError::Disconnected) => bail!("all simulator workers stopped"),
             }
         }
-        let metrics_file = self.out_dir.join("metrics.json");
-        let final_path = self.out_dir.join("global_final.safetensors");
-        let report = SimReport {
-            job: self.job.meta.name.clone(),
-            rounds,
-            metrics,
-            final_model: final_path.clone(),
-            round_models,
-            metrics_file: metrics_file.clone(),
-            seconds: self.started.elapsed().as_secs_f64(),
+        let outcome = match finished.into_iter().flatten().find_map(Result::err) {
+            Some(reason) => Ok(Err(reason)),
+            None => final_model
+                .map(Ok)
+                .ok_or_else(|| "no result client received the final model".into()),
         };
-        let json = serde_json::to_vec_pretty(&report)?;
-        std::fs::write(&metrics_file, json)
-            .with_context(|| format!("cannot write {}", metrics_file.display()))?;
-        if let Some(Some(Err(reason))) = finished.iter().find(|f| matches!(f, Some(Err(_)))) {
-            bail!("the job aborted: {reason}");
-        }
-        let model = final_model.context("no result client received the final model")?;
-        crate::model_io::write(&final_path, &model)?;
-        Ok(report)
+        self.write_report(rounds, metrics, round_models, outcome)
     }
 
     fn index(&self, name: &str) -> anyhow::Result<usize> {

@@ -429,6 +429,24 @@ impl Server {
         }
     }
 
+    /// What a deploy sends: the stored job bundle and the submitting admin's certificate.
+    fn deploy_parts(&self, id: &str) -> anyhow::Result<(crate::net::protocol::JobBundle, Vec<u8>)> {
+        let bundle = self.store.read_bundle_for_deploy(id)?;
+        let cert_path = self.store.job_dir(id).with_file_name("submitter.der");
+        let cert = std::fs::read(&cert_path).with_context(|| cert_path.display().to_string())?;
+        Ok((bundle, cert))
+    }
+
+    /// Writes a finished job's `metrics.json` into its result folder.
+    fn write_metrics(&self, id: &str, result_dir: &std::path::Path) -> anyhow::Result<()> {
+        let rec = self.store.get(id)?;
+        let metrics = serde_json::to_vec_pretty(
+            &json!({"job_id": id, "name": rec.name, "metrics": rec.metrics}),
+        )?;
+        std::fs::write(result_dir.join("metrics.json"), metrics)?;
+        Ok(())
+    }
+
     /// Deploys submitted jobs whose sites are connected.
     async fn schedule(self: Arc<Self>) {
         let pending: Vec<String> = self
@@ -481,10 +499,7 @@ impl Server {
             &format!("deploying to {}", names.join(", ")),
             now_ms(),
         )?;
-        let bundle = self.store.read_bundle_for_deploy(id)?;
-        let cert_path = self.store.job_dir(id).with_file_name("submitter.der");
-        let submitter_cert =
-            std::fs::read(&cert_path).with_context(|| cert_path.display().to_string())?;
+        let (bundle, submitter_cert) = self.deploy_parts(id)?;
         let n = targets.len() as u32;
         let mut asks = Vec::new();
         for (i, p) in targets.iter().enumerate() {
@@ -747,11 +762,7 @@ impl Server {
                 .iter()
                 .all(|s| finished.contains_key(s) || self.net.peers.by_name(s).is_none());
             if uploaded.contains("global_final") && connected_done {
-                let rec = self.store.get(id)?;
-                let metrics = serde_json::to_vec_pretty(
-                    &json!({"job_id": id, "name": rec.name, "metrics": rec.metrics}),
-                )?;
-                std::fs::write(result_dir.join("metrics.json"), metrics)?;
+                self.write_metrics(id, &result_dir)?;
                 return Ok((JobState::Finished, "finished".into()));
             }
         }
@@ -861,9 +872,7 @@ impl Server {
             };
             rejoined.insert(name.clone(), Instant::now());
             let deployed = async {
-                let bundle = self.store.read_bundle_for_deploy(id)?;
-                let cert_path = self.store.job_dir(id).with_file_name("submitter.der");
-                let submitter_cert = std::fs::read(&cert_path)?;
+                let (bundle, submitter_cert) = self.deploy_parts(id)?;
                 let req = ControlRequest::Deploy {
                     job: id.to_string(),
                     bundle,
@@ -1016,11 +1025,7 @@ impl Server {
             Event::ResultAccepted { .. } => {}
             Event::Finished { model } => {
                 crate::model_io::write(&result_dir.join("global_final.safetensors"), &model)?;
-                let rec = self.store.get(id)?;
-                let metrics = serde_json::to_vec_pretty(
-                    &json!({"job_id": id, "name": rec.name, "metrics": rec.metrics}),
-                )?;
-                std::fs::write(result_dir.join("metrics.json"), metrics)?;
+                self.write_metrics(id, result_dir)?;
                 return Ok(Some((JobState::Finished, "finished".into())));
             }
             Event::Aborted { reason, .. } => return Ok(Some((JobState::Failed, reason))),
