@@ -599,6 +599,11 @@ impl SwarmClient {
     }
 
     fn on_message(&mut self, now: Time, from: &str, msg: SwarmMsg, model: Option<Arc<FLModel>>) {
+        // Only the run's clients talk to each other; only the driver's start comes from
+        // elsewhere.
+        if !matches!(msg, SwarmMsg::Start) && !self.cfg.clients.iter().any(|c| c == from) {
+            return;
+        }
         if self.done.is_some() {
             // A finished client still answers, so late peers finish too.
             match msg {

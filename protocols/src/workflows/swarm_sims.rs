@@ -350,3 +350,74 @@ fn too_few_results_fail_the_run_for_everyone() {
         "{outcomes:?}"
     );
 }
+
+mod hostile {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::codec::decode;
+    use crate::time::Time;
+    use crate::workflows::ccwf::{ClientWorkflow, Epoch, Input};
+
+    fn msg(kind: u8, round: u32, attempt: u32) -> SwarmMsg {
+        let epoch = Epoch::new(round, attempt);
+        match kind % 8 {
+            0 => SwarmMsg::Start,
+            1 => SwarmMsg::Learn {
+                epoch,
+                members: vec!["zz".into()],
+                best: None,
+                validate_only: attempt % 2 == 0,
+            },
+            2 => SwarmMsg::Ready { epoch },
+            3 => SwarmMsg::Grant { epoch },
+            4 => SwarmMsg::Submit {
+                epoch,
+                return_code: crate::shareable::ReturnCode::Ok,
+                reason: None,
+            },
+            5 => SwarmMsg::Sync { epoch: Some(epoch) },
+            6 => SwarmMsg::Done { epoch, best: None },
+            _ => SwarmMsg::Abort {
+                reason: String::new(),
+            },
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Random bytes never decode into a panic.
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<SwarmMsg>(&bytes, 1 << 20);
+        }
+
+        /// Messages from strangers, for any epoch, with a model of the wrong shape or none,
+        /// never panic a client, and a stranger's result is never aggregated.
+        #[test]
+        fn nonsense_messages_never_panic(
+            steps in prop::collection::vec((any::<u8>(), 0u32..8, 0u32..4, any::<bool>(), 0usize..5), 1..40)
+        ) {
+            let mut c = SwarmClient::new(cfg(3), "a").unwrap();
+            let odd = Arc::new(FLModel::from_params(BTreeMap::from([(
+                "v".to_string(),
+                Tensor::from_f32(vec![2], &[1.0, f32::NAN]).unwrap(),
+            )])));
+            for (i, (kind, round, attempt, with_model, from)) in steps.into_iter().enumerate() {
+                let from = ["b", "c", "d", "stranger", ""][from].to_string();
+                let model = with_model.then(|| Arc::clone(&odd));
+                let now = Time::from_millis(i as u64 * 300);
+                c.handle(now, Input::Message { from, msg: msg(kind, round, attempt), model });
+                c.handle_timeout(now);
+                while let Some(a) = c.poll_action() {
+                    if let Action::Report(r) = a
+                        && let ReportEvent::Aggregated { accepted, .. } = r.event
+                    {
+                        prop_assert!(!accepted.contains(&"stranger".to_string()));
+                    }
+                }
+            }
+        }
+    }
+}
