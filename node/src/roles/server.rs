@@ -32,6 +32,8 @@ use flare_protocols::workflows::ccwf::{Outcome, Report, ReportEvent};
 
 /// Largest result model the server accepts from a site.
 pub const MAX_RESULT_MODEL: u64 = 16 << 30;
+/// How long a swarm site may be disconnected before the end of a run stops waiting for it.
+const SITE_GONE_AFTER: Duration = Duration::from_secs(20);
 /// Workflow name bound into sealed task and result streams.
 const WORKFLOW: &str = "scatter_and_gather";
 
@@ -732,6 +734,8 @@ impl Server {
         let mut finished: BTreeMap<String, String> = BTreeMap::new();
         let mut uploaded: std::collections::BTreeSet<String> = Default::default();
         let mut rejoined: HashMap<String, Instant> = HashMap::new();
+        let mut seen: HashMap<String, Instant> =
+            sites.iter().map(|s| (s.clone(), Instant::now())).collect();
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         let result_dir = self.store.result_dir(id);
         loop {
@@ -758,10 +762,18 @@ impl Server {
             if let Some((site, why)) = finished.iter().find(|(_, v)| v.starts_with("failed")) {
                 return Ok((JobState::Failed, format!("{site}: {why}")));
             }
-            let connected_done = sites
-                .iter()
-                .all(|s| finished.contains_key(s) || self.net.peers.by_name(s).is_none());
-            if uploaded.contains("global_final") && connected_done {
+            // A site still counts until it has been away for SITE_GONE_AFTER: one that is
+            // reconnecting (after this server restarted) still has reports queued.
+            for s in sites {
+                if self.net.peers.by_name(s).is_some() {
+                    seen.insert(s.clone(), Instant::now());
+                }
+            }
+            let all_done = sites.iter().all(|s| {
+                finished.contains_key(s)
+                    || seen.get(s).is_none_or(|t| t.elapsed() > SITE_GONE_AFTER)
+            });
+            if uploaded.contains("global_final") && all_done {
                 self.write_metrics(id, &result_dir)?;
                 return Ok((JobState::Finished, "finished".into()));
             }

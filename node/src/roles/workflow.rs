@@ -35,6 +35,9 @@ use crate::net::protocol::{ControlRequest, ControlResponse, PeerEntry};
 pub const MAX_WORKFLOW_MSG: usize = 1 << 20;
 /// Reports kept while the server is away; the oldest are dropped beyond this.
 const REPORT_QUEUE: usize = 4096;
+/// How many times (a second apart) a report the server refuses is tried again before it is
+/// dropped.
+const REFUSALS_KEPT: u32 = 60;
 /// How long a peer connection may take (direct, relay, hole punching).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -188,6 +191,7 @@ async fn upload(ctx: &Context, slot: &ModelSlot, model: &FLModel) -> anyhow::Res
 /// Delivers reports to the server in order, holding them while it is away.
 async fn reporter(ctx: Arc<Context>, mut rx: mpsc::Receiver<Report>) {
     let mut queue: std::collections::VecDeque<Report> = Default::default();
+    let mut refusals = 0u32;
     loop {
         if queue.is_empty() {
             match rx.recv().await {
@@ -211,10 +215,19 @@ async fn reporter(ctx: Arc<Context>, mut rx: mpsc::Receiver<Report>) {
         match ctx.net.request(ctx.server.0, req).await {
             Ok(ControlResponse::Ok) => {
                 queue.pop_front();
+                refusals = 0;
+            }
+            // A server that has just come back refuses requests until it has admitted this
+            // site again and watches the job again: keep the report a while.
+            Ok(other) if refusals < REFUSALS_KEPT => {
+                refusals += 1;
+                tracing::debug!(job = %ctx.job, answer = ?other, "report refused; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Ok(other) => {
                 tracing::warn!(job = %ctx.job, answer = ?other, "report refused; dropped");
                 queue.pop_front();
+                refusals = 0;
             }
             Err(e) => {
                 tracing::debug!(job = %ctx.job, error = %e, queued = queue.len(), "server away; report kept");
