@@ -84,7 +84,7 @@ impl Federation {
             .arg("--kit")
             .arg(dir.join("startup"))
             .current_dir(root())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,flare_node::roles::workflow=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -549,7 +549,12 @@ fn swarm_survives_its_aggregator_and_the_server() {
     for v in 0..=12 {
         assert!(
             st["metrics"][v.to_string()]["accuracy"].as_f64().is_some(),
-            "version {v} missing: {st}"
+            "version {v} missing: {st}\nserver:\n{}\n{}:\n{}\n{}:\n{}",
+            f.log("server"),
+            survivors[0],
+            f.log(survivors[0]),
+            survivors[1],
+            f.log(survivors[1])
         );
     }
     let notes: Vec<&str> = st["history"]

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use libp2p::PeerId;
 use serde_bytes::ByteBuf;
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{now_ms, start_net};
 use crate::job::{Job, WorkflowSpec};
@@ -32,6 +32,8 @@ use flare_protocols::workflows::ccwf::{Outcome, Report, ReportEvent};
 
 /// Largest result model the server accepts from a site.
 pub const MAX_RESULT_MODEL: u64 = 16 << 30;
+/// How long a site's report may wait to be written before the site is told to send it again.
+const REPORT_WRITE_WAIT: Duration = Duration::from_secs(30);
 /// How long a swarm site may be disconnected before the end of a run stops waiting for it.
 const SITE_GONE_AFTER: Duration = Duration::from_secs(20);
 /// Workflow name bound into sealed task and result streams.
@@ -43,8 +45,10 @@ type Heartbeat = (u64, BTreeMap<String, u32>, Vec<String>);
 /// What a client-controlled job's watcher hears from the sites.
 #[derive(Debug)]
 enum WfEvent {
-    /// A progress report.
-    Report(Report),
+    /// A progress report, and who to tell once it is in the job store: a site's report is
+    /// acknowledged only after it is written, so a server killed in between loses nothing
+    /// (the site sends it again).
+    Report(Report, oneshot::Sender<()>),
     /// A result client uploaded a model (`global_final` or `best`).
     Uploaded(String),
 }
@@ -232,10 +236,19 @@ impl Server {
                     .and_then(|r| r.get(&job).map(|r| r.reports.clone()));
                 match tx {
                     Some(tx) => {
-                        let _ = tx
-                            .send((from.cert.name.clone(), WfEvent::Report(report)))
+                        let (ack, written) = oneshot::channel();
+                        let queued = tx
+                            .send((from.cert.name.clone(), WfEvent::Report(report, ack)))
                             .await;
-                        ControlResponse::Ok
+                        match (
+                            queued,
+                            tokio::time::timeout(REPORT_WRITE_WAIT, written).await,
+                        ) {
+                            (Ok(()), Ok(Ok(()))) => ControlResponse::Ok,
+                            _ => err(format!(
+                                "job {job}: the report was not recorded; send it again"
+                            )),
+                        }
                     }
                     None => err(format!("job {job} is not running here")),
                 }
@@ -642,6 +655,21 @@ impl Server {
         });
     }
 
+    /// Appends `note` to the job's history unless it is there already: a site sends a report
+    /// again when its acknowledgement was lost, and the history keeps one line for it.
+    fn note_once(&self, id: &str, note: String) -> Result<(), crate::store::StoreError> {
+        self.store.update(id, |r| {
+            if !r.history.iter().any(|h| h.note == note) {
+                r.history.push(crate::store::StatusEntry {
+                    at_ms: now_ms(),
+                    state: r.state,
+                    note,
+                });
+            }
+        })?;
+        Ok(())
+    }
+
     /// Configures and starts a swarm job on its sites (unless `resume`), then watches it:
     /// records the sites' reports, re-admits restarted sites, and ends the job when the final
     /// model is uploaded and every connected site has finished, when a site reports failure,
@@ -741,9 +769,10 @@ impl Server {
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Some((site, WfEvent::Report(r))) => {
+                    Some((site, WfEvent::Report(r, ack))) => {
                         last_progress = Instant::now();
                         self.on_swarm_report(id, &site, r, &mut finished)?;
+                        let _ = ack.send(());
                     }
                     Some((site, WfEvent::Uploaded(stem))) => {
                         self.note(id, format!("{site} uploaded {stem}"));
@@ -807,25 +836,24 @@ impl Server {
                     .unwrap_or_default();
                 self.store.update(id, |rec| {
                     rec.metrics.insert(version, metrics.clone());
-                    rec.round = Some(round);
-                    rec.history.push(crate::store::StatusEntry {
-                        at_ms: now_ms(),
-                        state: rec.state,
-                        note: format!(
-                            "epoch {} aggregated by {site}: accepted {accepted:?}, pruned {pruned:?}{best_note}",
-                            r.epoch
-                        ),
-                    });
+                    rec.round = Some(round.max(rec.round.unwrap_or(0)));
                 })?;
+                self.note_once(
+                    id,
+                    format!(
+                        "epoch {} aggregated by {site}: accepted {accepted:?}, pruned {pruned:?}{best_note}",
+                        r.epoch
+                    ),
+                )?;
             }
             ReportEvent::Reelected { previous, next } => {
-                self.note(
+                self.note_once(
                     id,
                     format!(
                         "{site}: aggregator {previous} replaced by {next} for epoch {}",
                         r.epoch
                     ),
-                );
+                )?;
             }
             ReportEvent::Training => {
                 self.store.update(id, |rec| {
