@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flare_crypto::seal::{
-    MessageHeader, ReplayWindow, SealError, SealedStreamHeader, StreamOpener, StreamSealer,
+    CHUNK_OVERHEAD, MessageHeader, ReplayWindow, SealError, SealedStreamHeader, StreamOpener,
+    StreamSealer,
 };
 use flare_crypto::{PeerId, SealingSecret};
 use flare_protocols::codec::{decode, encode};
@@ -174,14 +175,21 @@ async fn write_frame<W: futures::AsyncWrite + Unpin>(
     bytes: &[u8],
 ) -> std::io::Result<()> {
     let len = u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("frame too large"))?;
-    w.write_all(&len.to_be_bytes()).await?;
-    w.write_all(bytes).await
+    // One write: a lone 4-byte write would become a yamux frame of its own.
+    let mut buf = Vec::with_capacity(4 + bytes.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(bytes);
+    w.write_all(&buf).await
 }
 
-async fn read_frame<R: futures::AsyncRead + Unpin>(
+/// Reads one length-prefixed frame into `buf` (reused across frames; it grows to the largest
+/// frame seen, at most `max`) and returns its length, or `None` on a clean end of stream
+/// before a frame starts. The frame is `buf[..n]`.
+async fn read_frame_into<R: futures::AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
-) -> Result<Option<Vec<u8>>, BulkError> {
+    buf: &mut Vec<u8>,
+) -> Result<Option<usize>, BulkError> {
     let mut len = [0u8; 4];
     let read = tokio::time::timeout(FRAME_TIMEOUT, async {
         // A clean end of stream before a frame starts is reported as `None`.
@@ -197,38 +205,77 @@ async fn read_frame<R: futures::AsyncRead + Unpin>(
                 format!("frame of {n} bytes exceeds {max}"),
             ));
         }
-        let mut buf = vec![0u8; n];
-        r.read_exact(&mut buf).await?;
-        Ok(Some(buf))
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
+        r.read_exact(&mut buf[..n]).await?;
+        Ok(Some(n))
     })
     .await
     .map_err(|_| BulkError::Stalled(FRAME_TIMEOUT))?;
     Ok(read?)
 }
 
+async fn read_frame<R: futures::AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Vec<u8>>, BulkError> {
+    let mut buf = Vec::new();
+    Ok(read_frame_into(r, max, &mut buf).await?.map(|n| {
+        buf.truncate(n);
+        buf
+    }))
+}
+
+/// Bytes in front of a chunk's plaintext in [`ChunkWriter`]'s buffer: the frame's length
+/// prefix and the seal's flag byte.
+const FRAME_HEAD: usize = 4 + 1;
+
 /// Buffers plaintext and writes it out as sealed chunks of [`CHUNK`] bytes.
+///
+/// One buffer, reused for every chunk, holds the frame as it goes out: the length prefix, the
+/// flag, the plaintext (sealed in place) and the tag, written with one `write_all`.
 struct ChunkWriter<'a, W> {
     out: &'a mut W,
-    sealer: Option<StreamSealer>,
+    sealer: StreamSealer,
     buf: Vec<u8>,
     sent: u64,
 }
 
-impl<W: futures::AsyncWrite + Unpin> ChunkWriter<'_, W> {
+impl<'a, W: futures::AsyncWrite + Unpin> ChunkWriter<'a, W> {
+    fn new(out: &'a mut W, sealer: StreamSealer, sent: u64) -> Self {
+        let mut buf = Vec::with_capacity(FRAME_HEAD + CHUNK + CHUNK_OVERHEAD);
+        buf.resize(FRAME_HEAD, 0);
+        ChunkWriter {
+            out,
+            sealer,
+            buf,
+            sent,
+        }
+    }
+
     async fn push(&mut self, mut data: &[u8]) -> Result<(), BulkError> {
         while !data.is_empty() {
-            let room = CHUNK - self.buf.len();
+            let room = FRAME_HEAD + CHUNK - self.buf.len();
             let take = room.min(data.len());
             self.buf.extend_from_slice(&data[..take]);
             data = &data[take..];
-            if self.buf.len() == CHUNK {
-                let sealer = self.sealer.as_mut().ok_or(SealError::AfterEnd)?;
-                let framed = sealer.seal_chunk(&self.buf)?;
-                write_frame(self.out, &framed).await?;
-                self.sent += framed.len() as u64 + 4;
-                self.buf.clear();
+            if self.buf.len() == FRAME_HEAD + CHUNK {
+                self.write_chunk(false).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Seals the buffered plaintext in place and writes the frame.
+    async fn write_chunk(&mut self, last: bool) -> Result<(), BulkError> {
+        self.sealer.seal_in_place(&mut self.buf, 4, last)?;
+        let len = u32::try_from(self.buf.len() - 4)
+            .map_err(|_| BulkError::Malformed("frame too large".into()))?;
+        self.buf[..4].copy_from_slice(&len.to_be_bytes());
+        self.out.write_all(&self.buf).await?;
+        self.sent += self.buf.len() as u64;
+        self.buf.truncate(FRAME_HEAD);
         Ok(())
     }
 
@@ -236,9 +283,7 @@ impl<W: futures::AsyncWrite + Unpin> ChunkWriter<'_, W> {
     where
         W: futures::AsyncRead,
     {
-        let sealer = self.sealer.take().ok_or(SealError::AfterEnd)?;
-        let framed = sealer.seal_last(&self.buf)?;
-        write_frame(self.out, &framed).await?;
+        self.write_chunk(true).await?;
         self.out.flush().await?;
         self.out.close().await?;
         // The receiver acknowledges a transfer it opened and rebuilt completely. Without the
@@ -246,7 +291,7 @@ impl<W: futures::AsyncWrite + Unpin> ChunkWriter<'_, W> {
         // (libp2p-stream drops inbound streams its accept queue has no room for).
         let mut ack = [0u8; 1];
         match tokio::time::timeout(FRAME_TIMEOUT, self.out.read_exact(&mut ack)).await {
-            Ok(Ok(())) if ack[0] == ACK => Ok(self.sent + framed.len() as u64 + 4),
+            Ok(Ok(())) if ack[0] == ACK => Ok(self.sent),
             Ok(Ok(())) => Err(BulkError::NotAcknowledged(format!(
                 "bad ack byte {}",
                 ack[0]
@@ -305,12 +350,7 @@ async fn start_stream<'a, S: futures::AsyncWrite + Unpin>(
     let (sealer, head) = StreamSealer::start(&header, &sealing.secret, to, sealing.rng.as_ref())?;
     write_frame(stream, &head).await?;
     let meta_bytes = encode(meta, MAX_META).map_err(|e| BulkError::Malformed(e.to_string()))?;
-    let mut w = ChunkWriter {
-        out: stream,
-        sealer: Some(sealer),
-        buf: Vec::with_capacity(CHUNK),
-        sent: head.len() as u64 + 4,
-    };
+    let mut w = ChunkWriter::new(stream, sealer, head.len() as u64 + 4);
     w.push(&(meta_bytes.len() as u32).to_be_bytes()).await?;
     w.push(&meta_bytes).await?;
     Ok(w)
@@ -445,6 +485,14 @@ impl Assembler {
             let want = numel(shape).unwrap_or(0) * dtype.size();
             let take = (want - self.filled).min(data.len());
             if self.keep {
+                // Grow by doubling what actually arrived, never past the declared size: a
+                // peer's claim alone reserves nothing, and the tensor ends up exactly sized.
+                let need = self.filling.len() + take;
+                if need > self.filling.capacity() {
+                    let grow = self.filling.capacity().max(CHUNK);
+                    let target = (self.filling.len() + grow).max(need).min(want);
+                    self.filling.reserve_exact(target - self.filling.len());
+                }
                 self.filling.extend_from_slice(&data[..take]);
             }
             self.filled += take;
@@ -580,16 +628,18 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         tensors: BTreeMap::new(),
     };
     let mut bytes = head.len() as u64 + 4;
+    // One buffer for every frame: each chunk is read into it and opened where it lies.
+    let mut frame = Vec::new();
     loop {
-        let Some(frame) = read_frame(stream, MAX_FRAME).await? else {
+        let Some(n) = read_frame_into(stream, MAX_FRAME, &mut frame).await? else {
             opener.finish()?;
             return Err(BulkError::Malformed(
                 "stream ended without its last chunk".into(),
             ));
         };
-        bytes += frame.len() as u64 + 4;
-        let chunk = opener.open_chunk(&frame)?;
-        asm.push(&chunk.data)?;
+        bytes += n as u64 + 4;
+        let chunk = opener.open_in_place(&mut frame[..n])?;
+        asm.push(chunk.data)?;
         if chunk.last {
             break;
         }
