@@ -235,7 +235,7 @@ const FRAME_HEAD: usize = 4 + 1;
 ///
 /// One buffer, reused for every chunk, holds the frame as it goes out: the length prefix, the
 /// flag, the plaintext (sealed in place) and the tag, written with one `write_all`.
-struct ChunkWriter<'a, W> {
+pub(crate) struct ChunkWriter<'a, W> {
     out: &'a mut W,
     sealer: StreamSealer,
     buf: Vec<u8>,
@@ -254,7 +254,7 @@ impl<'a, W: futures::AsyncWrite + Unpin> ChunkWriter<'a, W> {
         }
     }
 
-    async fn push(&mut self, mut data: &[u8]) -> Result<(), BulkError> {
+    pub(crate) async fn push(&mut self, mut data: &[u8]) -> Result<(), BulkError> {
         while !data.is_empty() {
             let room = FRAME_HEAD + CHUNK - self.buf.len();
             let take = room.min(data.len());
@@ -279,7 +279,7 @@ impl<'a, W: futures::AsyncWrite + Unpin> ChunkWriter<'a, W> {
         Ok(())
     }
 
-    async fn finish(mut self) -> Result<u64, BulkError>
+    pub(crate) async fn finish(mut self) -> Result<u64, BulkError>
     where
         W: futures::AsyncRead,
     {
@@ -326,7 +326,7 @@ pub async fn send<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
 
 impl Sealing {
     /// The seal header of a new transfer to `to` on `route`, with a fresh sequence number.
-    fn header(&self, to: &PeerInfo, route: &Route) -> MessageHeader {
+    pub(crate) fn header(&self, to: &PeerInfo, route: &Route) -> MessageHeader {
         MessageHeader {
             sender: self.me,
             receiver: to.peer,
@@ -340,7 +340,7 @@ impl Sealing {
 }
 
 /// Writes the sealed-stream header and the meta; returns the writer for the tensor bytes.
-async fn start_stream<'a, S: futures::AsyncWrite + Unpin>(
+pub(crate) async fn start_stream<'a, S: futures::AsyncWrite + Unpin>(
     stream: &'a mut S,
     sealing: &Sealing,
     header: MessageHeader,
@@ -586,6 +586,94 @@ pub async fn receive_discard<S: futures::AsyncRead + futures::AsyncWrite + Unpin
     receive_inner(stream, sealing, from, max_model_bytes, false).await
 }
 
+/// The receiving end of a sealed stream: opens the header, then hands out plaintext chunk by
+/// chunk, each read into and opened in one reused buffer.
+pub(crate) struct SealedReader<'a, S> {
+    stream: &'a mut S,
+    opener: Option<StreamOpener>,
+    header: MessageHeader,
+    frame: Vec<u8>,
+    bytes: u64,
+}
+
+impl<'a, S: futures::AsyncRead + futures::AsyncWrite + Unpin> SealedReader<'a, S> {
+    /// Reads and authenticates the stream header from `from` (an admitted peer).
+    pub(crate) async fn open(
+        stream: &'a mut S,
+        sealing: &Sealing,
+        from: &PeerInfo,
+    ) -> Result<Self, BulkError> {
+        let head = read_frame(stream, 64 << 10)
+            .await?
+            .ok_or_else(|| BulkError::Malformed("empty stream".into()))?;
+        let parsed = SealedStreamHeader::parse(&head)?;
+        if parsed.header().sender != from.peer {
+            return Err(BulkError::Malformed(format!(
+                "seal names sender {} but the stream comes from {}",
+                parsed.header().sender,
+                from.peer
+            )));
+        }
+        let opener: StreamOpener = {
+            let mut window = sealing
+                .window
+                .lock()
+                .map_err(|_| BulkError::Malformed("replay window poisoned".into()))?;
+            parsed.open(
+                &sealing.me,
+                &sealing.secret,
+                &from.cert.sealing_public,
+                &mut window,
+            )?
+        };
+        Ok(SealedReader {
+            stream,
+            header: opener.header().clone(),
+            opener: Some(opener),
+            frame: Vec::new(),
+            bytes: head.len() as u64 + 4,
+        })
+    }
+
+    /// The authenticated seal header.
+    pub(crate) fn header(&self) -> &MessageHeader {
+        &self.header
+    }
+
+    /// The next chunk's plaintext, or `None` once the last chunk was read.
+    pub(crate) async fn next(&mut self) -> Result<Option<&[u8]>, BulkError> {
+        let Some(opener) = self.opener.as_mut() else {
+            return Ok(None);
+        };
+        let Some(n) = read_frame_into(self.stream, MAX_FRAME, &mut self.frame).await? else {
+            if let Some(o) = self.opener.take() {
+                o.finish()?;
+            }
+            return Err(BulkError::Malformed(
+                "stream ended without its last chunk".into(),
+            ));
+        };
+        self.bytes += n as u64 + 4;
+        let chunk = opener.open_in_place(&mut self.frame[..n])?;
+        if chunk.last {
+            self.opener = None;
+        }
+        Ok(Some(chunk.data))
+    }
+
+    /// Acknowledges a complete transfer (call once `next` returned `None` and the payload
+    /// checked out); returns the bytes read.
+    pub(crate) async fn acknowledge(self) -> Result<u64, BulkError> {
+        if self.opener.is_some() {
+            return Err(SealError::Truncated.into());
+        }
+        self.stream.write_all(&[ACK]).await?;
+        self.stream.flush().await?;
+        let _ = self.stream.close().await;
+        Ok(self.bytes)
+    }
+}
+
 async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     stream: &mut S,
     sealing: &Sealing,
@@ -593,30 +681,8 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     max_model_bytes: u64,
     keep: bool,
 ) -> Result<Received, BulkError> {
-    let head = read_frame(stream, 64 << 10)
-        .await?
-        .ok_or_else(|| BulkError::Malformed("empty stream".into()))?;
-    let parsed = SealedStreamHeader::parse(&head)?;
-    if parsed.header().sender != from.peer {
-        return Err(BulkError::Malformed(format!(
-            "seal names sender {} but the stream comes from {}",
-            parsed.header().sender,
-            from.peer
-        )));
-    }
-    let mut opener: StreamOpener = {
-        let mut window = sealing
-            .window
-            .lock()
-            .map_err(|_| BulkError::Malformed("replay window poisoned".into()))?;
-        parsed.open(
-            &sealing.me,
-            &sealing.secret,
-            &from.cert.sealing_public,
-            &mut window,
-        )?
-    };
-    let header = opener.header().clone();
+    let mut reader = SealedReader::open(stream, sealing, from).await?;
+    let header = reader.header().clone();
     let mut asm = Assembler {
         max_model_bytes,
         keep,
@@ -627,28 +693,11 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         filling: Vec::new(),
         tensors: BTreeMap::new(),
     };
-    let mut bytes = head.len() as u64 + 4;
-    // One buffer for every frame: each chunk is read into it and opened where it lies.
-    let mut frame = Vec::new();
-    loop {
-        let Some(n) = read_frame_into(stream, MAX_FRAME, &mut frame).await? else {
-            opener.finish()?;
-            return Err(BulkError::Malformed(
-                "stream ended without its last chunk".into(),
-            ));
-        };
-        bytes += n as u64 + 4;
-        let chunk = opener.open_in_place(&mut frame[..n])?;
-        asm.push(chunk.data)?;
-        if chunk.last {
-            break;
-        }
+    while let Some(data) = reader.next().await? {
+        asm.push(data)?;
     }
-    opener.finish()?;
     let (meta, model) = asm.finish()?;
-    stream.write_all(&[ACK]).await?;
-    stream.flush().await?;
-    let _ = stream.close().await;
+    let bytes = reader.acknowledge().await?;
     Ok(Received {
         header,
         meta,
