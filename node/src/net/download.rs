@@ -360,7 +360,170 @@ pub async fn receive_files<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
+    use flare_crypto::{Identity, ParticipantCert, Role};
+    use futures::io::Cursor;
+
     use super::*;
+
+    fn info(id: &Identity) -> PeerInfo {
+        let peer_id = id.peer_id().unwrap();
+        PeerInfo {
+            peer: peer_id,
+            cert: ParticipantCert {
+                name: "p".into(),
+                org: "o".into(),
+                role: Role::Server,
+                signing_public: id.signing.public().unwrap(),
+                peer_id,
+                sealing_public: id.sealing.public(),
+                not_before: 0,
+                not_after: 0,
+                serial: Vec::new(),
+                der: Vec::new(),
+            },
+            relayed: false,
+            addr: "/ip4/127.0.0.1/tcp/1".parse().unwrap(),
+        }
+    }
+
+    struct Setup {
+        server: Identity,
+        admin: Identity,
+        src: tempfile::TempDir,
+        files: Vec<(FileEntry, PathBuf)>,
+        wire: Vec<u8>,
+    }
+
+    /// Seals the files of a small result folder (one of them over a chunk) into bytes.
+    fn setup(rt: &tokio::runtime::Runtime) -> Setup {
+        let rng = ring::rand::SystemRandom::new();
+        let (server, admin) = (
+            Identity::generate(&rng).unwrap(),
+            Identity::generate(&rng).unwrap(),
+        );
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(src.path().join("models")).unwrap();
+        let big: Vec<u8> = (0..CHUNK + 12345).map(|i| (i % 253) as u8).collect();
+        std::fs::write(src.path().join("models/big.safetensors"), &big).unwrap();
+        std::fs::write(src.path().join("empty"), b"").unwrap();
+        std::fs::write(src.path().join("metrics.json"), b"{\"a\": 1}").unwrap();
+        let files = list_files(src.path()).unwrap();
+        let sealing = Sealing::new(server.peer_id().unwrap(), server.sealing.clone());
+        let mut out = Cursor::new(Vec::new());
+        // Nobody acknowledges a cursor: the bytes are all written before that fails.
+        let sent = rt.block_on(send_files(
+            &mut out,
+            &sealing,
+            &info(&admin),
+            "job-1",
+            &files,
+        ));
+        assert!(
+            matches!(sent, Err(BulkError::NotAcknowledged(_))),
+            "{sent:?}"
+        );
+        Setup {
+            server,
+            admin,
+            src,
+            files,
+            wire: out.into_inner(),
+        }
+    }
+
+    fn receive(
+        rt: &tokio::runtime::Runtime,
+        s: &Setup,
+        wire: Vec<u8>,
+        job: &str,
+        expected: &[FileEntry],
+        dir: &Path,
+    ) -> Result<u64, BulkError> {
+        let sealing = Sealing::new(s.admin.peer_id().unwrap(), s.admin.sealing.clone());
+        let mut stream = Cursor::new(wire);
+        rt.block_on(receive_files(
+            &mut stream,
+            &sealing,
+            &info(&s.server),
+            job,
+            expected,
+            dir,
+        ))
+    }
+
+    fn entries(s: &Setup) -> Vec<FileEntry> {
+        s.files.iter().map(|(e, _)| e.clone()).collect()
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = list_files(dir)
+            .unwrap()
+            .into_iter()
+            .map(|(e, _)| e.name)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn files_round_trip_and_every_failure_leaves_nothing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let s = setup(&rt);
+        let expected = entries(&s);
+        assert_eq!(expected.len(), 3);
+
+        let out = tempfile::tempdir().unwrap();
+        receive(&rt, &s, s.wire.clone(), "job-1", &expected, out.path()).unwrap();
+        for (e, p) in &s.files {
+            assert_eq!(
+                std::fs::read(out.path().join(&e.name)).unwrap(),
+                std::fs::read(p).unwrap()
+            );
+        }
+        assert_eq!(names_in(out.path()), names_in(s.src.path()));
+
+        let fails = |wire: Vec<u8>, job: &str, expected: &[FileEntry]| {
+            let out = tempfile::tempdir().unwrap();
+            let r = receive(&rt, &s, wire, job, expected, out.path());
+            assert!(r.is_err());
+            assert!(
+                names_in(out.path()).is_empty(),
+                "{:?}",
+                names_in(out.path())
+            );
+        };
+        // A flipped bit anywhere after the header, a cut stream, another job, another list.
+        for at in [200, s.wire.len() / 2, s.wire.len() - 3] {
+            let mut bad = s.wire.clone();
+            bad[at] ^= 0x40;
+            fails(bad, "job-1", &expected);
+        }
+        for cut in [0, 100, s.wire.len() / 2, s.wire.len() - 1] {
+            fails(s.wire[..cut].to_vec(), "job-1", &expected);
+        }
+        fails(s.wire.clone(), "job-2", &expected);
+        let mut other = expected.clone();
+        other[0].size += 1;
+        fails(s.wire.clone(), "job-1", &other);
+        // The same stream twice is a replay for the same receiver.
+        let sealing = Sealing::new(s.admin.peer_id().unwrap(), s.admin.sealing.clone());
+        let out = tempfile::tempdir().unwrap();
+        for (i, wire) in [s.wire.clone(), s.wire.clone()].into_iter().enumerate() {
+            let mut stream = Cursor::new(wire);
+            let r = rt.block_on(receive_files(
+                &mut stream,
+                &sealing,
+                &info(&s.server),
+                "job-1",
+                &expected,
+                out.path(),
+            ));
+            assert_eq!(r.is_ok(), i == 0, "{r:?}");
+        }
+    }
 
     #[test]
     fn names_are_checked() {
