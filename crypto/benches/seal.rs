@@ -38,7 +38,49 @@ fn bench(c: &mut Criterion) {
         bn.iter(|| sealer.seal_chunk(&chunk).expect("seal"))
     });
 
+    // In place in one reused buffer, as bulk transfers do.
+    let mut buf = Vec::with_capacity(1 + MIB + 16);
+    g.bench_function("stream_seal_in_place", |bn| {
+        bn.iter(|| {
+            buf.clear();
+            buf.push(0);
+            buf.extend_from_slice(&chunk);
+            sealer.seal_in_place(&mut buf, 0, false).expect("seal");
+        })
+    });
+
     let mut seq = 1u64;
+    g.bench_function("stream_open_in_place", |bn| {
+        bn.iter_batched(
+            || {
+                seq += 1;
+                let (mut s, head) = StreamSealer::start(
+                    &header(&a, &b, seq),
+                    &a.sealing,
+                    &b.sealing.public(),
+                    &rng,
+                )
+                .expect("start");
+                let framed = s.seal_chunk(&chunk).expect("seal");
+                let mut w = ReplayWindow::default();
+                let opener = SealedStreamHeader::parse(&head)
+                    .expect("parse")
+                    .open(&me, &b.sealing, &a.sealing.public(), &mut w)
+                    .expect("open");
+                (opener, framed)
+            },
+            |(mut opener, mut framed)| {
+                let n = opener
+                    .open_in_place(&mut framed)
+                    .expect("open chunk")
+                    .data
+                    .len();
+                (opener, framed, n)
+            },
+            BatchSize::LargeInput,
+        )
+    });
+
     g.bench_function("stream_open_chunk", |bn| {
         bn.iter_batched(
             || {

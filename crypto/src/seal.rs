@@ -21,7 +21,6 @@
 
 use std::collections::HashMap;
 
-use aead_stream::{DecryptorBE32, EncryptorBE32};
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit};
 use libp2p_identity::PeerId;
@@ -445,41 +444,55 @@ impl<'a> SealedMessage<'a> {
     }
 }
 
-/// A chunk buffer whose first byte (the flag) is outside what the AEAD sees.
-struct Framed(Vec<u8>);
+/// STREAM-BE32 over AES-256-GCM: chunk `i` is sealed under the nonce
+/// `prefix [7] || i as u32 big-endian || last flag [1]`, so chunks cannot be reordered,
+/// dropped, or moved past the end. Byte for byte the construction of `aead_stream`'s
+/// `EncryptorBE32`/`DecryptorBE32` (a test checks it), run on ring's AES-GCM, which is several
+/// times faster here than the portable one.
+struct Stream {
+    key: ring::aead::LessSafeKey,
+    prefix: [u8; 7],
+    counter: u32,
+}
 
-impl AsRef<[u8]> for Framed {
-    fn as_ref(&self) -> &[u8] {
-        self.0.get(1..).unwrap_or_default()
+impl Stream {
+    fn new(key: &[u8; 32], prefix: [u8; 7]) -> Result<Self, SealError> {
+        let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, key)
+            .map_err(|_| SealError::Malformed("bad key length"))?;
+        Ok(Self {
+            key: ring::aead::LessSafeKey::new(key),
+            prefix,
+            counter: 0,
+        })
+    }
+
+    /// The nonce of the current chunk. The counter value `u32::MAX` is left to a last chunk,
+    /// as STREAM requires.
+    fn nonce(&self, last: bool) -> Result<ring::aead::Nonce, SealError> {
+        if !last && self.counter == u32::MAX {
+            return Err(SealError::CounterExhausted);
+        }
+        let mut n = [0u8; 12];
+        n[..7].copy_from_slice(&self.prefix);
+        n[7..11].copy_from_slice(&self.counter.to_be_bytes());
+        n[11] = u8::from(last);
+        Ok(ring::aead::Nonce::assume_unique_for_key(n))
     }
 }
 
-impl AsMut<[u8]> for Framed {
-    fn as_mut(&mut self) -> &mut [u8] {
-        self.0.get_mut(1..).unwrap_or_default()
-    }
-}
-
-impl aes_gcm::aead::Buffer for Framed {
-    fn extend_from_slice(&mut self, other: &[u8]) -> aes_gcm::aead::Result<()> {
-        self.0.extend_from_slice(other);
-        Ok(())
-    }
-    fn truncate(&mut self, len: usize) {
-        self.0.truncate(len + 1);
-    }
-}
+/// Bytes a sealed chunk adds to its plaintext: the flag in front and the tag behind.
+pub const CHUNK_OVERHEAD: usize = 1 + TAG_LEN;
 
 /// Seals a large payload chunk by chunk; never holds more than one chunk.
 pub struct StreamSealer {
-    enc: Option<EncryptorBE32<Aes256Gcm>>,
+    stream: Option<Stream>,
     aad: [u8; 32],
 }
 
 impl std::fmt::Debug for StreamSealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamSealer")
-            .field("finished", &self.enc.is_none())
+            .field("finished", &self.stream.is_none())
             .finish()
     }
 }
@@ -503,48 +516,82 @@ impl StreamSealer {
             )
             .map_err(|_| SealError::Malformed("encryption failed"))?;
         out.extend_from_slice(&tag);
-        let enc =
-            EncryptorBE32::<Aes256Gcm>::new((&*keys.data).into(), (&keys.nonce_prefix).into());
+        let stream = Stream::new(&keys.data, keys.nonce_prefix)?;
         Ok((
             Self {
-                enc: Some(enc),
+                stream: Some(stream),
                 aad: keys.header_digest,
             },
             out,
         ))
     }
 
-    fn seal_inner(&mut self, chunk: &[u8], last: bool) -> Result<Vec<u8>, SealError> {
+    /// Seals a chunk in place, without allocating or copying.
+    ///
+    /// `buf[at]` is room for the flag byte (its value is ignored) and `buf[at + 1..]` is the
+    /// plaintext (at most [`MAX_CHUNK_LEN`] bytes). Afterwards `buf[at..]` is the framed chunk,
+    /// exactly what [`StreamSealer::seal_chunk`] (or, with `last`, [`StreamSealer::seal_last`])
+    /// returns: the flag, the ciphertext and the tag, which is appended ([`CHUNK_OVERHEAD`]
+    /// bytes in all). `buf[..at]` is left alone, for the caller's own framing. After a last
+    /// chunk the sealer is finished and refuses more with [`SealError::AfterEnd`].
+    pub fn seal_in_place(
+        &mut self,
+        buf: &mut Vec<u8>,
+        at: usize,
+        last: bool,
+    ) -> Result<(), SealError> {
+        let len = buf
+            .len()
+            .checked_sub(at)
+            .and_then(|n| n.checked_sub(1))
+            .ok_or(SealError::Malformed("no room for the chunk flag"))?;
+        if len > MAX_CHUNK_LEN {
+            return Err(SealError::TooLarge {
+                len,
+                max: MAX_CHUNK_LEN,
+            });
+        }
+        let stream = self.stream.as_mut().ok_or(SealError::AfterEnd)?;
+        let nonce = stream.nonce(last)?;
+        buf[at] = u8::from(last);
+        let sealed = stream.key.seal_in_place_separate_tag(
+            nonce,
+            ring::aead::Aad::from(&self.aad),
+            &mut buf[at + 1..],
+        );
+        if last {
+            // A finished stream never seals again, whatever happened.
+            self.stream = None;
+        } else if sealed.is_ok() {
+            stream.counter += 1;
+        }
+        let tag = sealed.map_err(|_| SealError::Malformed("encryption failed"))?;
+        buf.extend_from_slice(tag.as_ref());
+        Ok(())
+    }
+
+    fn seal_copy(&mut self, chunk: &[u8], last: bool) -> Result<Vec<u8>, SealError> {
         if chunk.len() > MAX_CHUNK_LEN {
             return Err(SealError::TooLarge {
                 len: chunk.len(),
                 max: MAX_CHUNK_LEN,
             });
         }
-        let mut buf = Vec::with_capacity(1 + chunk.len() + TAG_LEN);
-        buf.push(u8::from(last));
+        let mut buf = Vec::with_capacity(CHUNK_OVERHEAD + chunk.len());
+        buf.push(0);
         buf.extend_from_slice(chunk);
-        // Encrypt in place behind the flag byte: no second copy of the chunk.
-        let mut framed = Framed(buf);
-        let res = if last {
-            let enc = self.enc.take().ok_or(SealError::AfterEnd)?;
-            enc.encrypt_last_in_place(&self.aad, &mut framed)
-        } else {
-            let enc = self.enc.as_mut().ok_or(SealError::AfterEnd)?;
-            enc.encrypt_next_in_place(&self.aad, &mut framed)
-        };
-        res.map_err(|_| SealError::CounterExhausted)?;
-        Ok(framed.0)
+        self.seal_in_place(&mut buf, 0, last)?;
+        Ok(buf)
     }
 
     /// Seals the next chunk (at most [`MAX_CHUNK_LEN`] bytes).
     pub fn seal_chunk(&mut self, chunk: &[u8]) -> Result<Vec<u8>, SealError> {
-        self.seal_inner(chunk, false)
+        self.seal_copy(chunk, false)
     }
 
     /// Seals the last chunk (may be empty) and ends the stream.
     pub fn seal_last(mut self, chunk: &[u8]) -> Result<Vec<u8>, SealError> {
-        self.seal_inner(chunk, true)
+        self.seal_copy(chunk, true)
     }
 }
 
@@ -599,10 +646,9 @@ impl<'a> SealedStreamHeader<'a> {
             )
             .map_err(|_| SealError::Tampered)?;
         window.record(&h.sender, h.seq)?;
-        let dec =
-            DecryptorBE32::<Aes256Gcm>::new((&*keys.data).into(), (&keys.nonce_prefix).into());
+        let stream = Stream::new(&keys.data, keys.nonce_prefix)?;
         Ok(StreamOpener {
-            dec: Some(dec),
+            stream: Some(stream),
             aad: keys.header_digest,
             header: self.parsed.header,
         })
@@ -618,9 +664,18 @@ pub struct OpenedChunk {
     pub last: bool,
 }
 
+/// One chunk opened in place: the plaintext lies in the caller's buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OpenedInPlace<'a> {
+    /// The plaintext.
+    pub data: &'a [u8],
+    /// Whether this was the last chunk.
+    pub last: bool,
+}
+
 /// Opens a sealed stream chunk by chunk; never holds more than one chunk.
 pub struct StreamOpener {
-    dec: Option<DecryptorBE32<Aes256Gcm>>,
+    stream: Option<Stream>,
     aad: [u8; 32],
     header: MessageHeader,
 }
@@ -629,7 +684,7 @@ impl std::fmt::Debug for StreamOpener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamOpener")
             .field("header", &self.header)
-            .field("finished", &self.dec.is_none())
+            .field("finished", &self.stream.is_none())
             .finish()
     }
 }
@@ -640,10 +695,17 @@ impl StreamOpener {
         &self.header
     }
 
-    /// Opens the next framed chunk (untrusted bytes).
-    pub fn open_chunk(&mut self, framed: &[u8]) -> Result<OpenedChunk, SealError> {
-        let (&flag, body) = framed
-            .split_first()
+    /// Opens the next framed chunk (untrusted bytes) in place, without allocating or copying:
+    /// the plaintext is decrypted where the ciphertext was and returned as a slice of
+    /// `framed`. On an error the contents of `framed` are unspecified. A chunk that fails
+    /// authentication does not advance the stream; a chunk flagged last ends it, authentic or
+    /// not.
+    pub fn open_in_place<'a>(
+        &mut self,
+        framed: &'a mut [u8],
+    ) -> Result<OpenedInPlace<'a>, SealError> {
+        let (&mut flag, body) = framed
+            .split_first_mut()
             .ok_or(SealError::Malformed("empty chunk"))?;
         if body.len() < TAG_LEN {
             return Err(SealError::Malformed("chunk shorter than its tag"));
@@ -654,33 +716,44 @@ impl StreamOpener {
                 max: MAX_CHUNK_LEN,
             });
         }
-        let mut buf = body.to_vec();
-        match flag {
-            0 => {
-                let dec = self.dec.as_mut().ok_or(SealError::AfterEnd)?;
-                dec.decrypt_next_in_place(&self.aad, &mut buf)
-                    .map_err(|_| SealError::Tampered)?;
-                Ok(OpenedChunk {
-                    data: buf,
-                    last: false,
-                })
-            }
-            1 => {
-                let dec = self.dec.take().ok_or(SealError::AfterEnd)?;
-                dec.decrypt_last_in_place(&self.aad, &mut buf)
-                    .map_err(|_| SealError::Tampered)?;
-                Ok(OpenedChunk {
-                    data: buf,
-                    last: true,
-                })
-            }
-            _ => Err(SealError::Malformed("bad chunk flag")),
+        let last = match flag {
+            0 => false,
+            1 => true,
+            _ => return Err(SealError::Malformed("bad chunk flag")),
+        };
+        let stream = self.stream.as_mut().ok_or(SealError::AfterEnd)?;
+        let nonce = stream.nonce(last)?;
+        let opened = stream
+            .key
+            .open_in_place(nonce, ring::aead::Aad::from(&self.aad), body);
+        if last {
+            self.stream = None;
+        } else if opened.is_ok() {
+            stream.counter += 1;
         }
+        let data = opened.map_err(|_| SealError::Tampered)?;
+        Ok(OpenedInPlace { data, last })
+    }
+
+    /// Opens the next framed chunk (untrusted bytes) into a new buffer.
+    pub fn open_chunk(&mut self, framed: &[u8]) -> Result<OpenedChunk, SealError> {
+        if framed.len().saturating_sub(CHUNK_OVERHEAD) > MAX_CHUNK_LEN {
+            return Err(SealError::TooLarge {
+                len: framed.len() - CHUNK_OVERHEAD,
+                max: MAX_CHUNK_LEN,
+            });
+        }
+        let mut buf = framed.to_vec();
+        let opened = self.open_in_place(&mut buf)?;
+        let (len, last) = (opened.data.len(), opened.last);
+        buf.copy_within(1..1 + len, 0);
+        buf.truncate(len);
+        Ok(OpenedChunk { data: buf, last })
     }
 
     /// Call when the transport says the stream ended: an error unless the last chunk came.
     pub fn finish(self) -> Result<(), SealError> {
-        if self.dec.is_none() {
+        if self.stream.is_none() {
             Ok(())
         } else {
             Err(SealError::Truncated)
@@ -775,5 +848,106 @@ impl ReplayWindow {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use aead_stream::{DecryptorBE32, EncryptorBE32};
+    use aes_gcm::Aes256Gcm;
+
+    use super::*;
+
+    /// The ring-based STREAM writes exactly what `aead_stream`'s STREAM-BE32 over
+    /// AES-256-GCM writes (the wire format of earlier versions), and reads it back.
+    #[test]
+    fn matches_aead_stream_be32() {
+        let key = [7u8; 32];
+        let prefix = [1, 2, 3, 4, 5, 6, 7];
+        let aad = [9u8; 32];
+        let chunks: [&[u8]; 4] = [b"first chunk", b"", &[0x5a; 4096], b"last"];
+        let mut ours = StreamSealer {
+            stream: Some(Stream::new(&key, prefix).unwrap()),
+            aad,
+        };
+        let mut theirs = EncryptorBE32::<Aes256Gcm>::new((&key).into(), (&prefix).into());
+        let mut framed = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            let mut buf = vec![0xee; 3];
+            buf.push(0xff);
+            buf.extend_from_slice(c);
+            ours.seal_in_place(&mut buf, 3, last).unwrap();
+            assert_eq!(&buf[..3], &[0xee; 3], "the caller's prefix is untouched");
+            let payload = Payload { msg: c, aad: &aad };
+            let expected = if last {
+                let enc = std::mem::replace(
+                    &mut theirs,
+                    EncryptorBE32::<Aes256Gcm>::new((&key).into(), (&prefix).into()),
+                );
+                enc.encrypt_last(payload).unwrap()
+            } else {
+                theirs.encrypt_next(payload).unwrap()
+            };
+            assert_eq!(buf[3], u8::from(last));
+            assert_eq!(&buf[4..], expected.as_slice(), "chunk {i}");
+            framed.push(buf[3..].to_vec());
+        }
+        assert!(matches!(
+            ours.seal_in_place(&mut vec![0], 0, false),
+            Err(SealError::AfterEnd)
+        ));
+        // aead_stream opens what ring sealed.
+        let mut dec = DecryptorBE32::<Aes256Gcm>::new((&key).into(), (&prefix).into());
+        for (c, f) in chunks.iter().zip(&framed).take(3) {
+            let pt = dec
+                .decrypt_next(Payload {
+                    msg: &f[1..],
+                    aad: &aad,
+                })
+                .unwrap();
+            assert_eq!(pt.as_slice(), *c);
+        }
+        // And ring opens in place what it sealed.
+        let peer = crate::Identity::generate(&ring::rand::SystemRandom::new())
+            .unwrap()
+            .peer_id()
+            .unwrap();
+        let mut opener = StreamOpener {
+            stream: Some(Stream::new(&key, prefix).unwrap()),
+            aad,
+            header: MessageHeader {
+                sender: peer,
+                receiver: peer,
+                job: String::new(),
+                workflow: String::new(),
+                round: 0,
+                kind: String::new(),
+                seq: 0,
+            },
+        };
+        for (i, (c, f)) in chunks.iter().zip(&framed).enumerate() {
+            let mut f = f.clone();
+            let got = opener.open_in_place(&mut f).unwrap();
+            assert_eq!(got.data, *c);
+            assert_eq!(got.last, i + 1 == chunks.len());
+        }
+        opener.finish().unwrap();
+    }
+
+    #[test]
+    fn counter_exhaustion_leaves_room_for_the_last_chunk() {
+        let mut s = StreamSealer {
+            stream: Some(Stream::new(&[1; 32], [0; 7]).unwrap()),
+            aad: [0; 32],
+        };
+        if let Some(st) = s.stream.as_mut() {
+            st.counter = u32::MAX;
+        }
+        assert!(matches!(
+            s.seal_in_place(&mut vec![0, 1], 0, false),
+            Err(SealError::CounterExhausted)
+        ));
+        s.seal_in_place(&mut vec![0, 1], 0, true).unwrap();
     }
 }

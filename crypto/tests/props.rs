@@ -79,6 +79,8 @@ proptest! {
         let mut o = SealedStreamHeader::parse(&head).unwrap()
             .open(&b.peer_id().unwrap(), &b.sealing, &a.sealing.public(), &mut w).unwrap();
         prop_assert!(o.open_chunk(&bytes).is_err());
+        let mut copy = bytes.clone();
+        prop_assert!(o.open_in_place(&mut copy).is_err());
     }
 }
 
@@ -139,6 +141,30 @@ proptest! {
             .open(&b.peer_id().unwrap(), &b.sealing, &a.sealing.public(), &mut w).unwrap();
         let mut back = Vec::new();
         for f in &framed { back.extend(o.open_chunk(f).unwrap().data); }
+        o.finish().unwrap();
+        prop_assert_eq!(&back, &data);
+
+        // The same stream sealed and opened in place, in one reused buffer each way.
+        let (mut s, head) = StreamSealer::start(&header(a, b, "j".into(), 2, 10), &a.sealing, &b.sealing.public(), &SystemRandom::new()).unwrap();
+        let mut o = SealedStreamHeader::parse(&head).unwrap()
+            .open(&b.peer_id().unwrap(), &b.sealing, &a.sealing.public(), &mut w).unwrap();
+        let mut buf = Vec::new();
+        let mut back = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            buf.clear();
+            buf.push(0);
+            buf.extend_from_slice(p);
+            s.seal_in_place(&mut buf, 0, i + 1 == pieces.len()).unwrap();
+            let got = o.open_in_place(&mut buf).unwrap();
+            prop_assert_eq!(got.last, i + 1 == pieces.len());
+            back.extend_from_slice(got.data);
+        }
+        if pieces.is_empty() {
+            buf.clear();
+            buf.push(0);
+            s.seal_in_place(&mut buf, 0, true).unwrap();
+            prop_assert!(o.open_in_place(&mut buf).unwrap().last);
+        }
         o.finish().unwrap();
         prop_assert_eq!(back, data);
     }

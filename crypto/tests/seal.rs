@@ -6,7 +6,8 @@ mod common;
 use common::identity;
 use flare_crypto::Identity;
 use flare_crypto::seal::{
-    MessageHeader, ReplayWindow, SealError, SealedMessage, SealedStreamHeader, StreamSealer, seal,
+    CHUNK_OVERHEAD, MessageHeader, ReplayWindow, SealError, SealedMessage, SealedStreamHeader,
+    StreamOpener, StreamSealer, seal,
 };
 use ring::rand::SystemRandom;
 
@@ -282,5 +283,147 @@ fn stream_truncation_reordering_and_tampering_rejected() {
     assert!(matches!(
         open_stream(&head, &chunks, &a, &c, &mut w()),
         Err(SealError::WrongReceiver { .. })
+    ));
+}
+
+/// Seals `chunks` in place behind a 4-byte caller prefix; returns the header and the framed
+/// chunks (without the prefix).
+fn stream_in_place(
+    a: &Identity,
+    b: &Identity,
+    seq: u64,
+    chunks: &[&[u8]],
+) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let rng = SystemRandom::new();
+    let (mut s, head) =
+        StreamSealer::start(&header(a, b, seq), &a.sealing, &b.sealing.public(), &rng).unwrap();
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        buf.clear();
+        buf.extend_from_slice(&[0xaa; 4]);
+        buf.push(0);
+        buf.extend_from_slice(c);
+        s.seal_in_place(&mut buf, 4, i + 1 == chunks.len()).unwrap();
+        assert_eq!(&buf[..4], &[0xaa; 4]);
+        assert_eq!(buf.len(), 4 + c.len() + CHUNK_OVERHEAD);
+        out.push(buf[4..].to_vec());
+    }
+    (head, out)
+}
+
+fn opener(head: &[u8], a: &Identity, b: &Identity) -> StreamOpener {
+    SealedStreamHeader::parse(head)
+        .unwrap()
+        .open(
+            &b.peer_id().unwrap(),
+            &b.sealing,
+            &a.sealing.public(),
+            &mut ReplayWindow::default(),
+        )
+        .unwrap()
+}
+
+fn open_all_in_place(o: &mut StreamOpener, chunks: &[Vec<u8>]) -> Result<Vec<u8>, SealError> {
+    let mut all = Vec::new();
+    for c in chunks {
+        let mut c = c.clone();
+        let got = o.open_in_place(&mut c)?;
+        all.extend_from_slice(got.data);
+    }
+    Ok(all)
+}
+
+#[test]
+fn in_place_round_trip_and_interop_with_copying_api() {
+    let (a, b) = (identity(), identity());
+    let big: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
+    let parts: [&[u8]; 4] = [&big, b"", b"middle", b"end"];
+    let expected: Vec<u8> = parts.concat();
+    // In place to in place.
+    let (head, chunks) = stream_in_place(&a, &b, 1, &parts);
+    let mut o = opener(&head, &a, &b);
+    assert_eq!(open_all_in_place(&mut o, &chunks).unwrap(), expected);
+    o.finish().unwrap();
+    // In place sealed, opened by the copying API.
+    let mut w = ReplayWindow::default();
+    assert_eq!(
+        open_stream(&head, &chunks, &a, &b, &mut w).unwrap(),
+        expected
+    );
+    // Copying API sealed, opened in place.
+    let (head, chunks) = stream(&a, &b, 2, &parts);
+    let mut o = opener(&head, &a, &b);
+    assert_eq!(open_all_in_place(&mut o, &chunks).unwrap(), expected);
+    o.finish().unwrap();
+}
+
+#[test]
+fn in_place_tampering_truncation_and_reordering_rejected() {
+    let (a, b) = (identity(), identity());
+    let (head, chunks) = stream_in_place(&a, &b, 1, &[b"one", b"two", b"three"]);
+    // Truncated: the last chunk never comes.
+    let mut o = opener(&head, &a, &b);
+    open_all_in_place(&mut o, &chunks[..2]).unwrap();
+    assert!(matches!(o.finish(), Err(SealError::Truncated)));
+    // Every single bit flip anywhere in a chunk is caught.
+    for i in 0..chunks[1].len() {
+        for bit in [0x01u8, 0x80] {
+            let mut bad = chunks.clone();
+            bad[1][i] ^= bit;
+            let mut o = opener(&head, &a, &b);
+            assert!(open_all_in_place(&mut o, &bad).is_err(), "flip {i}/{bit}");
+        }
+    }
+    // Reordered.
+    let mut o = opener(&head, &a, &b);
+    let re = vec![chunks[1].clone(), chunks[0].clone()];
+    assert!(matches!(
+        open_all_in_place(&mut o, &re),
+        Err(SealError::Tampered)
+    ));
+    // A failed chunk does not advance the stream: the genuine one still opens.
+    let mut o = opener(&head, &a, &b);
+    let mut bad = chunks[0].clone();
+    bad[2] ^= 1;
+    assert!(o.open_in_place(&mut bad).is_err());
+    assert_eq!(open_all_in_place(&mut o, &chunks).unwrap(), b"onetwothree");
+    o.finish().unwrap();
+    // A chunk after the last.
+    let mut o = opener(&head, &a, &b);
+    let mut extra = chunks.clone();
+    extra.push(chunks[2].clone());
+    assert!(matches!(
+        open_all_in_place(&mut o, &extra),
+        Err(SealError::AfterEnd)
+    ));
+    // Too short to hold a tag, empty, or a bad flag.
+    let mut o = opener(&head, &a, &b);
+    assert!(matches!(
+        o.open_in_place(&mut []),
+        Err(SealError::Malformed(_))
+    ));
+    assert!(matches!(
+        o.open_in_place(&mut [0u8; 16]),
+        Err(SealError::Malformed(_))
+    ));
+    let mut flag = chunks[0].clone();
+    flag[0] = 2;
+    assert!(matches!(
+        o.open_in_place(&mut flag),
+        Err(SealError::Malformed(_))
+    ));
+    // A sealer after its last chunk, and a buffer without room for the flag.
+    let rng = SystemRandom::new();
+    let (mut s, _) =
+        StreamSealer::start(&header(&a, &b, 9), &a.sealing, &b.sealing.public(), &rng).unwrap();
+    assert!(matches!(
+        s.seal_in_place(&mut vec![0; 4], 4, false),
+        Err(SealError::Malformed(_))
+    ));
+    s.seal_in_place(&mut vec![0, 1, 2], 0, true).unwrap();
+    assert!(matches!(
+        s.seal_in_place(&mut vec![0, 1], 0, false),
+        Err(SealError::AfterEnd)
     ));
 }

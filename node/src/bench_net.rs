@@ -45,6 +45,9 @@ pub struct PeerArgs {
     pub relay: bool,
     /// Relay only: no direct addresses and no hole punching (implies `relay`).
     pub relayed: bool,
+    /// Send the payload unsealed, in 1 MiB writes: the libp2p ceiling the sealed transfer is
+    /// compared with, measured the same way on the same machine.
+    pub plain: bool,
 }
 
 struct Reaper(Vec<Child>);
@@ -84,6 +87,12 @@ fn next_json(r: &mut BufReader<std::process::ChildStdout>, what: &str) -> anyhow
 
 /// Runs the whole benchmark and returns its JSON report.
 pub fn run_transfer(mib: u64, relayed: bool) -> anyhow::Result<Value> {
+    run_transfer_mode(mib, relayed, false)
+}
+
+/// [`run_transfer`], sealed or (`plain`) unsealed: the same streams and 1 MiB writes without
+/// the seal, for the ceiling the sealed numbers are compared with.
+pub fn run_transfer_mode(mib: u64, relayed: bool, plain: bool) -> anyhow::Result<Value> {
     let bin = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
     let out = flare_provision::poc::prepare_now(&flare_provision::poc::PocOptions {
@@ -124,6 +133,9 @@ pub fn run_transfer(mib: u64, relayed: bool) -> anyhow::Result<Value> {
         if relayed {
             c.arg("--relayed");
         }
+        if plain {
+            c.arg("--plain");
+        }
         Ok(c.spawn()?)
     };
     let mut receiver = peer(kit_of("site-2")?, vec!["--receive".into()])?;
@@ -148,6 +160,7 @@ pub fn run_transfer(mib: u64, relayed: bool) -> anyhow::Result<Value> {
     let relay_rss = relay_pid.and_then(vm_hwm_of);
     Ok(json!({
         "mode": if relayed { "relayed" } else { "direct" },
+        "sealed": !plain,
         "mib": mib,
         "sender": sent,
         "receiver": got,
@@ -254,12 +267,18 @@ pub async fn run_peer(a: PeerArgs) -> anyhow::Result<()> {
             .await
             .context("stream from an unadmitted peer")?;
         let start = Instant::now();
-        let got = bulk::receive_discard(&mut stream, &sealing, &from, bytes + (1 << 20)).await?;
+        let got = if a.plain {
+            receive_plain(&mut stream).await?
+        } else {
+            bulk::receive_discard(&mut stream, &sealing, &from, bytes + (1 << 20))
+                .await?
+                .bytes
+        };
         let secs = start.elapsed().as_secs_f64();
         println!(
             "{}",
-            json!({"role": "receiver", "bytes": got.bytes, "secs": secs,
-                   "mib_s": got.bytes as f64 / secs / 1048576.0, "relayed": from.relayed,
+            json!({"role": "receiver", "bytes": got, "secs": secs,
+                   "mib_s": got as f64 / secs / 1048576.0, "relayed": from.relayed,
                    "conn_addr": from.addr.to_string(), "peak_rss_mib": peak_rss_mib()})
         );
         // Let the acknowledgement drain through the connection (and a relay) before the
@@ -292,7 +311,11 @@ pub async fn run_peer(a: PeerArgs) -> anyhow::Result<()> {
     };
     let start = Instant::now();
     let mut stream = net.streams.clone().open_stream(to, BULK_PROTOCOL).await?;
-    let sent = bulk::send_synthetic(&mut stream, &sealing, &info, &route, bytes).await?;
+    let sent = if a.plain {
+        send_plain(&mut stream, bytes).await?
+    } else {
+        bulk::send_synthetic(&mut stream, &sealing, &info, &route, bytes).await?
+    };
     let secs = start.elapsed().as_secs_f64();
     println!(
         "{}",
@@ -303,6 +326,39 @@ pub async fn run_peer(a: PeerArgs) -> anyhow::Result<()> {
     // Let the last frames drain before the process exits.
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(())
+}
+
+/// Unsealed: `bytes` in 1 MiB writes, then the receiver's one-byte acknowledgement.
+async fn send_plain(stream: &mut libp2p::Stream, bytes: u64) -> anyhow::Result<u64> {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let block: Vec<u8> = (0..bulk::CHUNK).map(|i| (i % 251) as u8).collect();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(bulk::CHUNK as u64) as usize;
+        stream.write_all(&block[..n]).await?;
+        left -= n as u64;
+    }
+    stream.close().await?;
+    let mut ack = [0u8; 1];
+    stream.read_exact(&mut ack).await?;
+    Ok(bytes)
+}
+
+/// Unsealed: reads to the end of the stream, then acknowledges.
+async fn receive_plain(stream: &mut libp2p::Stream) -> anyhow::Result<u64> {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; bulk::CHUNK];
+    let mut got = 0u64;
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    stream.write_all(&[6]).await?;
+    stream.close().await?;
+    Ok(got)
 }
 
 /// One FedAvg job of a synthetic model run by a real server and `clients` client processes

@@ -98,6 +98,9 @@ enum BenchCommand {
         /// Go through the server's circuit relay (hole punching off).
         #[arg(long)]
         relayed: bool,
+        /// Unsealed 1 MiB writes on the same streams: the libp2p ceiling to compare with.
+        #[arg(long)]
+        plain: bool,
     },
     /// One FedAvg job of a synthetic model on a server and client processes: seconds per
     /// round and each process's peak RSS.
@@ -142,6 +145,9 @@ enum BenchCommand {
         /// Relay only: no direct addresses, no hole punching.
         #[arg(long)]
         relayed: bool,
+        /// Unsealed payload.
+        #[arg(long)]
+        plain: bool,
     },
     /// Centralized training of the built-in MLP on all of MNIST's training part (the
     /// accuracy federated runs are compared with).
@@ -285,8 +291,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Provision(args) => cmd_provision::run_provision(&args)?,
         Command::Poc { command } => cmd_provision::run_poc(&command)?,
-        Command::Bench(BenchCommand::Transfer { mib, relayed }) => {
-            let r = flare_node::bench_net::run_transfer(mib, relayed)?;
+        Command::Bench(BenchCommand::Transfer {
+            mib,
+            relayed,
+            plain,
+        }) => {
+            let r = flare_node::bench_net::run_transfer_mode(mib, relayed, plain)?;
             println!("{r}");
         }
         Command::Bench(BenchCommand::Fedavg {
@@ -307,6 +317,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             relay,
             relayed,
+            plain,
         }) => {
             let args = flare_node::bench_net::PeerArgs {
                 kit,
@@ -325,6 +336,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen: listen.map(|a| a.parse()).transpose().context("--listen")?,
                 relay,
                 relayed,
+                plain,
             };
             tokio::runtime::Runtime::new()?.block_on(flare_node::bench_net::run_peer(args))?;
         }

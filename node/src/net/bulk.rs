@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flare_crypto::seal::{
-    MessageHeader, ReplayWindow, SealError, SealedStreamHeader, StreamOpener, StreamSealer,
+    CHUNK_OVERHEAD, MessageHeader, ReplayWindow, SealError, SealedStreamHeader, StreamOpener,
+    StreamSealer,
 };
 use flare_crypto::{PeerId, SealingSecret};
 use flare_protocols::codec::{decode, encode};
@@ -174,14 +175,21 @@ async fn write_frame<W: futures::AsyncWrite + Unpin>(
     bytes: &[u8],
 ) -> std::io::Result<()> {
     let len = u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("frame too large"))?;
-    w.write_all(&len.to_be_bytes()).await?;
-    w.write_all(bytes).await
+    // One write: a lone 4-byte write would become a yamux frame of its own.
+    let mut buf = Vec::with_capacity(4 + bytes.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(bytes);
+    w.write_all(&buf).await
 }
 
-async fn read_frame<R: futures::AsyncRead + Unpin>(
+/// Reads one length-prefixed frame into `buf` (reused across frames; it grows to the largest
+/// frame seen, at most `max`) and returns its length, or `None` on a clean end of stream
+/// before a frame starts. The frame is `buf[..n]`.
+async fn read_frame_into<R: futures::AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
-) -> Result<Option<Vec<u8>>, BulkError> {
+    buf: &mut Vec<u8>,
+) -> Result<Option<usize>, BulkError> {
     let mut len = [0u8; 4];
     let read = tokio::time::timeout(FRAME_TIMEOUT, async {
         // A clean end of stream before a frame starts is reported as `None`.
@@ -197,48 +205,85 @@ async fn read_frame<R: futures::AsyncRead + Unpin>(
                 format!("frame of {n} bytes exceeds {max}"),
             ));
         }
-        let mut buf = vec![0u8; n];
-        r.read_exact(&mut buf).await?;
-        Ok(Some(buf))
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
+        r.read_exact(&mut buf[..n]).await?;
+        Ok(Some(n))
     })
     .await
     .map_err(|_| BulkError::Stalled(FRAME_TIMEOUT))?;
     Ok(read?)
 }
 
+async fn read_frame<R: futures::AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Vec<u8>>, BulkError> {
+    let mut buf = Vec::new();
+    Ok(read_frame_into(r, max, &mut buf).await?.map(|n| {
+        buf.truncate(n);
+        buf
+    }))
+}
+
+/// Bytes in front of a chunk's plaintext in [`ChunkWriter`]'s buffer: the frame's length
+/// prefix and the seal's flag byte.
+const FRAME_HEAD: usize = 4 + 1;
+
 /// Buffers plaintext and writes it out as sealed chunks of [`CHUNK`] bytes.
-struct ChunkWriter<'a, W> {
+///
+/// One buffer, reused for every chunk, holds the frame as it goes out: the length prefix, the
+/// flag, the plaintext (sealed in place) and the tag, written with one `write_all`.
+pub(crate) struct ChunkWriter<'a, W> {
     out: &'a mut W,
-    sealer: Option<StreamSealer>,
+    sealer: StreamSealer,
     buf: Vec<u8>,
     sent: u64,
 }
 
-impl<W: futures::AsyncWrite + Unpin> ChunkWriter<'_, W> {
-    async fn push(&mut self, mut data: &[u8]) -> Result<(), BulkError> {
+impl<'a, W: futures::AsyncWrite + Unpin> ChunkWriter<'a, W> {
+    fn new(out: &'a mut W, sealer: StreamSealer, sent: u64) -> Self {
+        let mut buf = Vec::with_capacity(FRAME_HEAD + CHUNK + CHUNK_OVERHEAD);
+        buf.resize(FRAME_HEAD, 0);
+        ChunkWriter {
+            out,
+            sealer,
+            buf,
+            sent,
+        }
+    }
+
+    pub(crate) async fn push(&mut self, mut data: &[u8]) -> Result<(), BulkError> {
         while !data.is_empty() {
-            let room = CHUNK - self.buf.len();
+            let room = FRAME_HEAD + CHUNK - self.buf.len();
             let take = room.min(data.len());
             self.buf.extend_from_slice(&data[..take]);
             data = &data[take..];
-            if self.buf.len() == CHUNK {
-                let sealer = self.sealer.as_mut().ok_or(SealError::AfterEnd)?;
-                let framed = sealer.seal_chunk(&self.buf)?;
-                write_frame(self.out, &framed).await?;
-                self.sent += framed.len() as u64 + 4;
-                self.buf.clear();
+            if self.buf.len() == FRAME_HEAD + CHUNK {
+                self.write_chunk(false).await?;
             }
         }
         Ok(())
     }
 
-    async fn finish(mut self) -> Result<u64, BulkError>
+    /// Seals the buffered plaintext in place and writes the frame.
+    async fn write_chunk(&mut self, last: bool) -> Result<(), BulkError> {
+        self.sealer.seal_in_place(&mut self.buf, 4, last)?;
+        let len = u32::try_from(self.buf.len() - 4)
+            .map_err(|_| BulkError::Malformed("frame too large".into()))?;
+        self.buf[..4].copy_from_slice(&len.to_be_bytes());
+        self.out.write_all(&self.buf).await?;
+        self.sent += self.buf.len() as u64;
+        self.buf.truncate(FRAME_HEAD);
+        Ok(())
+    }
+
+    pub(crate) async fn finish(mut self) -> Result<u64, BulkError>
     where
         W: futures::AsyncRead,
     {
-        let sealer = self.sealer.take().ok_or(SealError::AfterEnd)?;
-        let framed = sealer.seal_last(&self.buf)?;
-        write_frame(self.out, &framed).await?;
+        self.write_chunk(true).await?;
         self.out.flush().await?;
         self.out.close().await?;
         // The receiver acknowledges a transfer it opened and rebuilt completely. Without the
@@ -246,7 +291,7 @@ impl<W: futures::AsyncWrite + Unpin> ChunkWriter<'_, W> {
         // (libp2p-stream drops inbound streams its accept queue has no room for).
         let mut ack = [0u8; 1];
         match tokio::time::timeout(FRAME_TIMEOUT, self.out.read_exact(&mut ack)).await {
-            Ok(Ok(())) if ack[0] == ACK => Ok(self.sent + framed.len() as u64 + 4),
+            Ok(Ok(())) if ack[0] == ACK => Ok(self.sent),
             Ok(Ok(())) => Err(BulkError::NotAcknowledged(format!(
                 "bad ack byte {}",
                 ack[0]
@@ -281,7 +326,7 @@ pub async fn send<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
 
 impl Sealing {
     /// The seal header of a new transfer to `to` on `route`, with a fresh sequence number.
-    fn header(&self, to: &PeerInfo, route: &Route) -> MessageHeader {
+    pub(crate) fn header(&self, to: &PeerInfo, route: &Route) -> MessageHeader {
         MessageHeader {
             sender: self.me,
             receiver: to.peer,
@@ -295,7 +340,7 @@ impl Sealing {
 }
 
 /// Writes the sealed-stream header and the meta; returns the writer for the tensor bytes.
-async fn start_stream<'a, S: futures::AsyncWrite + Unpin>(
+pub(crate) async fn start_stream<'a, S: futures::AsyncWrite + Unpin>(
     stream: &'a mut S,
     sealing: &Sealing,
     header: MessageHeader,
@@ -305,12 +350,7 @@ async fn start_stream<'a, S: futures::AsyncWrite + Unpin>(
     let (sealer, head) = StreamSealer::start(&header, &sealing.secret, to, sealing.rng.as_ref())?;
     write_frame(stream, &head).await?;
     let meta_bytes = encode(meta, MAX_META).map_err(|e| BulkError::Malformed(e.to_string()))?;
-    let mut w = ChunkWriter {
-        out: stream,
-        sealer: Some(sealer),
-        buf: Vec::with_capacity(CHUNK),
-        sent: head.len() as u64 + 4,
-    };
+    let mut w = ChunkWriter::new(stream, sealer, head.len() as u64 + 4);
     w.push(&(meta_bytes.len() as u32).to_be_bytes()).await?;
     w.push(&meta_bytes).await?;
     Ok(w)
@@ -445,6 +485,14 @@ impl Assembler {
             let want = numel(shape).unwrap_or(0) * dtype.size();
             let take = (want - self.filled).min(data.len());
             if self.keep {
+                // Grow by doubling what actually arrived, never past the declared size: a
+                // peer's claim alone reserves nothing, and the tensor ends up exactly sized.
+                let need = self.filling.len() + take;
+                if need > self.filling.capacity() {
+                    let grow = self.filling.capacity().max(CHUNK);
+                    let target = (self.filling.len() + grow).max(need).min(want);
+                    self.filling.reserve_exact(target - self.filling.len());
+                }
                 self.filling.extend_from_slice(&data[..take]);
             }
             self.filled += take;
@@ -538,6 +586,94 @@ pub async fn receive_discard<S: futures::AsyncRead + futures::AsyncWrite + Unpin
     receive_inner(stream, sealing, from, max_model_bytes, false).await
 }
 
+/// The receiving end of a sealed stream: opens the header, then hands out plaintext chunk by
+/// chunk, each read into and opened in one reused buffer.
+pub(crate) struct SealedReader<'a, S> {
+    stream: &'a mut S,
+    opener: Option<StreamOpener>,
+    header: MessageHeader,
+    frame: Vec<u8>,
+    bytes: u64,
+}
+
+impl<'a, S: futures::AsyncRead + futures::AsyncWrite + Unpin> SealedReader<'a, S> {
+    /// Reads and authenticates the stream header from `from` (an admitted peer).
+    pub(crate) async fn open(
+        stream: &'a mut S,
+        sealing: &Sealing,
+        from: &PeerInfo,
+    ) -> Result<Self, BulkError> {
+        let head = read_frame(stream, 64 << 10)
+            .await?
+            .ok_or_else(|| BulkError::Malformed("empty stream".into()))?;
+        let parsed = SealedStreamHeader::parse(&head)?;
+        if parsed.header().sender != from.peer {
+            return Err(BulkError::Malformed(format!(
+                "seal names sender {} but the stream comes from {}",
+                parsed.header().sender,
+                from.peer
+            )));
+        }
+        let opener: StreamOpener = {
+            let mut window = sealing
+                .window
+                .lock()
+                .map_err(|_| BulkError::Malformed("replay window poisoned".into()))?;
+            parsed.open(
+                &sealing.me,
+                &sealing.secret,
+                &from.cert.sealing_public,
+                &mut window,
+            )?
+        };
+        Ok(SealedReader {
+            stream,
+            header: opener.header().clone(),
+            opener: Some(opener),
+            frame: Vec::new(),
+            bytes: head.len() as u64 + 4,
+        })
+    }
+
+    /// The authenticated seal header.
+    pub(crate) fn header(&self) -> &MessageHeader {
+        &self.header
+    }
+
+    /// The next chunk's plaintext, or `None` once the last chunk was read.
+    pub(crate) async fn next(&mut self) -> Result<Option<&[u8]>, BulkError> {
+        let Some(opener) = self.opener.as_mut() else {
+            return Ok(None);
+        };
+        let Some(n) = read_frame_into(self.stream, MAX_FRAME, &mut self.frame).await? else {
+            if let Some(o) = self.opener.take() {
+                o.finish()?;
+            }
+            return Err(BulkError::Malformed(
+                "stream ended without its last chunk".into(),
+            ));
+        };
+        self.bytes += n as u64 + 4;
+        let chunk = opener.open_in_place(&mut self.frame[..n])?;
+        if chunk.last {
+            self.opener = None;
+        }
+        Ok(Some(chunk.data))
+    }
+
+    /// Acknowledges a complete transfer (call once `next` returned `None` and the payload
+    /// checked out); returns the bytes read.
+    pub(crate) async fn acknowledge(self) -> Result<u64, BulkError> {
+        if self.opener.is_some() {
+            return Err(SealError::Truncated.into());
+        }
+        self.stream.write_all(&[ACK]).await?;
+        self.stream.flush().await?;
+        let _ = self.stream.close().await;
+        Ok(self.bytes)
+    }
+}
+
 async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     stream: &mut S,
     sealing: &Sealing,
@@ -545,30 +681,8 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     max_model_bytes: u64,
     keep: bool,
 ) -> Result<Received, BulkError> {
-    let head = read_frame(stream, 64 << 10)
-        .await?
-        .ok_or_else(|| BulkError::Malformed("empty stream".into()))?;
-    let parsed = SealedStreamHeader::parse(&head)?;
-    if parsed.header().sender != from.peer {
-        return Err(BulkError::Malformed(format!(
-            "seal names sender {} but the stream comes from {}",
-            parsed.header().sender,
-            from.peer
-        )));
-    }
-    let mut opener: StreamOpener = {
-        let mut window = sealing
-            .window
-            .lock()
-            .map_err(|_| BulkError::Malformed("replay window poisoned".into()))?;
-        parsed.open(
-            &sealing.me,
-            &sealing.secret,
-            &from.cert.sealing_public,
-            &mut window,
-        )?
-    };
-    let header = opener.header().clone();
+    let mut reader = SealedReader::open(stream, sealing, from).await?;
+    let header = reader.header().clone();
     let mut asm = Assembler {
         max_model_bytes,
         keep,
@@ -579,26 +693,11 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         filling: Vec::new(),
         tensors: BTreeMap::new(),
     };
-    let mut bytes = head.len() as u64 + 4;
-    loop {
-        let Some(frame) = read_frame(stream, MAX_FRAME).await? else {
-            opener.finish()?;
-            return Err(BulkError::Malformed(
-                "stream ended without its last chunk".into(),
-            ));
-        };
-        bytes += frame.len() as u64 + 4;
-        let chunk = opener.open_chunk(&frame)?;
-        asm.push(&chunk.data)?;
-        if chunk.last {
-            break;
-        }
+    while let Some(data) = reader.next().await? {
+        asm.push(data)?;
     }
-    opener.finish()?;
     let (meta, model) = asm.finish()?;
-    stream.write_all(&[ACK]).await?;
-    stream.flush().await?;
-    let _ = stream.close().await;
+    let bytes = reader.acknowledge().await?;
     Ok(Received {
         header,
         meta,

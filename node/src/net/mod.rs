@@ -11,6 +11,7 @@
 pub mod bulk;
 pub mod codec;
 pub mod connect;
+pub mod download;
 pub mod protocol;
 
 use std::collections::{HashMap, HashSet};

@@ -4,6 +4,8 @@
 //!   heartbeats and task notices. Capped at [`MAX_CONTROL_REQUEST`]/[`MAX_CONTROL_RESPONSE`].
 //! - `/flare/bulk/1.0.0`: one-directional streams carrying sealed models in chunks
 //!   (see [`super::bulk`]).
+//! - `/flare/download/1.0.0`: an admin fetches a finished job's result files, sealed in chunks
+//!   (see [`super::download`]).
 
 use std::collections::BTreeMap;
 
@@ -15,6 +17,8 @@ use serde_bytes::ByteBuf;
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/flare/control/1.0.0");
 /// Bulk protocol name.
 pub const BULK_PROTOCOL: StreamProtocol = StreamProtocol::new("/flare/bulk/1.0.0");
+/// Download protocol name.
+pub const DOWNLOAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/flare/download/1.0.0");
 /// Largest control request: a job bundle fits, a model does not.
 pub const MAX_CONTROL_REQUEST: usize = 16 << 20;
 /// Largest control response.
@@ -164,7 +168,9 @@ pub enum ControlResponse {
     Admin {
         /// The payload.
         json: String,
-        /// Files returned by `download`: relative path → contents.
+        /// Files returned inline by `download` from servers before the download stream:
+        /// relative path → contents. Today's servers list the files in `json` and stream them
+        /// over `/flare/download/1.0.0` instead.
         files: BTreeMap<String, ByteBuf>,
     },
 }

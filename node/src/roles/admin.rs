@@ -11,7 +11,9 @@ use flare_provision::kit::load_kit;
 use serde_json::Value;
 
 use super::{connect, peer_addrs, start_net};
-use crate::net::protocol::{AdminRequest, ControlRequest, ControlResponse};
+use crate::net::bulk::Sealing;
+use crate::net::download;
+use crate::net::protocol::{AdminRequest, ControlRequest, ControlResponse, DOWNLOAD_PROTOCOL};
 
 /// Exit code: the command succeeded.
 pub const EXIT_OK: i32 = 0;
@@ -161,28 +163,41 @@ async fn run_inner(kit_dir: &Path, cmd: AdminCommand, json_out: bool) -> anyhow:
     };
     if let AdminCommand::Download { job, output } = &cmd {
         let dir = output.clone().unwrap_or_else(|| transfer.join(job));
-        for (rel, bytes) in &files {
-            if rel.split('/').any(|c| c == ".." || c.is_empty()) || rel.starts_with('/') {
-                anyhow::bail!("the server sent a file with an unsafe path {rel:?}");
+        let names: Vec<String> = if v.get("stream").is_some() {
+            // Today's servers list the files and stream them, sealed, over a download stream.
+            let expected = listed_files(&v)?;
+            if let Err(e) = fetch_files(&net, &kit, server, job, &expected, &dir).await {
+                eprintln!("error: download of {job}: {e:#}");
+                return Ok(EXIT_FAILED);
             }
-            let p = dir.join(rel);
-            if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent).with_context(|| parent.display().to_string())?;
+            expected.into_iter().map(|e| e.name).collect()
+        } else {
+            // Older servers send the files inline.
+            for (rel, bytes) in &files {
+                if !download::safe_name(rel) {
+                    anyhow::bail!("the server sent a file with an unsafe path {rel:?}");
+                }
+                let p = dir.join(rel);
+                if let Some(parent) = p.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| parent.display().to_string())?;
+                }
+                std::fs::write(&p, bytes).with_context(|| p.display().to_string())?;
             }
-            std::fs::write(&p, bytes).with_context(|| p.display().to_string())?;
-        }
+            files.keys().cloned().collect()
+        };
         if json_out {
             println!(
                 "{}",
-                serde_json::json!({"job_id": job, "dir": dir, "files": files.keys().collect::<Vec<_>>()})
+                serde_json::json!({"job_id": job, "dir": dir, "files": names})
             );
         } else {
             println!(
                 "downloaded {} files of job {job} into {}",
-                files.len(),
+                names.len(),
                 dir.display()
             );
-            for f in files.keys() {
+            for f in &names {
                 println!("  {}", dir.join(f).display());
             }
         }
@@ -190,6 +205,58 @@ async fn run_inner(kit_dir: &Path, cmd: AdminCommand, json_out: bool) -> anyhow:
     }
     print_value(&cmd, &v, json_out);
     Ok(EXIT_OK)
+}
+
+/// The file list of a `download` answer: `files` (names) and `sizes`, in the same order.
+fn listed_files(v: &Value) -> anyhow::Result<Vec<download::FileEntry>> {
+    let names = v["files"]
+        .as_array()
+        .context("download answer without files")?;
+    let sizes = v["sizes"]
+        .as_array()
+        .context("download answer without sizes")?;
+    anyhow::ensure!(
+        names.len() == sizes.len(),
+        "download answer: files and sizes differ"
+    );
+    names
+        .iter()
+        .zip(sizes)
+        .map(|(n, s)| {
+            let name = n.as_str().context("download answer: bad file name")?;
+            anyhow::ensure!(
+                download::safe_name(name),
+                "the server sent a file with an unsafe path {name:?}"
+            );
+            Ok(download::FileEntry {
+                name: name.to_string(),
+                size: s.as_u64().context("download answer: bad size")?,
+            })
+        })
+        .collect()
+}
+
+/// Opens a download stream to the server and receives `job`'s files into `dir`.
+async fn fetch_files(
+    net: &crate::net::NetHandle,
+    kit: &flare_provision::kit::Kit,
+    server: libp2p::PeerId,
+    job: &str,
+    expected: &[download::FileEntry],
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let from = net.peers.get(&server).context("the server disconnected")?;
+    let sealing = Sealing::new(net.local, kit.identity.sealing.clone());
+    let mut stream = net
+        .streams
+        .clone()
+        .open_stream(server, DOWNLOAD_PROTOCOL)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open a download stream: {e}"))?;
+    download::request(&mut stream, job).await?;
+    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    download::receive_files(&mut stream, &sealing, &from, job, expected, dir).await?;
+    Ok(())
 }
 
 type Files = std::collections::BTreeMap<String, serde_bytes::ByteBuf>;

@@ -23,8 +23,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{now_ms, start_net};
 use crate::job::{Job, WorkflowSpec};
 use crate::net::bulk::{self, Route, Sealing, TransferMeta};
+use crate::net::download;
 use crate::net::protocol::{
-    AdminRequest, BULK_PROTOCOL, ControlRequest, ControlResponse, MAX_CONTROL_RESPONSE, PeerEntry,
+    AdminRequest, BULK_PROTOCOL, ControlRequest, ControlResponse, DOWNLOAD_PROTOCOL, PeerEntry,
 };
 use crate::net::{NetEvent, NetHandle, PeerInfo};
 use crate::store::{JobState, JobStore};
@@ -137,6 +138,23 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
             tokio::spawn(async move {
                 if let Err(e) = s.on_result_stream(peer, stream).await {
                     tracing::warn!(%peer, error = %format!("{e:#}"), "result transfer failed");
+                }
+            });
+        }
+    });
+
+    let mut downloads = net
+        .streams
+        .clone()
+        .accept(DOWNLOAD_PROTOCOL)
+        .map_err(|e| anyhow::anyhow!("download protocol: {e}"))?;
+    let s3 = Arc::clone(&server);
+    tokio::spawn(async move {
+        while let Some((peer, stream)) = downloads.next().await {
+            let s = Arc::clone(&s3);
+            tokio::spawn(async move {
+                if let Err(e) = s.on_download_stream(peer, stream).await {
+                    tracing::warn!(%peer, error = %format!("{e:#}"), "download failed");
                 }
             });
         }
@@ -396,52 +414,60 @@ impl Server {
             .collect()
     }
 
-    fn download(&self, job: &str) -> ControlResponse {
-        let rec = match self.store.get(job) {
-            Ok(r) => r,
-            Err(e) => return err(e.to_string()),
-        };
+    /// The result files of `job`, once it finished.
+    fn result_files(&self, job: &str) -> Result<Vec<(download::FileEntry, PathBuf)>, String> {
+        let rec = self.store.get(job).map_err(|e| e.to_string())?;
         if rec.state != JobState::Finished {
-            return err(format!(
+            return Err(format!(
                 "job {job} is {}; results exist once it is finished",
                 rec.state
             ));
         }
         let dir = self.store.result_dir(job);
-        let mut files = BTreeMap::new();
-        let mut total = 0usize;
-        let mut stack = vec![dir.clone()];
-        while let Some(d) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&d) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                    continue;
-                }
-                let Ok(bytes) = std::fs::read(&p) else {
-                    return err(format!("cannot read {}", p.display()));
-                };
-                total += bytes.len();
-                if total > MAX_CONTROL_RESPONSE - (64 << 10) {
-                    return err(format!(
-                        "the results of {job} exceed {} MiB and cannot be downloaded over the control channel",
-                        MAX_CONTROL_RESPONSE >> 20
-                    ));
-                }
-                let rel = p
-                    .strip_prefix(&dir)
-                    .map(|r| r.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                files.insert(rel, ByteBuf::from(bytes));
-            }
+        download::list_files(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))
+    }
+
+    /// Answers `download` with the file list (names and sizes); the admin then fetches the
+    /// files over a download stream (`on_download_stream`), so results of any size fit.
+    fn download(&self, job: &str) -> ControlResponse {
+        let files = match self.result_files(job) {
+            Ok(f) => f,
+            Err(e) => return err(e),
+        };
+        let list: Vec<&download::FileEntry> = files.iter().map(|(e, _)| e).collect();
+        admin_json(json!({
+            "job_id": job,
+            "files": list.iter().map(|e| &e.name).collect::<Vec<_>>(),
+            "sizes": list.iter().map(|e| e.size).collect::<Vec<_>>(),
+            "stream": DOWNLOAD_PROTOCOL.as_ref(),
+        }))
+    }
+
+    /// Streams a finished job's result files, sealed, to the admin that asked.
+    async fn on_download_stream(
+        self: Arc<Self>,
+        peer: PeerId,
+        mut stream: libp2p::Stream,
+    ) -> anyhow::Result<()> {
+        let from = self
+            .net
+            .peers
+            .get(&peer)
+            .with_context(|| format!("download stream from {peer}, which is not admitted"))?;
+        if from.cert.role.kind() != RoleKind::Admin {
+            anyhow::bail!(
+                "download stream from {} ({}), not an admin",
+                from.cert.name,
+                from.cert.role
+            );
         }
-        ControlResponse::Admin {
-            json: json!({"job_id": job, "files": files.keys().collect::<Vec<_>>()}).to_string(),
-            files,
-        }
+        let req = download::read_request(&mut stream).await?;
+        let files = self
+            .result_files(&req.job)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let n = download::send_files(&mut stream, &self.sealing, &from, &req.job, &files).await?;
+        tracing::info!(job = %req.job, admin = %from.cert.name, files = files.len(), bytes = n, "results downloaded");
+        Ok(())
     }
 
     /// What a deploy sends: the stored job bundle and the submitting admin's certificate.
