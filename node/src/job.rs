@@ -14,6 +14,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use flare_protocols::model::FLModel;
+use flare_protocols::workflows::cse::CseArgs;
+use flare_protocols::workflows::cyclic::CyclicArgs;
 use flare_protocols::workflows::scatter_gather::SagConfig;
 use flare_protocols::workflows::swarm::SwarmArgs;
 use serde::Deserialize;
@@ -279,6 +281,9 @@ pub enum WorkflowSpec {
     ScatterAndGather,
     /// Client-controlled swarm learning (`Swarm`, FLARE's `SwarmServerController`).
     Swarm(Box<SwarmArgs>),
+    /// Client-controlled cyclic weight transfer (`Cyclic`, FLARE's
+    /// `CyclicServerController`).
+    Cyclic(Box<CyclicArgs>),
 }
 
 impl WorkflowSpec {
@@ -287,15 +292,27 @@ impl WorkflowSpec {
         match self {
             WorkflowSpec::ScatterAndGather => "scatter_and_gather",
             WorkflowSpec::Swarm(_) => "swarm",
+            WorkflowSpec::Cyclic(_) => "cyclic",
         }
     }
+
+    /// Whether the clients run the workflow (the server only configures, starts and watches).
+    pub fn client_controlled(&self) -> bool {
+        !matches!(self, WorkflowSpec::ScatterAndGather)
+    }
 }
+
+/// The workflow name a cross-site evaluation binds into sealed transfers.
+pub const CSE_WIRE_NAME: &str = "cross_site_eval";
 
 /// The server side of an app: the workflow and its components.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerApp {
     /// The workflow the job runs.
     pub workflow: WorkflowSpec,
+    /// A client-side cross-site evaluation run after a client-controlled workflow
+    /// (`CrossSiteEval`, FLARE's `CrossSiteEvalServerController`, as the second workflow).
+    pub evaluation: Option<CseArgs>,
     /// Scatter-and-gather settings (the defaults when the workflow is another one).
     pub sag: SagConfig,
     /// The initial model.
@@ -315,15 +332,19 @@ impl ServerApp {
         let file = config_file(app_dir, "config_fed_server")?;
         let f: ServerFile = parse_file(&file)?;
         check_format(&file, f.format_version)?;
-        let [wf] = f.workflows.as_slice() else {
-            return Err(invalid(
-                &file,
-                "workflows",
-                format!(
-                    "exactly one workflow is supported, found {}",
-                    f.workflows.len()
-                ),
-            ));
+        let (wf, evaluation) = match f.workflows.as_slice() {
+            [wf] => (wf, None),
+            [wf, eval] => (wf, Some(eval)),
+            _ => {
+                return Err(invalid(
+                    &file,
+                    "workflows",
+                    format!(
+                        "one workflow, or a client-controlled one followed by CrossSiteEval, is supported; found {}",
+                        f.workflows.len()
+                    ),
+                ));
+            }
         };
         let (workflow, a) = match wf.name.as_str() {
             "ScatterAndGather" => (
@@ -361,12 +382,80 @@ impl ServerApp {
                 };
                 (WorkflowSpec::Swarm(Box::new(x)), sag)
             }
+            "Cyclic" | "CyclicServerController" => {
+                let x: CyclicArgs = parse_args(&file, "workflows[0]", wf.args.clone())?;
+                // Check what needs no client list now; the rest is checked at deploy.
+                let mut clients: Vec<String> = x
+                    .result_clients
+                    .iter()
+                    .chain(&x.starting_client)
+                    .cloned()
+                    .collect();
+                clients.push("\u{0}site".into());
+                clients.sort();
+                clients.dedup();
+                x.to_config(&clients, 0)
+                    .map_err(|e| invalid(&file, "workflows[0].args", e.to_string()))?;
+                let sag = SagArgs {
+                    num_rounds: x.num_rounds,
+                    start_round: x.start_round,
+                    min_clients: 1,
+                    wait_time_after_min_received: 0.0,
+                    task_timeout: x.learn_task_timeout,
+                    validate_final: false,
+                    model_id: model_id(),
+                    aggregator_id: aggregator_id(),
+                    persistor_id: persistor_id(),
+                };
+                (WorkflowSpec::Cyclic(Box::new(x)), sag)
+            }
             other => {
                 return Err(invalid(
                     &file,
                     "workflows[0].name",
-                    format!("unknown workflow {other:?} (known: ScatterAndGather, Swarm)"),
+                    format!(
+                        "unknown workflow {other:?} (known: ScatterAndGather, Swarm, Cyclic; CrossSiteEval as the second)"
+                    ),
                 ));
+            }
+        };
+        let evaluation = match evaluation {
+            None => None,
+            Some(e) => {
+                if !matches!(
+                    e.name.as_str(),
+                    "CrossSiteEval" | "CrossSiteEvalServerController"
+                ) {
+                    return Err(invalid(
+                        &file,
+                        "workflows[1].name",
+                        format!(
+                            "unknown second workflow {:?} (known: CrossSiteEval)",
+                            e.name
+                        ),
+                    ));
+                }
+                if !workflow.client_controlled() {
+                    return Err(invalid(
+                        &file,
+                        "workflows[1]",
+                        "CrossSiteEval runs after a client-controlled workflow (Swarm or Cyclic), not after ScatterAndGather",
+                    ));
+                }
+                let x: CseArgs = parse_args(&file, "workflows[1]", e.args.clone())?;
+                let mut clients: Vec<String> = x
+                    .evaluators
+                    .iter()
+                    .chain(&x.evaluatees)
+                    .chain(&x.global_model_client)
+                    .cloned()
+                    .collect();
+                clients.push("\u{0}site".into());
+                clients.sort();
+                clients.dedup();
+                x.to_config(&clients, 0, None)
+                    .map_err(|e| invalid(&file, "workflows[1].args", e.to_string()))?;
+                Some(x)
             }
         };
         let sag = SagConfig {
@@ -486,6 +575,7 @@ impl ServerApp {
         }
         Ok(ServerApp {
             workflow,
+            evaluation,
             sag,
             model,
             persistor,
@@ -1275,5 +1365,81 @@ mod tests {
             "{}",
             f.err()
         );
+    }
+
+    #[test]
+    fn cyclic_and_cross_site_evaluation_configs() {
+        let f = Fixture::new();
+        let server = |workflows: &str| {
+            SERVER.replace(
+                r#"[{"id": "sag", "name": "ScatterAndGather",
+                      "args": {"num_rounds": 2, "min_clients": 2}}]"#,
+                workflows,
+            )
+        };
+        let path = "app/config/config_fed_server.json";
+        f.write(
+            path,
+            &server(
+                r#"[{"name": "Cyclic", "args": {"num_rounds": 3, "cyclic_order": "random"}},
+                    {"name": "CrossSiteEval", "args": {"eval_task_timeout": 5}}]"#,
+            ),
+        );
+        let job = Job::load(f.dir.path()).unwrap();
+        let WorkflowSpec::Cyclic(args) = &job.server.workflow else {
+            panic!("{:?}", job.server.workflow);
+        };
+        assert_eq!(args.num_rounds, 3);
+        assert_eq!(
+            args.cyclic_order,
+            flare_protocols::workflows::cyclic::CyclicOrder::Random
+        );
+        assert_eq!(
+            job.server.evaluation.as_ref().unwrap().eval_task_timeout,
+            5.0
+        );
+
+        let cases = [
+            (
+                r#"[{"name": "Cyclic", "args": {"num_rounds": 0}}]"#,
+                "workflows[0].args: ",
+            ),
+            (
+                r#"[{"name": "Cyclic", "args": {"num_rounds": 2, "learn_task_timeout": 100, "progress_timeout": 50}}]"#,
+                "workflows[0].args: ",
+            ),
+            (
+                r#"[{"name": "Cyclic", "args": {"num_rounds": 2, "order": "sideways"}}]"#,
+                "workflows[0].args.order",
+            ),
+            (
+                r#"[{"name": "ScatterAndGather", "args": {"num_rounds": 2}}, {"name": "CrossSiteEval"}]"#,
+                "workflows[1]: CrossSiteEval runs after a client-controlled workflow",
+            ),
+            (
+                r#"[{"name": "Swarm", "args": {"num_rounds": 2}}, {"name": "Cyclic", "args": {"num_rounds": 2}}]"#,
+                "workflows[1].name: unknown second workflow \"Cyclic\"",
+            ),
+            (
+                r#"[{"name": "Swarm", "args": {"num_rounds": 2}}, {"name": "CrossSiteEval", "args": {"eval_task_timeout": -1}}]"#,
+                "workflows[1].args: ",
+            ),
+            (
+                r#"[{"name": "Swarm", "args": {"num_rounds": 2}}, {"name": "CrossSiteEval", "args": {"evaluator": ["a"]}}]"#,
+                "workflows[1].args.evaluator: unknown field `evaluator`",
+            ),
+            (
+                r#"[{"name": "Swarm", "args": {"num_rounds": 2}}, {"name": "CrossSiteEval"}, {"name": "CrossSiteEval"}]"#,
+                "workflows: one workflow, or a client-controlled one followed by CrossSiteEval",
+            ),
+        ];
+        for (workflows, want) in cases {
+            f.write(path, &server(workflows));
+            let err = f.err();
+            assert!(
+                err.contains(&format!("config_fed_server.json: {want}")),
+                "{workflows}: {err}"
+            );
+        }
     }
 }

@@ -267,6 +267,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!("{}", simulator::format_table(&report));
+                if !report.cross_site.is_empty() {
+                    println!("cross-site evaluation (rows: where it ran; columns: whose model)");
+                    println!(
+                        "{}",
+                        simulator::format_cross_site(&report.cross_site, "accuracy")
+                    );
+                    for (evaluator, failed) in &report.cross_site_failed {
+                        for (model, why) in failed {
+                            println!("{evaluator} could not evaluate {model}: {why}");
+                        }
+                    }
+                }
                 println!("final model:   {}", report.final_model.display());
                 println!("metrics:       {}", report.metrics_file.display());
                 if let Some(dir) = report.round_models.first().and_then(|p| p.parent()) {

@@ -23,6 +23,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use flare_protocols::workflows::ccwf::{
     Action, ClientWorkflow, Input, ModelSlot, Outcome, ReportEvent,
 };
+use flare_protocols::workflows::cse::{CseClient, CseMsg};
+use flare_protocols::workflows::cyclic::{CyclicClient, CyclicMsg};
 use flare_protocols::workflows::swarm::{SwarmClient, SwarmMsg};
 
 use crate::job::{ClientApp, Job, WorkflowSpec};
@@ -69,9 +71,19 @@ pub struct SimReport {
     pub round_models: Vec<PathBuf>,
     /// Where the metrics JSON was written.
     pub metrics_file: PathBuf,
+    /// Cross-site evaluation: evaluator → model (a site, or `global`) → metrics; empty when
+    /// the job runs none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cross_site: CrossSite,
+    /// Cross-site evaluations that could not be done: evaluator → model → why.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cross_site_failed: BTreeMap<String, BTreeMap<String, String>>,
     /// Total wall time in seconds.
     pub seconds: f64,
 }
+
+/// Cross-site evaluation metrics: evaluator → model → metric → value.
+pub type CrossSite = BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>;
 
 /// The workflow being simulated.
 enum Ctrl {
@@ -81,6 +93,25 @@ enum Ctrl {
         first: String,
         initial: Arc<FLModel>,
     },
+    Cyclic {
+        clients: Vec<CyclicClient>,
+    },
+}
+
+/// What a client-controlled run left behind.
+#[derive(Default)]
+struct CcwfRun {
+    rounds: Vec<RoundReport>,
+    metrics: BTreeMap<u32, BTreeMap<String, f64>>,
+    round_models: Vec<PathBuf>,
+    /// Per client: its own last trained model, the best and the final global model.
+    locals: Vec<Option<Arc<FLModel>>>,
+    bests: Vec<Option<Arc<FLModel>>>,
+    finals: Vec<Option<Arc<FLModel>>>,
+    cross_site: CrossSite,
+    cross_site_failed: BTreeMap<String, BTreeMap<String, String>>,
+    /// The first failure a client reported.
+    failure: Option<String>,
 }
 
 /// A run's seed for the clients' shared draws, from the job's name or id (FNV-1a).
@@ -147,6 +178,21 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
                 initial: Arc::new(initial),
             }
         }
+        WorkflowSpec::Cyclic(args) => {
+            let cfg = args
+                .to_config(&names, seed_of(&job.meta.name))
+                .with_context(|| format!("{}: cyclic settings", opts.job_dir.display()))?;
+            let starting = cfg.starting_client.clone().unwrap_or(names[0].clone());
+            let initial = Arc::new(initial);
+            let clients = names
+                .iter()
+                .map(|n| {
+                    let init = (*n == starting).then(|| Arc::clone(&initial));
+                    CyclicClient::new(cfg.clone(), n.as_str(), init)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ctrl::Cyclic { clients }
+        }
     };
 
     let out_dir = opts.workspace.join("server").join("simulate_job");
@@ -185,7 +231,30 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
                 clients,
                 first,
                 initial,
-            } => driver.drive_swarm(clients, first, Arc::clone(initial), &work_tx, &done_rx),
+            } => {
+                let start = Input::Message {
+                    from: "server".into(),
+                    msg: SwarmMsg::Start,
+                    model: Some(Arc::clone(initial)),
+                };
+                let starts = vec![(driver.index(first)?, start)];
+                let versions = job.server.sag.num_rounds;
+                driver.run_ccwf(clients, starts, versions, &work_tx, &done_rx)
+            }
+            Ctrl::Cyclic { clients } => {
+                let starts = (0..clients.len())
+                    .map(|i| {
+                        let start = Input::Message {
+                            from: "server".into(),
+                            msg: CyclicMsg::Start,
+                            model: None,
+                        };
+                        (i, start)
+                    })
+                    .collect();
+                let versions = job.server.sag.num_rounds * names.len() as u32;
+                driver.run_ccwf(clients, starts, versions, &work_tx, &done_rx)
+            }
         };
         // Close both channels before the scope joins the workers: a worker blocked sending
         // a result nobody will read (the drive stopped on an error) then returns.
@@ -408,6 +477,8 @@ impl Driver<'_> {
             final_model: final_model.clone(),
             round_models,
             metrics_file: metrics_file.clone(),
+            cross_site: BTreeMap::new(),
+            cross_site_failed: BTreeMap::new(),
             seconds: self.started.elapsed().as_secs_f64(),
         };
         let json = serde_json::to_vec_pretty(&report)?;
@@ -423,34 +494,104 @@ impl Driver<'_> {
         }
     }
 
-    /// Runs a swarm: every client's state machine in this thread, messages over an in-memory
-    /// queue, tasks on the workers.
-    fn drive_swarm(
+    /// Runs a client-controlled workflow (then the job's cross-site evaluation, if any) and
+    /// writes the report. `versions` global model versions count as rounds.
+    fn run_ccwf<W: ClientWorkflow>(
         &self,
-        clients: &mut [SwarmClient],
-        first: &str,
-        initial: Arc<FLModel>,
+        clients: &mut [W],
+        starts: Vec<(usize, Input<W::Msg>)>,
+        versions: u32,
         work_tx: &SyncSender<Work>,
         done_rx: &Receiver<Done>,
     ) -> anyhow::Result<SimReport> {
-        let total_rounds = self.job.server.sag.num_rounds;
+        let mut run = CcwfRun {
+            locals: vec![None; clients.len()],
+            bests: vec![None; clients.len()],
+            finals: vec![None; clients.len()],
+            ..CcwfRun::default()
+        };
+        self.drive_ccwf(clients, starts, versions, &mut run, work_tx, done_rx)?;
+        let final_model = run.finals.iter().flatten().next().cloned();
+        if let (None, Some(args), Some(_)) =
+            (&run.failure, &self.job.server.evaluation, &final_model)
+        {
+            // The global model evaluated: the best one, or the final one without a best.
+            let holder = run
+                .bests
+                .iter()
+                .position(Option::is_some)
+                .or_else(|| run.finals.iter().position(Option::is_some));
+            let global = holder.and_then(|h| run.bests[h].clone().or(run.finals[h].clone()));
+            let cfg = args
+                .to_config(
+                    self.names,
+                    seed_of(&self.job.meta.name),
+                    holder.map(|h| self.names[h].clone()),
+                )
+                .with_context(|| {
+                    format!("{}: CrossSiteEval settings", self.opts.job_dir.display())
+                })?;
+            let mut evaluators = self
+                .names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let g = (cfg.global_model_client.as_deref() == Some(n.as_str()))
+                        .then(|| global.clone())
+                        .flatten();
+                    CseClient::new(cfg.clone(), n, run.locals[i].clone(), g)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let starts = (0..evaluators.len())
+                .map(|i| {
+                    let start = Input::Message {
+                        from: "server".into(),
+                        msg: CseMsg::Start,
+                        model: None,
+                    };
+                    (i, start)
+                })
+                .collect();
+            self.drive_ccwf(&mut evaluators, starts, 0, &mut run, work_tx, done_rx)?;
+            let dir = self.out_dir.join("cross_site_val");
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let file = dir.join("cross_val_results.json");
+            std::fs::write(&file, serde_json::to_vec_pretty(&run.cross_site)?)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+        }
+        let outcome = match run.failure {
+            Some(reason) => Ok(Err(reason)),
+            None => final_model
+                .map(Ok)
+                .ok_or_else(|| "no result client received the final model".into()),
+        };
+        let mut report = self.write_report(run.rounds, run.metrics, run.round_models, outcome)?;
+        report.cross_site = run.cross_site;
+        report.cross_site_failed = run.cross_site_failed;
+        if !report.cross_site.is_empty() {
+            std::fs::write(&report.metrics_file, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("cannot write {}", report.metrics_file.display()))?;
+        }
+        Ok(report)
+    }
+
+    /// Drives client workflows to the end: every client's state machine in this thread,
+    /// messages over an in-memory queue, tasks on the workers.
+    fn drive_ccwf<W: ClientWorkflow>(
+        &self,
+        clients: &mut [W],
+        starts: Vec<(usize, Input<W::Msg>)>,
+        versions: u32,
+        run: &mut CcwfRun,
+        work_tx: &SyncSender<Work>,
+        done_rx: &Receiver<Done>,
+    ) -> anyhow::Result<()> {
         let start_round = self.job.server.sag.start_round;
-        let mut inbox: VecDeque<(usize, Input<SwarmMsg>)> = VecDeque::new();
+        let mut inbox: VecDeque<(usize, Input<W::Msg>)> = starts.into();
         let mut pending: VecDeque<Work> = VecDeque::new();
-        let mut rounds = Vec::new();
-        let mut metrics = BTreeMap::new();
-        let mut round_models = Vec::new();
         let mut round_start = Instant::now();
-        let mut finished: Vec<Option<Result<(), String>>> = vec![None; clients.len()];
-        let mut final_model: Option<Arc<FLModel>> = None;
-        inbox.push_back((
-            self.index(first)?,
-            Input::Message {
-                from: "server".into(),
-                msg: SwarmMsg::Start,
-                model: Some(initial),
-            },
-        ));
+        let mut finished: Vec<bool> = vec![false; clients.len()];
         loop {
             // Deliver every queued input, then collect what the clients ask for.
             while let Some((i, input)) = inbox.pop_front() {
@@ -472,13 +613,15 @@ impl Driver<'_> {
                                 metrics: m,
                                 ..
                             } => {
-                                metrics.insert(version, m);
-                                if version < total_rounds {
+                                if !m.is_empty() {
+                                    run.metrics.insert(version, m);
+                                }
+                                if version < versions {
                                     let seconds = round_start.elapsed().as_secs_f64();
                                     round_start = Instant::now();
                                     if self.opts.progress {
                                         eprintln!(
-                                            "round {}/{total_rounds}: {}/{} clients aggregated by {} in {seconds:.2} s (elapsed {:.1} s)",
+                                            "round {}/{versions}: {}/{} clients aggregated by {} in {seconds:.2} s (elapsed {:.1} s)",
                                             version + 1,
                                             accepted.len(),
                                             self.names.len(),
@@ -486,19 +629,31 @@ impl Driver<'_> {
                                             self.started.elapsed().as_secs_f64()
                                         );
                                     }
-                                    rounds.push(RoundReport {
+                                    run.rounds.push(RoundReport {
                                         round: start_round + version,
                                         accepted: accepted.len(),
                                         seconds,
                                     });
                                 }
                             }
+                            ReportEvent::Evaluated { model, metrics } => {
+                                run.cross_site
+                                    .entry(self.names[i].clone())
+                                    .or_default()
+                                    .insert(model, metrics);
+                            }
+                            ReportEvent::EvaluationFailed { model, reason } => {
+                                run.cross_site_failed
+                                    .entry(self.names[i].clone())
+                                    .or_default()
+                                    .insert(model, reason);
+                            }
                             ReportEvent::Finished(Outcome::Failed { reason }) => {
-                                finished[i] = Some(Err(reason));
+                                finished[i] = true;
+                                run.failure
+                                    .get_or_insert(format!("{}: {reason}", self.names[i]));
                             }
-                            ReportEvent::Finished(Outcome::Completed { .. }) => {
-                                finished[i] = Some(Ok(()));
-                            }
+                            ReportEvent::Finished(Outcome::Completed { .. }) => finished[i] = true,
                             _ => {}
                         },
                         Action::Persist { slot, model } => {
@@ -519,10 +674,12 @@ impl Driver<'_> {
                                         .models_dir
                                         .join(format!("{}.safetensors", slot.file_stem()));
                                     crate::model_io::write(&q, &model)?;
-                                    round_models.push(q);
+                                    run.round_models.push(q);
                                 }
-                                ModelSlot::Final => final_model = Some(model),
-                                _ => {}
+                                ModelSlot::Round(_) => {}
+                                ModelSlot::Final => run.finals[i] = Some(model),
+                                ModelSlot::Best => run.bests[i] = Some(model),
+                                ModelSlot::Local => run.locals[i] = Some(model),
                             }
                         }
                         Action::Finished(_) => {}
@@ -532,8 +689,8 @@ impl Driver<'_> {
             if !inbox.is_empty() {
                 continue;
             }
-            if finished.iter().all(Option::is_some) {
-                break;
+            if finished.iter().all(|f| *f) {
+                return Ok(());
             }
             hand_out(&mut pending, work_tx)?;
             let next = clients.iter().filter_map(|c| c.poll_timeout()).min();
@@ -557,13 +714,6 @@ impl Driver<'_> {
                 Err(RecvTimeoutError::Disconnected) => bail!("all simulator workers stopped"),
             }
         }
-        let outcome = match finished.into_iter().flatten().find_map(Result::err) {
-            Some(reason) => Ok(Err(reason)),
-            None => final_model
-                .map(Ok)
-                .ok_or_else(|| "no result client received the final model".into()),
-        };
-        self.write_report(rounds, metrics, round_models, outcome)
     }
 
     fn index(&self, name: &str) -> anyhow::Result<usize> {
@@ -615,6 +765,30 @@ pub fn format_table(report: &SimReport) -> String {
         s.push_str(&format!("{label:>6} {clients:>8} {secs:>9}"));
         for k in &keys {
             match m.get(*k) {
+                Some(v) => s.push_str(&format!(" {v:>10.4}")),
+                None => s.push_str(&format!(" {:>10}", "-")),
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// A cross-site evaluation as a matrix of `key` (e.g. accuracy): one row per evaluator, one
+/// column per model; `-` where the evaluation is missing.
+pub fn format_cross_site(cross: &CrossSite, key: &str) -> String {
+    let mut models: Vec<&String> = cross.values().flat_map(|m| m.keys()).collect();
+    models.sort();
+    models.dedup();
+    let mut s = format!("{:>12}", format!("{key} of"));
+    for m in &models {
+        s.push_str(&format!(" {m:>10}"));
+    }
+    s.push('\n');
+    for (evaluator, row) in cross {
+        s.push_str(&format!("{:>12}", format!("at {evaluator}")));
+        for m in &models {
+            match row.get(*m).and_then(|x| x.get(key)) {
                 Some(v) => s.push_str(&format!(" {v:>10.4}")),
                 None => s.push_str(&format!(" {:>10}", "-")),
             }

@@ -117,6 +117,16 @@ pub struct JobRecord {
     pub sites: BTreeMap<String, String>,
     /// Round → metric name → value, as reported by validation.
     pub metrics: BTreeMap<u32, BTreeMap<String, f64>>,
+    /// Cross-site evaluation: evaluator → model (a site, or `global`) → metric → value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cross_site: BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>,
+    /// The stage of a client-controlled job: 0 its training workflow, 1 its cross-site
+    /// evaluation.
+    #[serde(default)]
+    pub stage: u32,
+    /// The site holding the global model the cross-site evaluation measures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_holder: Option<String>,
 }
 
 impl JobRecord {
@@ -136,6 +146,9 @@ impl JobRecord {
             round: None,
             sites: BTreeMap::new(),
             metrics: BTreeMap::new(),
+            cross_site: BTreeMap::new(),
+            stage: 0,
+            global_holder: None,
         }
     }
 }

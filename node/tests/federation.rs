@@ -583,3 +583,119 @@ fn swarm_survives_its_aggregator_and_the_server() {
         "{st}"
     );
 }
+
+/// A copy of cyclic-mnist with `rounds` rounds of `epochs` local epochs.
+fn cyclic_copy(dir: &Path, rounds: u32, epochs: u32) -> PathBuf {
+    let src = root().join("examples/cyclic-mnist");
+    let job = dir.join(format!("cyclic-{rounds}"));
+    std::fs::create_dir_all(job.join("app/config")).unwrap();
+    std::fs::copy(src.join("meta.json"), job.join("meta.json")).unwrap();
+    let client = std::fs::read_to_string(src.join("app/config/config_fed_client.json"))
+        .unwrap()
+        .replace("\"epochs\": 2", &format!("\"epochs\": {epochs}"));
+    std::fs::write(job.join("app/config/config_fed_client.json"), client).unwrap();
+    let server = std::fs::read_to_string(src.join("app/config/config_fed_server.json"))
+        .unwrap()
+        .replace("\"num_rounds\": 3", &format!("\"num_rounds\": {rounds}"));
+    std::fs::write(job.join("app/config/config_fed_server.json"), server).unwrap();
+    job
+}
+
+#[test]
+fn cross_site_evaluation_follows_swarm_and_cyclic_skips_a_dead_site() {
+    let mut f = Federation::prepare(3, 18_700);
+    f.start("server");
+    for s in ["site-1", "site-2", "site-3"] {
+        f.start(s);
+    }
+    f.wait_sites(3);
+    let tmp = tempfile::tempdir().unwrap();
+
+    // Swarm, then every site evaluates every site's own model and the global one.
+    let job = f.admin_json(&[
+        "submit",
+        root().join("examples/swarm-cse-mnist").to_str().unwrap(),
+    ])["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = f.admin(&["wait", &job, "--timeout", "180"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        f.log("server")
+    );
+    let st = f.admin_json(&["status", &job]);
+    let sites = ["site-1", "site-2", "site-3"];
+    for evaluator in sites {
+        for model in ["global", "site-1", "site-2", "site-3"] {
+            let acc = st["cross_site"][evaluator][model]["accuracy"].as_f64();
+            assert!(
+                acc.is_some_and(|a| a > 0.85),
+                "{evaluator} on {model}: {acc:?}\n{st}"
+            );
+        }
+    }
+    // The global model evaluated is the swarm's best: its accuracy is the best version's.
+    let best = (0..=5)
+        .filter_map(|v| st["metrics"][v.to_string()]["accuracy"].as_f64())
+        .fold(0.0, f64::max);
+    let global = st["cross_site"]["site-1"]["global"]["accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (global - best).abs() < 1e-9,
+        "global {global} vs best {best}"
+    );
+    let dl = f.admin_json(&["download", &job]);
+    let dir = PathBuf::from(dl["dir"].as_str().unwrap());
+    let matrix: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("cross_val_results.json")).unwrap())
+            .unwrap();
+    assert_eq!(matrix, st["cross_site"]);
+    assert!(dir.join("global_final.safetensors").is_file());
+
+    // Cyclic: the model goes round the sites; one dies mid-run and is skipped.
+    let src = cyclic_copy(tmp.path(), 4, 15);
+    let job = f.admin_json(&["submit", src.to_str().unwrap()])["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    f.wait_round(&job, 1);
+    f.kill("site-3");
+    let out = f.admin(&["wait", &job, "--timeout", "180"]);
+    assert!(
+        out.status.success(),
+        "{}\nserver:\n{}\nsite-1:\n{}\nsite-2:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        f.log("server"),
+        f.log("site-1"),
+        f.log("site-2")
+    );
+    let st = f.admin_json(&["status", &job]);
+    let notes: Vec<&str> = st["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["note"].as_str().unwrap())
+        .collect();
+    // The run went on to its last round without site-3: hops 9 and 10 (site-1's and
+    // site-2's) were trained, site-3's hop 11 was skipped.
+    for (hop, site) in [(9, "site-1"), (10, "site-2")] {
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.starts_with(&format!("hop {hop} (round 3) trained by {site}"))),
+            "hop {hop}: {notes:#?}"
+        );
+    }
+    assert!(
+        !notes.iter().any(|n| n.starts_with("hop 11 ")),
+        "the dead site's hop: {notes:#?}"
+    );
+    let dl = f.admin_json(&["download", &job]);
+    let dir = PathBuf::from(dl["dir"].as_str().unwrap());
+    let acc = held_out_accuracy(&dir.join("global_final.safetensors"));
+    assert!(acc >= 0.9, "cyclic final accuracy {acc}");
+}

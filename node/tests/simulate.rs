@@ -139,3 +139,60 @@ fn dirichlet_skew_still_trains() {
     let acc = report["metrics"]["5"]["accuracy"].as_f64().unwrap();
     assert!(acc > 0.7, "non-IID accuracy {acc}");
 }
+
+#[test]
+fn cyclic_passes_one_model_round_the_sites() {
+    let ws = tempfile::tempdir().unwrap();
+    let report = simulate(&root().join("examples/cyclic-mnist"), 3, ws.path());
+    // 3 rounds × 3 sites = 9 hops, each trained by one site; the metrics of hop k measure
+    // the model after k hops.
+    let rounds = report["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 9, "{report}");
+    assert!(rounds.iter().all(|r| r["accepted"] == 1));
+    let metrics = report["metrics"].as_object().unwrap();
+    assert!(metrics["0"]["accuracy"].as_f64().unwrap() < 0.3);
+    let last = metrics["8"]["accuracy"].as_f64().unwrap();
+    assert!(last >= 0.9, "accuracy after 8 hops {last}");
+    // The final model is the last hop's: it is better than the initial one on held-out data.
+    let model =
+        flare_node::model_io::read(Path::new(report["final_model"].as_str().unwrap())).unwrap();
+    let net = Mlp::from_model(&model, 64).unwrap();
+    let (_, held_out) = Dataset::load_mnist_test(&root().join("data/mnist"))
+        .unwrap()
+        .split(2000, 0);
+    assert!(net.evaluate(&held_out)["accuracy"] >= 0.9);
+}
+
+#[test]
+fn swarm_then_cross_site_evaluation_fills_the_matrix() {
+    let ws = tempfile::tempdir().unwrap();
+    let report = simulate(&root().join("examples/swarm-cse-mnist"), 3, ws.path());
+    let cross = report["cross_site"].as_object().unwrap();
+    assert_eq!(cross.len(), 3, "{report}");
+    let best = report["metrics"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|m| m["accuracy"].as_f64())
+        .fold(0.0, f64::max);
+    for (evaluator, row) in cross {
+        let row = row.as_object().unwrap();
+        assert_eq!(row.len(), 4, "{evaluator}: {row:?}");
+        for model in ["site-1", "site-2", "site-3"] {
+            let acc = row[model]["accuracy"].as_f64().unwrap();
+            assert!(acc > 0.85, "{evaluator} on {model}: {acc}");
+        }
+        // The global model evaluated is the best one the swarm produced.
+        let global = row["global"]["accuracy"].as_f64().unwrap();
+        assert!((global - best).abs() < 1e-9, "global {global}, best {best}");
+    }
+    // Each site's own model is the one it trained last, not the global one.
+    let own = cross["site-1"]["site-1"]["accuracy"].as_f64().unwrap();
+    assert!((own - best).abs() > 1e-9);
+    let file = ws
+        .path()
+        .join("server/simulate_job/cross_site_val/cross_val_results.json");
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(&written, &report["cross_site"]);
+}

@@ -99,6 +99,10 @@ pub enum ControlRequest {
         seed: u64,
         /// The site restarted while the run went on: it rejoins at the current round.
         rejoin: bool,
+        /// Configure the job's cross-site evaluation (which follows its training workflow)
+        /// instead of the training workflow.
+        #[serde(default)]
+        evaluation: Option<EvaluationStage>,
     },
     /// Start a configured client-controlled workflow on its starting client (server → client).
     StartWorkflow {
@@ -142,6 +146,14 @@ pub struct PeerEntry {
     pub peer_id: String,
     /// Listen addresses, as text.
     pub addrs: Vec<String>,
+}
+
+/// The cross-site evaluation stage of a job, as the server configures it on a site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvaluationStage {
+    /// The site holding the global model (the best one, or the final one without a best),
+    /// unless the job names `global_model_client`.
+    pub global_holder: Option<String>,
 }
 
 /// Answers to [`ControlRequest`]s.

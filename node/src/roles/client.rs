@@ -17,9 +17,12 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, watch};
 
 use super::workflow::{self, Inbound};
-use crate::job::WorkflowSpec;
-use crate::net::protocol::PeerEntry;
-use flare_protocols::workflows::ccwf::Input;
+use crate::job::{CSE_WIRE_NAME, WorkflowSpec};
+use crate::net::protocol::{EvaluationStage, PeerEntry};
+use flare_protocols::model::FLModel;
+use flare_protocols::workflows::ccwf::{Input, ModelSlot};
+use flare_protocols::workflows::cse::{CseClient, CseMsg};
+use flare_protocols::workflows::cyclic::{CyclicClient, CyclicMsg};
 use flare_protocols::workflows::swarm::{SwarmClient, SwarmMsg};
 
 use super::policy::SitePolicy;
@@ -36,8 +39,19 @@ pub const MAX_TASK_MODEL: u64 = 16 << 30;
 struct JobSlot {
     learner: Arc<Mutex<Box<dyn Learner>>>,
     round: u32,
-    /// A client-controlled workflow's task: its input and its stop switch.
-    workflow: Option<(mpsc::Sender<Inbound>, watch::Sender<bool>)>,
+    /// A client-controlled workflow's task.
+    workflow: Option<WorkflowTask>,
+}
+
+/// A running client-controlled workflow of a job: the training workflow, then (if the job has
+/// one) its cross-site evaluation.
+struct WorkflowTask {
+    /// Its input.
+    tx: mpsc::Sender<Inbound>,
+    /// Its stop switch.
+    stop: watch::Sender<bool>,
+    /// The workflow's wire name: peer messages bound to another stage are dropped.
+    stage: &'static str,
 }
 
 struct Site {
@@ -179,7 +193,8 @@ impl Site {
                 peers,
                 seed,
                 rejoin,
-            } => match self.configure(&job, peers, seed, rejoin) {
+                evaluation,
+            } => match self.configure(&job, peers, seed, rejoin, evaluation) {
                 Ok(()) => ControlResponse::Ok,
                 Err(e) => {
                     tracing::warn!(%job, error = %format!("{e:#}"), "configure failed");
@@ -294,15 +309,19 @@ impl Site {
         drop(stream);
         let job = got.header.job.clone();
         if got.header.kind == "ccwf" {
-            let tx = self
+            let (tx, stage) = self
                 .jobs
                 .lock()
                 .map_err(|_| anyhow::anyhow!("job table poisoned"))?
                 .get(&job)
-                .and_then(|s| s.workflow.as_ref().map(|w| w.0.clone()))
+                .and_then(|s| s.workflow.as_ref().map(|w| (w.tx.clone(), w.stage)))
                 .with_context(|| {
                     format!("workflow message for job {job}, which does not run here")
                 })?;
+            if got.header.workflow != stage {
+                tracing::debug!(%job, peer = %from.cert.name, workflow = %got.header.workflow, "message for a stage that is over dropped");
+                return Ok(());
+            }
             let body = got
                 .meta
                 .body
@@ -399,7 +418,7 @@ impl Site {
             .lock()
             .map(|j| {
                 j.values()
-                    .filter_map(|s| s.workflow.as_ref().map(|w| w.0.clone()))
+                    .filter_map(|s| s.workflow.as_ref().map(|w| w.tx.clone()))
                     .collect()
             })
             .unwrap_or_default();
@@ -411,32 +430,147 @@ impl Site {
         }
     }
 
-    /// Starts a deployed job's client-controlled workflow among `peers`.
+    /// Starts a deployed job's client-controlled workflow among `peers`: its training
+    /// workflow, or with `evaluation` its cross-site evaluation (which replaces the training
+    /// workflow's task).
     fn configure(
         &self,
         job_id: &str,
         peers: Vec<PeerEntry>,
         seed: u64,
         rejoin: bool,
+        evaluation: Option<EvaluationStage>,
     ) -> anyhow::Result<()> {
         let dir = self.dir.join("jobs").join(job_id);
         let job = Job::load(&dir)?;
-        let WorkflowSpec::Swarm(args) = &job.server.workflow else {
+        if !job.server.workflow.client_controlled() {
             anyhow::bail!(
                 "job {job_id} runs {}, not a client-controlled workflow",
                 job.server.workflow.wire_name()
             );
+        }
+        let stage = match evaluation {
+            Some(_) => CSE_WIRE_NAME,
+            None => job.server.workflow.wire_name(),
         };
         let mut names: Vec<String> = peers.iter().map(|p| p.name.clone()).collect();
         names.sort();
         names.dedup();
-        let cfg = args.to_config(&names, seed)?;
         let me = self.kit.name().to_string();
-        let wf = if rejoin {
-            SwarmClient::joining(cfg.clone(), me.clone())?
-        } else {
-            SwarmClient::new(cfg.clone(), me.clone())?
+        let learner = {
+            let mut jobs = self
+                .jobs
+                .lock()
+                .map_err(|_| anyhow::anyhow!("job table poisoned"))?;
+            let slot = jobs
+                .get_mut(job_id)
+                .with_context(|| format!("job {job_id} is not deployed here"))?;
+            if let Some(w) = &slot.workflow {
+                if w.stage == stage {
+                    return Ok(()); // configured already
+                }
+                let _ = w.stop.send(true);
+            }
+            Arc::clone(&slot.learner)
         };
+        let (tx, rx) = mpsc::channel(256);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server_addrs = peer_addrs(&self.kit.config.server)?.1;
+        let models = dir.join("models");
+        let ctx = |result_clients: Vec<String>| {
+            Arc::new(workflow::Context {
+                net: self.net.clone(),
+                sealing: self.sealing.clone(),
+                job: job_id.to_string(),
+                workflow: stage,
+                me: me.clone(),
+                server: (self.server, server_addrs.clone()),
+                peers: peers.clone(),
+                learner: Arc::clone(&learner),
+                job_dir: dir.clone(),
+                result_clients,
+            })
+        };
+        match (&evaluation, &job.server.workflow) {
+            (Some(ev), _) => {
+                let args = job
+                    .server
+                    .evaluation
+                    .as_ref()
+                    .with_context(|| format!("job {job_id} has no CrossSiteEval workflow"))?;
+                let cfg = args.to_config(&names, seed, ev.global_holder.clone())?;
+                let read = |stem: &str| -> anyhow::Result<Option<Arc<FLModel>>> {
+                    let p = models.join(format!("{stem}.safetensors"));
+                    if !p.is_file() {
+                        return Ok(None);
+                    }
+                    Ok(Some(Arc::new(crate::model_io::read(&p)?)))
+                };
+                let local = read(&ModelSlot::Local.file_stem())?;
+                let global = if cfg.global_model_client.as_deref() == Some(me.as_str()) {
+                    match read(&ModelSlot::Best.file_stem())? {
+                        Some(m) => Some(m),
+                        None => read(&ModelSlot::Final.file_stem())?,
+                    }
+                } else {
+                    None
+                };
+                let wf = CseClient::new(cfg, &me, local, global)?;
+                fn start(_: FLModel) -> Input<CseMsg> {
+                    Input::Message {
+                        from: "server".into(),
+                        msg: CseMsg::Start,
+                        model: None,
+                    }
+                }
+                tokio::spawn(workflow::run(ctx(Vec::new()), wf, start, rx, stop_rx));
+            }
+            (None, WorkflowSpec::Swarm(args)) => {
+                let cfg = args.to_config(&names, seed)?;
+                let wf = if rejoin {
+                    SwarmClient::joining(cfg.clone(), me.clone())?
+                } else {
+                    SwarmClient::new(cfg.clone(), me.clone())?
+                };
+                fn start(model: FLModel) -> Input<SwarmMsg> {
+                    Input::Message {
+                        from: "server".into(),
+                        msg: SwarmMsg::Start,
+                        model: Some(Arc::new(model)),
+                    }
+                }
+                let c = ctx(cfg.result_clients.clone());
+                tokio::spawn(workflow::run(c, wf, start, rx, stop_rx));
+            }
+            (None, WorkflowSpec::Cyclic(args)) => {
+                let cfg = args.to_config(&names, seed)?;
+                let starting = cfg.starting_client.as_ref().unwrap_or(&names[0]);
+                let wf = if rejoin {
+                    CyclicClient::joining(cfg.clone(), &me)?
+                } else {
+                    let initial = if *starting == me {
+                        Some(Arc::new(job.server.initial_model()?))
+                    } else {
+                        None
+                    };
+                    CyclicClient::new(cfg.clone(), &me, initial)?
+                };
+                fn start(_: FLModel) -> Input<CyclicMsg> {
+                    Input::Message {
+                        from: "server".into(),
+                        msg: CyclicMsg::Start,
+                        model: None,
+                    }
+                }
+                let result_clients = if cfg.result_clients.is_empty() {
+                    names.clone()
+                } else {
+                    cfg.result_clients.clone()
+                };
+                tokio::spawn(workflow::run(ctx(result_clients), wf, start, rx, stop_rx));
+            }
+            (None, WorkflowSpec::ScatterAndGather) => unreachable!("checked above"),
+        }
         let mut jobs = self
             .jobs
             .lock()
@@ -444,38 +578,15 @@ impl Site {
         let slot = jobs
             .get_mut(job_id)
             .with_context(|| format!("job {job_id} is not deployed here"))?;
-        if slot.workflow.is_some() {
-            return Ok(()); // configured already
-        }
-        let (tx, rx) = mpsc::channel(256);
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let server_addrs = peer_addrs(&self.kit.config.server)?.1;
-        let ctx = Arc::new(workflow::Context {
-            net: self.net.clone(),
-            sealing: self.sealing.clone(),
-            job: job_id.to_string(),
-            workflow: job.server.workflow.wire_name(),
-            me,
-            server: (self.server, server_addrs),
-            peers,
-            learner: Arc::clone(&slot.learner),
-            job_dir: dir,
-            result_clients: cfg.result_clients.clone(),
+        slot.workflow = Some(WorkflowTask {
+            tx,
+            stop: stop_tx,
+            stage,
         });
-        fn start(model: flare_protocols::FLModel) -> Input<SwarmMsg> {
-            Input::Message {
-                from: "server".into(),
-                msg: SwarmMsg::Start,
-                model: Some(Arc::new(model)),
-            }
-        }
-        tokio::spawn(workflow::run(ctx, wf, start, rx, stop_rx));
-        slot.workflow = Some((tx, stop_tx));
-        tracing::info!(job = %job_id, rejoin, "workflow configured");
+        tracing::info!(job = %job_id, rejoin, stage, "workflow configured");
         Ok(())
     }
 
-    /// Hands the initial model to the job's workflow (this site is the starting client).
     fn start_workflow(&self, job_id: &str) -> anyhow::Result<()> {
         let dir = self.dir.join("jobs").join(job_id);
         let job = Job::load(&dir)?;
@@ -485,7 +596,7 @@ impl Site {
             .lock()
             .map_err(|_| anyhow::anyhow!("job table poisoned"))?
             .get(job_id)
-            .and_then(|s| s.workflow.as_ref().map(|w| w.0.clone()))
+            .and_then(|s| s.workflow.as_ref().map(|w| w.tx.clone()))
             .with_context(|| format!("job {job_id} is not configured here"))?;
         tx.try_send(Inbound::Start(model))
             .map_err(|_| anyhow::anyhow!("the workflow of job {job_id} is not accepting input"))?;

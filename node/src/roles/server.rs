@@ -25,11 +25,12 @@ use crate::job::{Job, WorkflowSpec};
 use crate::net::bulk::{self, Route, Sealing, TransferMeta};
 use crate::net::download;
 use crate::net::protocol::{
-    AdminRequest, BULK_PROTOCOL, ControlRequest, ControlResponse, DOWNLOAD_PROTOCOL, PeerEntry,
+    AdminRequest, BULK_PROTOCOL, ControlRequest, ControlResponse, DOWNLOAD_PROTOCOL,
+    EvaluationStage, PeerEntry,
 };
 use crate::net::{NetEvent, NetHandle, PeerInfo};
 use crate::store::{JobState, JobStore};
-use flare_protocols::workflows::ccwf::{Outcome, Report, ReportEvent};
+use flare_protocols::workflows::ccwf::{ModelSlot, Outcome, Report, ReportEvent};
 
 /// Largest result model the server accepts from a site.
 pub const MAX_RESULT_MODEL: u64 = 16 << 30;
@@ -93,7 +94,7 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
         // A client-controlled job runs on its sites: watch it again.
         if rec.state == JobState::Running
             && let Ok(job) = Job::load(&store.job_dir(&rec.id))
-            && matches!(job.server.workflow, WorkflowSpec::Swarm(_))
+            && job.server.workflow.client_controlled()
         {
             let sites: Vec<String> = rec.sites.keys().cloned().collect();
             resume.push((rec.id.clone(), job, sites));
@@ -193,7 +194,7 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
         // A client-controlled job goes on without the server; it is watched again after a
         // restart.
         if Job::load(&server.store.job_dir(&id))
-            .is_ok_and(|j| matches!(j.server.workflow, WorkflowSpec::Swarm(_)))
+            .is_ok_and(|j| j.server.workflow.client_controlled())
         {
             continue;
         }
@@ -484,7 +485,15 @@ impl Server {
         let metrics = serde_json::to_vec_pretty(
             &json!({"job_id": id, "name": rec.name, "metrics": rec.metrics}),
         )?;
+        std::fs::create_dir_all(result_dir)?;
         std::fs::write(result_dir.join("metrics.json"), metrics)?;
+        if !rec.cross_site.is_empty() {
+            // FLARE's layout: evaluator → model → metrics.
+            std::fs::write(
+                result_dir.join("cross_val_results.json"),
+                serde_json::to_vec_pretty(&rec.cross_site)?,
+            )?;
+        }
         Ok(())
     }
 
@@ -628,9 +637,9 @@ impl Server {
                         .run_job(&id, job, accepted.clone(), results_rx, abort_rx)
                         .await
                 }
-                WorkflowSpec::Swarm(_) => {
+                WorkflowSpec::Swarm(_) | WorkflowSpec::Cyclic(_) => {
                     Arc::clone(&s)
-                        .watch_swarm(&id, &job, &accepted, resume, reports_rx, abort_rx)
+                        .watch_ccwf(&id, &job, &accepted, resume, reports_rx, abort_rx)
                         .await
                 }
             };
@@ -696,11 +705,89 @@ impl Server {
         Ok(())
     }
 
-    /// Configures and starts a swarm job on its sites (unless `resume`), then watches it:
-    /// records the sites' reports, re-admits restarted sites, and ends the job when the final
-    /// model is uploaded and every connected site has finished, when a site reports failure,
-    /// or after `progress_timeout` without a report.
-    async fn watch_swarm(
+    /// Configures the sites of a client-controlled job for a stage (the training workflow,
+    /// or with `evaluation` its cross-site evaluation) and starts it on `starters` (the first
+    /// that accepts; every one with `all`). Returns why it could not start.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_stage(
+        &self,
+        id: &str,
+        sites: &[String],
+        seed: u64,
+        evaluation: Option<&EvaluationStage>,
+        configure_min: usize,
+        starters: &[String],
+        all: bool,
+    ) -> Result<(), String> {
+        let peers = self.peer_entries(sites);
+        let asks = sites.iter().filter_map(|name| {
+            let p = self.net.peers.by_name(name)?;
+            let req = ControlRequest::Configure {
+                job: id.to_string(),
+                peers: peers.clone(),
+                seed,
+                rejoin: false,
+                evaluation: evaluation.cloned(),
+            };
+            let net = self.net.clone();
+            let name = name.clone();
+            Some(async move { (name, net.request(p.peer, req).await) })
+        });
+        let answers = futures::future::join_all(asks).await;
+        let configured: Vec<String> = answers
+            .into_iter()
+            .filter_map(|(n, a)| match a {
+                Ok(ControlResponse::Ok) => Some(n),
+                other => {
+                    tracing::warn!(job = %id, site = %n, answer = ?other, "site not configured");
+                    None
+                }
+            })
+            .collect();
+        if configured.len() < configure_min {
+            return Err(format!(
+                "{} of {} sites configured, configure_min_clients is {configure_min}",
+                configured.len(),
+                sites.len()
+            ));
+        }
+        let what = if evaluation.is_some() {
+            "cross-site evaluation"
+        } else {
+            "workflow"
+        };
+        self.note(
+            id,
+            format!("{what} configured on {}", configured.join(", ")),
+        );
+        let mut started = Vec::new();
+        for c in starters.iter().filter(|c| configured.contains(c)) {
+            let Some(p) = self.net.peers.by_name(c) else {
+                continue;
+            };
+            let req = ControlRequest::StartWorkflow {
+                job: id.to_string(),
+            };
+            if let Ok(ControlResponse::Ok) = self.net.request(p.peer, req).await {
+                started.push(c.clone());
+                if !all {
+                    break;
+                }
+            }
+        }
+        if started.is_empty() {
+            return Err(format!("no starting client accepted the {what}'s start"));
+        }
+        self.note(id, format!("{what} started on {}", started.join(", ")));
+        Ok(())
+    }
+
+    /// Runs a client-controlled job: configures and starts its workflow on its sites (unless
+    /// `resume`), watches it, then does the same for its cross-site evaluation if it has one.
+    /// The watcher records the sites' reports, re-admits restarted sites, and ends a stage
+    /// when every site has finished or gone (and, for training, the final model was
+    /// uploaded), when a site reports failure, or after `progress_timeout` without a report.
+    async fn watch_ccwf(
         self: Arc<Self>,
         id: &str,
         job: &Job,
@@ -709,100 +796,143 @@ impl Server {
         mut events: mpsc::Receiver<(String, WfEvent)>,
         mut abort: watch::Receiver<bool>,
     ) -> anyhow::Result<(JobState, String)> {
-        let WorkflowSpec::Swarm(args) = &job.server.workflow else {
-            anyhow::bail!("not a swarm job");
-        };
         let seed = crate::simulator::seed_of(id);
-        let cfg = args.to_config(sites, seed)?;
-        let started_ms = now_ms();
-        if !resume {
-            let peers = self.peer_entries(sites);
-            let asks = sites.iter().filter_map(|name| {
-                let p = self.net.peers.by_name(name)?;
-                let req = ControlRequest::Configure {
-                    job: id.to_string(),
-                    peers: peers.clone(),
-                    seed,
-                    rejoin: false,
-                };
-                let net = self.net.clone();
-                let name = name.clone();
-                Some(async move { (name, net.request(p.peer, req).await) })
-            });
-            let answers = futures::future::join_all(asks).await;
-            let configured: Vec<String> = answers
-                .into_iter()
-                .filter_map(|(n, a)| match a {
-                    Ok(ControlResponse::Ok) => Some(n),
-                    other => {
-                        tracing::warn!(job = %id, site = %n, answer = ?other, "site not configured");
-                        None
-                    }
-                })
-                .collect();
-            let need = args.configure_min_clients.unwrap_or(sites.len());
-            if configured.len() < need {
-                return Ok((
-                    JobState::Failed,
-                    format!(
-                        "{} of {} sites configured, configure_min_clients is {need}",
-                        configured.len(),
-                        sites.len()
-                    ),
-                ));
+        let mut sorted = sites.to_vec();
+        sorted.sort();
+        let (progress_timeout, configure_min, starters) = match &job.server.workflow {
+            WorkflowSpec::Swarm(args) => {
+                let cfg = args.to_config(sites, seed)?;
+                let starters: Vec<String> = args
+                    .starting_client
+                    .iter()
+                    .chain(&cfg.aggr_clients)
+                    .cloned()
+                    .collect();
+                (args.progress_timeout, args.configure_min_clients, starters)
             }
-            self.note(id, format!("swarm configured on {}", configured.join(", ")));
-            let candidates: Vec<String> = args
-                .starting_client
-                .iter()
-                .chain(&cfg.aggr_clients)
-                .filter(|c| configured.contains(c))
-                .cloned()
-                .collect();
-            let mut started = None;
-            for c in candidates {
-                let Some(p) = self.net.peers.by_name(&c) else {
-                    continue;
-                };
-                let req = ControlRequest::StartWorkflow {
-                    job: id.to_string(),
-                };
-                if let Ok(ControlResponse::Ok) = self.net.request(p.peer, req).await {
-                    started = Some(c);
-                    break;
-                }
+            WorkflowSpec::Cyclic(args) => {
+                let cfg = args.to_config(&sorted, seed)?;
+                let first = cfg.starting_client.unwrap_or(sorted[0].clone());
+                (
+                    args.progress_timeout,
+                    args.configure_min_clients,
+                    vec![first],
+                )
             }
-            let Some(first) = started else {
-                return Ok((
-                    JobState::Failed,
-                    "no starting client accepted the start".into(),
-                ));
-            };
-            self.note(id, format!("swarm started on {first}"));
-        } else {
-            self.note(id, "the server restarted; watching the swarm again".into());
+            WorkflowSpec::ScatterAndGather => anyhow::bail!("not a client-controlled job"),
+        };
+        let configure_min = configure_min.unwrap_or(sites.len());
+        let rec = self.store.get(id)?;
+        let mut stage = (rec.stage > 0).then(|| EvaluationStage {
+            global_holder: rec.global_holder.clone(),
+        });
+        if resume {
+            self.note(id, "the server restarted; watching the run again".into());
         }
+        if stage.is_none() {
+            if !resume
+                && let Err(why) = self
+                    .start_stage(id, sites, seed, None, configure_min, &starters, false)
+                    .await
+            {
+                return Ok((JobState::Failed, why));
+            }
+            let mut holders = BTreeMap::new();
+            let watched = Arc::clone(&self)
+                .watch_stage(
+                    id,
+                    &job.server.workflow,
+                    sites,
+                    seed,
+                    None,
+                    progress_timeout,
+                    &mut events,
+                    &mut abort,
+                    &mut holders,
+                )
+                .await?;
+            let Some(args) = &job.server.evaluation else {
+                return Ok(watched);
+            };
+            if watched.0 != JobState::Finished {
+                return Ok(watched);
+            }
+            let holder = holders
+                .get(&ModelSlot::Best.file_stem())
+                .or(holders.get(&ModelSlot::Final.file_stem()))
+                .cloned();
+            self.store.update(id, |r| {
+                r.stage = 1;
+                r.global_holder = holder.clone();
+            })?;
+            let ev = EvaluationStage {
+                global_holder: holder,
+            };
+            let need = args.evaluators.len().max(1).min(sites.len());
+            if let Err(why) = self
+                .start_stage(id, sites, seed, Some(&ev), need, sites, true)
+                .await
+            {
+                return Ok((JobState::Failed, why));
+            }
+            stage = Some(ev);
+        }
+        let Some(args) = &job.server.evaluation else {
+            anyhow::bail!("the job is in its cross-site evaluation but has none");
+        };
+        let mut holders = BTreeMap::new();
+        Arc::clone(&self)
+            .watch_stage(
+                id,
+                &job.server.workflow,
+                sites,
+                seed,
+                stage.as_ref(),
+                args.progress_timeout,
+                &mut events,
+                &mut abort,
+                &mut holders,
+            )
+            .await
+    }
+
+    /// Watches one stage of a client-controlled job until it ends; `holders` collects which
+    /// site uploaded which model first.
+    #[allow(clippy::too_many_arguments)]
+    async fn watch_stage(
+        self: Arc<Self>,
+        id: &str,
+        workflow: &WorkflowSpec,
+        sites: &[String],
+        seed: u64,
+        evaluation: Option<&EvaluationStage>,
+        progress_timeout: f64,
+        events: &mut mpsc::Receiver<(String, WfEvent)>,
+        abort: &mut watch::Receiver<bool>,
+        holders: &mut BTreeMap<String, String>,
+    ) -> anyhow::Result<(JobState, String)> {
+        let started_ms = now_ms();
         let progress_timeout =
-            Duration::try_from_secs_f64(args.progress_timeout).unwrap_or(Duration::from_secs(3600));
+            Duration::try_from_secs_f64(progress_timeout).unwrap_or(Duration::from_secs(3600));
         let mut last_progress = Instant::now();
         let mut finished: BTreeMap<String, String> = BTreeMap::new();
-        let mut uploaded: std::collections::BTreeSet<String> = Default::default();
         let mut rejoined: HashMap<String, Instant> = HashMap::new();
         let mut seen: HashMap<String, Instant> =
             sites.iter().map(|s| (s.clone(), Instant::now())).collect();
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         let result_dir = self.store.result_dir(id);
+        let cyclic = evaluation.is_none() && matches!(workflow, WorkflowSpec::Cyclic(_));
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
                     Some((site, WfEvent::Report(r, ack))) => {
                         last_progress = Instant::now();
-                        self.on_swarm_report(id, &site, r, &mut finished)?;
+                        self.on_report(id, cyclic, &site, r, &mut finished)?;
                         let _ = ack.send(());
                     }
                     Some((site, WfEvent::Uploaded(stem))) => {
                         self.note(id, format!("{site} uploaded {stem}"));
-                        uploaded.insert(stem);
+                        holders.entry(stem).or_insert(site);
                     }
                     None => return Ok((JobState::Failed, "report channel closed".into())),
                 },
@@ -810,7 +940,7 @@ impl Server {
                     if last_progress.elapsed() > progress_timeout {
                         return Ok((JobState::Failed, format!("no progress for {progress_timeout:?} (progress_timeout)")));
                     }
-                    self.rejoin_restarted(id, sites, seed, started_ms, &mut rejoined).await;
+                    self.rejoin_restarted(id, sites, seed, started_ms, evaluation, &mut rejoined).await;
                 }
                 _ = abort.changed() => return Ok((JobState::Aborted, "aborted by an admin".into())),
             }
@@ -828,16 +958,21 @@ impl Server {
                 finished.contains_key(s)
                     || seen.get(s).is_none_or(|t| t.elapsed() > SITE_GONE_AFTER)
             });
-            if uploaded.contains("global_final") && all_done {
+            let have_model =
+                evaluation.is_some() || holders.contains_key(&ModelSlot::Final.file_stem());
+            if have_model && all_done {
                 self.write_metrics(id, &result_dir)?;
                 return Ok((JobState::Finished, "finished".into()));
             }
         }
     }
 
-    fn on_swarm_report(
+    /// Records one report of a client-controlled job (`cyclic`: an `Aggregated` report is a
+    /// hop trained by one site).
+    fn on_report(
         &self,
         id: &str,
+        cyclic: bool,
         site: &str,
         r: Report,
         finished: &mut BTreeMap<String, String>,
@@ -864,13 +999,19 @@ impl Server {
                     rec.metrics.insert(version, metrics.clone());
                     rec.round = Some(round.max(rec.round.unwrap_or(0)));
                 })?;
-                self.note_once(
-                    id,
+                let note = if cyclic && pruned.is_empty() {
+                    format!("hop {version} (round {round}) trained by {site}")
+                } else if cyclic {
+                    format!(
+                        "hop {version} (round {round}): training failed at {site}; the model it received goes on"
+                    )
+                } else {
                     format!(
                         "epoch {} aggregated by {site}: accepted {accepted:?}, pruned {pruned:?}{best_note}",
                         r.epoch
-                    ),
-                )?;
+                    )
+                };
+                self.note_once(id, note)?;
             }
             ReportEvent::Reelected { previous, next } => {
                 self.note_once(
@@ -897,10 +1038,18 @@ impl Server {
                 })?;
                 finished.insert(site.to_string(), state);
             }
-            ReportEvent::Alive
-            | ReportEvent::Persisted { .. }
-            | ReportEvent::Evaluated { .. }
-            | ReportEvent::EvaluationFailed { .. } => {}
+            ReportEvent::Evaluated { model, metrics } => {
+                self.store.update(id, |rec| {
+                    rec.cross_site
+                        .entry(site.to_string())
+                        .or_default()
+                        .insert(model, metrics);
+                })?;
+            }
+            ReportEvent::EvaluationFailed { model, reason } => {
+                self.note_once(id, format!("{site} could not evaluate {model}: {reason}"))?;
+            }
+            ReportEvent::Alive | ReportEvent::Persisted { .. } => {}
         }
         Ok(())
     }
@@ -913,6 +1062,7 @@ impl Server {
         sites: &[String],
         seed: u64,
         started_ms: u64,
+        evaluation: Option<&EvaluationStage>,
         rejoined: &mut HashMap<String, Instant>,
     ) {
         let beats = self
@@ -955,6 +1105,7 @@ impl Server {
                     peers: self.peer_entries(sites),
                     seed,
                     rejoin: true,
+                    evaluation: evaluation.cloned(),
                 };
                 match self.net.request(p.peer, req).await? {
                     ControlResponse::Ok => Ok(()),

@@ -76,6 +76,70 @@ impl Default for CseConfig {
     }
 }
 
+/// A cross-site evaluation's arguments in a job config (the names of FLARE's
+/// `CrossSiteEvalServerController`; durations in seconds). It runs after the job's training
+/// workflow, on the models that run left: each site's own last trained model and the global
+/// model (the best one, or the final one without a best).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CseArgs {
+    /// Clients that evaluate (default: every client).
+    #[serde(default)]
+    pub evaluators: Vec<String>,
+    /// Clients whose own models are evaluated (default: every client).
+    #[serde(default)]
+    pub evaluatees: Vec<String>,
+    /// The client whose global model is evaluated (default: one that received it).
+    #[serde(default)]
+    pub global_model_client: Option<String>,
+    /// See [`CseConfig::eval_task_timeout`]. Default 300.
+    #[serde(default = "default_eval_timeout")]
+    pub eval_task_timeout: f64,
+    /// See [`CseConfig::submit_model_timeout`]. Default 600.
+    #[serde(default = "default_submit_timeout")]
+    pub submit_model_timeout: f64,
+    /// Seconds without a report after which the server fails the job. Default 3600.
+    #[serde(default = "default_progress_timeout")]
+    pub progress_timeout: f64,
+}
+
+fn default_eval_timeout() -> f64 {
+    CseConfig::default().eval_task_timeout
+}
+fn default_submit_timeout() -> f64 {
+    CseConfig::default().submit_model_timeout
+}
+fn default_progress_timeout() -> f64 {
+    3600.0
+}
+
+impl CseArgs {
+    /// The clients' configuration for an evaluation among `clients`, with the run's `seed`;
+    /// `global_holder` holds the global model unless `global_model_client` names one. Checked.
+    pub fn to_config(
+        &self,
+        clients: &[String],
+        seed: u64,
+        global_holder: Option<String>,
+    ) -> Result<CseConfig, CseConfigError> {
+        let cfg = CseConfig {
+            clients: clients.to_vec(),
+            evaluators: self.evaluators.clone(),
+            evaluatees: self.evaluatees.clone(),
+            global_model_client: self.global_model_client.clone().or(global_holder),
+            eval_task_timeout: self.eval_task_timeout,
+            submit_model_timeout: self.submit_model_timeout,
+            seed,
+        };
+        let first = clients.first().ok_or(CseConfigError::NoClients)?;
+        CseClient::new(cfg.clone(), first, None, None)?;
+        if !(self.progress_timeout > 0.0 && self.progress_timeout.is_finite()) {
+            return Err(CseConfigError::BadDuration("progress_timeout"));
+        }
+        Ok(cfg)
+    }
+}
+
 /// Why a cross-site evaluation configuration was refused.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CseConfigError {

@@ -64,7 +64,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::ccwf::{Action, ClientWorkflow, Epoch, Input, ModelSlot, Outcome, Report, ReportEvent};
-use crate::model::FLModel;
+use crate::model::{FLModel, ParamsType};
 use crate::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult, task_names};
 use crate::time::Time;
 
@@ -127,6 +127,83 @@ impl Default for CyclicConfig {
             max_status_report_interval: 90.0,
             seed: 0,
         }
+    }
+}
+
+/// A cyclic workflow's arguments in a job config (the names of FLARE's
+/// `CyclicServerController` and `CyclicClientController`; durations in seconds). Every client
+/// of the run takes part; the driver derives the seed from the job id.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CyclicArgs {
+    /// Rounds: every client trains the model once per round.
+    pub num_rounds: u32,
+    /// The first round's number.
+    #[serde(default)]
+    pub start_round: u32,
+    /// `fixed` (default) or `random`.
+    #[serde(default, alias = "order")]
+    pub cyclic_order: CyclicOrder,
+    /// The client that trains first (default: the first client).
+    #[serde(default)]
+    pub starting_client: Option<String>,
+    /// Clients that receive the final model (default: every client).
+    #[serde(default)]
+    pub result_clients: Vec<String>,
+    /// See [`CyclicConfig::learn_task_ack_timeout`]. Default 10.
+    #[serde(default = "default_ack_timeout")]
+    pub learn_task_ack_timeout: f64,
+    /// See [`CyclicConfig::learn_task_timeout`]. Default 3600.
+    #[serde(default = "default_learn_timeout")]
+    pub learn_task_timeout: f64,
+    /// See [`CyclicConfig::progress_timeout`]; the server also fails the job after this long
+    /// without a report. Default 7200.
+    #[serde(default = "default_progress_timeout")]
+    pub progress_timeout: f64,
+    /// The longest interval between two status reports. Default 90.
+    #[serde(default = "default_status_interval")]
+    pub max_status_report_interval: f64,
+    /// Configured clients the server waits for before starting (default: all).
+    #[serde(default)]
+    pub configure_min_clients: Option<usize>,
+}
+
+fn default_ack_timeout() -> f64 {
+    CyclicConfig::default().learn_task_ack_timeout
+}
+fn default_learn_timeout() -> f64 {
+    CyclicConfig::default().learn_task_timeout
+}
+fn default_progress_timeout() -> f64 {
+    CyclicConfig::default().progress_timeout
+}
+fn default_status_interval() -> f64 {
+    CyclicConfig::default().max_status_report_interval
+}
+
+impl CyclicArgs {
+    /// The clients' configuration for a run among `clients`, with the run's `seed`, checked.
+    pub fn to_config(
+        &self,
+        clients: &[String],
+        seed: u64,
+    ) -> Result<CyclicConfig, CyclicConfigError> {
+        let cfg = CyclicConfig {
+            num_rounds: self.num_rounds,
+            start_round: self.start_round,
+            order: self.cyclic_order,
+            clients: clients.to_vec(),
+            starting_client: self.starting_client.clone(),
+            result_clients: self.result_clients.clone(),
+            learn_task_ack_timeout: self.learn_task_ack_timeout,
+            learn_task_timeout: self.learn_task_timeout,
+            progress_timeout: self.progress_timeout,
+            max_status_report_interval: self.max_status_report_interval,
+            seed,
+        };
+        let first = clients.first().ok_or(CyclicConfigError::NoClients)?;
+        CyclicClient::new(cfg.clone(), first, None)?;
+        Ok(cfg)
     }
 }
 
@@ -510,7 +587,15 @@ impl CyclicClient {
                 let (round, _) = self.hop_owner(h.hop);
                 m.current_round = Some(round);
                 m.total_rounds = Some(self.start_round + self.total / self.clients.len() as u32);
-                (vec![self.me.clone()], vec![], metrics, Arc::new(m))
+                let m = Arc::new(m);
+                if m.params_type == ParamsType::Full {
+                    // This site's own model, kept for a cross-site evaluation after the run.
+                    self.out.push_back(Action::Persist {
+                        slot: ModelSlot::Local,
+                        model: Arc::clone(&m),
+                    });
+                }
+                (vec![self.me.clone()], vec![], metrics, m)
             }
             _ => (vec![], vec![self.me.clone()], BTreeMap::new(), h.model),
         };

@@ -26,6 +26,14 @@ fn path_of(m: &FLModel) -> String {
     }
 }
 
+/// The final models `name` persisted, in order.
+fn finals_of(net: &SimNet<CyclicClient>, name: &str) -> Vec<(ModelSlot, Arc<FLModel>)> {
+    net.persisted(name)
+        .into_iter()
+        .filter(|(s, _)| *s == ModelSlot::Final)
+        .collect()
+}
+
 fn entries(path: &str) -> Vec<(u32, String)> {
     path.split(',')
         .filter(|s| !s.is_empty())
@@ -165,6 +173,19 @@ fn check(net: &SimNet<CyclicClient>, cfg: &CyclicConfig) -> Vec<(u32, String)> {
                 _ => None,
             })
             .collect();
+        // Its own models (for cross-site evaluation) are the ones it trained: their lineage
+        // ends with one of its hops.
+        for (_, path) in p.iter().filter(|(s, _)| *s == ModelSlot::Local) {
+            let last = entries(path).pop();
+            assert!(
+                last.is_some_and(|(_, who)| who == *c),
+                "{c} kept {path} as its own"
+            );
+        }
+        let p: Vec<_> = p
+            .into_iter()
+            .filter(|(s, _)| *s != ModelSlot::Local)
+            .collect();
         assert_eq!(p.len(), 1, "{c} persisted {p:?}");
         assert_eq!(p[0].0, ModelSlot::Final);
         finals.insert(p[0].1.clone());
@@ -260,7 +281,7 @@ fn healthy_fixed_ring_trains_every_hop_in_order() {
         .filter(|r| matches!(r.report.event, ReportEvent::Aggregated { .. }))
         .count();
     assert_eq!(aggregated, 9);
-    let w = net.persisted("b")[0].1.params["w"].to_f32_vec();
+    let w = finals_of(&net, "b")[0].1.params["w"].to_f32_vec();
     assert_eq!(w, [9.0]);
 }
 
@@ -273,7 +294,7 @@ fn the_starting_client_opens_the_fixed_ring() {
     run(&mut net);
     let chain = check(&net, &c);
     assert_eq!(names_of(&chain), ["b", "c", "a", "b", "c", "a"]);
-    assert!(net.persisted("b").is_empty() && net.persisted("b").is_empty());
+    assert!(finals_of(&net, "b").is_empty() && finals_of(&net, "b").is_empty());
 }
 
 #[test]
@@ -404,7 +425,7 @@ fn a_restarted_client_rejoins_later_rounds() {
         "b trains again: {chain:?}"
     );
     assert_eq!(
-        net.persisted("b").len(),
+        finals_of(&net, "b").len(),
         1,
         "the new b gets the final model"
     );

@@ -60,7 +60,7 @@ use super::ccwf::{
     Action, Best, ClientWorkflow, Epoch, Input, ModelSlot, Outcome, Report, ReportEvent, pick,
 };
 use crate::aggregate::{FedAvg, weight_of};
-use crate::model::FLModel;
+use crate::model::{FLModel, ParamsType};
 use crate::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult, task_names};
 use crate::time::Time;
 
@@ -915,6 +915,14 @@ impl SwarmClient {
             return;
         }
         self.running = None;
+        if let (false, ReturnCode::Ok, Some(m)) =
+            (validate_only, result.data.return_code, &result.data.model)
+        {
+            // This site's own model, kept for a cross-site evaluation after the run.
+            if m.params_type == ParamsType::Full {
+                self.persist(now, ModelSlot::Local, Arc::clone(m));
+            }
+        }
         self.cached = Some(Cached {
             round,
             validate_only,
