@@ -669,7 +669,10 @@ impl Server {
             .iter()
             .filter_map(|name| {
                 let p = self.net.peers.by_name(name)?;
-                let addrs = beats.get(name).map(|b| b.2.clone()).unwrap_or_default();
+                let addrs = beats
+                    .get(name)
+                    .map(|b| dialable(&b.2, &p))
+                    .unwrap_or_default();
                 Some(PeerEntry {
                     name: name.clone(),
                     peer_id: p.peer.to_string(),
@@ -1347,5 +1350,95 @@ impl Server {
         };
         tx.send((from.cert.name.clone(), result)).await.ok();
         Ok(())
+    }
+}
+
+/// The listen addresses a site announced, as other sites can dial them: an unspecified IP
+/// (a site listening on `0.0.0.0` or `::`) is replaced by the IP the site's connection to
+/// this server comes from, unless that connection is relayed.
+fn dialable(announced: &[String], site: &PeerInfo) -> Vec<String> {
+    use libp2p::multiaddr::Protocol;
+    let observed = if site.relayed {
+        None
+    } else {
+        site.addr.iter().find_map(|p| match p {
+            Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+            Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+            _ => None,
+        })
+    };
+    announced
+        .iter()
+        .map(|a| {
+            let (Ok(addr), Some(ip)) = (a.parse::<libp2p::Multiaddr>(), observed) else {
+                return a.clone();
+            };
+            addr.iter()
+                .map(|p| match (p, ip) {
+                    (Protocol::Ip4(x), std::net::IpAddr::V4(o)) if x.is_unspecified() => {
+                        Protocol::Ip4(o)
+                    }
+                    (Protocol::Ip6(x), std::net::IpAddr::V6(o)) if x.is_unspecified() => {
+                        Protocol::Ip6(o)
+                    }
+                    (p, _) => p,
+                })
+                .collect::<libp2p::Multiaddr>()
+                .to_string()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use flare_crypto::{Identity, ParticipantCert, Role};
+
+    use super::*;
+
+    fn site(addr: &str, relayed: bool) -> PeerInfo {
+        let id = Identity::generate(&ring::rand::SystemRandom::new()).unwrap();
+        let peer_id = id.peer_id().unwrap();
+        PeerInfo {
+            peer: peer_id,
+            cert: ParticipantCert {
+                name: "site-1".into(),
+                org: "o".into(),
+                role: Role::Server,
+                signing_public: id.signing.public().unwrap(),
+                peer_id,
+                sealing_public: id.sealing.public(),
+                not_before: 0,
+                not_after: 0,
+                serial: Vec::new(),
+                der: Vec::new(),
+            },
+            relayed,
+            addr: addr.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn unspecified_listen_addresses_get_the_observed_ip() {
+        let announced = vec![
+            "/ip4/0.0.0.0/tcp/9100".to_string(),
+            "/ip4/10.1.2.3/tcp/9100".to_string(),
+            "/ip6/::/tcp/9100".to_string(),
+            "not an address".to_string(),
+        ];
+        let direct = site("/ip4/192.168.7.9/tcp/41234", false);
+        assert_eq!(
+            dialable(&announced, &direct),
+            [
+                "/ip4/192.168.7.9/tcp/9100",
+                "/ip4/10.1.2.3/tcp/9100",
+                "/ip6/::/tcp/9100",
+                "not an address"
+            ]
+        );
+        let v6 = site("/ip6/fd00::5/tcp/41234", false);
+        assert_eq!(dialable(&announced, &v6)[2], "/ip6/fd00::5/tcp/9100");
+        // A relayed connection's address is the relay's, not the site's: left alone.
+        let relayed = site("/ip4/192.168.7.9/tcp/41234", true);
+        assert_eq!(dialable(&announced, &relayed), announced);
     }
 }
