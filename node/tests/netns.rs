@@ -1,17 +1,21 @@
-//! Two sites in separate network namespaces exchange a sealed multi-MiB payload: through the
-//! server's circuit relay when they cannot route to each other (proven by the relay's circuit
-//! counter), and directly once the server namespace forwards between them.
+//! Two sites in separate network namespaces, each linked only to the server's namespace,
+//! exchange a sealed multi-MiB payload: through the server's circuit relay when they cannot
+//! route to each other (proven by the relay's circuit counter), and directly once the server
+//! namespace forwards between them.
 //!
 //! Needs root and `ip netns`; skips (and says why) otherwise. Recipe: /work/shared/NETWORK.md.
-//! Every name carries the test's pid, and only 10.x addresses inside the namespaces made here
-//! are used. The namespaces are deleted when the test ends, also when it fails.
+//! Every name carries the test's pid and a per-lab number, and only 10.x addresses inside the
+//! namespaces made here are used. The namespaces are deleted and the processes killed when a
+//! test ends, also when it fails. The tests take turns (one lab at a time): each runs several
+//! processes on a 2-core machine.
 
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -60,12 +64,27 @@ fn skip_reason() -> Option<String> {
     }
 }
 
+/// One lab at a time: each test runs a server and several sites on a 2-core machine.
+static ONE_LAB: Mutex<()> = Mutex::new(());
+/// Labs made by this process, so two labs never share a name.
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
 /// The namespaces and the processes in them; Drop stops the processes, then deletes the
 /// namespaces (which removes the veth pairs too).
 struct Lab {
     srv: String,
-    a: String,
-    b: String,
+    /// The sites' namespaces; site `i` (from 0) is linked to the server by `10.x.(i+1).0/24`,
+    /// the server at `.1`, the site at `.2`.
+    sites: Vec<String>,
+    /// The server's end of each site's link, in site order.
+    srv_links: Vec<String>,
     /// The second octet of every address here.
     x: u32,
     made: Vec<String>,
@@ -86,39 +105,41 @@ impl Drop for Lab {
 }
 
 impl Lab {
-    fn new() -> Lab {
+    /// A server namespace and `n` site namespaces, each site linked to the server only; the
+    /// server does not forward between them.
+    fn new(n: usize) -> Lab {
+        assert!((1..=9).contains(&n));
         let pid = std::process::id();
+        // Interface names have at most 15 bytes: "fs" + site + pid (≤ 7) + lab number.
+        let tag = format!("{pid}{}", LABS.fetch_add(1, Ordering::Relaxed) % 10);
         let mut lab = Lab {
-            srv: format!("flsrv{pid}"),
-            a: format!("fla{pid}"),
-            b: format!("flb{pid}"),
+            srv: format!("flsrv{tag}"),
+            sites: (1..=n).map(|i| format!("fl{i}n{tag}")).collect(),
+            srv_links: (1..=n).map(|i| format!("fs{i}{tag}")).collect(),
             x: 100 + pid % 100,
             made: Vec::new(),
             children: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
         };
-        for n in [lab.srv.clone(), lab.a.clone(), lab.b.clone()] {
-            must(&["ip", "netns", "add", &n]);
-            lab.made.push(n.clone());
-            must(&["ip", "-n", &n, "link", "set", "lo", "up"]);
+        let all: Vec<String> = std::iter::once(lab.srv.clone())
+            .chain(lab.sites.iter().cloned())
+            .collect();
+        for ns in all {
+            must(&["ip", "netns", "add", &ns]);
+            lab.made.push(ns.clone());
+            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         }
         let x = lab.x;
-        let (va, vsa, vb, vsb) = (
-            format!("fva{pid}"),
-            format!("fsa{pid}"),
-            format!("fvb{pid}"),
-            format!("fsb{pid}"),
-        );
-        // Each veth pair is created straight inside its two namespaces, so nothing is ever
-        // added to the host's own namespace.
-        for (c, vc, vs) in [(&lab.a, &va, &vsa), (&lab.b, &vb, &vsb)] {
-            must(&[
-                "ip", "-n", c, "link", "add", vc, "type", "veth", "peer", "name", vs, "netns",
-                &lab.srv,
-            ]);
-        }
         let srv = lab.srv.clone();
-        for (i, c, vc, vs) in [(1, &lab.a, &va, &vsa), (2, &lab.b, &vb, &vsb)] {
+        for (k, (c, vs)) in lab.sites.iter().zip(&lab.srv_links).enumerate() {
+            let i = k + 1;
+            let vc = format!("fv{i}{tag}");
+            // Each veth pair is created straight inside its two namespaces, so nothing is
+            // ever added to the host's own namespace.
+            must(&[
+                "ip", "-n", c, "link", "add", &vc, "type", "veth", "peer", "name", vs, "netns",
+                &srv,
+            ]);
             must(&[
                 "ip",
                 "-n",
@@ -137,10 +158,10 @@ impl Lab {
                 "add",
                 &format!("10.{x}.{i}.2/24"),
                 "dev",
-                vc,
+                &vc,
             ]);
             must(&["ip", "-n", &srv, "link", "set", vs, "up"]);
-            must(&["ip", "-n", c, "link", "set", vc, "up"]);
+            must(&["ip", "-n", c, "link", "set", &vc, "up"]);
             must(&[
                 "ip",
                 "-n",
@@ -156,23 +177,41 @@ impl Lab {
         lab
     }
 
-    /// Whether the server namespace routes between the two sites.
+    /// Whether the server namespace routes between the sites.
     fn forward(&self, on: bool) {
         let v = format!("net.ipv4.ip_forward={}", u8::from(on));
         must(&["ip", "netns", "exec", &self.srv, "sysctl", "-qw", &v]);
     }
 
-    fn project(&self) -> PathBuf {
+    /// Provisions the server, the admin and `names` (one site per namespace, in order). With
+    /// `port`, site `i` listens on its own link address (`10.x.(i+1).2:port`), which is what
+    /// it tells the server and so the other sites; without, on any free port of 0.0.0.0.
+    fn project(&self, names: &[&str], port: Option<u16>) -> PathBuf {
+        assert_eq!(names.len(), self.sites.len());
         let x = self.x;
-        let yml = format!(
+        let hosts: Vec<String> = (1..=names.len()).map(|i| format!("10.{x}.{i}.1")).collect();
+        let mut yml = format!(
             "api_version: 3\nname: netns_project\ndescription: netns test\nparticipants:\n  \
              - name: server\n    type: server\n    org: nvidia\n    \
-             host_names: [10.{x}.1.1, 10.{x}.2.1]\n    listen_host: 0.0.0.0\n    \
-             fed_learn_port: 8002\n    admin_port: 8003\n  \
-             - name: site-a\n    type: client\n    org: nvidia\n    port: 0\n  \
-             - name: site-b\n    type: client\n    org: nvidia\n    port: 0\n  \
-             - name: admin@nvidia.com\n    type: admin\n    org: nvidia\n    role: project_admin\n\
-             builders: [workspace, static_files, certs, signature]\n"
+             host_names: [{}]\n    listen_host: 0.0.0.0\n    \
+             fed_learn_port: 8002\n    admin_port: 8003\n",
+            hosts.join(", ")
+        );
+        for (k, name) in names.iter().enumerate() {
+            yml.push_str(&format!(
+                "  - name: {name}\n    type: client\n    org: nvidia\n"
+            ));
+            match port {
+                Some(p) => yml.push_str(&format!(
+                    "    listen_host: 10.{x}.{}.2\n    port: {p}\n",
+                    k + 1
+                )),
+                None => yml.push_str("    port: 0\n"),
+            }
+        }
+        yml.push_str(
+            "  - name: admin@nvidia.com\n    type: admin\n    org: nvidia\n    role: project_admin\n\
+             builders: [workspace, static_files, certs, signature]\n",
         );
         let project = flare_provision::project::Project::parse(&yml).unwrap();
         let out =
@@ -180,12 +219,22 @@ impl Lab {
         out.prod_dir
     }
 
-    fn spawn(&mut self, ns: &str, args: &[&str], log: &Path, piped: bool) -> usize {
+    /// Runs `program args` in namespace `ns` (from the repository root), stderr (and stdout
+    /// unless `piped`) to `log`; returns its index in `children`.
+    fn spawn_cmd(
+        &mut self,
+        ns: &str,
+        program: &Path,
+        args: &[&str],
+        log: &Path,
+        piped: bool,
+    ) -> usize {
         let log = std::fs::File::create(log).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", ns])
-            .arg(bin())
+            .arg(program)
             .args(args)
+            .current_dir(root())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(if piped {
@@ -198,6 +247,11 @@ impl Lab {
             .unwrap();
         self.children.push(child);
         self.children.len() - 1
+    }
+
+    /// Runs `flare-node args` in namespace `ns` (see [`Lab::spawn_cmd`]).
+    fn spawn(&mut self, ns: &str, args: &[&str], log: &Path, piped: bool) -> usize {
+        self.spawn_cmd(ns, &bin(), args, log, piped)
     }
 
     /// JSON lines from a child's stdout, read on a thread so a hang becomes a timeout.
@@ -215,24 +269,56 @@ impl Lab {
         rx
     }
 
-    fn circuits_opened(&self, prod: &Path) -> u64 {
-        let kit = prod.join("admin@nvidia.com/startup");
-        let out = Command::new("ip")
+    /// `flare-node admin --json args` from the server's namespace.
+    fn admin(&self, prod: &Path, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
             .args(["netns", "exec", &self.srv])
             .arg(bin())
             .arg("admin")
             .arg("--kit")
-            .arg(kit)
-            .args(["--json", "status"])
+            .arg(prod.join("admin@nvidia.com/startup"))
+            .arg("--json")
+            .args(args)
+            .current_dir(root())
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn admin_json(&self, prod: &Path, args: &[&str]) -> Value {
+        let out = self.admin(prod, args);
         assert!(
             out.status.success(),
-            "admin status failed: {}",
+            "admin {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["relay_circuits_opened"].as_u64().unwrap()
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn circuits_opened(&self, prod: &Path) -> u64 {
+        self.admin_json(prod, &["status"])["relay_circuits_opened"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Starts the server and waits until the admin console gets an answer; returns the relay
+    /// circuits opened so far.
+    fn start_server(&mut self, prod: &Path) -> u64 {
+        let server_log = self.dir.path().join("server.log");
+        let srv = self.srv.clone();
+        let kit = prod.join("server/startup").display().to_string();
+        self.spawn(&srv, &["--kit", &kit], &server_log, false);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.admin(prod, &["status"]).status.success() {
+                return self.circuits_opened(prod);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not come up:\n{}",
+                log_of(&server_log)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 
@@ -252,7 +338,7 @@ fn transfer(lab: &mut Lab, prod: &Path, tag: &str, give_direct: bool) -> (Value,
     let rx_log = logs.join(format!("{tag}-receiver.log"));
     let (ka, kb) = (kit("site-a"), kit("site-b"));
     let r = lab.spawn(
-        &lab.b.clone(),
+        &lab.sites[1].clone(),
         &[
             "bench",
             "transfer-peer",
@@ -300,7 +386,7 @@ fn transfer(lab: &mut Lab, prod: &Path, tag: &str, give_direct: bool) -> (Value,
     args.push(ready["circuit"].as_str().unwrap().to_string());
     let tx_log = logs.join(format!("{tag}-sender.log"));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let s = lab.spawn(&lab.a.clone(), &args, &tx_log, true);
+    let s = lab.spawn(&lab.sites[0].clone(), &args, &tx_log, true);
     let txl = lab.lines(s);
     let fail = |what: &str| -> String {
         format!(
@@ -325,35 +411,12 @@ fn sites_without_a_route_use_the_relay_and_with_one_go_direct() {
         eprintln!("skipping the network-namespace test: {why}");
         return;
     }
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
-    let mut lab = Lab::new();
-    let prod = lab.project();
+    let mut lab = Lab::new(2);
+    let prod = lab.project(&["site-a", "site-b"], None);
     let server_log = lab.dir.path().join("server.log");
-    let srv = lab.srv.clone();
-    let kit = prod.join("server/startup").display().to_string();
-    lab.spawn(&srv, &["--kit", &kit], &server_log, false);
-    // The server is up once the admin console gets an answer.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let before = loop {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &srv])
-            .arg(bin())
-            .arg("admin")
-            .arg("--kit")
-            .arg(prod.join("admin@nvidia.com/startup"))
-            .args(["--json", "status"])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            break lab.circuits_opened(&prod);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "server did not come up:\n{}",
-            log_of(&server_log)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let before = lab.start_server(&prod);
 
     // (a) No route between the sites: the direct dial fails, the relay carries the payload.
     let (sent, got) = transfer(&mut lab, &prod, "no-route", true);
