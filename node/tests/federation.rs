@@ -93,6 +93,25 @@ impl Federation {
         self.nodes.push((name.to_string(), child));
     }
 
+    /// A prepared federation with the server and every site started and connected.
+    fn running(sites: usize, port: u16) -> Federation {
+        let mut f = Federation::prepare(sites, port);
+        f.start("server");
+        for i in 1..=sites {
+            f.start(&format!("site-{i}"));
+        }
+        f.wait_sites(sites);
+        f
+    }
+
+    /// Submits the job folder `dir` and returns the job id.
+    fn submit(&self, dir: &str) -> String {
+        self.admin_json(&["submit", dir])["job_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     fn kill(&mut self, name: &str) {
         let i = self.nodes.iter().position(|(n, _)| n == name).unwrap();
         let (_, mut c) = self.nodes.remove(i);
@@ -195,12 +214,7 @@ fn held_out_accuracy(model: &Path) -> f64 {
 
 #[test]
 fn three_sites_run_hello_fedavg_like_the_simulator() {
-    let mut f = Federation::prepare(3, 18_100);
-    f.start("server");
-    for s in ["site-1", "site-2", "site-3"] {
-        f.start(s);
-    }
-    f.wait_sites(3);
+    let f = Federation::running(3, 18_100);
     let sites = f.admin_json(&["sites"]);
     assert!(
         sites
@@ -262,18 +276,10 @@ fn three_sites_run_hello_fedavg_like_the_simulator() {
 
 #[test]
 fn a_dead_site_and_a_server_restart_lose_nothing() {
-    let mut f = Federation::prepare(3, 18_200);
-    f.start("server");
-    for s in ["site-1", "site-2", "site-3"] {
-        f.start(s);
-    }
-    f.wait_sites(3);
+    let mut f = Federation::running(3, 18_200);
     let tmp = tempfile::tempdir().unwrap();
     // min_clients is 2: losing one of three sites mid-job must not stop it.
-    let job = f.admin_json(&["submit", job_copy(tmp.path(), 6, 1).to_str().unwrap()])["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let job = f.submit(job_copy(tmp.path(), 6, 1).to_str().unwrap());
     f.wait_round(&job, 1);
     f.kill("site-3");
     let out = f.admin(&["wait", &job, "--timeout", "120"]);
@@ -292,10 +298,7 @@ fn a_dead_site_and_a_server_restart_lose_nothing() {
     );
 
     // A second job; the server dies in the middle of it and comes back.
-    let job2 = f.admin_json(&["submit", job_copy(tmp.path(), 20, 1).to_str().unwrap()])["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let job2 = f.submit(job_copy(tmp.path(), 20, 1).to_str().unwrap());
     f.wait_round(&job2, 1);
     let before = f.admin_json(&["list"]);
     f.kill("server");
@@ -442,8 +445,14 @@ fn poc_start_runs_the_nodes_and_poc_stop_ends_them() {
 
 /// A copy of swarm-mnist with `rounds` rounds and `epochs` local epochs (slower rounds).
 fn swarm_copy(dir: &Path, rounds: u32, epochs: u32) -> PathBuf {
-    let src = root().join("examples/swarm-mnist");
-    let job = dir.join(format!("swarm-{rounds}"));
+    example_copy(dir, "swarm-mnist", 5, rounds, epochs)
+}
+
+/// A copy of `examples/<name>` (shipped with `shipped_rounds` rounds and 2 local epochs)
+/// with `rounds` rounds of `epochs` local epochs.
+fn example_copy(dir: &Path, name: &str, shipped_rounds: u32, rounds: u32, epochs: u32) -> PathBuf {
+    let src = root().join("examples").join(name);
+    let job = dir.join(format!("{name}-{rounds}"));
     std::fs::create_dir_all(job.join("app/config")).unwrap();
     std::fs::copy(src.join("meta.json"), job.join("meta.json")).unwrap();
     let client = std::fs::read_to_string(src.join("app/config/config_fed_client.json"))
@@ -452,7 +461,10 @@ fn swarm_copy(dir: &Path, rounds: u32, epochs: u32) -> PathBuf {
     std::fs::write(job.join("app/config/config_fed_client.json"), client).unwrap();
     let server = std::fs::read_to_string(src.join("app/config/config_fed_server.json"))
         .unwrap()
-        .replace("\"num_rounds\": 5", &format!("\"num_rounds\": {rounds}"));
+        .replace(
+            &format!("\"num_rounds\": {shipped_rounds}"),
+            &format!("\"num_rounds\": {rounds}"),
+        );
     std::fs::write(job.join("app/config/config_fed_server.json"), server).unwrap();
     job
 }
@@ -473,22 +485,11 @@ fn swarm_aggregator(job_dir: &Path, job_id: &str, round: u32) -> String {
 
 #[test]
 fn swarm_survives_its_aggregator_and_the_server() {
-    let mut f = Federation::prepare(3, 18_500);
-    f.start("server");
-    for s in ["site-1", "site-2", "site-3"] {
-        f.start(s);
-    }
-    f.wait_sites(3);
+    let mut f = Federation::running(3, 18_500);
     let tmp = tempfile::tempdir().unwrap();
 
     // The plain run reaches the simulator's accuracy (the same split and seeds).
-    let job = f.admin_json(&[
-        "submit",
-        root().join("examples/swarm-mnist").to_str().unwrap(),
-    ])["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let job = f.submit(root().join("examples/swarm-mnist").to_str().unwrap());
     let out = f.admin(&["wait", &job, "--timeout", "120"]);
     assert!(out.status.success(), "{}", f.log("server"));
     let st = f.admin_json(&["status", &job]);
@@ -517,10 +518,7 @@ fn swarm_survives_its_aggregator_and_the_server() {
 
     // Kill the aggregator of the round under way: the others re-elect and finish.
     let src = swarm_copy(tmp.path(), 12, 40);
-    let job = f.admin_json(&["submit", src.to_str().unwrap()])["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let job = f.submit(src.to_str().unwrap());
     let victim = swarm_aggregator(&src, &job, 4);
     f.wait_round(&job, 3);
     f.kill(&victim);
@@ -584,41 +582,13 @@ fn swarm_survives_its_aggregator_and_the_server() {
     );
 }
 
-/// A copy of cyclic-mnist with `rounds` rounds of `epochs` local epochs.
-fn cyclic_copy(dir: &Path, rounds: u32, epochs: u32) -> PathBuf {
-    let src = root().join("examples/cyclic-mnist");
-    let job = dir.join(format!("cyclic-{rounds}"));
-    std::fs::create_dir_all(job.join("app/config")).unwrap();
-    std::fs::copy(src.join("meta.json"), job.join("meta.json")).unwrap();
-    let client = std::fs::read_to_string(src.join("app/config/config_fed_client.json"))
-        .unwrap()
-        .replace("\"epochs\": 2", &format!("\"epochs\": {epochs}"));
-    std::fs::write(job.join("app/config/config_fed_client.json"), client).unwrap();
-    let server = std::fs::read_to_string(src.join("app/config/config_fed_server.json"))
-        .unwrap()
-        .replace("\"num_rounds\": 3", &format!("\"num_rounds\": {rounds}"));
-    std::fs::write(job.join("app/config/config_fed_server.json"), server).unwrap();
-    job
-}
-
 #[test]
 fn cross_site_evaluation_follows_swarm_and_cyclic_skips_a_dead_site() {
-    let mut f = Federation::prepare(3, 18_700);
-    f.start("server");
-    for s in ["site-1", "site-2", "site-3"] {
-        f.start(s);
-    }
-    f.wait_sites(3);
+    let mut f = Federation::running(3, 18_700);
     let tmp = tempfile::tempdir().unwrap();
 
     // Swarm, then every site evaluates every site's own model and the global one.
-    let job = f.admin_json(&[
-        "submit",
-        root().join("examples/swarm-cse-mnist").to_str().unwrap(),
-    ])["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let job = f.submit(root().join("examples/swarm-cse-mnist").to_str().unwrap());
     let out = f.admin(&["wait", &job, "--timeout", "180"]);
     assert!(
         out.status.success(),
@@ -657,11 +627,8 @@ fn cross_site_evaluation_follows_swarm_and_cyclic_skips_a_dead_site() {
     assert!(dir.join("global_final.safetensors").is_file());
 
     // Cyclic: the model goes round the sites; one dies mid-run and is skipped.
-    let src = cyclic_copy(tmp.path(), 4, 15);
-    let job = f.admin_json(&["submit", src.to_str().unwrap()])["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let src = example_copy(tmp.path(), "cyclic-mnist", 3, 4, 15);
+    let job = f.submit(src.to_str().unwrap());
     f.wait_round(&job, 1);
     f.kill("site-3");
     let out = f.admin(&["wait", &job, "--timeout", "180"]);

@@ -360,30 +360,13 @@ pub async fn receive_files<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
-    use flare_crypto::{Identity, ParticipantCert, Role};
+    use flare_crypto::{Identity, Role};
     use futures::io::Cursor;
 
     use super::*;
 
     fn info(id: &Identity) -> PeerInfo {
-        let peer_id = id.peer_id().unwrap();
-        PeerInfo {
-            peer: peer_id,
-            cert: ParticipantCert {
-                name: "p".into(),
-                org: "o".into(),
-                role: Role::Server,
-                signing_public: id.signing.public().unwrap(),
-                peer_id,
-                sealing_public: id.sealing.public(),
-                not_before: 0,
-                not_after: 0,
-                serial: Vec::new(),
-                der: Vec::new(),
-            },
-            relayed: false,
-            addr: "/ip4/127.0.0.1/tcp/1".parse().unwrap(),
-        }
+        crate::net::test_peer_info(id, Role::Server)
     }
 
     struct Setup {

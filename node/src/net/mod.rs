@@ -118,6 +118,29 @@ pub struct PeerInfo {
     pub addr: Multiaddr,
 }
 
+/// A peer record for `id` with a made-up certificate (`p` of `o`), for unit tests.
+#[cfg(test)]
+pub(crate) fn test_peer_info(id: &flare_crypto::Identity, role: flare_crypto::Role) -> PeerInfo {
+    let peer_id = id.peer_id().unwrap();
+    PeerInfo {
+        peer: peer_id,
+        cert: ParticipantCert {
+            name: "p".into(),
+            org: "o".into(),
+            role,
+            signing_public: id.signing.public().unwrap(),
+            peer_id,
+            sealing_public: id.sealing.public(),
+            not_before: 0,
+            not_after: 0,
+            serial: Vec::new(),
+            der: Vec::new(),
+        },
+        relayed: false,
+        addr: "/ip4/127.0.0.1/tcp/1".parse().unwrap(),
+    }
+}
+
 /// Admitted peers, shared with bulk handlers and the relay's admission filter.
 #[derive(Debug, Clone, Default)]
 pub struct PeerTable(Arc<RwLock<HashMap<PeerId, PeerInfo>>>);

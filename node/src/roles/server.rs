@@ -444,24 +444,30 @@ impl Server {
         }))
     }
 
+    /// The admitted peer behind a `what` stream, if its role is `kind`.
+    fn admitted_as(&self, peer: PeerId, kind: RoleKind, what: &str) -> anyhow::Result<PeerInfo> {
+        let from = self
+            .net
+            .peers
+            .get(&peer)
+            .with_context(|| format!("{what} stream from {peer}, which is not admitted"))?;
+        if from.cert.role.kind() != kind {
+            anyhow::bail!(
+                "{what} stream from {} ({}), not {kind:?}",
+                from.cert.name,
+                from.cert.role
+            );
+        }
+        Ok(from)
+    }
+
     /// Streams a finished job's result files, sealed, to the admin that asked.
     async fn on_download_stream(
         self: Arc<Self>,
         peer: PeerId,
         mut stream: libp2p::Stream,
     ) -> anyhow::Result<()> {
-        let from = self
-            .net
-            .peers
-            .get(&peer)
-            .with_context(|| format!("download stream from {peer}, which is not admitted"))?;
-        if from.cert.role.kind() != RoleKind::Admin {
-            anyhow::bail!(
-                "download stream from {} ({}), not an admin",
-                from.cert.name,
-                from.cert.role
-            );
-        }
+        let from = self.admitted_as(peer, RoleKind::Admin, "download")?;
         let req = download::read_request(&mut stream).await?;
         let files = self
             .result_files(&req.job)
@@ -1291,18 +1297,7 @@ impl Server {
         peer: PeerId,
         mut stream: libp2p::Stream,
     ) -> anyhow::Result<()> {
-        let from = self
-            .net
-            .peers
-            .get(&peer)
-            .with_context(|| format!("bulk stream from {peer}, which is not admitted"))?;
-        if from.cert.role.kind() != RoleKind::Client {
-            anyhow::bail!(
-                "bulk stream from {} ({}), not a site",
-                from.cert.name,
-                from.cert.role
-            );
-        }
+        let from = self.admitted_as(peer, RoleKind::Client, "bulk")?;
         let got = bulk::receive(&mut stream, &self.sealing, &from, MAX_RESULT_MODEL).await?;
         if got.header.kind == "upload" {
             let stem = got.meta.task_name.as_str();
@@ -1391,30 +1386,16 @@ fn dialable(announced: &[String], site: &PeerInfo) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use flare_crypto::{Identity, ParticipantCert, Role};
+    use flare_crypto::{Identity, Role};
 
     use super::*;
 
     fn site(addr: &str, relayed: bool) -> PeerInfo {
         let id = Identity::generate(&ring::rand::SystemRandom::new()).unwrap();
-        let peer_id = id.peer_id().unwrap();
-        PeerInfo {
-            peer: peer_id,
-            cert: ParticipantCert {
-                name: "site-1".into(),
-                org: "o".into(),
-                role: Role::Server,
-                signing_public: id.signing.public().unwrap(),
-                peer_id,
-                sealing_public: id.sealing.public(),
-                not_before: 0,
-                not_after: 0,
-                serial: Vec::new(),
-                der: Vec::new(),
-            },
-            relayed,
-            addr: addr.parse().unwrap(),
-        }
+        let mut p = crate::net::test_peer_info(&id, Role::Server);
+        p.relayed = relayed;
+        p.addr = addr.parse().unwrap();
+        p
     }
 
     #[test]
