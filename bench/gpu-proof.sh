@@ -28,7 +28,7 @@ sim() { # name epochs rounds
     echo "== (b) simulate $1: $2 local epochs, $3 rounds, 3 sites on one GPU"
     RUST_LOG=flare_node=info "$BIN" simulate "$job" -n 3 -w "/tmp/ws-$1" > "$OUT/sim-$1.out" 2> "$OUT/sim-$1.err"
     echo "rc $?"; cat "$OUT/sim-$1.out"; grep -E "ready|WARN|ERROR|auto" "$OUT/sim-$1.err" | head -5
-    python3 "$ROOT/bench/fl_overhead.py" "$OUT/sim-$1.err" "/tmp/ws-$1/server/simulate_job/metrics.json" | tee "$OUT/overhead-$1.txt"
+    python3 "$ROOT/bench/fl_overhead.py" "/tmp/ws-$1/server/simulate_job/metrics.json" "$OUT/sim-$1.err" | tee "$OUT/overhead-$1.txt"
 }
 sim example 5 3   # as shipped
 sim short 2 4     # shorter local training: the fixed per-round cost weighs more
