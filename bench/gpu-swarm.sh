@@ -36,6 +36,7 @@ stop() {
     for p in server site-1 site-2 site-3; do
         cp "$PROD/$p/log.txt" "$OUT/$NAME-$p.log" 2> /dev/null
     done
+    rm -rf "$WS" # the kits (with their keys) and the sites' models
 }
 trap stop EXIT
 # Started from the root so the sites find data/mnist (poc start passes FLARE_DATA_ROOT).
