@@ -505,6 +505,10 @@ pub struct TorchCnnLearner {
     validation: (Tensor, Tensor),
     rng: ChaCha8Rng,
     site: usize,
+    /// Seconds the last validation took; the `trained` log line reports it, so the time a
+    /// site spends on a round beside the training step can be told from the time between
+    /// sites.
+    validate_s: f64,
 }
 
 impl TorchCnnLearner {
@@ -531,6 +535,7 @@ impl TorchCnnLearner {
                 hyper,
                 trainer,
                 site,
+                validate_s: 0.0,
             };
             tracing::info!(
                 site = site + 1,
@@ -568,10 +573,13 @@ impl Learner for TorchCnnLearner {
     }
 
     fn validate(&mut self, model: &FLModel) -> Result<BTreeMap<String, f64>, LearnerError> {
-        guarded(|| {
+        let started = Instant::now();
+        let metrics = guarded(|| {
             self.trainer.net_mut().load(model)?;
             evaluate(self.trainer.net(), &self.validation.0, &self.validation.1)
-        })
+        });
+        self.validate_s = started.elapsed().as_secs_f64();
+        metrics
     }
 }
 
@@ -594,6 +602,7 @@ impl TorchCnnLearner {
             loss,
             train_s,
             samples_per_s,
+            validate_s = self.validate_s,
             load_s = (loaded - started).as_secs_f64(),
             export_s = trained.elapsed().as_secs_f64(),
             "trained"
