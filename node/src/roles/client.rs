@@ -213,7 +213,7 @@ impl Site {
                 if let Ok(mut jobs) = self.jobs.lock() {
                     jobs.remove(&job);
                 }
-                tracing::info!(%job, "job aborted");
+                tracing::info!(%job, "job stopped here by the server (it ended or was aborted)");
                 ControlResponse::Ok
             }
             other => ControlResponse::Error {
