@@ -441,6 +441,11 @@ pub struct SwarmClient {
     final_model: Option<Arc<FLModel>>,
     inbox: VecDeque<(String, SwarmMsg, Option<Arc<FLModel>>)>,
     actions: VecDeque<Action<SwarmMsg>>,
+    /// `Ready` messages for a later epoch than this client's, by sender (one each): a
+    /// trainer that validates quickly can reach the next round's aggregator before the
+    /// message that opens the round does. They are taken up once this client adopts that
+    /// epoch, instead of waiting for the trainer's resend.
+    early_ready: BTreeMap<String, Epoch>,
 }
 
 impl SwarmClient {
@@ -480,6 +485,7 @@ impl SwarmClient {
             final_model: None,
             inbox: VecDeque::new(),
             actions: VecDeque::new(),
+            early_ready: BTreeMap::new(),
         })
     }
 
@@ -643,6 +649,12 @@ impl SwarmClient {
             }
             SwarmMsg::Ready { epoch } => {
                 if !self.catch_up(now, from, epoch) {
+                    if self.started
+                        && epoch > self.epoch
+                        && self.cfg.clients.iter().any(|c| c == from)
+                    {
+                        self.early_ready.insert(from.to_string(), epoch);
+                    }
                     return;
                 }
                 let max = self.cfg.max_concurrent_submissions;
@@ -783,6 +795,20 @@ impl SwarmClient {
         true
     }
 
+    /// Handles the `Ready` messages that came early for the epoch just adopted, and forgets
+    /// those of epochs now past.
+    fn take_up_early_ready(&mut self, now: Time) {
+        let epoch = self.epoch;
+        let early = std::mem::take(&mut self.early_ready);
+        for (from, e) in early {
+            if e == epoch {
+                self.on_message(now, &from, SwarmMsg::Ready { epoch }, None);
+            } else if e > epoch {
+                self.early_ready.insert(from, e);
+            }
+        }
+    }
+
     /// Moves to `epoch` with its global model.
     fn adopt(
         &mut self,
@@ -849,6 +875,7 @@ impl SwarmClient {
         } else {
             self.suspect_at = Some(now + self.patience());
         }
+        self.take_up_early_ready(now);
         self.report(now, ReportEvent::Training);
         if self.is_trainer() {
             let have = self

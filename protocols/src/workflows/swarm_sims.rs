@@ -12,11 +12,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::ccwf::{Action, ModelSlot, Outcome, ReportEvent};
+use super::ccwf::{Action, ClientWorkflow, Epoch, Input, ModelSlot, Outcome, ReportEvent};
 use super::ccwf_sim::{KillPoint, RunEnd, SimNet};
 use super::swarm::{SwarmClient, SwarmConfig, SwarmMsg};
 use crate::model::{FLModel, META_NUM_SAMPLES, MetaValue, Tensor};
 use crate::shareable::{Shareable, Task, TaskResult, task_names};
+use crate::time::Time;
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 
@@ -420,4 +421,71 @@ mod hostile {
             }
         }
     }
+}
+
+/// A trainer's `Ready` that reaches the next round's aggregator before the `Learn` that opens
+/// the round is taken up as soon as that `Learn` arrives: the trainer is granted at once
+/// instead of after its resend interval.
+#[test]
+fn an_early_ready_is_granted_when_the_round_opens() {
+    let c = cfg(3);
+    // A seed whose round 0 and round 1 have different aggregators.
+    let (c, a0, a1) = (0..64u64)
+        .find_map(|seed| {
+            let c = SwarmConfig { seed, ..c.clone() };
+            let a0 = c.aggregator(Epoch::new(0, 0)).to_string();
+            let a1 = c.aggregator(Epoch::new(1, 0)).to_string();
+            (a0 != a1).then_some((c, a0, a1))
+        })
+        .unwrap();
+    let trainer = NAMES.iter().find(|n| **n != a0 && **n != a1).unwrap();
+    let mut x = SwarmClient::new(c.clone(), &a1).unwrap();
+    let model = Arc::new(FLModel::from_params(BTreeMap::from([(
+        "w".to_string(),
+        Tensor::from_f32(vec![1], &[0.0]).unwrap(),
+    )])));
+    let members: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
+    let learn = |round| SwarmMsg::Learn {
+        epoch: Epoch::new(round, 0),
+        members: members.clone(),
+        best: None,
+        validate_only: false,
+    };
+    let t = Time::from_millis(10);
+    x.handle(
+        t,
+        Input::Message {
+            from: a0.clone(),
+            msg: learn(0),
+            model: Some(Arc::clone(&model)),
+        },
+    );
+    while x.poll_action().is_some() {}
+    let ready = SwarmMsg::Ready {
+        epoch: Epoch::new(1, 0),
+    };
+    x.handle(
+        t,
+        Input::Message {
+            from: trainer.to_string(),
+            msg: ready,
+            model: None,
+        },
+    );
+    let granted = |x: &mut SwarmClient| {
+        std::iter::from_fn(|| x.poll_action()).any(|a| {
+            matches!(a, Action::Send { to, msg: SwarmMsg::Grant { epoch }, .. }
+                if to == *trainer && epoch == Epoch::new(1, 0))
+        })
+    };
+    assert!(!granted(&mut x), "granted before the round opened");
+    x.handle(
+        t,
+        Input::Message {
+            from: a0.clone(),
+            msg: learn(1),
+            model: Some(model),
+        },
+    );
+    assert!(granted(&mut x), "the early Ready was not taken up");
 }
