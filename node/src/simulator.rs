@@ -457,30 +457,43 @@ impl Driver<'_> {
             b.finish_and_clear();
         }
         let outcome = outcome.ok_or_else(|| "the controller stopped without an outcome".into());
-        self.write_report(rounds, metrics, round_models, outcome)
+        let run = CcwfRun {
+            rounds,
+            metrics,
+            round_models,
+            ..CcwfRun::default()
+        };
+        self.write_report(run, outcome)
     }
 
-    /// Writes `metrics.json` and, when the run ended with a model, `global_final.safetensors`.
+    /// Writes `metrics.json`, the cross-site evaluation (`cross_site_val/cross_val_results.json`)
+    /// when there is one and, when the run ended with a model, `global_final.safetensors`.
     fn write_report(
         &self,
-        rounds: Vec<RoundReport>,
-        metrics: BTreeMap<u32, BTreeMap<String, f64>>,
-        round_models: Vec<PathBuf>,
+        run: CcwfRun,
         outcome: Result<Result<Arc<FLModel>, String>, String>,
     ) -> anyhow::Result<SimReport> {
         let metrics_file = self.out_dir.join("metrics.json");
         let final_model = self.out_dir.join("global_final.safetensors");
         let report = SimReport {
             job: self.job.meta.name.clone(),
-            rounds,
-            metrics,
+            rounds: run.rounds,
+            metrics: run.metrics,
             final_model: final_model.clone(),
-            round_models,
+            round_models: run.round_models,
             metrics_file: metrics_file.clone(),
-            cross_site: BTreeMap::new(),
-            cross_site_failed: BTreeMap::new(),
+            cross_site: run.cross_site,
+            cross_site_failed: run.cross_site_failed,
             seconds: self.started.elapsed().as_secs_f64(),
         };
+        if !report.cross_site.is_empty() || !report.cross_site_failed.is_empty() {
+            let dir = self.out_dir.join("cross_site_val");
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let file = dir.join("cross_val_results.json");
+            std::fs::write(&file, serde_json::to_vec_pretty(&report.cross_site)?)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+        }
         let json = serde_json::to_vec_pretty(&report)?;
         std::fs::write(&metrics_file, json)
             .with_context(|| format!("cannot write {}", metrics_file.display()))?;
@@ -553,27 +566,14 @@ impl Driver<'_> {
                 })
                 .collect();
             self.drive_ccwf(&mut evaluators, starts, 0, &mut run, work_tx, done_rx)?;
-            let dir = self.out_dir.join("cross_site_val");
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            let file = dir.join("cross_val_results.json");
-            std::fs::write(&file, serde_json::to_vec_pretty(&run.cross_site)?)
-                .with_context(|| format!("cannot write {}", file.display()))?;
         }
-        let outcome = match run.failure {
+        let outcome = match run.failure.take() {
             Some(reason) => Ok(Err(reason)),
             None => final_model
                 .map(Ok)
                 .ok_or_else(|| "no result client received the final model".into()),
         };
-        let mut report = self.write_report(run.rounds, run.metrics, run.round_models, outcome)?;
-        report.cross_site = run.cross_site;
-        report.cross_site_failed = run.cross_site_failed;
-        if !report.cross_site.is_empty() {
-            std::fs::write(&report.metrics_file, serde_json::to_vec_pretty(&report)?)
-                .with_context(|| format!("cannot write {}", report.metrics_file.display()))?;
-        }
-        Ok(report)
+        self.write_report(run, outcome)
     }
 
     /// Drives client workflows to the end: every client's state machine in this thread,
