@@ -52,6 +52,9 @@ struct WorkflowTask {
     stop: watch::Sender<bool>,
     /// The workflow's wire name: peer messages bound to another stage are dropped.
     stage: &'static str,
+    /// Whether its start takes the job's initial model (swarm; cyclic's starting client
+    /// takes it when configured, and a cross-site evaluation needs none).
+    takes_initial_model: bool,
 }
 
 struct Site {
@@ -443,12 +446,6 @@ impl Site {
     ) -> anyhow::Result<()> {
         let dir = self.dir.join("jobs").join(job_id);
         let job = Job::load(&dir)?;
-        if !job.server.workflow.client_controlled() {
-            anyhow::bail!(
-                "job {job_id} runs {}, not a client-controlled workflow",
-                job.server.workflow.wire_name()
-            );
-        }
         let stage = match evaluation {
             Some(_) => CSE_WIRE_NAME,
             None => job.server.workflow.wire_name(),
@@ -457,22 +454,12 @@ impl Site {
         names.sort();
         names.dedup();
         let me = self.kit.name().to_string();
-        let learner = {
-            let mut jobs = self
-                .jobs
-                .lock()
-                .map_err(|_| anyhow::anyhow!("job table poisoned"))?;
-            let slot = jobs
-                .get_mut(job_id)
-                .with_context(|| format!("job {job_id} is not deployed here"))?;
-            if let Some(w) = &slot.workflow {
-                if w.stage == stage {
-                    return Ok(()); // configured already
-                }
-                let _ = w.stop.send(true);
-            }
-            Arc::clone(&slot.learner)
-        };
+        let configured = |slot: &JobSlot| slot.workflow.as_ref().is_some_and(|w| w.stage == stage);
+        let (learner, already) =
+            self.with_slot(job_id, |slot| (Arc::clone(&slot.learner), configured(slot)))?;
+        if already {
+            return Ok(());
+        }
         let (tx, rx) = mpsc::channel(256);
         let (stop_tx, stop_rx) = watch::channel(false);
         let server_addrs = peer_addrs(&self.kit.config.server)?.1;
@@ -491,86 +478,117 @@ impl Site {
                 result_clients,
             })
         };
-        match (&evaluation, &job.server.workflow) {
-            (Some(ev), _) => {
-                let args = job
-                    .server
-                    .evaluation
-                    .as_ref()
-                    .with_context(|| format!("job {job_id} has no CrossSiteEval workflow"))?;
-                let cfg = args.to_config(&names, seed, ev.global_holder.clone())?;
-                let read = |stem: &str| -> anyhow::Result<Option<Arc<FLModel>>> {
-                    let p = models.join(format!("{stem}.safetensors"));
-                    if !p.is_file() {
-                        return Ok(None);
-                    }
-                    Ok(Some(Arc::new(crate::model_io::read(&p)?)))
-                };
-                let local = read(&ModelSlot::Local.file_stem())?;
-                let global = if cfg.global_model_client.as_deref() == Some(me.as_str()) {
-                    match read(&ModelSlot::Best.file_stem())? {
-                        Some(m) => Some(m),
-                        None => read(&ModelSlot::Final.file_stem())?,
-                    }
-                } else {
-                    None
-                };
-                let wf = CseClient::new(cfg, &me, local, global)?;
-                fn start(_: FLModel) -> Input<CseMsg> {
-                    Input::Message {
-                        from: "server".into(),
-                        msg: CseMsg::Start,
-                        model: None,
-                    }
-                }
-                tokio::spawn(workflow::run(ctx(Vec::new()), wf, start, rx, stop_rx));
-            }
-            (None, WorkflowSpec::Swarm(args)) => {
-                let cfg = args.to_config(&names, seed)?;
-                let wf = if rejoin {
-                    SwarmClient::joining(cfg.clone(), me.clone())?
-                } else {
-                    SwarmClient::new(cfg.clone(), me.clone())?
-                };
-                fn start(model: FLModel) -> Input<SwarmMsg> {
-                    Input::Message {
-                        from: "server".into(),
-                        msg: SwarmMsg::Start,
-                        model: Some(Arc::new(model)),
-                    }
-                }
-                let c = ctx(cfg.result_clients.clone());
-                tokio::spawn(workflow::run(c, wf, start, rx, stop_rx));
-            }
-            (None, WorkflowSpec::Cyclic(args)) => {
-                let cfg = args.to_config(&names, seed)?;
-                let starting = cfg.starting_client.as_ref().unwrap_or(&names[0]);
-                let wf = if rejoin {
-                    CyclicClient::joining(cfg.clone(), &me)?
-                } else {
-                    let initial = if *starting == me {
-                        Some(Arc::new(job.server.initial_model()?))
+        let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            match (&evaluation, &job.server.workflow) {
+                (Some(ev), _) => {
+                    let args =
+                        job.server.evaluation.as_ref().with_context(|| {
+                            format!("job {job_id} has no CrossSiteEval workflow")
+                        })?;
+                    let cfg = args.to_config(&names, seed, ev.global_holder.clone())?;
+                    let read = |stem: &str| -> anyhow::Result<Option<Arc<FLModel>>> {
+                        let p = models.join(format!("{stem}.safetensors"));
+                        if !p.is_file() {
+                            return Ok(None);
+                        }
+                        Ok(Some(Arc::new(crate::model_io::read(&p)?)))
+                    };
+                    let local = read(&ModelSlot::Local.file_stem())?;
+                    let global = if cfg.global_model_client.as_deref() == Some(me.as_str()) {
+                        match read(&ModelSlot::Best.file_stem())? {
+                            Some(m) => Some(m),
+                            None => read(&ModelSlot::Final.file_stem())?,
+                        }
                     } else {
                         None
                     };
-                    CyclicClient::new(cfg.clone(), &me, initial)?
-                };
-                fn start(_: FLModel) -> Input<CyclicMsg> {
-                    Input::Message {
-                        from: "server".into(),
-                        msg: CyclicMsg::Start,
-                        model: None,
+                    let wf = CseClient::new(cfg, &me, local, global)?;
+                    fn start(_: Option<FLModel>) -> Input<CseMsg> {
+                        Input::Message {
+                            from: "server".into(),
+                            msg: CseMsg::Start,
+                            model: None,
+                        }
                     }
+                    Box::pin(workflow::run(ctx(Vec::new()), wf, start, rx, stop_rx))
                 }
-                let result_clients = if cfg.result_clients.is_empty() {
-                    names.clone()
-                } else {
-                    cfg.result_clients.clone()
-                };
-                tokio::spawn(workflow::run(ctx(result_clients), wf, start, rx, stop_rx));
+                (None, WorkflowSpec::Swarm(args)) => {
+                    let cfg = args.to_config(&names, seed)?;
+                    let wf = if rejoin {
+                        SwarmClient::joining(cfg.clone(), me.clone())?
+                    } else {
+                        SwarmClient::new(cfg.clone(), me.clone())?
+                    };
+                    fn start(model: Option<FLModel>) -> Input<SwarmMsg> {
+                        Input::Message {
+                            from: "server".into(),
+                            msg: SwarmMsg::Start,
+                            model: model.map(Arc::new),
+                        }
+                    }
+                    let c = ctx(cfg.result_clients.clone());
+                    Box::pin(workflow::run(c, wf, start, rx, stop_rx))
+                }
+                (None, WorkflowSpec::Cyclic(args)) => {
+                    let cfg = args.to_config(&names, seed)?;
+                    let starting = cfg.starting_client.as_ref().unwrap_or(&names[0]);
+                    let wf = if rejoin {
+                        CyclicClient::joining(cfg.clone(), &me)?
+                    } else {
+                        let initial = if *starting == me {
+                            Some(Arc::new(job.server.initial_model()?))
+                        } else {
+                            None
+                        };
+                        CyclicClient::new(cfg.clone(), &me, initial)?
+                    };
+                    fn start(_: Option<FLModel>) -> Input<CyclicMsg> {
+                        Input::Message {
+                            from: "server".into(),
+                            msg: CyclicMsg::Start,
+                            model: None,
+                        }
+                    }
+                    let result_clients = if cfg.result_clients.is_empty() {
+                        names.clone()
+                    } else {
+                        cfg.result_clients.clone()
+                    };
+                    Box::pin(workflow::run(ctx(result_clients), wf, start, rx, stop_rx))
+                }
+                (None, WorkflowSpec::ScatterAndGather) => anyhow::bail!(
+                    "job {job_id} runs {}, not a client-controlled workflow",
+                    job.server.workflow.wire_name()
+                ),
+            };
+        // Install the new task (stopping the previous stage's) only now that it is built: a
+        // configure that fails leaves the running workflow alone, and of two at once only
+        // the first starts a task.
+        let installed = self.with_slot(job_id, |slot| {
+            if configured(slot) {
+                return false;
             }
-            (None, WorkflowSpec::ScatterAndGather) => unreachable!("checked above"),
+            if let Some(old) = slot.workflow.take() {
+                let _ = old.stop.send(true);
+            }
+            slot.workflow = Some(WorkflowTask {
+                tx,
+                stop: stop_tx,
+                stage,
+                takes_initial_model: evaluation.is_none()
+                    && matches!(job.server.workflow, WorkflowSpec::Swarm(_)),
+            });
+            true
+        })?;
+        if installed {
+            tokio::spawn(task);
+            tracing::info!(job = %job_id, rejoin, stage, "workflow configured");
         }
+        Ok(())
+    }
+
+    /// Runs `f` on the slot of the deployed job `job_id`.
+    fn with_slot<T>(&self, job_id: &str, f: impl FnOnce(&mut JobSlot) -> T) -> anyhow::Result<T> {
         let mut jobs = self
             .jobs
             .lock()
@@ -578,26 +596,23 @@ impl Site {
         let slot = jobs
             .get_mut(job_id)
             .with_context(|| format!("job {job_id} is not deployed here"))?;
-        slot.workflow = Some(WorkflowTask {
-            tx,
-            stop: stop_tx,
-            stage,
-        });
-        tracing::info!(job = %job_id, rejoin, stage, "workflow configured");
-        Ok(())
+        Ok(f(slot))
     }
 
     fn start_workflow(&self, job_id: &str) -> anyhow::Result<()> {
-        let dir = self.dir.join("jobs").join(job_id);
-        let job = Job::load(&dir)?;
-        let model = job.server.initial_model()?;
-        let tx = self
-            .jobs
-            .lock()
-            .map_err(|_| anyhow::anyhow!("job table poisoned"))?
-            .get(job_id)
-            .and_then(|s| s.workflow.as_ref().map(|w| w.tx.clone()))
+        let (tx, takes_initial_model) = self
+            .with_slot(job_id, |s| {
+                s.workflow
+                    .as_ref()
+                    .map(|w| (w.tx.clone(), w.takes_initial_model))
+            })?
             .with_context(|| format!("job {job_id} is not configured here"))?;
+        let model = if takes_initial_model {
+            let job = Job::load(&self.dir.join("jobs").join(job_id))?;
+            Some(job.server.initial_model()?)
+        } else {
+            None
+        };
         tx.try_send(Inbound::Start(model))
             .map_err(|_| anyhow::anyhow!("the workflow of job {job_id} is not accepting input"))?;
         tracing::info!(job = %job_id, "workflow started here");

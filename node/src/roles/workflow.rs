@@ -53,8 +53,8 @@ pub enum Inbound {
         /// The model that came with it.
         model: Option<FLModel>,
     },
-    /// The server's start, with the initial model.
-    Start(FLModel),
+    /// The server's start, with the initial model when the workflow takes one (swarm).
+    Start(Option<FLModel>),
     /// A peer's connection state changed.
     Peer {
         /// Participant name.
@@ -238,11 +238,11 @@ async fn reporter(ctx: Arc<Context>, mut rx: mpsc::Receiver<Report>) {
 }
 
 /// Runs `wf` for the job in `ctx` until `stop` turns true. `start` turns the server's start
-/// (with the initial model) into the workflow's input.
+/// (with the initial model, for a workflow that takes one) into the workflow's input.
 pub async fn run<W>(
     ctx: Arc<Context>,
     mut wf: W,
-    start: fn(FLModel) -> Input<W::Msg>,
+    start: fn(Option<FLModel>) -> Input<W::Msg>,
     mut inbound: mpsc::Receiver<Inbound>,
     mut stop: watch::Receiver<bool>,
 ) where
