@@ -321,6 +321,16 @@ pub struct ServerApp {
     pub persistor: PersistorConfig,
 }
 
+/// The clients a workflow's arguments can be checked against before deploy: the ones they
+/// name, and `at_least` stand-ins (no site can be named so) for the sites the job will find.
+fn stand_in_clients<'a>(named: impl Iterator<Item = &'a String>, at_least: usize) -> Vec<String> {
+    let mut clients: Vec<String> = named.cloned().collect();
+    clients.extend((0..at_least.max(1)).map(|i| format!("\u{0}site-{i}")));
+    clients.sort();
+    clients.dedup();
+    clients
+}
+
 fn seconds(file: &Path, key: &str, v: f64) -> Result<Duration, JobError> {
     Duration::try_from_secs_f64(v)
         .map_err(|_| invalid(file, key, format!("{v} is not a valid number of seconds")))
@@ -354,20 +364,13 @@ impl ServerApp {
             "Swarm" | "SwarmServerController" => {
                 let x: SwarmArgs = parse_args(&file, "workflows[0]", wf.args.clone())?;
                 // Check what needs no client list now; the rest is checked at deploy.
-                let names: Vec<String> = x
+                let named = x
                     .train_clients
                     .iter()
                     .chain(&x.aggr_clients)
                     .chain(&x.result_clients)
-                    .chain(&x.starting_client)
-                    .cloned()
-                    .collect();
-                // Stand-ins for the sites the job will find at deploy, enough for min_clients.
-                let mut clients = names.clone();
-                clients.extend((0..x.min_clients.max(1)).map(|i| format!("\u{0}site-{i}")));
-                clients.sort();
-                clients.dedup();
-                x.to_config(&clients, 0)
+                    .chain(&x.starting_client);
+                x.to_config(&stand_in_clients(named, x.min_clients), 0)
                     .map_err(|e| invalid(&file, "workflows[0].args", e.to_string()))?;
                 let sag = SagArgs {
                     num_rounds: x.num_rounds,
@@ -385,16 +388,8 @@ impl ServerApp {
             "Cyclic" | "CyclicServerController" => {
                 let x: CyclicArgs = parse_args(&file, "workflows[0]", wf.args.clone())?;
                 // Check what needs no client list now; the rest is checked at deploy.
-                let mut clients: Vec<String> = x
-                    .result_clients
-                    .iter()
-                    .chain(&x.starting_client)
-                    .cloned()
-                    .collect();
-                clients.push("\u{0}site".into());
-                clients.sort();
-                clients.dedup();
-                x.to_config(&clients, 0)
+                let named = x.result_clients.iter().chain(&x.starting_client);
+                x.to_config(&stand_in_clients(named, 1), 0)
                     .map_err(|e| invalid(&file, "workflows[0].args", e.to_string()))?;
                 let sag = SagArgs {
                     num_rounds: x.num_rounds,
@@ -443,17 +438,12 @@ impl ServerApp {
                     ));
                 }
                 let x: CseArgs = parse_args(&file, "workflows[1]", e.args.clone())?;
-                let mut clients: Vec<String> = x
+                let named = x
                     .evaluators
                     .iter()
                     .chain(&x.evaluatees)
-                    .chain(&x.global_model_client)
-                    .cloned()
-                    .collect();
-                clients.push("\u{0}site".into());
-                clients.sort();
-                clients.dedup();
-                x.to_config(&clients, 0, None)
+                    .chain(&x.global_model_client);
+                x.to_config(&stand_in_clients(named, 1), 0, None)
                     .map_err(|e| invalid(&file, "workflows[1].args", e.to_string()))?;
                 Some(x)
             }
