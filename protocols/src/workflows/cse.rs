@@ -438,6 +438,11 @@ impl CseClient {
     }
 
     fn on_message(&mut self, now: Time, from: String, msg: CseMsg, model: Option<Arc<FLModel>>) {
+        // Only the run's clients talk to each other (a stranger is never sent a model); only
+        // the driver's start comes from elsewhere.
+        if !matches!(msg, CseMsg::Start) && !self.clients.contains(&from) {
+            return;
+        }
         match msg {
             CseMsg::Start => {
                 if !self.started {

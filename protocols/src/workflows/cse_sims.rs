@@ -308,3 +308,77 @@ fn configs_parse_with_defaults_and_are_checked() {
     c.submit_model_timeout = 1.0;
     assert!(CseClient::new(c, "a", None, None).is_ok());
 }
+
+mod hostile {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::codec::decode;
+    use crate::time::Time;
+    use crate::workflows::ccwf::{ClientWorkflow, Input};
+
+    fn msg(kind: u8, name: &str) -> CseMsg {
+        let model = name.to_string();
+        match kind % 6 {
+            0 => CseMsg::Start,
+            1 => CseMsg::Request { model },
+            2 => CseMsg::Model { model },
+            3 => CseMsg::NoModel {
+                model,
+                reason: String::new(),
+            },
+            4 => CseMsg::Done,
+            _ => CseMsg::DoneAck,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Random bytes never decode into a panic.
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<CseMsg>(&bytes, 1 << 20);
+        }
+
+        /// Requests and models for any name, from anyone, with a model of the wrong shape or
+        /// none, never panic a client; a stranger is never sent a model, and a stranger's
+        /// model is never evaluated.
+        #[test]
+        fn nonsense_messages_never_panic(
+            steps in prop::collection::vec((any::<u8>(), 0usize..6, any::<bool>(), 0usize..5), 1..40)
+        ) {
+            let mut x = CseClient::new(cfg(&["a", "b", "c"], Some("b")), "b", Some(model("b")), Some(model(GLOBAL_MODEL))).unwrap();
+            let odd = Arc::new(FLModel::from_params(BTreeMap::from([(
+                "v".to_string(),
+                Tensor::from_f32(vec![2], &[1.0, f32::NAN]).unwrap(),
+            )])));
+            let planted = Arc::new(FLModel::from_params(BTreeMap::from([(
+                "stranger".to_string(),
+                Tensor::from_f32(vec![1], &[1.0]).unwrap(),
+            )])));
+            for (i, (kind, name, with_model, from)) in steps.into_iter().enumerate() {
+                let sender = ["a", "c", "stranger", "", "b"][from];
+                let name = ["a", "b", "c", GLOBAL_MODEL, "stranger", ""][name];
+                let model = match (with_model, sender) {
+                    (false, _) => None,
+                    (true, "stranger") => Some(Arc::clone(&planted)),
+                    (true, _) => Some(Arc::clone(&odd)),
+                };
+                let now = Time::from_millis(i as u64 * 700);
+                x.handle(now, Input::Message { from: sender.to_string(), msg: msg(kind, name), model });
+                x.handle_timeout(now);
+                while let Some(a) = x.poll_action() {
+                    match &a {
+                        Action::Send { to, .. } => prop_assert!(to != "stranger", "{a:?}"),
+                        Action::RunTask(t) => prop_assert!(
+                            !t.data.model.as_ref().is_some_and(|m| m.params.contains_key("stranger")),
+                            "a stranger's model was evaluated: {a:?}"
+                        ),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}

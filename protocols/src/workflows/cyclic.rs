@@ -856,6 +856,11 @@ impl ClientWorkflow for CyclicClient {
         }
         match input {
             Input::Message { from, msg, model } => {
+                // Only the run's clients talk to each other; only the driver's start comes
+                // from elsewhere.
+                if !matches!(msg, CyclicMsg::Start) && !self.clients.contains(&from) {
+                    return;
+                }
                 // Only news of the run keeps a waiting client from giving up: not a query, nor
                 // an answer telling it what it already knew.
                 let news = match &msg {

@@ -544,3 +544,81 @@ fn random_kills_and_restarts_under_loss_keep_one_lineage() {
         assert!(chain.len() >= 10, "seed {seed}: {chain:?}");
     }
 }
+
+mod hostile {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::codec::decode;
+    use crate::time::Time;
+    use crate::workflows::ccwf::{ClientWorkflow, Input};
+
+    fn msg(kind: u8, hop: u32) -> CyclicMsg {
+        match kind % 8 {
+            0 => CyclicMsg::Start,
+            1 => CyclicMsg::Model { hop },
+            2 => CyclicMsg::Ack {
+                hop,
+                accepted: hop % 2 == 0,
+            },
+            3 => CyclicMsg::Passed { hop },
+            4 => CyclicMsg::Progress { hop },
+            5 => CyclicMsg::Done { hop },
+            6 => CyclicMsg::DoneAck,
+            _ => CyclicMsg::Query,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Random bytes never decode into a panic.
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<CyclicMsg>(&bytes, 1 << 20);
+        }
+
+        /// Messages for any hop (far past the run's end included), with a model of the wrong
+        /// shape or none, never panic a client, and a stranger's model is never trained,
+        /// kept or passed on.
+        #[test]
+        fn nonsense_messages_never_panic(
+            steps in prop::collection::vec((any::<u8>(), 0u32..12, any::<bool>(), 0usize..5), 1..40)
+        ) {
+            let c = cfg(&["a", "b", "c"], 2, CyclicOrder::Fixed);
+            let mut x = CyclicClient::new(c, "b", None).unwrap();
+            let odd = Arc::new(FLModel::from_params(BTreeMap::from([(
+                "v".to_string(),
+                Tensor::from_f32(vec![2], &[1.0, f32::NAN]).unwrap(),
+            )])));
+            let planted = Arc::new(FLModel::from_params(BTreeMap::from([(
+                "stranger".to_string(),
+                Tensor::from_f32(vec![1], &[1.0]).unwrap(),
+            )])));
+            let hop = |h: u32| if h >= 10 { u32::MAX - h } else { h };
+            for (i, (kind, h, with_model, from)) in steps.into_iter().enumerate() {
+                let sender = ["a", "c", "stranger", "", "b"][from];
+                let model = match (with_model, sender) {
+                    (false, _) => None,
+                    (true, "stranger") => Some(Arc::clone(&planted)),
+                    (true, _) => Some(Arc::clone(&odd)),
+                };
+                let now = Time::from_millis(i as u64 * 700);
+                x.handle(now, Input::Message { from: sender.to_string(), msg: msg(kind, hop(h)), model });
+                x.handle_timeout(now);
+                while let Some(a) = x.poll_action() {
+                    let carried = match &a {
+                        Action::RunTask(t) => t.data.model.clone(),
+                        Action::Persist { model, .. } => Some(Arc::clone(model)),
+                        Action::Send { model, .. } => model.clone(),
+                        _ => None,
+                    };
+                    prop_assert!(
+                        !carried.is_some_and(|m| m.params.contains_key("stranger")),
+                        "a stranger's model got through: {a:?}"
+                    );
+                }
+            }
+        }
+    }
+}
