@@ -1,0 +1,15 @@
+//! The fault suite: every fault a hostile-environment test found, and the ones covered
+//! elsewhere, each with the behaviour its test proves. Every test here runs real `flare-node`
+//! processes from POC kits (see `../common/mod.rs`) and fails without the fix it names.
+//!
+//! | fault | behaviour proved | test |
+//! | --- | --- | --- |
+//! | (covered in `federation.rs`) a site killed mid-job | scatter-and-gather goes on with `min_clients` | `federation::a_dead_site_and_a_server_restart_lose_nothing` |
+//! | (covered in `federation.rs`) a swarm's aggregator and the server killed mid-run | re-election, history complete | `federation::swarm_survives_its_aggregator_and_the_server` |
+//! | (covered in `netns.rs`) sites with no route to each other | relayed, no model byte in the clear | `netns::swarm_through_the_relay_leaks_no_model_bytes` |
+//! | (covered in `federation.rs`) a tampered kit, a bad job | refused, naming the file or key | `federation::bad_jobs_and_kits_are_refused_with_the_reason` |
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../common/mod.rs"]
+mod common;
