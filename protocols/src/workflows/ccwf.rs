@@ -187,6 +187,14 @@ pub enum ReportEvent {
         /// Which one.
         slot: ModelSlot,
     },
+    /// The client could not persist a model (a full disk, say): it holds no file for that
+    /// slot now, so a stale one is never taken for the current model.
+    PersistFailed {
+        /// Which one.
+        slot: ModelSlot,
+        /// Why, with the path.
+        reason: String,
+    },
     /// The run ended for this client.
     Finished(Outcome),
 }

@@ -77,6 +77,16 @@ pub enum SagConfigError {
     /// `task_timeout` is zero.
     #[error("task_timeout must be positive")]
     NoTimeout,
+    /// A resumed run's next round is outside the configured rounds.
+    #[error("cannot resume at round {round}: the run's rounds are {first}..{end}")]
+    ResumeRound {
+        /// The round asked for.
+        round: u32,
+        /// The first round.
+        first: u32,
+        /// One past the last round.
+        end: u32,
+    },
     /// The same client name appears twice.
     #[error("client {0:?} is listed twice")]
     DuplicateClient(String),
@@ -254,10 +264,43 @@ impl ScatterGather {
         })
     }
 
-    /// Starts the first round.
+    /// A controller that continues an interrupted run at `next_round` from `model`, the
+    /// global model after round `next_round - 1` (FLARE resumes from its snapshot the same
+    /// way). Versions keep counting from `cfg.start_round`, so the resumed run's metrics and
+    /// models carry the numbers the uninterrupted run would have given them. With
+    /// `next_round` past the last round, [`ScatterGather::start`] goes straight to the final
+    /// validation.
+    pub fn resume(
+        cfg: SagConfig,
+        clients: Vec<String>,
+        model: FLModel,
+        next_round: u32,
+    ) -> Result<Self, SagConfigError> {
+        let end = cfg.start_round.saturating_add(cfg.num_rounds);
+        if next_round < cfg.start_round || next_round > end {
+            return Err(SagConfigError::ResumeRound {
+                round: next_round,
+                first: cfg.start_round,
+                end,
+            });
+        }
+        let mut c = ScatterGather::new(cfg, clients, model)?;
+        c.round = next_round;
+        Ok(c)
+    }
+
+    /// Starts the first round (or, for a resumed run past its last round, the final
+    /// validation).
     pub fn start(&mut self, now: Time) {
-        if self.phase == Phase::Idle {
+        if self.phase != Phase::Idle {
+            return;
+        }
+        if self.round < self.cfg.start_round + self.cfg.num_rounds {
             self.begin_phase(now, Phase::Train);
+        } else if self.cfg.validate_final {
+            self.begin_phase(now, Phase::Validate);
+        } else {
+            self.finish();
         }
     }
 

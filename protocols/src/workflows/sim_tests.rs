@@ -525,3 +525,56 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_resumed_run_ends_where_the_uninterrupted_one_does() {
+    let b = vec![Behaviour::Answer { ms: 100 }; 3];
+    let whole = Sim::new(cfg(5, 3), b.clone(), 1, 0.0).run();
+    let after: BTreeMap<u32, Arc<FLModel>> = whole
+        .iter()
+        .filter_map(|e| match e {
+            Event::RoundAggregated { round, model, .. } => Some((*round, Arc::clone(model))),
+            _ => None,
+        })
+        .collect();
+    let last = |ev: &[Event]| match ev.last() {
+        Some(Event::Finished { model }) => Arc::clone(model),
+        other => panic!("no Finished at the end: {other:?}"),
+    };
+    let evaluated = |ev: &[Event]| -> Vec<(u32, BTreeMap<String, f64>)> {
+        ev.iter()
+            .filter_map(|e| match e {
+                Event::ModelEvaluated { version, metrics } => Some((*version, metrics.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    // Interrupted after any number of aggregated rounds (5: only the final validation is
+    // left), the resumed run gives the same later versions, metrics and final model.
+    for next in 0..=5u32 {
+        let mut sim = Sim::new(cfg(5, 3), b.clone(), 1, 0.0);
+        let from = match next {
+            0 => model(0.0),
+            n => (*after[&(n - 1)]).clone(),
+        };
+        sim.ctrl = ScatterGather::resume(cfg(5, 3), sim.names.clone(), from, next).unwrap();
+        let ev = sim.run();
+        assert!(finished(&ev), "resumed at {next}");
+        assert_eq!(last(&ev).params, last(&whole).params, "resumed at {next}");
+        let tail: Vec<_> = evaluated(&whole)
+            .into_iter()
+            .filter(|(v, _)| *v >= next)
+            .collect();
+        assert_eq!(evaluated(&ev), tail, "resumed at {next}");
+        assert_eq!(
+            count(&ev, |e| matches!(e, Event::RoundStarted { .. })),
+            (5 - next) as usize
+        );
+    }
+    // A round outside the run is refused.
+    let names: Vec<String> = vec!["site-1".into()];
+    assert!(ScatterGather::resume(cfg(5, 1), names.clone(), model(0.0), 6).is_err());
+    let mut late = cfg(5, 1);
+    late.start_round = 3;
+    assert!(ScatterGather::resume(late, names, model(0.0), 2).is_err());
+}
