@@ -127,6 +127,13 @@ pub struct JobRecord {
     /// The site holding the global model the cross-site evaluation measures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_holder: Option<String>,
+    /// What a submitted job is waiting for (sites not connected), shown by `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// Scatter-and-gather: the last round whose aggregated model is persisted, from which a
+    /// restarted server resumes the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_round: Option<u32>,
 }
 
 impl JobRecord {
@@ -149,6 +156,8 @@ impl JobRecord {
             cross_site: BTreeMap::new(),
             stage: 0,
             global_holder: None,
+            waiting: None,
+            snapshot_round: None,
         }
     }
 }

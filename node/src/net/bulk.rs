@@ -572,7 +572,29 @@ pub async fn receive<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     from: &PeerInfo,
     max_model_bytes: u64,
 ) -> Result<Received, BulkError> {
-    receive_inner(stream, sealing, from, max_model_bytes, true).await
+    receive_inner(stream, sealing, from, max_model_bytes, true, true).await
+}
+
+/// Like [`receive`], but leaves the acknowledgement to the caller ([`acknowledge`]), once it
+/// has stored what arrived: a transfer whose payload could not be kept (a full disk, say) is
+/// not acknowledged, so the sender tries it again.
+pub async fn receive_held<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
+    stream: &mut S,
+    sealing: &Sealing,
+    from: &PeerInfo,
+    max_model_bytes: u64,
+) -> Result<Received, BulkError> {
+    receive_inner(stream, sealing, from, max_model_bytes, true, false).await
+}
+
+/// Acknowledges a transfer received with [`receive_held`].
+pub async fn acknowledge<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<(), BulkError> {
+    stream.write_all(&[ACK]).await?;
+    stream.flush().await?;
+    let _ = stream.close().await;
+    Ok(())
 }
 
 /// Like [`receive`], but checks and drops the tensor bytes instead of keeping them: memory
@@ -583,7 +605,7 @@ pub async fn receive_discard<S: futures::AsyncRead + futures::AsyncWrite + Unpin
     from: &PeerInfo,
     max_model_bytes: u64,
 ) -> Result<Received, BulkError> {
-    receive_inner(stream, sealing, from, max_model_bytes, false).await
+    receive_inner(stream, sealing, from, max_model_bytes, false, true).await
 }
 
 /// The receiving end of a sealed stream: opens the header, then hands out plaintext chunk by
@@ -680,6 +702,7 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     from: &PeerInfo,
     max_model_bytes: u64,
     keep: bool,
+    ack: bool,
 ) -> Result<Received, BulkError> {
     let mut reader = SealedReader::open(stream, sealing, from).await?;
     let header = reader.header().clone();
@@ -697,7 +720,13 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         asm.push(data)?;
     }
     let (meta, model) = asm.finish()?;
-    let bytes = reader.acknowledge().await?;
+    let bytes = if ack {
+        reader.acknowledge().await?
+    } else if reader.opener.is_some() {
+        return Err(SealError::Truncated.into());
+    } else {
+        reader.bytes
+    };
     Ok(Received {
         header,
         meta,

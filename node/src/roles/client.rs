@@ -251,13 +251,19 @@ impl Site {
         if self.jobs.lock().is_ok_and(|j| j.contains_key(job_id)) {
             return Ok(()); // deployed already (a repeated deploy changes nothing)
         }
-        let dest = self.dir.join("jobs").join(job_id);
+        let jobs = self.dir.join("jobs");
+        let dest = jobs.join(job_id);
         if dest.exists() {
-            std::fs::remove_dir_all(&dest).map_err(|e| Refusal::Error(e.into()))?;
+            std::fs::remove_dir_all(&dest).map_err(|e| self.disk_error(&dest, e))?;
         }
-        std::fs::create_dir_all(self.dir.join("jobs")).map_err(|e| Refusal::Error(e.into()))?;
-        crate::jobpack::unpack_verified(bundle, &dest, &submitter.signing_public)
-            .map_err(|e| Refusal::Policy(format!("job signature: {e}")))?;
+        std::fs::create_dir_all(&jobs).map_err(|e| self.disk_error(&jobs, e))?;
+        crate::jobpack::unpack_verified(bundle, &dest, &submitter.signing_public).map_err(|e| {
+            match e {
+                // Writing the job failed (a full disk, say): not the admin's signature.
+                crate::jobpack::JobPackError::Io { path, source } => self.disk_error(&path, source),
+                other => Refusal::Policy(other.to_string()),
+            }
+        })?;
         let job = Job::load(&dest).map_err(|e| Refusal::Error(e.into()))?;
         let running = self.jobs.lock().map(|j| j.len()).unwrap_or(0);
         let policy =
@@ -289,6 +295,21 @@ impl Site {
         }
         tracing::info!(job = %job_id, name = %job.meta.name, site_index, num_sites, "job deployed");
         Ok(())
+    }
+
+    /// A file-system failure while taking a job, labelled as the disk's (a full one named as
+    /// such), with the path.
+    fn disk_error(&self, path: &std::path::Path, e: std::io::Error) -> Refusal {
+        let what = if e.kind() == std::io::ErrorKind::StorageFull {
+            "the disk is full"
+        } else {
+            "cannot write the job"
+        };
+        Refusal::Error(anyhow::anyhow!(
+            "{what} at {}: {}: {e}",
+            self.kit.name(),
+            path.display()
+        ))
     }
 
     async fn on_stream(

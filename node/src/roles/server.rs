@@ -53,6 +53,8 @@ enum WfEvent {
     Report(Report, oneshot::Sender<()>),
     /// A result client uploaded a model (`global_final` or `best`).
     Uploaded(String),
+    /// A model a site uploaded could not be stored (`stem`, why); the site sends it again.
+    StoreFailed(String, String),
 }
 
 struct Runner {
@@ -87,26 +89,41 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
         .context("the kit folder has no parent")?
         .to_path_buf();
     let store = JobStore::open(&dir.join("store"))?;
-    // Jobs that were running when the server stopped cannot continue: say so in their
-    // history (which stays whole) so an admin can clone them.
+    // Jobs that were running when the server stopped go on: a client-controlled job is
+    // watched again, a scatter-and-gather job resumes after its last persisted round. A job
+    // caught mid-deploy is deployed again (a repeated deploy is a no-op on a site).
     let mut resume = Vec::new();
     for rec in store.list() {
-        // A client-controlled job runs on its sites: watch it again.
-        if rec.state == JobState::Running
-            && let Ok(job) = Job::load(&store.job_dir(&rec.id))
-            && job.server.workflow.client_controlled()
-        {
-            let sites: Vec<String> = rec.sites.keys().cloned().collect();
-            resume.push((rec.id.clone(), job, sites));
-            continue;
-        }
-        if matches!(rec.state, JobState::Dispatched | JobState::Running) {
-            store.set_state(
-                &rec.id,
-                JobState::Failed,
-                "the server restarted while the job ran; `clone` it to run it again",
-                now_ms(),
-            )?;
+        match rec.state {
+            JobState::Running => match Job::load(&store.job_dir(&rec.id)) {
+                Ok(job) => {
+                    // The sites that took the job (not those that refused it).
+                    let sites: Vec<String> = rec
+                        .sites
+                        .iter()
+                        .filter(|(_, st)| !st.starts_with("refused") && !st.starts_with("error"))
+                        .map(|(name, _)| name.clone())
+                        .collect();
+                    resume.push((rec.id.clone(), job, sites));
+                }
+                Err(e) => {
+                    store.set_state(
+                        &rec.id,
+                        JobState::Failed,
+                        &format!("the server restarted and cannot load the job again: {e}"),
+                        now_ms(),
+                    )?;
+                }
+            },
+            JobState::Dispatched => {
+                store.set_state(
+                    &rec.id,
+                    JobState::Submitted,
+                    "the server restarted while deploying the job; it is deployed again",
+                    now_ms(),
+                )?;
+            }
+            _ => {}
         }
     }
     let (net, mut events) = start_net(&kit, true)?;
@@ -124,7 +141,7 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
     });
 
     for (id, job, sites) in resume {
-        tracing::info!(job = %id, "resuming the watch of a running swarm job");
+        tracing::info!(job = %id, workflow = job.server.workflow.wire_name(), "resuming a running job");
         Arc::clone(&server).launch(&id, job, sites, true);
     }
     let mut incoming = net
@@ -184,26 +201,16 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
             _ = shutdown.changed() => break,
         }
     }
-    // Stop running jobs cleanly: their history records the shutdown.
+    // Running jobs stay `running` in the store: a client-controlled job goes on without the
+    // server, and a scatter-and-gather job resumes after its last persisted round when the
+    // server starts again.
     let ids: Vec<String> = server
         .runners
         .lock()
         .map(|r| r.keys().cloned().collect())
         .unwrap_or_default();
     for id in ids {
-        // A client-controlled job goes on without the server; it is watched again after a
-        // restart.
-        if Job::load(&server.store.job_dir(&id))
-            .is_ok_and(|j| j.server.workflow.client_controlled())
-        {
-            continue;
-        }
-        let _ = server.store.set_state(
-            &id,
-            JobState::Failed,
-            "the server shut down while the job ran",
-            now_ms(),
-        );
+        server.note(&id, "the server shut down while the job ran".into());
     }
     tracing::info!("server stopped");
     Ok(())
@@ -235,6 +242,25 @@ impl Server {
         v
     }
 
+    /// The jobs among `held` (a site's heartbeat) that this server no longer runs: ended,
+    /// deleted, or never stored. A job being deployed (`dispatched`) still counts as running.
+    fn stale_jobs<'a>(&self, held: impl Iterator<Item = &'a String>) -> Vec<String> {
+        let running: Vec<String> = self
+            .runners
+            .lock()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default();
+        held.filter(|id| {
+            !running.contains(id)
+                && self
+                    .store
+                    .get(id)
+                    .map_or(true, |r| r.state != JobState::Dispatched)
+        })
+        .cloned()
+        .collect()
+    }
+
     async fn on_request(
         self: &Arc<Self>,
         from: &PeerInfo,
@@ -242,8 +268,19 @@ impl Server {
     ) -> ControlResponse {
         match request {
             ControlRequest::Heartbeat { jobs, listen } => {
+                let stale = self.stale_jobs(jobs.keys());
                 if let Ok(mut h) = self.heartbeats.lock() {
                     h.insert(from.cert.name.clone(), (now_ms(), jobs, listen));
+                }
+                if !stale.is_empty() {
+                    tracing::info!(site = %from.cert.name, jobs = ?stale, "the site holds jobs that no longer run here; freeing them");
+                    let s = Arc::clone(self);
+                    let name = from.cert.name.clone();
+                    tokio::spawn(async move {
+                        for id in stale {
+                            s.stop_on_sites(&id, std::slice::from_ref(&name)).await;
+                        }
+                    });
                 }
                 ControlResponse::Ok
             }
@@ -356,9 +393,21 @@ impl Server {
                             Err(e) => err(e.to_string()),
                         }
                     }
-                    (None, Ok(rec)) => {
-                        err(format!("job {job} is {} and cannot be aborted", rec.state))
+                    // An ended job holds no site here, but a site that missed its end may
+                    // still hold it: tell every site of the job to free it.
+                    (None, Ok(rec)) if !rec.state.is_active() => {
+                        let sites: Vec<String> = rec.sites.keys().cloned().collect();
+                        self.stop_on_sites(&job, &sites).await;
+                        admin_json(json!({
+                            "job_id": job,
+                            "state": rec.state,
+                            "sites_told_to_free_it": sites,
+                        }))
                     }
+                    (None, Ok(rec)) => err(format!(
+                        "job {job} is {} and cannot be aborted yet; try again",
+                        rec.state
+                    )),
                     (None, Err(e)) => err(e.to_string()),
                 }
             }
@@ -522,6 +571,56 @@ impl Server {
         }
     }
 
+    /// What a submitted job waits for: its `min_clients` among the sites its `deploy_map`
+    /// names, and each `mandatory_clients` site, naming those not connected and those that
+    /// have not connected since this server started (a name the project may not have).
+    fn waiting_for(&self, meta: &crate::job::JobMeta, connected: &[&str], all: bool) -> String {
+        let seen: Vec<String> = self
+            .heartbeats
+            .lock()
+            .map(|h| h.keys().cloned().collect())
+            .unwrap_or_default();
+        let describe = |name: &str| {
+            if seen.iter().any(|s| s == name) {
+                format!("{name} (disconnected)")
+            } else {
+                format!("{name} (not connected since the server started)")
+            }
+        };
+        let mut parts = Vec::new();
+        if connected.len() < meta.min_clients {
+            let mut missing: Vec<&str> = meta
+                .deploy_map
+                .values()
+                .flatten()
+                .map(String::as_str)
+                .filter(|n| !matches!(*n, "@ALL" | "server") && !connected.contains(n))
+                .collect();
+            missing.sort_unstable();
+            missing.dedup();
+            let mut p = format!(
+                "{} of min_clients {} sites connected",
+                connected.len(),
+                meta.min_clients
+            );
+            if !all && !missing.is_empty() {
+                let named: Vec<String> = missing.iter().map(|n| describe(n)).collect();
+                p.push_str(&format!("; deploy_map names {}", named.join(", ")));
+            }
+            parts.push(p);
+        }
+        let absent: Vec<String> = meta
+            .mandatory_clients
+            .iter()
+            .filter(|m| !connected.contains(&m.as_str()))
+            .map(|m| describe(m))
+            .collect();
+        if !absent.is_empty() {
+            parts.push(format!("mandatory_clients {}", absent.join(", ")));
+        }
+        format!("waiting for sites: {}", parts.join("; "))
+    }
+
     async fn try_deploy(self: Arc<Self>, id: &str) -> anyhow::Result<()> {
         let job = Job::load(&self.store.job_dir(id))?;
         let connected = self.connected_sites();
@@ -547,8 +646,21 @@ impl Server {
             .iter()
             .all(|m| names.contains(&m.as_str()));
         if targets.len() < job.meta.min_clients || !mandatory_ok {
-            return Ok(()); // wait for more sites
+            // Wait for more sites, and say in the job's status what for.
+            let why = self.waiting_for(&job.meta, &names, all);
+            if self.store.get(id)?.waiting.as_deref() != Some(why.as_str()) {
+                self.store.update(id, |r| {
+                    r.history.push(crate::store::StatusEntry {
+                        at_ms: now_ms(),
+                        state: r.state,
+                        note: why.clone(),
+                    });
+                    r.waiting = Some(why.clone());
+                })?;
+            }
+            return Ok(());
         }
+        self.store.update(id, |r| r.waiting = None)?;
         self.store.set_state(
             id,
             JobState::Dispatched,
@@ -640,7 +752,7 @@ impl Server {
             let outcome = match job.server.workflow {
                 WorkflowSpec::ScatterAndGather => {
                     Arc::clone(&s)
-                        .run_job(&id, job, accepted.clone(), results_rx, abort_rx)
+                        .run_job(&id, job, accepted.clone(), resume, results_rx, abort_rx)
                         .await
                 }
                 WorkflowSpec::Swarm(_) | WorkflowSpec::Cyclic(_) => {
@@ -714,6 +826,36 @@ impl Server {
         Ok(())
     }
 
+    /// Deploys job `id` to the site `name` again (the site's index among the job's
+    /// `num_sites`); a site that holds the job already answers at once.
+    async fn redeploy(
+        &self,
+        id: &str,
+        name: &str,
+        index: usize,
+        num_sites: usize,
+    ) -> anyhow::Result<()> {
+        let p = self
+            .net
+            .peers
+            .by_name(name)
+            .with_context(|| format!("{name} is not connected"))?;
+        let (bundle, submitter_cert) = self.deploy_parts(id)?;
+        let req = ControlRequest::Deploy {
+            job: id.to_string(),
+            bundle,
+            submitter_cert: ByteBuf::from(submitter_cert),
+            site_index: index as u32,
+            num_sites: num_sites as u32,
+        };
+        match self.net.request(p.peer, req).await? {
+            ControlResponse::Ok => Ok(()),
+            ControlResponse::Refused { reason } => anyhow::bail!("refused: {reason}"),
+            ControlResponse::Error { reason } => anyhow::bail!("{reason}"),
+            other => anyhow::bail!("deploy answered {other:?}"),
+        }
+    }
+
     async fn stop_on_sites(&self, id: &str, sites: &[String]) {
         for name in sites {
             if let Some(p) = self.net.peers.by_name(name) {
@@ -736,7 +878,7 @@ impl Server {
         mut stream: libp2p::Stream,
     ) -> anyhow::Result<()> {
         let from = self.admitted_as(peer, RoleKind::Client, "bulk")?;
-        let got = bulk::receive(&mut stream, &self.sealing, &from, MAX_RESULT_MODEL).await?;
+        let got = bulk::receive_held(&mut stream, &self.sealing, &from, MAX_RESULT_MODEL).await?;
         if got.header.kind == "upload" {
             let stem = got.meta.task_name.as_str();
             if !matches!(stem, "global_final" | "best") {
@@ -752,12 +894,22 @@ impl Server {
                 })?;
             let model = got.model.context("upload without a model")?;
             let dir = self.store.result_dir(&got.header.job);
-            std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
-            crate::model_io::write(&dir.join(format!("{stem}.safetensors")), &model)?;
-            tx.send((from.cert.name.clone(), WfEvent::Uploaded(stem.to_string())))
-                .await
-                .ok();
-            return Ok(());
+            let stored = std::fs::create_dir_all(&dir)
+                .with_context(|| dir.display().to_string())
+                .and_then(|()| {
+                    crate::model_io::write(&dir.join(format!("{stem}.safetensors")), &model)
+                        .map_err(anyhow::Error::from)
+                });
+            // Only a stored model is acknowledged: without the ack the site sends it again.
+            let event = match &stored {
+                Ok(()) => {
+                    bulk::acknowledge(&mut stream).await?;
+                    WfEvent::Uploaded(stem.to_string())
+                }
+                Err(e) => WfEvent::StoreFailed(stem.to_string(), format!("{e:#}")),
+            };
+            tx.send((from.cert.name.clone(), event)).await.ok();
+            return stored.with_context(|| format!("storing {stem} from {}", from.cert.name));
         }
         if got.header.kind != "result" {
             anyhow::bail!(
@@ -782,6 +934,7 @@ impl Server {
             },
         };
         tx.send((from.cert.name.clone(), result)).await.ok();
+        bulk::acknowledge(&mut stream).await?;
         Ok(())
     }
 }

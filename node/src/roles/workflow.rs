@@ -19,7 +19,9 @@ use flare_protocols::codec::{decode, encode};
 use flare_protocols::model::FLModel;
 use flare_protocols::shareable::{ReturnCode, Shareable};
 use flare_protocols::time::Time;
-use flare_protocols::workflows::ccwf::{Action, ClientWorkflow, Input, ModelSlot, Report};
+use flare_protocols::workflows::ccwf::{
+    Action, ClientWorkflow, Epoch, Input, ModelSlot, Report, ReportEvent,
+};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use serde_bytes::ByteBuf;
@@ -256,6 +258,8 @@ pub async fn run<W>(
     tokio::spawn(reporter(Arc::clone(&ctx), report_rx));
     let tasks = Arc::new(tokio::sync::Mutex::new(()));
     let mut down: HashMap<String, bool> = HashMap::new();
+    // The epoch of the latest report, for reports the driver makes itself.
+    let mut last_epoch = Epoch::new(0, 0);
     loop {
         while let Some(a) = wf.poll_action() {
             match a {
@@ -301,6 +305,7 @@ pub async fn run<W>(
                     });
                 }
                 Action::Report(r) => {
+                    last_epoch = r.epoch;
                     if report_tx.try_send(r).is_err() {
                         tracing::warn!(job = %ctx.job, "report queue full; report dropped");
                     }
@@ -310,7 +315,7 @@ pub async fn run<W>(
                         .job_dir
                         .join("models")
                         .join(format!("{}.safetensors", slot.file_stem()));
-                    let c = Arc::clone(&ctx);
+                    let (c, reports, epoch) = (Arc::clone(&ctx), report_tx.clone(), last_epoch);
                     tokio::spawn(async move {
                         let m = Arc::clone(&model);
                         let p = path.clone();
@@ -321,15 +326,29 @@ pub async fn run<W>(
                             crate::model_io::write(&p, &m).map_err(anyhow::Error::from)
                         })
                         .await;
-                        match wrote {
+                        let failed = match wrote {
                             Ok(Ok(())) => {
-                                tracing::info!(job = %c.job, path = %path.display(), "model saved")
+                                tracing::info!(job = %c.job, path = %path.display(), "model saved");
+                                None
                             }
-                            Ok(Err(e)) => {
-                                tracing::error!(job = %c.job, path = %path.display(), error = %format!("{e:#}"), "cannot save a model")
-                            }
-                            Err(e) => {
-                                tracing::error!(job = %c.job, error = %e, "model writer failed")
+                            Ok(Err(e)) => Some(format!("{}: {e:#}", path.display())),
+                            Err(e) => Some(format!("the model writer failed: {e}")),
+                        };
+                        if let Some(reason) = failed {
+                            // The slot's older file is not this model: remove it, so that a
+                            // later stage (a cross-site evaluation) never takes it for the
+                            // current one, and tell the server.
+                            let stale = match std::fs::remove_file(&path) {
+                                Ok(()) => "; the older file was removed",
+                                Err(_) => "",
+                            };
+                            tracing::error!(job = %c.job, path = %path.display(), error = %reason, "cannot save a model{stale}");
+                            let event = ReportEvent::PersistFailed {
+                                slot: slot.clone(),
+                                reason: format!("{reason}{stale}"),
+                            };
+                            if reports.send(Report { epoch, event }).await.is_err() {
+                                tracing::warn!(job = %c.job, "the report of a failed save was dropped");
                             }
                         }
                         if matches!(slot, ModelSlot::Final | ModelSlot::Best)

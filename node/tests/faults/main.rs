@@ -13,3 +13,6 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+
+mod disk;
+mod lifecycle;

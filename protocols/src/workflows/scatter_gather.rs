@@ -376,7 +376,11 @@ impl ScatterGather {
         let reason = match expected {
             _ if !matches!(self.phase, Phase::Train | Phase::Validate) => Some(DropReason::Late),
             None => Some(DropReason::NotAsked),
-            Some(id) if id != result.task_id => Some(DropReason::Late),
+            // The round too: a resumed run numbers its tasks afresh, so a result a site
+            // computed for the run before the restart may carry a task id of this one.
+            Some(id) if id != result.task_id || result.round != self.round => {
+                Some(DropReason::Late)
+            }
             Some(_) if self.answered.contains(from) => Some(DropReason::Duplicate),
             Some(_) => None,
         };

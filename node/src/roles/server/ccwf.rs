@@ -7,10 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flare_protocols::workflows::ccwf::{ModelSlot, Outcome, Report, ReportEvent};
-use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, watch};
 
 use super::{SITE_GONE_AFTER, Server, WfEvent};
+
+/// How long a stage whose sites have all finished waits for the final model to be stored
+/// (a result client retries an upload the server could not store) before it fails.
+const FINAL_MODEL_WAIT: Duration = Duration::from_secs(60);
 use crate::job::{Job, WorkflowSpec};
 use crate::net::protocol::{ControlRequest, ControlResponse, EvaluationStage};
 use crate::roles::now_ms;
@@ -234,23 +237,41 @@ impl Server {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         let result_dir = self.store.result_dir(id);
         let cyclic = evaluation.is_none() && matches!(workflow, WorkflowSpec::Cyclic(_));
+        // Sites away longer than SITE_GONE_AFTER, with the state they had.
+        let mut away: BTreeMap<String, String> = BTreeMap::new();
+        // Since when every site has finished while the final model is still missing, and
+        // the last reason a model could not be stored.
+        let mut done_without_model: Option<Instant> = None;
+        let mut store_failure: Option<String> = None;
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
                     Some((site, WfEvent::Report(r, ack))) => {
-                        last_progress = Instant::now();
+                        // A keep-alive is no progress: progress_timeout holds in every state.
+                        if r.event != ReportEvent::Alive {
+                            last_progress = Instant::now();
+                        }
                         self.on_report(id, cyclic, &site, r, &mut finished)?;
                         let _ = ack.send(());
                     }
                     Some((site, WfEvent::Uploaded(stem))) => {
+                        last_progress = Instant::now();
                         self.note(id, format!("{site} uploaded {stem}"));
                         holders.entry(stem).or_insert(site);
+                    }
+                    Some((site, WfEvent::StoreFailed(stem, why))) => {
+                        let line = format!("the server could not store {stem} from {site}: {why}");
+                        tracing::error!(job = %id, %site, %stem, error = %why, "upload not stored");
+                        self.note_once(id, format!("{line}; the site sends it again"))?;
+                        store_failure = Some(line);
                     }
                     None => return Ok((JobState::Failed, "report channel closed".into())),
                 },
                 _ = tick.tick() => {
                     if last_progress.elapsed() > progress_timeout {
-                        return Ok((JobState::Failed, format!("no progress for {progress_timeout:?} (progress_timeout)")));
+                        let why = store_failure.as_deref().map(|f| format!("; {f}")).unwrap_or_default();
+                        self.mark_left(id, &away);
+                        return Ok((JobState::Failed, format!("no progress for {progress_timeout:?} (progress_timeout){why}")));
                     }
                     self.rejoin_restarted(id, sites, seed, started_ms, evaluation, &mut rejoined).await;
                 }
@@ -266,6 +287,7 @@ impl Server {
                     seen.insert(s.clone(), Instant::now());
                 }
             }
+            self.track_away(id, sites, &seen, &finished, &mut away)?;
             let all_done = sites.iter().all(|s| {
                 finished.contains_key(s)
                     || seen.get(s).is_none_or(|t| t.elapsed() > SITE_GONE_AFTER)
@@ -273,10 +295,74 @@ impl Server {
             let have_model =
                 evaluation.is_some() || holders.contains_key(&ModelSlot::Final.file_stem());
             if have_model && all_done {
+                self.mark_left(id, &away);
                 self.write_metrics(id, &result_dir)?;
                 return Ok((JobState::Finished, "finished".into()));
             }
+            // Every site is done but the final model never came (its uploads could not be
+            // stored, or no result client had it): give the uploads a while, then fail.
+            if all_done {
+                let since = *done_without_model.get_or_insert_with(Instant::now);
+                if since.elapsed() > FINAL_MODEL_WAIT {
+                    self.mark_left(id, &away);
+                    let why =
+                        store_failure.unwrap_or_else(|| "no result client uploaded it".into());
+                    return Ok((
+                        JobState::Failed,
+                        format!(
+                            "every site finished but the final model was not stored within {FINAL_MODEL_WAIT:?}: {why}"
+                        ),
+                    ));
+                }
+            }
         }
+    }
+
+    /// Marks a site of the run that has been away for [`SITE_GONE_AFTER`] (and has not
+    /// finished) as `away` in the job's status, and puts its state back when it returns.
+    fn track_away(
+        &self,
+        id: &str,
+        sites: &[String],
+        seen: &HashMap<String, Instant>,
+        finished: &BTreeMap<String, String>,
+        away: &mut BTreeMap<String, String>,
+    ) -> Result<(), crate::store::StoreError> {
+        for s in sites {
+            let gone = seen.get(s).is_none_or(|t| t.elapsed() > SITE_GONE_AFTER);
+            if gone && !finished.contains_key(s) && !away.contains_key(s) {
+                let before = self
+                    .store
+                    .get(id)?
+                    .sites
+                    .get(s)
+                    .cloned()
+                    .unwrap_or_default();
+                self.store.update(id, |r| {
+                    r.sites.insert(s.clone(), format!("away (last: {before})"));
+                })?;
+                away.insert(s.clone(), before);
+            } else if !gone && let Some(before) = away.remove(s) {
+                self.store.update(id, |r| {
+                    if r.sites.get(s).is_some_and(|st| st.starts_with("away")) {
+                        r.sites.insert(s.clone(), before);
+                    }
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// At the end of a stage, a site still away has left the run.
+    fn mark_left(&self, id: &str, away: &BTreeMap<String, String>) {
+        if away.is_empty() {
+            return;
+        }
+        let _ = self.store.update(id, |r| {
+            for (s, before) in away {
+                r.sites.insert(s.clone(), format!("left (last: {before})"));
+            }
+        });
     }
 
     /// Records one report of a client-controlled job (`cyclic`: an `Aggregated` report is a
@@ -341,11 +427,23 @@ impl Server {
                 })?;
             }
             ReportEvent::Finished(outcome) => {
-                let state = match outcome {
+                let mut state = match outcome {
                     Outcome::Completed { .. } => "finished".to_string(),
                     Outcome::Failed { reason } => format!("failed: {reason}"),
                 };
+                // A site that could not save some of its models says so in its state.
+                let prefix = format!("{site} could not save its ");
                 self.store.update(id, |rec| {
+                    let mut unsaved: Vec<&str> = rec
+                        .history
+                        .iter()
+                        .filter_map(|h| h.note.strip_prefix(&prefix)?.split(' ').next())
+                        .collect();
+                    unsaved.sort_unstable();
+                    unsaved.dedup();
+                    if !unsaved.is_empty() {
+                        state = format!("{state}; could not save {}", unsaved.join(", "));
+                    }
                     rec.sites.insert(site.to_string(), state.clone());
                 })?;
                 finished.insert(site.to_string(), state);
@@ -362,13 +460,25 @@ impl Server {
                 self.note_once(id, format!("{site} could not evaluate {model}: {reason}"))?;
             }
             ReportEvent::PersistFailed { slot, reason } => {
+                let stem = slot.file_stem();
                 self.note_once(
                     id,
-                    format!(
-                        "{site} could not save its {} model: {reason}",
-                        slot.file_stem()
-                    ),
+                    format!("{site} could not save its {stem} model: {reason}"),
                 )?;
+                // A failure that comes after the site's end still shows in its state.
+                if let Some(state) = finished.get_mut(site)
+                    && !state.contains(&stem)
+                {
+                    *state = if state.contains("; could not save ") {
+                        format!("{state}, {stem}")
+                    } else {
+                        format!("{state}; could not save {stem}")
+                    };
+                    let line = state.clone();
+                    self.store.update(id, |rec| {
+                        rec.sites.insert(site.to_string(), line);
+                    })?;
+                }
             }
             ReportEvent::Alive | ReportEvent::Persisted { .. } => {}
         }
@@ -409,18 +519,7 @@ impl Server {
             };
             rejoined.insert(name.clone(), Instant::now());
             let deployed = async {
-                let (bundle, submitter_cert) = self.deploy_parts(id)?;
-                let req = ControlRequest::Deploy {
-                    job: id.to_string(),
-                    bundle,
-                    submitter_cert: ByteBuf::from(submitter_cert),
-                    site_index: index as u32,
-                    num_sites: sites.len() as u32,
-                };
-                match self.net.request(p.peer, req).await? {
-                    ControlResponse::Ok => {}
-                    other => anyhow::bail!("deploy answered {other:?}"),
-                }
+                self.redeploy(id, name, index, sites.len()).await?;
                 let req = ControlRequest::Configure {
                     job: id.to_string(),
                     peers: self.peer_entries(sites),

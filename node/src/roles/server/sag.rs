@@ -2,6 +2,8 @@
 //! sends its tasks to the sites as sealed bulk streams, records its events in the job store,
 //! and persists the global model each round so that a restarted server resumes the run.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,29 +18,154 @@ use crate::job::Job;
 use crate::net::bulk::{self, Route, TransferMeta};
 use crate::store::JobState;
 
+/// How long a run resumed after a server restart waits for its sites to come back.
+const RESUME_WAIT: Duration = Duration::from_secs(30);
+/// How much longer it waits for the others once `min_clients` sites are back.
+const RESUME_GRACE: Duration = Duration::from_secs(5);
+
 impl Server {
-    /// Drives one job's controller until it finishes, aborts, or an admin stops it.
+    /// Drives one job's controller until it finishes, aborts, or an admin stops it; with
+    /// `resume` (the server restarted while the job ran), from the round after its last
+    /// persisted one. At the end each site's state in the record says how it took part.
     pub(super) async fn run_job(
         self: Arc<Self>,
         id: &str,
         job: Job,
         sites: Vec<String>,
+        resume: bool,
+        results: mpsc::Receiver<(String, TaskResult)>,
+        abort: watch::Receiver<bool>,
+    ) -> anyhow::Result<(JobState, String)> {
+        let mut took_part = BTreeMap::new();
+        let outcome = self
+            .drive(id, &job, sites, resume, results, abort, &mut took_part)
+            .await;
+        let end = job.server.sag.start_round + job.server.sag.num_rounds;
+        let state = match &outcome {
+            Ok((s, _)) => *s,
+            Err(_) => JobState::Failed,
+        };
+        let _ = self.store.update(id, |r| {
+            for (site, (round, accepted, what)) in &took_part {
+                let line = if *accepted && *round == end && state == JobState::Finished {
+                    "finished".to_string()
+                } else if state == JobState::Aborted {
+                    format!("aborted (round {round}: {what})")
+                } else {
+                    format!("round {round}: {what}")
+                };
+                r.sites.insert(site.clone(), line);
+            }
+        });
+        outcome
+    }
+
+    /// The controller of a new run, or of a resumed one: its sites back (waiting up to
+    /// [`RESUME_WAIT`] for them), the job deployed to them again (a no-op at a site that
+    /// still holds it), and the run continued after the last persisted round.
+    async fn controller(
+        &self,
+        id: &str,
+        job: &Job,
+        sites: Vec<String>,
+        resume: bool,
+    ) -> anyhow::Result<ScatterGather> {
+        let cfg = job.server.sag.clone();
+        if !resume {
+            return Ok(ScatterGather::new(cfg, sites, job.server.initial_model()?)?);
+        }
+        let rec = self.store.get(id)?;
+        let (next, model) = match rec.snapshot_round {
+            None => (cfg.start_round, job.server.initial_model()?),
+            Some(r) => {
+                let path = self.snapshot_path(id, job, r);
+                let model = crate::model_io::read(&path)
+                    .with_context(|| format!("the snapshot of round {r} to resume from"))?;
+                (r + 1, model)
+            }
+        };
+        // Every site, or once min_clients are back a little longer for the others.
+        let mut deadline = Instant::now() + RESUME_WAIT;
+        let back = loop {
+            let back: Vec<String> = sites
+                .iter()
+                .filter(|s| self.net.peers.by_name(s).is_some())
+                .cloned()
+                .collect();
+            if back.len() >= cfg.min_clients {
+                deadline = deadline.min(Instant::now() + RESUME_GRACE);
+            }
+            if back.len() == sites.len() || Instant::now() >= deadline {
+                break back;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        let mut ready = Vec::new();
+        for name in back {
+            let index = sites.iter().position(|s| *s == name).unwrap_or(0);
+            match self.redeploy(id, &name, index, sites.len()).await {
+                Ok(()) => ready.push(name),
+                Err(e) => self.note(id, format!("{name} could not take the job again: {e:#}")),
+            }
+        }
+        if ready.len() < cfg.min_clients {
+            anyhow::bail!(
+                "the server restarted; {} of the job's sites ({}) came back within {RESUME_WAIT:?} and took the job, min_clients is {}",
+                ready.len(),
+                sites.join(", "),
+                cfg.min_clients
+            );
+        }
+        self.note(
+            id,
+            format!(
+                "the server restarted; the run resumes at round {next} on {}",
+                ready.join(", ")
+            ),
+        );
+        Ok(ScatterGather::resume(cfg, ready, model, next)?)
+    }
+
+    /// Where the global model after `round` is kept for a resume: the persistor's round file
+    /// when it saves every round, else a snapshot beside the job's record.
+    fn snapshot_path(&self, id: &str, job: &Job, round: u32) -> PathBuf {
+        if job.server.persistor.save_every_round {
+            self.store
+                .result_dir(id)
+                .join(format!("models/round-{round:03}.safetensors"))
+        } else {
+            self.store
+                .job_dir(id)
+                .with_file_name(format!("snapshot-{round:03}.safetensors"))
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn drive(
+        self: &Arc<Self>,
+        id: &str,
+        job: &Job,
+        sites: Vec<String>,
+        resume: bool,
         mut results: mpsc::Receiver<(String, TaskResult)>,
         mut abort: watch::Receiver<bool>,
+        took_part: &mut BTreeMap<String, (u32, bool, String)>,
     ) -> anyhow::Result<(JobState, String)> {
-        let initial = job.server.initial_model()?;
-        let mut ctrl = ScatterGather::new(job.server.sag.clone(), sites, initial)?;
-        let epoch = Instant::now();
-        let now = || Time::from_duration(epoch.elapsed());
         let result_dir = self.store.result_dir(id);
         std::fs::create_dir_all(result_dir.join("models"))
             .with_context(|| result_dir.display().to_string())?;
+        let mut ctrl = tokio::select! {
+            c = self.controller(id, job, sites, resume) => c?,
+            _ = abort.changed() => return Ok((JobState::Aborted, "aborted by an admin".into())),
+        };
+        let epoch = Instant::now();
+        let now = || Time::from_duration(epoch.elapsed());
         ctrl.start(now());
         loop {
             while let Some(out) = ctrl.poll_output() {
                 match out {
                     Output::Send { to, task } => {
-                        let s = Arc::clone(&self);
+                        let s = Arc::clone(self);
                         let id = id.to_string();
                         tokio::spawn(async move {
                             if let Err(e) = s.send_task(&id, &to, task).await {
@@ -47,7 +174,7 @@ impl Server {
                         });
                     }
                     Output::Event(ev) => {
-                        if let Some(end) = self.on_job_event(id, &job, &result_dir, ev)? {
+                        if let Some(end) = self.on_job_event(id, job, &result_dir, ev, took_part)? {
                             return Ok(end);
                         }
                     }
@@ -73,13 +200,15 @@ impl Server {
         }
     }
 
-    /// Records what the controller reports; returns the job's end state when it ends.
+    /// Records what the controller reports (`took_part`: each site's last round, whether its
+    /// result was accepted, and what happened); returns the job's end state when it ends.
     fn on_job_event(
         &self,
         id: &str,
         job: &Job,
         result_dir: &std::path::Path,
         ev: Event,
+        took_part: &mut BTreeMap<String, (u32, bool, String)>,
     ) -> anyhow::Result<Option<(JobState, String)>> {
         match ev {
             Event::RoundStarted { round, clients } => {
@@ -98,11 +227,17 @@ impl Server {
                 accepted,
             } => {
                 tracing::info!(job = %id, round, accepted, "round aggregated");
-                if job.server.persistor.save_every_round {
-                    crate::model_io::write(
-                        &result_dir.join(format!("models/round-{round:03}.safetensors")),
-                        &model,
-                    )?;
+                // The model is persisted before the record names it, so a resume never
+                // finds a round without its model.
+                let path = self.snapshot_path(id, job, round);
+                crate::model_io::write(&path, &model)?;
+                // `round` counts the rounds done: N after N rounds, as for swarm.
+                self.store.update(id, |r| {
+                    r.snapshot_round = Some(round);
+                    r.round = Some(round + 1);
+                })?;
+                if !job.server.persistor.save_every_round && round > 0 {
+                    let _ = std::fs::remove_file(self.snapshot_path(id, job, round - 1));
                 }
             }
             Event::ResultExcluded {
@@ -112,17 +247,28 @@ impl Server {
                 ..
             } => {
                 tracing::warn!(job = %id, %client, round, %reason, "result excluded");
+                took_part.insert(client, (round, false, format!("result excluded: {reason}")));
             }
             Event::TimedOut { clients, round } => {
                 tracing::warn!(job = %id, round, ?clients, "sites timed out");
+                for c in clients {
+                    took_part.insert(c, (round, false, "timed out".into()));
+                }
             }
             Event::ResultDropped { client, reason, .. } => {
                 tracing::warn!(job = %id, %client, ?reason, "result dropped");
             }
-            Event::ResultAccepted { .. } => {}
+            Event::ResultAccepted { client, round, .. } => {
+                took_part.insert(client, (round, true, "result accepted".into()));
+            }
             Event::Finished { model } => {
                 crate::model_io::write(&result_dir.join("global_final.safetensors"), &model)?;
                 self.write_metrics(id, result_dir)?;
+                if !job.server.persistor.save_every_round
+                    && let Some(r) = self.store.get(id)?.snapshot_round
+                {
+                    let _ = std::fs::remove_file(self.snapshot_path(id, job, r));
+                }
                 return Ok(Some((JobState::Finished, "finished".into())));
             }
             Event::Aborted { reason, .. } => return Ok(Some((JobState::Failed, reason))),
