@@ -243,22 +243,12 @@ impl Server {
     }
 
     /// The jobs among `held` (a site's heartbeat) that this server no longer runs: ended,
-    /// deleted, or never stored. A job being deployed (`dispatched`) still counts as running.
+    /// deleted, or never stored. A `dispatched` or `running` job counts as running (its
+    /// runner may be a moment from starting, or ending and freeing its sites itself).
     fn stale_jobs<'a>(&self, held: impl Iterator<Item = &'a String>) -> Vec<String> {
-        let running: Vec<String> = self
-            .runners
-            .lock()
-            .map(|r| r.keys().cloned().collect())
-            .unwrap_or_default();
-        held.filter(|id| {
-            !running.contains(id)
-                && self
-                    .store
-                    .get(id)
-                    .map_or(true, |r| r.state != JobState::Dispatched)
-        })
-        .cloned()
-        .collect()
+        held.filter(|id| self.store.get(id).map_or(true, |r| !r.state.is_active()))
+            .cloned()
+            .collect()
     }
 
     async fn on_request(
