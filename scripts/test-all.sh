@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# As root, node/tests/netns.rs records the server's links with tcpdump and node/tests/faults
+# mounts small tmpfs file systems (mount, from util-linux); install what is missing (Debian).
+if [ "$(id -u)" = 0 ] && ! command -v tcpdump >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump
+fi
+
 cargo build --release -p flare-node
 cargo test --workspace --release
 
