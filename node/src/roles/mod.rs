@@ -311,7 +311,11 @@ pub fn lock_workspace(dir: &Path) -> Result<File, WorkspaceLockError> {
         .truncate(false)
         .open(&path)
         .map_err(io)?;
-    match file.try_lock() {
+    // `File::try_lock` is stable since 1.89; the workspace builds with 1.95 and already needs
+    // 1.88 (let chains), but its declared `rust-version` still says 1.85.
+    #[allow(clippy::incompatible_msrv)]
+    let locked = file.try_lock();
+    match locked {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut text = String::new();

@@ -74,11 +74,16 @@ fn a_kit_from_another_ca_is_told_why_and_a_down_server_is_reported_fast() {
     let (out, took) = admin_with(&foreign.join("startup"), &["sites"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
+    // The error line itself (warnings of the network layer may say more around it).
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line:\n{stderr}"));
     assert!(
-        stderr.contains("refused") && stderr.contains("certificate rejected"),
+        error.contains("refused") && error.contains("certificate rejected"),
         "the console does not say the certificate was refused:\n{stderr}"
     );
-    assert!(!stderr.contains("cannot reach the server"), "{stderr}");
+    assert!(!error.contains("cannot reach the server"), "{stderr}");
     assert!(took < Duration::from_secs(8), "refused after {took:?}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
@@ -95,6 +100,9 @@ fn a_kit_from_another_ca_is_told_why_and_a_down_server_is_reported_fast() {
 
 /// Runs an admin command whose stdout is a pipe nobody reads any more.
 fn admin_into_closed_pipe(f: &Federation, args: &[&str]) -> Output {
+    // `std::io::pipe` is stable since 1.87; the declared `rust-version` (1.85) lags the
+    // toolchain the workspace needs.
+    #[allow(clippy::incompatible_msrv)]
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     let child = Command::new(bin())
