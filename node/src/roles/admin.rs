@@ -82,7 +82,7 @@ pub enum AdminCommand {
 }
 
 /// How the console reaches the server: dial rounds a second apart, five failed ones in a row
-/// (nothing listens: about 4 s, time for a server that is just starting) and it gives up; a
+/// (nothing listens: about 5 s, time for a server that is just starting) and it gives up; a
 /// server that refuses the kit (or whose certificate the kit refuses) is reported at once.
 fn connect_options() -> ConnectOptions {
     ConnectOptions {

@@ -85,6 +85,7 @@ fn a_kit_from_another_ca_is_told_why_and_a_down_server_is_reported_fast() {
     );
     assert!(!error.contains("cannot reach the server"), "{stderr}");
     assert!(took < Duration::from_secs(8), "refused after {took:?}");
+    eprintln!("a kit from another CA: exit 3 after {took:?}: {error}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
     // Their own server is not running: said within a few seconds, not 15.
@@ -96,6 +97,7 @@ fn a_kit_from_another_ca_is_told_why_and_a_down_server_is_reported_fast() {
         took < Duration::from_secs(8),
         "reported after {took:?}: {stderr}"
     );
+    eprintln!("a down server: exit 3 after {took:?}");
 }
 
 /// Runs an admin command whose stdout is a pipe nobody reads any more.
