@@ -7,6 +7,17 @@
 //! its validity period, and carries the key of the connection's PeerId. A peer that is not
 //! admitted within [`NetConfig::admission_timeout`] is disconnected and blocked; no handler of
 //! ours (control, bulk, relay) serves a peer that is not admitted.
+//!
+//! A refused `Hello` is answered with the reason before the connection closes, and every
+//! refusal (ours or the peer's) and failed dial is noted in [`PeerNotes`], so a dialer says why
+//! it could not get in instead of timing out.
+//!
+//! One identity, one process: each process draws a random instance id ([`NetConfig::instance`])
+//! and sends it in `Hello`. A copy of a kit has the same key, hence the same PeerId, so libp2p
+//! sees its connection as a second connection of the admitted peer. A `Hello` from an admitted
+//! peer with another instance while one of the first's connections lives is refused: that
+//! connection alone is closed and the refusal is counted in [`Duplicates`]. Once the old
+//! connections are gone (a restart), the new instance takes over.
 
 pub mod bulk;
 pub mod codec;
@@ -88,6 +99,9 @@ pub struct NetConfig {
     pub request_timeout: Duration,
     /// Try to upgrade relayed connections to direct ones (DCUtR).
     pub hole_punching: bool,
+    /// This process's instance id, drawn at start from the OS random source by the node: a
+    /// second process with the same kit (same PeerId) has another one.
+    pub instance: u64,
 }
 
 impl Default for NetConfig {
@@ -101,6 +115,7 @@ impl Default for NetConfig {
             idle_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(60),
             hole_punching: true,
+            instance: 0,
         }
     }
 }
@@ -193,6 +208,98 @@ impl PeerTable {
     }
 }
 
+/// How many peers [`PeerNotes`] remembers (the oldest note goes first).
+const MAX_NOTES: usize = 256;
+
+/// What went wrong last with a peer: refusals either way and failed dials.
+#[derive(Debug, Clone, Default)]
+pub struct PeerNote {
+    /// We refused the peer, and why (its certificate, its project, ...).
+    pub refused_by_us: Option<(Instant, String)>,
+    /// The peer refused us, and the reason it gave in its answer to our `Hello`.
+    pub refused_by_peer: Option<(Instant, String)>,
+    /// The last failed dial of the peer, and why.
+    pub dial_error: Option<(Instant, String)>,
+    /// Failed dials of the peer so far.
+    pub dial_errors: u64,
+    updated: Option<Instant>,
+}
+
+/// Refusals and dial failures per peer, written by the driver and read by `connect`, so a
+/// node that cannot get in says why. Bounded to [`MAX_NOTES`] peers.
+#[derive(Debug, Clone, Default)]
+pub struct PeerNotes(Arc<RwLock<HashMap<PeerId, PeerNote>>>);
+
+impl PeerNotes {
+    /// The note on `peer`, if any.
+    pub fn get(&self, peer: &PeerId) -> Option<PeerNote> {
+        self.0.read().ok()?.get(peer).cloned()
+    }
+
+    fn edit(&self, peer: PeerId, f: impl FnOnce(&mut PeerNote)) {
+        let Ok(mut t) = self.0.write() else { return };
+        if !t.contains_key(&peer)
+            && t.len() >= MAX_NOTES
+            && let Some(oldest) = t.iter().min_by_key(|(_, n)| n.updated).map(|(p, _)| *p)
+        {
+            t.remove(&oldest);
+        }
+        let note = t.entry(peer).or_default();
+        f(note);
+        note.updated = Some(Instant::now());
+    }
+}
+
+/// Second processes refused for an admitted identity (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate {
+    /// Where the last one connected from.
+    pub addr: String,
+    /// When the last one was refused, in ms since the Unix epoch.
+    pub last_ms: u64,
+    /// How many were refused.
+    pub count: u64,
+}
+
+/// Refused duplicates per admitted peer. Only admitted identities get an entry, so it is
+/// bounded by the project's participants.
+#[derive(Debug, Clone, Default)]
+pub struct Duplicates(Arc<RwLock<HashMap<PeerId, Duplicate>>>);
+
+impl Duplicates {
+    /// The refused duplicates of `peer`, if any.
+    pub fn get(&self, peer: &PeerId) -> Option<Duplicate> {
+        self.0.read().ok()?.get(peer).cloned()
+    }
+
+    fn record(&self, peer: PeerId, addr: String) {
+        let last_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        if let Ok(mut t) = self.0.write() {
+            let d = t.entry(peer).or_insert(Duplicate {
+                addr: String::new(),
+                last_ms,
+                count: 0,
+            });
+            d.addr = addr;
+            d.last_ms = last_ms;
+            d.count += 1;
+        }
+    }
+}
+
+/// Why a `Hello` was not accepted.
+enum Refusal {
+    /// The peer itself: its certificate, project or name. It is disconnected and blocked.
+    Peer(String),
+    /// A second process of an admitted peer: only this connection is closed.
+    Duplicate(String),
+}
+
+/// How long a refused peer's connection stays open for the answer that says why.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
 /// What the driver reports to the node's roles.
 #[derive(Debug)]
 pub enum NetEvent {
@@ -277,6 +384,10 @@ pub struct NetHandle {
     pub streams: libp2p_stream::Control,
     /// Admitted peers.
     pub peers: PeerTable,
+    /// Refusals and failed dials per peer (why `connect` did not get in).
+    pub notes: PeerNotes,
+    /// Second processes refused per admitted peer.
+    pub duplicates: Duplicates,
     /// This node's PeerId.
     pub local: PeerId,
     /// Whether DCUtR runs ([`NetConfig::hole_punching`]).
@@ -484,11 +595,18 @@ pub fn spawn(
     let streams = swarm.behaviour().streams.new_control();
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (ev_tx, ev_rx) = mpsc::channel(256);
+    let notes = PeerNotes::default();
+    let duplicates = Duplicates::default();
     let driver = Driver {
         swarm,
         creds,
         cfg,
         peers: peers.clone(),
+        notes: notes.clone(),
+        duplicates: duplicates.clone(),
+        instances: HashMap::new(),
+        doomed_peers: HashMap::new(),
+        doomed_conns: HashMap::new(),
         cmd_tx: cmd_tx.clone(),
         events: ev_tx,
         pending_admission: HashMap::new(),
@@ -504,6 +622,8 @@ pub fn spawn(
             cmd: cmd_tx,
             streams,
             peers,
+            notes,
+            duplicates,
             local,
             hole_punching,
         },
@@ -516,6 +636,15 @@ struct Driver {
     creds: Credentials,
     cfg: NetConfig,
     peers: PeerTable,
+    notes: PeerNotes,
+    duplicates: Duplicates,
+    /// The process instance each admitted peer was admitted with.
+    instances: HashMap<PeerId, u64>,
+    /// Refused peers to disconnect and block once the answer saying why is sent (or by the
+    /// deadline).
+    doomed_peers: HashMap<PeerId, Instant>,
+    /// Duplicate connections to close once the answer saying why is sent (or by the deadline).
+    doomed_conns: HashMap<ConnectionId, (PeerId, Instant)>,
     cmd_tx: mpsc::Sender<Command>,
     events: mpsc::Sender<NetEvent>,
     /// Connected peers not yet admitted, with their deadline.
@@ -529,13 +658,31 @@ struct Driver {
     connections: HashMap<PeerId, HashMap<ConnectionId, (Multiaddr, bool)>>,
 }
 
+/// A dial error in a line: the innermost reason of each address tried ("Connection refused").
+fn dial_error_text(e: &libp2p::swarm::DialError) -> String {
+    match e {
+        libp2p::swarm::DialError::Transport(list) => list
+            .iter()
+            .map(|(addr, err)| {
+                let mut inner: &dyn std::error::Error = err;
+                while let Some(src) = inner.source() {
+                    inner = src;
+                }
+                format!("{addr}: {inner}")
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    }
+}
+
 fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
 impl Driver {
     async fn run(mut self, mut cmd_rx: mpsc::Receiver<Command>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => self.on_swarm(ev).await,
@@ -543,7 +690,10 @@ impl Driver {
                     Some(c) => self.on_command(c),
                     None => break,
                 },
-                _ = tick.tick() => self.expire_admissions(),
+                _ = tick.tick() => {
+                    self.expire_admissions();
+                    self.close_doomed(false);
+                }
             }
         }
     }
@@ -552,28 +702,173 @@ impl Driver {
         ControlRequest::Hello {
             project: self.cfg.project.clone(),
             cert_der: ByteBuf::from(self.creds.cert_der.clone()),
+            instance: self.cfg.instance,
         }
     }
 
+    fn welcome(&self) -> ControlResponse {
+        ControlResponse::Welcome {
+            cert_der: ByteBuf::from(self.creds.cert_der.clone()),
+            instance: self.cfg.instance,
+        }
+    }
+
+    /// Refuses `peer` now: disconnects and blocks it.
     fn refuse(&mut self, peer: PeerId, reason: String) {
         tracing::warn!(%peer, %reason, "peer refused admission; disconnecting and blocking");
         self.pending_admission.remove(&peer);
+        self.doomed_peers.remove(&peer);
         self.swarm.behaviour_mut().blocks.block_peer(peer);
         let _ = self.swarm.disconnect_peer_id(peer);
+        self.note_refusal(peer, reason);
+    }
+
+    /// Refuses `peer` whose `Hello` is answered on `channel` with the reason; it is
+    /// disconnected and blocked once the answer is out ([`REFUSAL_LINGER`] at most).
+    fn refuse_answering(
+        &mut self,
+        peer: PeerId,
+        reason: String,
+        channel: ResponseChannel<ControlResponse>,
+    ) {
+        tracing::warn!(%peer, %reason, "peer refused admission; telling it why, then disconnecting and blocking");
+        self.pending_admission.remove(&peer);
+        let answer = ControlResponse::Error {
+            reason: format!("admission refused: {reason}"),
+        };
+        if self
+            .swarm
+            .behaviour_mut()
+            .control
+            .send_response(channel, answer)
+            .is_ok()
+        {
+            self.doomed_peers
+                .insert(peer, Instant::now() + REFUSAL_LINGER);
+            self.note_refusal(peer, reason);
+        } else {
+            self.refuse(peer, reason);
+        }
+    }
+
+    /// The peer answered our `Hello` with a refusal: note its reason and hang up (it would).
+    fn refused_by_peer(&mut self, peer: PeerId, reason: String) {
+        tracing::warn!(%peer, %reason, "the peer refused our admission");
+        self.pending_admission.remove(&peer);
+        self.notes.edit(peer, |n| {
+            n.refused_by_peer = Some((Instant::now(), reason.clone()));
+        });
+        let _ = self.swarm.disconnect_peer_id(peer);
+        let _ = self.events.try_send(NetEvent::Refused {
+            peer,
+            reason: format!("refused by the peer: {reason}"),
+        });
+    }
+
+    fn note_refusal(&mut self, peer: PeerId, reason: String) {
+        self.notes.edit(peer, |n| {
+            n.refused_by_us = Some((Instant::now(), reason.clone()));
+        });
         let _ = self.events.try_send(NetEvent::Refused { peer, reason });
     }
 
-    /// Verifies a peer's certificate and admits it.
-    fn admit(&mut self, peer: PeerId, project: &str, cert_der: &[u8]) -> bool {
-        if self.peers.is_admitted(&peer) {
-            return true;
+    /// Closes the connections and peers refused with an answer: all of them once `all`, else
+    /// those past their deadline.
+    fn close_doomed(&mut self, all: bool) {
+        let now = Instant::now();
+        let peers: Vec<PeerId> = self
+            .doomed_peers
+            .iter()
+            .filter(|(_, d)| all || **d <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in peers {
+            self.doomed_peers.remove(&peer);
+            self.swarm.behaviour_mut().blocks.block_peer(peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let conns: Vec<ConnectionId> = self
+            .doomed_conns
+            .iter()
+            .filter(|(_, (_, d))| all || *d <= now)
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in conns {
+            self.doomed_conns.remove(&conn);
+            self.swarm.close_connection(conn);
+        }
+    }
+
+    /// The answer to a refusal went out (or failed) on `conn`: close what it condemned.
+    fn refusal_answered(&mut self, peer: PeerId, conn: ConnectionId) {
+        if self.doomed_peers.remove(&peer).is_some() {
+            self.swarm.behaviour_mut().blocks.block_peer(peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        if self.doomed_conns.remove(&conn).is_some() {
+            self.swarm.close_connection(conn);
+        }
+    }
+
+    /// Whether `peer`, admitted with another instance, still has a live connection besides
+    /// `conn`; if so the `Hello` on `conn` comes from a second process with the same kit.
+    fn duplicate_of_admitted(&self, peer: PeerId, conn: ConnectionId, instance: u64) -> bool {
+        let Some(known) = self.instances.get(&peer) else {
+            return false;
+        };
+        *known != instance
+            && self.connections.get(&peer).is_some_and(|c| {
+                c.keys()
+                    .any(|id| *id != conn && !self.doomed_conns.contains_key(id))
+            })
+    }
+
+    /// Checks a `Hello` (or `Welcome`) from `peer` on `conn` and admits the peer.
+    fn admit(
+        &mut self,
+        peer: PeerId,
+        conn: ConnectionId,
+        project: &str,
+        cert_der: &[u8],
+        instance: u64,
+    ) -> Result<(), Refusal> {
+        if let Some(info) = self.peers.get(&peer) {
+            if self.duplicate_of_admitted(peer, conn, instance) {
+                let addr = self
+                    .connections
+                    .get(&peer)
+                    .and_then(|c| c.get(&conn))
+                    .map(|(a, _)| a.to_string())
+                    .unwrap_or_default();
+                return Err(Refusal::Duplicate(format!(
+                    "{} is already connected from {} by another process with the same kit; \
+                     one identity runs once (this connection came from {addr})",
+                    info.cert.name, info.addr
+                )));
+            }
+            if self
+                .instances
+                .insert(peer, instance)
+                .is_some_and(|old| old != instance)
+            {
+                // The old process's connections are gone: a restart. The roles see it as one.
+                tracing::info!(%peer, name = %info.cert.name, "peer restarted; the new process takes over");
+                let _ = self.events.try_send(NetEvent::Disconnected {
+                    peer,
+                    name: info.cert.name.clone(),
+                });
+                self.refresh_connection_info(peer);
+                if let Some(info) = self.peers.get(&peer) {
+                    let _ = self.events.try_send(NetEvent::Admitted(info));
+                }
+            }
+            return Ok(());
         }
         if project != self.cfg.project {
-            self.refuse(
-                peer,
-                format!("belongs to project {project:?}, not {:?}", self.cfg.project),
-            );
-            return false;
+            return Err(Refusal::Peer(format!(
+                "belongs to project {project:?}, not {:?}",
+                self.cfg.project
+            )));
         }
         let roles = [
             flare_crypto::RoleKind::Server,
@@ -590,11 +885,10 @@ impl Driver {
                 if let Some(other) = self.peers.by_name(&cert.name)
                     && other.peer != peer
                 {
-                    self.refuse(
-                        peer,
-                        format!("name {:?} is already taken by {}", cert.name, other.peer),
-                    );
-                    return false;
+                    return Err(Refusal::Peer(format!(
+                        "name {:?} is already taken by {}",
+                        cert.name, other.peer
+                    )));
                 }
                 let conns = self.connections.get(&peer);
                 let relayed = conns.is_some_and(|c| c.values().all(|(_, r)| *r));
@@ -609,15 +903,84 @@ impl Driver {
                 };
                 tracing::info!(%peer, name = %info.cert.name, role = %info.cert.role, relayed, "peer admitted");
                 self.pending_admission.remove(&peer);
+                self.instances.insert(peer, instance);
                 self.peers.insert(info.clone());
                 let _ = self.events.try_send(NetEvent::Admitted(info));
-                true
+                Ok(())
             }
-            Err(e) => {
-                self.refuse(peer, format!("certificate rejected: {e}"));
-                false
-            }
+            Err(e) => Err(Refusal::Peer(format!("certificate rejected: {e}"))),
         }
+    }
+
+    /// Refuses a second process of an admitted peer: only `conn` is closed, after the answer
+    /// on `channel` (if any) tells it why.
+    fn refuse_duplicate(
+        &mut self,
+        peer: PeerId,
+        conn: ConnectionId,
+        reason: String,
+        channel: Option<ResponseChannel<ControlResponse>>,
+    ) {
+        let addr = self
+            .connections
+            .get(&peer)
+            .and_then(|c| c.get(&conn))
+            .map(|(a, _)| a.to_string())
+            .unwrap_or_default();
+        let name = self
+            .peers
+            .get(&peer)
+            .map(|p| p.cert.name)
+            .unwrap_or_default();
+        tracing::warn!(%peer, %name, %addr, %reason, "second process with an admitted identity refused; closing its connection");
+        self.duplicates.record(peer, addr);
+        let answered = channel.is_some_and(|ch| {
+            self.swarm
+                .behaviour_mut()
+                .control
+                .send_response(
+                    ch,
+                    ControlResponse::Error {
+                        reason: format!("admission refused: duplicate: {reason}"),
+                    },
+                )
+                .is_ok()
+        });
+        if answered {
+            self.doomed_conns
+                .insert(conn, (peer, Instant::now() + REFUSAL_LINGER));
+        } else {
+            self.swarm.close_connection(conn);
+        }
+        self.refresh_connection_info(peer);
+    }
+
+    /// Recomputes an admitted peer's `relayed` and `addr` from its live connections (those not
+    /// about to be closed as duplicates).
+    fn refresh_connection_info(&mut self, peer: PeerId) {
+        let Some(c) = self.connections.get(&peer) else {
+            return;
+        };
+        let live: Vec<&(Multiaddr, bool)> = c
+            .iter()
+            .filter(|(id, _)| !self.doomed_conns.contains_key(id))
+            .map(|(_, v)| v)
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let relayed = live.iter().all(|(_, r)| *r);
+        let addr = live
+            .iter()
+            .find(|(_, r)| !*r)
+            .or(live.first())
+            .map(|(a, _)| a.clone());
+        self.peers.update(&peer, |p| {
+            p.relayed = relayed;
+            if let Some(a) = addr {
+                p.addr = a;
+            }
+        });
     }
 
     fn expire_admissions(&mut self) {
@@ -654,13 +1017,17 @@ impl Driver {
                     .or_default()
                     .insert(connection_id, (addr.clone(), relayed));
                 if self.peers.is_admitted(&peer_id) {
-                    let direct_now = !relayed;
-                    self.peers.update(&peer_id, |p| {
-                        if direct_now {
-                            p.relayed = false;
-                            p.addr = addr.clone();
-                        }
-                    });
+                    // A direct connection replaces a relayed one as the peer's address; a
+                    // second direct one (perhaps another process with the same kit, which
+                    // its `Hello` will tell) does not.
+                    if !relayed {
+                        self.peers.update(&peer_id, |p| {
+                            if p.relayed {
+                                p.relayed = false;
+                                p.addr = addr.clone();
+                            }
+                        });
+                    }
                     return;
                 }
                 self.pending_admission
@@ -685,10 +1052,13 @@ impl Driver {
                 if let Some(c) = self.connections.get_mut(&peer_id) {
                     c.remove(&connection_id);
                 }
+                self.doomed_conns.remove(&connection_id);
                 if num_established == 0 {
                     self.connections.remove(&peer_id);
                     self.pending_admission.remove(&peer_id);
                     self.hello_sent.remove(&peer_id);
+                    self.instances.remove(&peer_id);
+                    self.doomed_peers.remove(&peer_id);
                     if let Some(info) = self.peers.remove(&peer_id) {
                         tracing::info!(peer = %peer_id, name = %info.cert.name, "peer disconnected");
                         let _ = self.events.try_send(NetEvent::Disconnected {
@@ -696,9 +1066,8 @@ impl Driver {
                             name: info.cert.name,
                         });
                     }
-                } else if let Some(c) = self.connections.get(&peer_id) {
-                    let relayed = c.values().all(|(_, r)| *r);
-                    self.peers.update(&peer_id, |p| p.relayed = relayed);
+                } else {
+                    self.refresh_connection_info(peer_id);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Control(ev)) => self.on_control(ev).await,
@@ -741,6 +1110,13 @@ impl Driver {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, %error, "dial failed");
+                if let Some(peer) = peer_id {
+                    let why = dial_error_text(&error);
+                    self.notes.edit(peer, |n| {
+                        n.dial_error = Some((Instant::now(), why));
+                        n.dial_errors += 1;
+                    });
+                }
             }
             _ => {}
         }
@@ -751,27 +1127,32 @@ impl Driver {
         match ev {
             Event::Message {
                 peer,
+                connection_id,
                 message:
                     Message::Request {
                         request, channel, ..
                     },
-                ..
             } => {
-                if let ControlRequest::Hello { project, cert_der } = &request {
-                    let welcome = if self.admit(peer, project, cert_der) {
-                        ControlResponse::Welcome {
-                            cert_der: ByteBuf::from(self.creds.cert_der.clone()),
+                if let ControlRequest::Hello {
+                    project,
+                    cert_der,
+                    instance,
+                } = &request
+                {
+                    match self.admit(peer, connection_id, project, cert_der, *instance) {
+                        Ok(()) => {
+                            let welcome = self.welcome();
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .control
+                                .send_response(channel, welcome);
                         }
-                    } else {
-                        ControlResponse::Error {
-                            reason: "admission refused".into(),
+                        Err(Refusal::Peer(reason)) => self.refuse_answering(peer, reason, channel),
+                        Err(Refusal::Duplicate(reason)) => {
+                            self.refuse_duplicate(peer, connection_id, reason, Some(channel));
                         }
-                    };
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .control
-                        .send_response(channel, welcome);
+                    }
                     return;
                 }
                 let Some(from) = self.peers.get(&peer) else {
@@ -811,12 +1192,12 @@ impl Driver {
             }
             Event::Message {
                 peer,
+                connection_id,
                 message:
                     Message::Response {
                         request_id,
                         response,
                     },
-                ..
             } => {
                 let Some((_, reply)) = self.outbound.remove(&request_id) else {
                     return;
@@ -826,10 +1207,17 @@ impl Driver {
                         let _ = tx.send(Ok(response));
                     }
                     None => match response {
-                        ControlResponse::Welcome { cert_der } => {
+                        ControlResponse::Welcome { cert_der, instance } => {
                             let project = self.cfg.project.clone();
-                            self.admit(peer, &project, &cert_der);
+                            match self.admit(peer, connection_id, &project, &cert_der, instance) {
+                                Ok(()) => {}
+                                Err(Refusal::Peer(reason)) => self.refuse(peer, reason),
+                                Err(Refusal::Duplicate(reason)) => {
+                                    self.refuse_duplicate(peer, connection_id, reason, None);
+                                }
+                            }
                         }
+                        ControlResponse::Error { reason } => self.refused_by_peer(peer, reason),
                         other => self.refuse(peer, format!("answered Hello with {other:?}")),
                     },
                 }
@@ -847,10 +1235,20 @@ impl Driver {
                     }));
                 }
             }
-            Event::InboundFailure { peer, error, .. } => {
+            Event::InboundFailure {
+                peer,
+                connection_id,
+                error,
+                ..
+            } => {
                 tracing::warn!(%peer, %error, "inbound control request failed");
+                self.refusal_answered(peer, connection_id);
             }
-            Event::ResponseSent { .. } => {}
+            Event::ResponseSent {
+                peer,
+                connection_id,
+                ..
+            } => self.refusal_answered(peer, connection_id),
         }
     }
 

@@ -78,6 +78,11 @@ pub enum ControlRequest {
         project: String,
         /// The sender's certificate, DER.
         cert_der: ByteBuf,
+        /// A random number the sending process drew at start. A copy of a kit has the same
+        /// key, hence the same PeerId: the instance tells a second process apart from a
+        /// second connection of the same process.
+        #[serde(default)]
+        instance: u64,
     },
     /// An admin command (admin → server).
     Admin(AdminRequest),
@@ -163,6 +168,9 @@ pub enum ControlResponse {
     Welcome {
         /// The responder's certificate, DER.
         cert_der: ByteBuf,
+        /// The responder's process instance (see [`ControlRequest::Hello`]).
+        #[serde(default)]
+        instance: u64,
     },
     /// Done.
     Ok,
@@ -171,7 +179,8 @@ pub enum ControlResponse {
         /// Why.
         reason: String,
     },
-    /// The request failed, with the reason.
+    /// The request failed, with the reason. The answer to a refused `Hello` carries why the
+    /// sender was refused, so the dialer can say so instead of timing out.
     Error {
         /// Why.
         reason: String,

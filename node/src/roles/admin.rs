@@ -1,16 +1,25 @@
 //! The admin console (`flare-node admin <cmd> --kit <admin>/startup`): connects to the server
 //! with the admin's kit, sends one command, prints the answer as a table (or JSON with
 //! `--json`), and exits with a code scripts can use.
+//!
+//! Everything the console prints goes through [`Console`]: a reader that goes away
+//! (`admin list | head -1`) ends the output quietly, as with any Unix tool, never a panic.
+//! Object keys are printed in natural order (`2` before `10`, `site-2` before `site-10`), in
+//! tables and in JSON alike ([`natural_cmp`]).
 
+use std::cmp::Ordering;
+use std::fmt::Display;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use clap::Subcommand;
 use flare_provision::kit::load_kit;
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::Value;
 
-use super::{connect, peer_addrs, start_net};
+use super::{ConnectOptions, connect_with, peer_addrs, start_net};
 use crate::net::bulk::Sealing;
 use crate::net::download;
 use crate::net::protocol::{AdminRequest, ControlRequest, ControlResponse, DOWNLOAD_PROTOCOL};
@@ -72,18 +81,68 @@ pub enum AdminCommand {
     },
 }
 
+/// How the console reaches the server: dial rounds a second apart, five failed ones in a row
+/// (nothing listens: about 5 s, time for a server that is just starting) and it gives up; a
+/// server that refuses the kit (or whose certificate the kit refuses) is reported at once.
+fn connect_options() -> ConnectOptions {
+    ConnectOptions {
+        timeout: Duration::from_secs(15),
+        redial: Duration::from_secs(1),
+        give_up_after_failed_rounds: Some(5),
+    }
+}
+
+/// The console's standard output. A closed reader (`BrokenPipe`) stops the output quietly;
+/// another write error is reported once on stderr. Nothing here panics.
+#[derive(Debug)]
+pub struct Console {
+    closed: bool,
+}
+
+impl Console {
+    /// Standard output.
+    pub fn stdout() -> Self {
+        Console { closed: false }
+    }
+
+    /// Prints one line (or several, if `text` has newlines).
+    pub fn line(&mut self, text: impl Display) {
+        if self.closed {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush()) {
+            self.closed = true;
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                err_line(format_args!("error: cannot write the output: {e}"));
+            }
+        }
+    }
+}
+
+/// Prints a line on stderr; a closed stderr is ignored.
+fn err_line(text: impl Display) {
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
+
 /// Runs one admin command; returns the process exit code.
 pub async fn run(kit_dir: &Path, cmd: AdminCommand, json_out: bool) -> i32 {
-    match run_inner(kit_dir, cmd, json_out).await {
+    let mut out = Console::stdout();
+    match run_inner(kit_dir, cmd, json_out, &mut out).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            err_line(format_args!("error: {e:#}"));
             EXIT_UNREACHABLE
         }
     }
 }
 
-async fn run_inner(kit_dir: &Path, cmd: AdminCommand, json_out: bool) -> anyhow::Result<i32> {
+async fn run_inner(
+    kit_dir: &Path,
+    cmd: AdminCommand,
+    json_out: bool,
+    out: &mut Console,
+) -> anyhow::Result<i32> {
     let kit = load_kit(kit_dir, SystemTime::now())
         .with_context(|| format!("admin kit {}", kit_dir.display()))?;
     // A job folder is checked and signed before the server is contacted.
@@ -92,7 +151,7 @@ async fn run_inner(kit_dir: &Path, cmd: AdminCommand, json_out: bool) -> anyhow:
             match crate::jobpack::pack(job_dir, &kit.identity.signing) {
                 Ok(b) => Some(b),
                 Err(e) => {
-                    eprintln!("error: job folder {}: {e}", job_dir.display());
+                    err_line(format_args!("error: job folder {}: {e}", job_dir.display()));
                     return Ok(EXIT_FAILED);
                 }
             }
@@ -101,7 +160,7 @@ async fn run_inner(kit_dir: &Path, cmd: AdminCommand, json_out: bool) -> anyhow:
     };
     let (net, _events) = start_net(&kit, false)?;
     let (server, addrs) = peer_addrs(&kit.config.server)?;
-    connect(&net, server, &addrs, Duration::from_secs(15)).await?;
+    connect_with(&net, server, &addrs, &connect_options()).await?;
     let ask = |req: AdminRequest| {
         let net = net.clone();
         async move { net.request(server, ControlRequest::Admin(req)).await }
@@ -132,13 +191,13 @@ async fn run_inner(kit_dir: &Path, cmd: AdminCommand, json_out: bool) -> anyhow:
                 let (v, _) = match unpack(resp) {
                     Ok(x) => x,
                     Err(reason) => {
-                        eprintln!("error: {reason}");
+                        err_line(format_args!("error: {reason}"));
                         return Ok(EXIT_FAILED);
                     }
                 };
                 let state = v["state"].as_str().unwrap_or("").to_string();
                 if matches!(state.as_str(), "finished" | "failed" | "aborted") {
-                    print_value(&cmd, &v, json_out);
+                    print_value(out, &cmd, &v, json_out);
                     return Ok(if state == "finished" {
                         EXIT_OK
                     } else {
@@ -146,7 +205,9 @@ async fn run_inner(kit_dir: &Path, cmd: AdminCommand, json_out: bool) -> anyhow:
                     });
                 }
                 if start.elapsed() > Duration::from_secs(*timeout) {
-                    eprintln!("error: job {job} is still {state} after {timeout} s");
+                    err_line(format_args!(
+                        "error: job {job} is still {state} after {timeout} s"
+                    ));
                     return Ok(EXIT_FAILED);
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -157,7 +218,7 @@ async fn run_inner(kit_dir: &Path, cmd: AdminCommand, json_out: bool) -> anyhow:
     let (v, files) = match unpack(resp) {
         Ok(x) => x,
         Err(reason) => {
-            eprintln!("error: {reason}");
+            err_line(format_args!("error: {reason}"));
             return Ok(EXIT_FAILED);
         }
     };
@@ -167,7 +228,7 @@ async fn run_inner(kit_dir: &Path, cmd: AdminCommand, json_out: bool) -> anyhow:
             // Today's servers list the files and stream them, sealed, over a download stream.
             let expected = listed_files(&v)?;
             if let Err(e) = fetch_files(&net, &kit, server, job, &expected, &dir).await {
-                eprintln!("error: download of {job}: {e:#}");
+                err_line(format_args!("error: download of {job}: {e:#}"));
                 return Ok(EXIT_FAILED);
             }
             expected.into_iter().map(|e| e.name).collect()
@@ -187,23 +248,20 @@ async fn run_inner(kit_dir: &Path, cmd: AdminCommand, json_out: bool) -> anyhow:
             files.keys().cloned().collect()
         };
         if json_out {
-            println!(
-                "{}",
-                serde_json::json!({"job_id": job, "dir": dir, "files": names})
-            );
+            out.line(serde_json::json!({"job_id": job, "dir": dir, "files": names}));
         } else {
-            println!(
+            out.line(format_args!(
                 "downloaded {} files of job {job} into {}",
                 names.len(),
                 dir.display()
-            );
+            ));
             for f in &names {
-                println!("  {}", dir.join(f).display());
+                out.line(format_args!("  {}", dir.join(f).display()));
             }
         }
         return Ok(EXIT_OK);
     }
-    print_value(&cmd, &v, json_out);
+    print_value(out, &cmd, &v, json_out);
     Ok(EXIT_OK)
 }
 
@@ -318,20 +376,110 @@ fn sites_table(sites: &Value) -> String {
                         s(&x["connection"]),
                         s(&x["address"]),
                         s(&x["last_heartbeat_ms_ago"]),
+                        duplicates(&x["duplicates"]),
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
     table(
-        &["SITE", "ORG", "CONNECTION", "ADDRESS", "HEARTBEAT_MS_AGO"],
+        &[
+            "SITE",
+            "ORG",
+            "CONNECTION",
+            "ADDRESS",
+            "HEARTBEAT_MS_AGO",
+            "REFUSED_DUPLICATES",
+        ],
         &rows,
     )
 }
 
-fn print_value(cmd: &AdminCommand, v: &Value, json_out: bool) {
+/// The refused second processes of a site: how many, the last one's address and age.
+fn duplicates(d: &Value) -> String {
+    match d["count"].as_u64() {
+        Some(n) if n > 0 => format!(
+            "{n} (last from {}, {} ms ago)",
+            s(&d["address"]),
+            s(&d["last_ms_ago"])
+        ),
+        _ => "-".into(),
+    }
+}
+
+/// Natural order of object keys: runs of digits compare as numbers (`2` < `10`,
+/// `site-2` < `site-10`), the rest as text.
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    fn chunks(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let b = s.as_bytes();
+        for i in 1..=b.len() {
+            if i == b.len() || b[i].is_ascii_digit() != b[start].is_ascii_digit() {
+                out.push((b[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for ((da, xa), (db, xb)) in ca.iter().zip(&cb) {
+        let o = if *da && *db {
+            let (ta, tb) = (xa.trim_start_matches('0'), xb.trim_start_matches('0'));
+            ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb))
+        } else {
+            xa.cmp(xb)
+        };
+        if o != Ordering::Equal {
+            return o;
+        }
+    }
+    ca.len().cmp(&cb.len()).then_with(|| a.cmp(b))
+}
+
+/// A JSON value serialized with its object keys in [`natural_cmp`] order (serde_json's map
+/// keeps keys sorted as strings).
+struct Natural<'a>(&'a Value);
+
+impl Serialize for Natural<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort_by(|a, b| natural_cmp(a, b));
+                let mut map = ser.serialize_map(Some(keys.len()))?;
+                for k in keys {
+                    map.serialize_entry(k, &Natural(&m[k]))?;
+                }
+                map.end()
+            }
+            Value::Array(a) => {
+                let mut seq = ser.serialize_seq(Some(a.len()))?;
+                for x in a {
+                    seq.serialize_element(&Natural(x))?;
+                }
+                seq.end()
+            }
+            other => other.serialize(ser),
+        }
+    }
+}
+
+/// `v` as compact JSON, keys in natural order.
+fn natural_json(v: &Value) -> String {
+    serde_json::to_string(&Natural(v)).unwrap_or_else(|_| v.to_string())
+}
+
+/// An object's entries in natural key order.
+fn natural_entries(m: &serde_json::Map<String, Value>) -> Vec<(&String, &Value)> {
+    let mut e: Vec<(&String, &Value)> = m.iter().collect();
+    e.sort_by(|a, b| natural_cmp(a.0, b.0));
+    e
+}
+
+fn print_value(out: &mut Console, cmd: &AdminCommand, v: &Value, json_out: bool) {
     if json_out {
-        println!("{v}");
+        out.line(natural_json(v));
         return;
     }
     match cmd {
@@ -352,14 +500,14 @@ fn print_value(cmd: &AdminCommand, v: &Value, json_out: bool) {
                         .collect()
                 })
                 .unwrap_or_default();
-            println!(
-                "{}",
-                table(&["JOB", "NAME", "STATE", "ROUND", "SUBMITTER"], &rows)
-            );
+            out.line(table(
+                &["JOB", "NAME", "STATE", "ROUND", "SUBMITTER"],
+                &rows,
+            ));
         }
-        AdminCommand::Sites => println!("{}", sites_table(v)),
+        AdminCommand::Sites => out.line(sites_table(v)),
         AdminCommand::Status { job: None } => {
-            println!(
+            out.line(format_args!(
                 "server {} ({}), up {} s, {} jobs ({} running), relay circuits {} opened / {} closed",
                 s(&v["server"]),
                 s(&v["peer_id"]),
@@ -368,37 +516,67 @@ fn print_value(cmd: &AdminCommand, v: &Value, json_out: bool) {
                 s(&v["running"]),
                 s(&v["relay_circuits_opened"]),
                 s(&v["relay_circuits_closed"])
-            );
-            println!("{}", sites_table(&v["sites"]));
+            ));
+            out.line(sites_table(&v["sites"]));
         }
         AdminCommand::Status { job: Some(_) } | AdminCommand::Wait { .. } => {
-            println!(
+            out.line(format_args!(
                 "job {} ({}): {}, round {}",
                 s(&v["id"]),
                 s(&v["name"]),
                 s(&v["state"]),
                 s(&v["round"])
-            );
+            ));
             if let Some(sites) = v["sites"].as_object() {
-                let rows: Vec<Vec<String>> =
-                    sites.iter().map(|(k, x)| vec![k.clone(), s(x)]).collect();
-                println!("{}", table(&["SITE", "STATE"], &rows));
+                let rows: Vec<Vec<String>> = natural_entries(sites)
+                    .into_iter()
+                    .map(|(k, x)| vec![k.clone(), s(x)])
+                    .collect();
+                out.line(table(&["SITE", "STATE"], &rows));
             }
             if let Some(m) = v["metrics"].as_object() {
-                let rows: Vec<Vec<String>> = m
-                    .iter()
+                let rows: Vec<Vec<String>> = natural_entries(m)
+                    .into_iter()
                     .map(|(k, x)| vec![k.clone(), s(&x["accuracy"]), s(&x["loss"])])
                     .collect();
-                println!("{}", table(&["VERSION", "ACCURACY", "LOSS"], &rows));
+                out.line(table(&["VERSION", "ACCURACY", "LOSS"], &rows));
             }
             if let Some(h) = v["history"].as_array() {
                 let rows: Vec<Vec<String>> = h
                     .iter()
                     .map(|e| vec![s(&e["at_ms"]), s(&e["state"]), s(&e["note"])])
                     .collect();
-                println!("{}", table(&["AT_MS", "STATE", "NOTE"], &rows));
+                out.line(table(&["AT_MS", "STATE", "NOTE"], &rows));
             }
         }
-        _ => println!("{v}"),
+        _ => out.line(natural_json(v)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn natural_order_counts_digits_as_numbers() {
+        let mut keys = vec![
+            "10", "2", "1", "0", "11", "site-10", "site-2", "best", "007",
+        ];
+        keys.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            keys,
+            [
+                "0", "1", "2", "007", "10", "11", "best", "site-2", "site-10"
+            ]
+        );
+    }
+
+    #[test]
+    fn json_keys_come_out_in_natural_order() {
+        let v: Value = serde_json::from_str(r#"{"m":{"10":1,"2":2,"1":{"b":1,"a":2}}}"#).unwrap();
+        assert_eq!(
+            natural_json(&v),
+            r#"{"m":{"1":{"a":2,"b":1},"2":2,"10":1}}"#
+        );
     }
 }

@@ -105,10 +105,16 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
 
     let s3 = Arc::clone(&site);
     let addrs2 = server_addrs.clone();
-    tokio::spawn(async move { s3.keep_connected(addrs2).await });
+    let mut keeper = tokio::spawn(async move { s3.keep_connected(addrs2).await });
 
     loop {
         tokio::select! {
+            refused = &mut keeper => {
+                // Refused by the server (a second process of this site, a foreign kit):
+                // retrying would not help.
+                let why = refused.map_or_else(|e| e.to_string(), |r| r.to_string());
+                anyhow::bail!("the server refused this site, stopping: {why}");
+            }
             ev = events.recv() => match ev {
                 Some(NetEvent::Request { from, request, reply }) => {
                     let resp = site.on_request(&from, request);
@@ -130,14 +136,16 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
 }
 
 impl Site {
-    /// Keeps a connection and a relay reservation at the server; heartbeats every 10 s.
-    async fn keep_connected(self: Arc<Self>, addrs: Vec<Multiaddr>) {
+    /// Keeps a connection and a relay reservation at the server; heartbeats every 10 s. Returns
+    /// only if the server refused this site (or the site refused the server).
+    async fn keep_connected(self: Arc<Self>, addrs: Vec<Multiaddr>) -> super::ConnectError {
         let mut reserved = false;
         loop {
             if !self.net.peers.is_admitted(&self.server) {
                 reserved = false;
                 match connect(&self.net, self.server, &addrs, Duration::from_secs(30)).await {
                     Ok(()) => tracing::info!("connected to the server"),
+                    Err(e @ super::ConnectError::Refused(_)) => return e,
                     Err(e) => {
                         tracing::warn!(error = %e, "server unreachable; retrying");
                         continue;

@@ -1,5 +1,9 @@
 //! The roles a `flare-node` process plays, chosen by its kit: the server (job lifecycle,
 //! admin access, relay), a client site (runs deployed jobs), and the admin console.
+//!
+//! Also what they share: starting the network for a kit, [`connect`]ing to the server (which
+//! says why it did not get in: refused either way, or unreachable), and the workspace lock
+//! that lets one process run a participant's kit at a time ([`lock_workspace`]).
 
 pub mod admin;
 pub mod client;
@@ -7,7 +11,10 @@ pub mod policy;
 pub mod server;
 pub mod workflow;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use flare_provision::config::PeerAddr;
@@ -59,6 +66,7 @@ pub fn start_net(
         listen,
         relay_server,
         project: kit.config.project.clone(),
+        instance: instance_id()?,
         ..NetConfig::default()
     };
     let keypair = kit.identity.signing.to_libp2p()?;
@@ -67,6 +75,14 @@ pub fn start_net(
         root_ca: kit.root_ca.clone(),
     };
     Ok(spawn(keypair, creds, cfg)?)
+}
+
+/// A random id for this process, from the OS random source (see [`NetConfig::instance`]).
+fn instance_id() -> anyhow::Result<u64> {
+    let bytes: [u8; 8] = ring::rand::generate(&ring::rand::SystemRandom::new())
+        .map_err(|_| anyhow::anyhow!("the OS random source failed"))?
+        .expose();
+    Ok(u64::from_le_bytes(bytes))
 }
 
 /// The server's PeerId and dialable addresses (with `/p2p/<id>`) from a kit entry.
@@ -87,41 +103,255 @@ pub fn peer_addrs(p: &PeerAddr) -> anyhow::Result<(PeerId, Vec<Multiaddr>)> {
     Ok((id, addrs))
 }
 
-/// Dials `peer` at `addrs` until it is admitted or `timeout` passes.
+/// Why [`connect`] did not get in.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The server refused us, or we refused it: waiting longer would not help.
+    #[error("{0}")]
+    Refused(String),
+    /// No admission: every dial failed, or the time ran out.
+    #[error("cannot reach the server at {addrs}: {why}")]
+    Unreachable {
+        /// The addresses tried.
+        addrs: String,
+        /// The last dial error and how many rounds were tried, or the time waited.
+        why: String,
+    },
+}
+
+/// How [`connect_with`] dials and when it gives up.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// Pause between rounds of dials of every address.
+    pub redial: Duration,
+    /// Give up after this many rounds in which every dial failed (nothing listens there),
+    /// before `timeout`; `None` waits for the timeout (a site waiting for its server).
+    pub give_up_after_failed_rounds: Option<u32>,
+}
+
+impl ConnectOptions {
+    /// Dial every 3 s until admitted or `timeout` passes.
+    pub fn patient(timeout: Duration) -> Self {
+        ConnectOptions {
+            timeout,
+            redial: Duration::from_secs(3),
+            give_up_after_failed_rounds: None,
+        }
+    }
+}
+
+/// How long to wait, after one side's refusal, for the other side's reason as well.
+const SECOND_REASON_WAIT: Duration = Duration::from_millis(300);
+
+/// Dials `peer` at `addrs` until it is admitted or `timeout` passes; a refusal either way
+/// ends it at once with the reason.
 pub async fn connect(
     net: &NetHandle,
     peer: PeerId,
     addrs: &[Multiaddr],
     timeout: Duration,
-) -> anyhow::Result<()> {
-    let start = std::time::Instant::now();
+) -> Result<(), ConnectError> {
+    connect_with(net, peer, addrs, &ConnectOptions::patient(timeout)).await
+}
+
+/// Dials `peer` at `addrs` until it is admitted, refused (either way: the reasons are in the
+/// error), or unreachable as `opts` says.
+pub async fn connect_with(
+    net: &NetHandle,
+    peer: PeerId,
+    addrs: &[Multiaddr],
+    opts: &ConnectOptions,
+) -> Result<(), ConnectError> {
+    let start = Instant::now();
+    let list = addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut rounds = 0u32;
+    let mut failed_rounds = 0u32;
+    let mut refused_dial: Option<String> = None;
     loop {
         if net.peers.is_admitted(&peer) {
             return Ok(());
         }
+        let errors_before = net.notes.get(&peer).map_or(0, |n| n.dial_errors);
+        let mut failed_now = 0u64;
         for a in addrs {
-            let _ = net.dial(a.clone()).await;
+            if let Err(e) = net.dial(a.clone()).await {
+                failed_now += 1;
+                refused_dial = Some(e.to_string());
+            }
         }
-        if net
-            .wait_admitted(peer, Duration::from_secs(3))
-            .await
-            .is_ok()
+        rounds += 1;
+        let round_end = Instant::now() + opts.redial;
+        let mut all_failed = false;
+        while Instant::now() < round_end {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if net.peers.is_admitted(&peer) {
+                return Ok(());
+            }
+            if let Some(note) = net.notes.get(&peer) {
+                if refusal_since(&note, start) {
+                    // The other side's reason may be on its way: a moment for both.
+                    tokio::time::sleep(SECOND_REASON_WAIT).await;
+                    let note = net.notes.get(&peer).unwrap_or(note);
+                    return Err(ConnectError::Refused(refusal_text(&note, start)));
+                }
+                all_failed = note.dial_errors.saturating_sub(errors_before) + failed_now
+                    >= addrs.len() as u64;
+            } else {
+                all_failed = failed_now >= addrs.len() as u64;
+            }
+        }
+        if all_failed {
+            failed_rounds += 1;
+        }
+        let last_error = net
+            .notes
+            .get(&peer)
+            .and_then(|n| n.dial_error)
+            .filter(|(at, _)| *at >= start)
+            .map(|(_, e)| e)
+            .or_else(|| refused_dial.clone());
+        if let Some(n) = opts.give_up_after_failed_rounds
+            && failed_rounds >= n
         {
-            return Ok(());
+            return Err(ConnectError::Unreachable {
+                addrs: list,
+                why: format!(
+                    "{} ({rounds} attempts in {:.1} s)",
+                    last_error.unwrap_or_else(|| "every dial failed".into()),
+                    start.elapsed().as_secs_f64()
+                ),
+            });
         }
-        if start.elapsed() >= timeout {
-            let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-            anyhow::bail!("cannot reach the server at {}", list.join(", "));
+        if start.elapsed() >= opts.timeout {
+            return Err(ConnectError::Unreachable {
+                addrs: list,
+                why: match last_error {
+                    Some(e) => format!("{e} (for {} s)", opts.timeout.as_secs()),
+                    None => format!("not admitted within {} s", opts.timeout.as_secs()),
+                },
+            });
         }
     }
 }
 
+fn refusal_since(note: &crate::net::PeerNote, start: Instant) -> bool {
+    let fresh = |r: &Option<(Instant, String)>| r.as_ref().is_some_and(|(at, _)| *at >= start);
+    fresh(&note.refused_by_peer) || fresh(&note.refused_by_us)
+}
+
+/// Both sides' reasons, the server's first.
+fn refusal_text(note: &crate::net::PeerNote, start: Instant) -> String {
+    let fresh = |r: &Option<(Instant, String)>| {
+        r.as_ref()
+            .filter(|(at, _)| *at >= start)
+            .map(|(_, why)| why.clone())
+    };
+    let mut parts = Vec::new();
+    if let Some(why) = fresh(&note.refused_by_peer) {
+        let why = why.strip_prefix("admission refused: ").unwrap_or(&why);
+        parts.push(format!("the server refused this kit: {why}"));
+    }
+    if let Some(why) = fresh(&note.refused_by_us) {
+        let hint = if why.starts_with("certificate rejected") {
+            " (the server's certificate does not chain to this kit's root CA: a kit from another provisioning?)"
+        } else {
+            ""
+        };
+        parts.push(format!("this kit refused the server: {why}{hint}"));
+    }
+    parts.join("; and ")
+}
+
+/// The lock file in a participant's folder that lets one process run its kit.
+pub const LOCK_FILE: &str = "node.lock";
+
+/// Why the workspace lock was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceLockError {
+    /// Another process holds it.
+    #[error(
+        "{path} is locked by pid {pid}: another flare-node runs this participant's kit; one identity runs once"
+    )]
+    Held {
+        /// The lock file.
+        path: PathBuf,
+        /// The pid written into it by its holder (`unknown` if unreadable).
+        pid: String,
+    },
+    /// The lock file could not be opened, locked or written.
+    #[error("lock file {path}: {source}")]
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Takes the lock on a participant's workspace `dir` (the kit's parent): `dir/node.lock`,
+/// held while the returned file is open (the OS drops it with the process), with this pid
+/// written into it for people.
+pub fn lock_workspace(dir: &Path) -> Result<File, WorkspaceLockError> {
+    let path = dir.join(LOCK_FILE);
+    let io = |source| WorkspaceLockError::Io {
+        path: path.clone(),
+        source,
+    };
+    // Not truncated on open: the holder's pid stays readable until we hold the lock.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    // `File::try_lock` is stable since 1.89; the workspace builds with 1.95 and already needs
+    // 1.88 (let chains), but its declared `rust-version` still says 1.85.
+    #[allow(clippy::incompatible_msrv)]
+    let locked = file.try_lock();
+    match locked {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let pid = text.trim();
+            return Err(WorkspaceLockError::Held {
+                path: path.clone(),
+                pid: if pid.is_empty() { "unknown" } else { pid }.to_string(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(file)
+}
+
 /// Runs the node of the kit in `kit_dir` (server or client) until SIGINT or SIGTERM.
 ///
-/// The kit's signature is verified first; a changed, added or removed file is named.
+/// The kit's signature is verified first; a changed, added or removed file is named. Then the
+/// participant's folder is locked ([`lock_workspace`]) for as long as the node runs.
 pub fn run_node(kit_dir: &std::path::Path) -> anyhow::Result<()> {
     let kit = flare_provision::kit::load_kit(kit_dir, SystemTime::now())
         .with_context(|| format!("startup kit {}", kit_dir.display()))?;
+    // One identity runs once: a second start on this participant's folder stops here.
+    let _lock = match kit.role().kind() {
+        flare_crypto::RoleKind::Server | flare_crypto::RoleKind::Client => {
+            let dir = kit.participant_dir().with_context(|| {
+                format!("startup kit {} has no parent folder", kit_dir.display())
+            })?;
+            Some(lock_workspace(dir)?)
+        }
+        _ => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

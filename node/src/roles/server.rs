@@ -441,6 +441,14 @@ impl Server {
             .into_iter()
             .map(|p| {
                 let (last, jobs, _) = beats.get(&p.cert.name).cloned().unwrap_or_default();
+                // Second processes with this site's kit, refused (see `net`'s module doc).
+                let duplicates = self.net.duplicates.get(&p.peer).map(|d| {
+                    json!({
+                        "count": d.count,
+                        "address": d.addr,
+                        "last_ms_ago": now_ms().saturating_sub(d.last_ms),
+                    })
+                });
                 json!({
                     "name": p.cert.name,
                     "org": p.cert.org,
@@ -449,6 +457,7 @@ impl Server {
                     "address": p.addr.to_string(),
                     "last_heartbeat_ms_ago": if last == 0 { serde_json::Value::Null } else { json!(now_ms().saturating_sub(last)) },
                     "jobs": jobs,
+                    "duplicates": duplicates,
                 })
             })
             .collect()

@@ -145,7 +145,7 @@ fn ended(st: &Value) -> bool {
 /// reason once every site has finished.
 #[test]
 fn a_full_disk_at_the_server_is_reported_retried_and_fails_the_job() {
-    let mut f = Federation::prepare(2, 19_200);
+    let mut f = Federation::prepare(2, 18_850);
     let Some(mut disk) = Tmpfs::mount(&f.prod.join("server/store"), 8 << 20) else {
         return;
     };
@@ -216,7 +216,7 @@ fn a_full_disk_at_the_server_is_reported_retried_and_fails_the_job() {
 /// measuring the wrong one), and a deploy onto a full disk is refused as the disk's fault.
 #[test]
 fn a_full_disk_at_a_site_reaches_the_job_and_leaves_no_stale_model() {
-    let mut f = Federation::prepare(2, 19_250);
+    let mut f = Federation::prepare(2, 18_900);
     let jobs = f.prod.join("site-2/jobs");
     let Some(mut disk) = Tmpfs::mount(&jobs, 4 << 20) else {
         return;

@@ -190,7 +190,7 @@ fn a_job_naming_an_absent_site_says_what_it_waits_for() {
 /// is `away` while the run goes on and `left` once it ended.
 #[test]
 fn a_site_that_died_mid_swarm_is_shown_as_left() {
-    let mut f = Federation::running(3, 19_120);
+    let mut f = Federation::running(3, 18_800);
     let tmp = tempfile::tempdir().unwrap();
     let src = example_copy(tmp.path(), "swarm-mnist", 5, 8, 2);
     let job = f.submit(src.to_str().unwrap());
