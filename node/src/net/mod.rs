@@ -713,6 +713,15 @@ impl Driver {
         }
     }
 
+    /// The remote address of one of `peer`'s connections, for logs and refusals.
+    fn conn_addr(&self, peer: PeerId, conn: ConnectionId) -> String {
+        self.connections
+            .get(&peer)
+            .and_then(|c| c.get(&conn))
+            .map(|(a, _)| a.to_string())
+            .unwrap_or_default()
+    }
+
     /// Refuses `peer` now: disconnects and blocks it.
     fn refuse(&mut self, peer: PeerId, reason: String) {
         tracing::warn!(%peer, %reason, "peer refused admission; disconnecting and blocking");
@@ -834,12 +843,7 @@ impl Driver {
     ) -> Result<(), Refusal> {
         if let Some(info) = self.peers.get(&peer) {
             if self.duplicate_of_admitted(peer, conn, instance) {
-                let addr = self
-                    .connections
-                    .get(&peer)
-                    .and_then(|c| c.get(&conn))
-                    .map(|(a, _)| a.to_string())
-                    .unwrap_or_default();
+                let addr = self.conn_addr(peer, conn);
                 return Err(Refusal::Duplicate(format!(
                     "{} is already connected from {} by another process with the same kit; \
                      one identity runs once (this connection came from {addr})",
@@ -921,12 +925,7 @@ impl Driver {
         reason: String,
         channel: Option<ResponseChannel<ControlResponse>>,
     ) {
-        let addr = self
-            .connections
-            .get(&peer)
-            .and_then(|c| c.get(&conn))
-            .map(|(a, _)| a.to_string())
-            .unwrap_or_default();
+        let addr = self.conn_addr(peer, conn);
         let name = self
             .peers
             .get(&peer)

@@ -258,3 +258,47 @@ pub(crate) fn swarm_aggregator(job_dir: &Path, job_id: &str, round: u32) -> Stri
     cfg.aggregator(flare_protocols::workflows::ccwf::Epoch::new(round, 0))
         .to_string()
 }
+
+/// The notes of a job status's history, oldest first.
+pub(crate) fn history_notes(st: &Value) -> Vec<String> {
+    st["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["note"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Whether a job status is an end state.
+pub(crate) fn ended(st: &Value) -> bool {
+    matches!(
+        st["state"].as_str(),
+        Some("finished" | "failed" | "aborted")
+    )
+}
+
+impl Federation {
+    /// Polls `job`'s status until `ok` holds and returns it; fails after `timeout`, saying
+    /// `what` with the status and the server's log.
+    pub(crate) fn wait_status(
+        &self,
+        job: &str,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let started = Instant::now();
+        loop {
+            let st = self.admin_json(&["status", job]);
+            if ok(&st) {
+                return st;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "{what}: {st}\nserver:\n{}",
+                self.log("server")
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}

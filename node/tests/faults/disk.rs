@@ -9,8 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::common::*;
 
 /// A tmpfs of `size` bytes mounted at `dir`, unmounted (lazily) on drop; `fill` takes its
@@ -100,44 +98,6 @@ impl Drop for Tmpfs {
     }
 }
 
-fn notes(st: &Value) -> Vec<String> {
-    st["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["note"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn wait_until(
-    f: &Federation,
-    job: &str,
-    what: &str,
-    timeout: Duration,
-    ok: impl Fn(&Value) -> bool,
-) -> Value {
-    let started = Instant::now();
-    loop {
-        let st = f.admin_json(&["status", job]);
-        if ok(&st) {
-            return st;
-        }
-        assert!(
-            started.elapsed() < timeout,
-            "{what}: {st}\nserver:\n{}",
-            f.log("server")
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn ended(st: &Value) -> bool {
-    matches!(
-        st["state"].as_str(),
-        Some("finished" | "failed" | "aborted")
-    )
-}
-
 /// Finding 3: with the server's disk full, the result clients' `global_final` uploads failed
 /// and only the server's log said so; the job stayed `running` forever. Now a model that could
 /// not be stored is an event in the job's history and is not acknowledged, so the site sends
@@ -157,18 +117,17 @@ fn a_full_disk_at_the_server_is_reported_retried_and_fails_the_job() {
     disk.fill(128 << 10);
     let src = root().join("examples/swarm-mnist");
     let job = f.submit(src.to_str().unwrap());
-    let st = wait_until(
-        &f,
+    let st = f.wait_status(
         &job,
         "no word of the failed store",
         Duration::from_secs(120),
         |st| {
-            notes(st)
+            history_notes(st)
                 .iter()
                 .any(|n| n.contains("could not store global_final"))
         },
     );
-    let note = notes(&st)
+    let note = history_notes(&st)
         .into_iter()
         .find(|n| n.contains("could not store global_final"))
         .unwrap();
@@ -176,13 +135,7 @@ fn a_full_disk_at_the_server_is_reported_retried_and_fails_the_job() {
     assert_eq!(st["state"], "running");
     // Room again: the site's next try is stored and the job finishes.
     disk.free();
-    let st = wait_until(
-        &f,
-        &job,
-        "the retried upload",
-        Duration::from_secs(120),
-        ended,
-    );
+    let st = f.wait_status(&job, "the retried upload", Duration::from_secs(120), ended);
     assert_eq!(st["state"], "finished", "{st}");
     let dl = f.admin_json(&["download", &job]);
     assert!(
@@ -194,15 +147,9 @@ fn a_full_disk_at_the_server_is_reported_retried_and_fails_the_job() {
     // Full for good: the job fails, naming the disk, instead of running forever.
     disk.fill(128 << 10);
     let job = f.submit(src.to_str().unwrap());
-    let st = wait_until(
-        &f,
-        &job,
-        "the job never ended",
-        Duration::from_secs(180),
-        ended,
-    );
+    let st = f.wait_status(&job, "the job never ended", Duration::from_secs(180), ended);
     assert_eq!(st["state"], "failed", "{st}");
-    let last = notes(&st).last().cloned().unwrap();
+    let last = history_notes(&st).last().cloned().unwrap();
     assert!(
         last.contains("final model was not stored") && last.contains("No space left on device"),
         "{last}"
@@ -241,15 +188,9 @@ fn a_full_disk_at_a_site_reaches_the_job_and_leaves_no_stale_model() {
     }
     disk.fill(0);
     disk.keep_full();
-    let st = wait_until(
-        &f,
-        &job,
-        "the job never ended",
-        Duration::from_secs(180),
-        ended,
-    );
+    let st = f.wait_status(&job, "the job never ended", Duration::from_secs(180), ended);
     assert_eq!(st["state"], "finished", "{st}");
-    let notes = notes(&st);
+    let notes = history_notes(&st);
     let failed_save = notes
         .iter()
         .find(|n| n.starts_with("site-2 could not save its local model"))
@@ -279,7 +220,7 @@ fn a_full_disk_at_a_site_reaches_the_job_and_leaves_no_stale_model() {
 
     // A deploy onto the full disk is refused, labelled as the disk.
     let job = f.submit(job_copy(tmp.path(), 1, 0).to_str().unwrap());
-    let st = wait_until(&f, &job, "the deploy", Duration::from_secs(60), ended);
+    let st = f.wait_status(&job, "the deploy", Duration::from_secs(60), ended);
     let s2 = st["sites"]["site-2"].as_str().unwrap();
     assert!(
         s2.contains("the disk is full at site-2") && !s2.contains("job signature"),

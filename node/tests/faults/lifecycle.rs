@@ -23,27 +23,12 @@ fn signal(f: &Federation, name: &str, sig: &str) {
 
 /// Waits until the job ends and returns its status.
 fn wait_end(f: &Federation, job: &str, timeout_s: u64) -> Value {
-    let out = f.admin(&["wait", job, "--timeout", &timeout_s.to_string()]);
-    let st = f.admin_json(&["status", job]);
-    assert!(
-        matches!(
-            st["state"].as_str(),
-            Some("finished" | "failed" | "aborted")
-        ),
-        "{}\n{st}\nserver:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        f.log("server")
-    );
-    st
-}
-
-fn notes(st: &Value) -> Vec<String> {
-    st["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["note"].as_str().unwrap().to_string())
-        .collect()
+    f.wait_status(
+        job,
+        "the job did not end",
+        Duration::from_secs(timeout_s),
+        ended,
+    )
 }
 
 /// Finding 1: a server killed mid scatter-and-gather job used to fail the job without telling
@@ -67,7 +52,7 @@ fn a_server_restart_resumes_scatter_and_gather() {
         f.log("server"),
         f.log("site-1")
     );
-    let notes = notes(&st);
+    let notes = history_notes(&st);
     assert!(
         notes.iter().any(|n| n.contains("the run resumes at round")),
         "{notes:#?}"
@@ -112,7 +97,7 @@ fn a_site_frees_a_job_the_server_no_longer_runs() {
     // Only site-1 comes back; min_clients is 2, so the resumed run gives up.
     let st = wait_end(&f, &job, 120);
     assert_eq!(st["state"], "failed", "{st}");
-    let last = notes(&st).last().cloned().unwrap();
+    let last = history_notes(&st).last().cloned().unwrap();
     assert!(last.contains("came back"), "{last}");
     let abort = f.admin_json(&["abort", &job]);
     assert_eq!(abort["state"], "failed", "{abort}");
@@ -172,12 +157,12 @@ fn a_job_naming_an_absent_site_says_what_it_waits_for() {
                 .contains("mandatory_clients site-9 (not connected since the server started)"),
         "{waiting}"
     );
-    assert!(notes(&st).iter().any(|n| n == waiting), "{st}");
+    assert!(history_notes(&st).iter().any(|n| n == waiting), "{st}");
     // The history says it once, not every second.
     std::thread::sleep(Duration::from_millis(2500));
     let st = f.admin_json(&["status", &job]);
     assert_eq!(
-        notes(&st)
+        history_notes(&st)
             .iter()
             .filter(|n| n.starts_with("waiting"))
             .count(),
