@@ -505,13 +505,7 @@ impl Server {
 
     /// Deploys submitted jobs whose sites are connected.
     async fn schedule(self: Arc<Self>) {
-        let pending: Vec<String> = self
-            .store
-            .list()
-            .into_iter()
-            .filter(|r| r.state == JobState::Submitted)
-            .map(|r| r.id)
-            .collect();
+        let pending = self.store.ids_in_state(JobState::Submitted);
         for id in pending {
             if let Err(e) = Arc::clone(&self).try_deploy(&id).await {
                 tracing::warn!(job = %id, error = %format!("{e:#}"), "deploy failed");
@@ -1213,13 +1207,11 @@ impl Server {
         match ev {
             Event::RoundStarted { round, clients } => {
                 tracing::info!(job = %id, round, clients, "round started");
-                self.store.update(id, |r| r.round = Some(round))?;
+                self.store.set_round(id, round)?;
             }
             Event::ModelEvaluated { version, metrics } => {
                 tracing::info!(job = %id, version, ?metrics, "global model evaluated");
-                self.store.update(id, |r| {
-                    r.metrics.insert(version, metrics.clone());
-                })?;
+                self.store.add_metrics(id, version, metrics)?;
             }
             Event::RoundAggregated {
                 round,
