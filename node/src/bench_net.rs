@@ -383,6 +383,8 @@ fn mean(v: &[f64]) -> f64 {
 struct RoundLog {
     starts: Vec<Instant>,
     rss_at_100: Option<f64>,
+    /// The server logged `job ended`.
+    ended: bool,
 }
 
 /// Reads the server's log lines, notes each `round started`, and prints progress to
@@ -397,6 +399,12 @@ fn watch_rounds(
     let mut last = Instant::now();
     for line in BufReader::new(log).lines() {
         let Ok(line) = line else { break };
+        if line.contains("job ended") {
+            out.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .ended = true;
+            continue;
+        }
         if !line.contains("round started") {
             continue;
         }
@@ -508,7 +516,26 @@ pub fn run_fedavg(
         .as_str()
         .context("job id")?
         .to_string();
-    let rec = admin(&["wait", &id, "--timeout", "3600"])?;
+    // Watch the server's log for the end rather than poll `status`: a status answer carries
+    // every round's metrics, so polling would be a cost that grows with the job.
+    let started = Instant::now();
+    while !log
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .ended
+    {
+        if started.elapsed() > Duration::from_secs(3600) {
+            bail!("job {id} did not end within an hour");
+        }
+        if watcher
+            .as_ref()
+            .is_some_and(std::thread::JoinHandle::is_finished)
+        {
+            bail!("the server exited before job {id} ended");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rec = admin(&["status", &id])?;
     let at = |state: &str| {
         rec["history"]
             .as_array()
