@@ -327,8 +327,11 @@ impl Server {
                     "relay_circuits_closed": self.counters.relay_circuits_closed.load(Ordering::Relaxed),
                 }))
             }
-            AdminRequest::Status { job: Some(id) } => match self.store.get(&id) {
-                Ok(rec) => admin_json(json!(rec)),
+            AdminRequest::Status { job: Some(id) } => match self.store.record_json(&id) {
+                Ok(json) => ControlResponse::Admin {
+                    json,
+                    files: BTreeMap::new(),
+                },
                 Err(e) => err(e.to_string()),
             },
             AdminRequest::Abort { job } => {
