@@ -361,9 +361,84 @@ async fn receive_plain(stream: &mut libp2p::Stream) -> anyhow::Result<u64> {
     Ok(got)
 }
 
+/// Resident set size of a process now, in MiB (`VmRSS`).
+fn vm_rss_of(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+/// The mean of `v`, or 0 for none.
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// What the server's log says as the job runs: when each round started (seen by this
+/// process), and the server's RSS when the 100th round started.
+#[derive(Default)]
+struct RoundLog {
+    starts: Vec<Instant>,
+    rss_at_100: Option<f64>,
+    /// The server logged `job ended`.
+    ended: bool,
+}
+
+/// Reads the server's log lines, notes each `round started`, and prints progress to
+/// stderr every `every` rounds (rounds, seconds a round lately, server RSS, ETA).
+fn watch_rounds(
+    log: std::process::ChildStderr,
+    server_pid: u32,
+    rounds: u32,
+    every: u32,
+    out: std::sync::Arc<std::sync::Mutex<RoundLog>>,
+) {
+    let mut last = Instant::now();
+    for line in BufReader::new(log).lines() {
+        let Ok(line) = line else { break };
+        if line.contains("job ended") {
+            out.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .ended = true;
+            continue;
+        }
+        if !line.contains("round started") {
+            continue;
+        }
+        let now = Instant::now();
+        let mut g = out
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.starts.push(now);
+        let n = g.starts.len() as u32;
+        if n == 100 {
+            g.rss_at_100 = vm_rss_of(server_pid);
+        }
+        if every > 0 && n % every == 0 {
+            let per = now.duration_since(last).as_secs_f64() / f64::from(every);
+            last = now;
+            eprintln!(
+                "round {n}/{rounds}: {per:.4} s a round, server RSS {:.1} MiB, ETA {:.0} s",
+                vm_rss_of(server_pid).unwrap_or(0.0),
+                per * f64::from(rounds.saturating_sub(n))
+            );
+        }
+    }
+}
+
 /// One FedAvg job of a synthetic model run by a real server and `clients` client processes
-/// from a throw-away POC: seconds per round and each process's peak RSS.
-pub fn run_fedavg(params: usize, clients: usize, rounds: u32) -> anyhow::Result<Value> {
+/// from a throw-away POC: seconds per round (overall, first and last hundred rounds), the
+/// server's RSS at round 100 and at the end, and each process's peak RSS. Progress goes to
+/// stderr every `progress_every` rounds (0: none).
+pub fn run_fedavg(
+    params: usize,
+    clients: usize,
+    rounds: u32,
+    progress_every: u32,
+) -> anyhow::Result<Value> {
     let bin = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
     let out = flare_provision::poc::prepare_now(&flare_provision::poc::PocOptions {
@@ -376,21 +451,41 @@ pub fn run_fedavg(params: usize, clients: usize, rounds: u32) -> anyhow::Result<
     let mut procs = Reaper(Vec::new());
     let mut names = Vec::new();
     let mut admin_kit = None;
+    let log = std::sync::Arc::new(std::sync::Mutex::new(RoundLog::default()));
+    let mut watcher = None;
+    let mut server_pid = None;
     for (name, path) in &out.provisioned.kits {
         if name.contains('@') {
             admin_kit = Some(path.join("startup"));
             continue;
         }
-        let child = Command::new(&bin)
+        let server = name == "server";
+        let mut child = Command::new(&bin)
             .arg("--kit")
             .arg(path.join("startup"))
+            .env("RUST_LOG", if server { "info" } else { "warn" })
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if server {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .spawn()?;
+        if server {
+            let pid = child.id();
+            server_pid = Some(pid);
+            let err = child.stderr.take().context("server: no stderr")?;
+            let log = std::sync::Arc::clone(&log);
+            watcher = Some(std::thread::spawn(move || {
+                watch_rounds(err, pid, rounds, progress_every, log);
+            }));
+        }
         names.push(name.clone());
         procs.0.push(child);
     }
+    let server_pid = server_pid.context("no server kit")?;
     let admin_kit = admin_kit.context("no admin kit")?;
     let admin = |args: &[&str]| -> anyhow::Result<Value> {
         let o = Command::new(&bin)
@@ -421,7 +516,26 @@ pub fn run_fedavg(params: usize, clients: usize, rounds: u32) -> anyhow::Result<
         .as_str()
         .context("job id")?
         .to_string();
-    let rec = admin(&["wait", &id, "--timeout", "3600"])?;
+    // Watch the server's log for the end rather than poll `status`: a status answer carries
+    // every round's metrics, so polling would be a cost that grows with the job.
+    let started = Instant::now();
+    while !log
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .ended
+    {
+        if started.elapsed() > Duration::from_secs(3600) {
+            bail!("job {id} did not end within an hour");
+        }
+        if watcher
+            .as_ref()
+            .is_some_and(std::thread::JoinHandle::is_finished)
+        {
+            bail!("the server exited before job {id} ended");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rec = admin(&["status", &id])?;
     let at = |state: &str| {
         rec["history"]
             .as_array()
@@ -430,16 +544,35 @@ pub fn run_fedavg(params: usize, clients: usize, rounds: u32) -> anyhow::Result<
     };
     let running = at("running").context("no running entry")?;
     let finished = at("finished").context("the job did not finish")?;
+    let rss_end = vm_rss_of(server_pid);
     let rss: Vec<Value> = names
         .iter()
         .zip(&procs.0)
         .map(|(n, c)| json!({"process": n, "peak_rss_mib": vm_hwm_of(c.id())}))
         .collect();
+    drop(procs);
+    if let Some(w) = watcher {
+        let _ = w.join();
+    }
+    let log = log
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let gaps: Vec<f64> = log
+        .starts
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]).as_secs_f64())
+        .collect();
+    let k = gaps.len().min(100);
     Ok(json!({
         "params": params,
         "clients": clients,
         "rounds": rounds,
         "seconds_per_round": (finished - running) as f64 / 1000.0 / f64::from(rounds.max(1)),
+        "rounds_seen": log.starts.len(),
+        "first_100_mean_s": mean(&gaps[..k]),
+        "last_100_mean_s": mean(&gaps[gaps.len() - k..]),
+        "server_rss_mib_at_round_100": log.rss_at_100,
+        "server_rss_mib_at_end": rss_end,
         "processes": rss,
     }))
 }

@@ -7,6 +7,14 @@
 //!   app/config/config_fed_client.json   executors (the learner and the tasks it serves)
 //! ```
 //! Config files may also be YAML (`.yml`/`.yaml`). Every error names the file and the key.
+//!
+//! A job comes from an admin and reaches the server and every site, so what it can make a
+//! node allocate is bounded, not only the bytes it ships: `meta.json` is at most
+//! [`MAX_META_BYTES`] and each config file [`MAX_CONFIG_BYTES`] (checked on the open file
+//! before it is read), the deploy map names at most [`MAX_APPS`] apps and [`MAX_DEPLOY_NAMES`]
+//! sites in all, `mandatory_clients` at most [`MAX_DEPLOY_NAMES`], and every site name is at
+//! most [`MAX_SITE_NAME`] bytes (a site name is a certificate CN). Names past a limit are
+//! counted, not stored, so the error can say how many there were.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +46,16 @@ pub enum JobError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A file is larger than its cap; nothing of it was read.
+    #[error("{path}: {len} bytes, at most {limit}")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// The cap for that file.
+        limit: u64,
+    },
     /// A file is malformed or a key has a bad value.
     #[error("{file}: {key}: {reason}")]
     Invalid {
@@ -58,12 +76,53 @@ fn invalid(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> Jo
     }
 }
 
-/// Parses JSON or YAML (by extension) into `T`, naming the failing key.
-fn parse_file<T: DeserializeOwned>(path: &Path) -> Result<T, JobError> {
-    let text = std::fs::read_to_string(path).map_err(|source| JobError::Io {
+/// The largest `meta.json` read (bytes). A few thousand site names fit many times over.
+pub const MAX_META_BYTES: u64 = 1 << 20;
+/// The largest server or client config file read (bytes).
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+/// The most app folders a deploy map may name.
+pub const MAX_APPS: usize = 64;
+/// The most site names a deploy map may hold in all its apps, and the most
+/// `mandatory_clients`. FLARE federations have at most a few thousand sites.
+pub const MAX_DEPLOY_NAMES: usize = 4096;
+/// The longest site name (bytes): it is a certificate CN, which X.509 caps at 64.
+pub const MAX_SITE_NAME: usize = 64;
+/// The longest job name and app folder name (bytes).
+pub const MAX_NAME: usize = 255;
+
+/// Reads a file of at most `limit` bytes as UTF-8. The length is checked on the open file
+/// before anything is read, and the read stops at the cap whatever the file claims.
+fn read_capped(path: &Path, limit: u64) -> Result<String, JobError> {
+    use std::io::Read;
+    let io = |source| JobError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    if len > limit {
+        return Err(JobError::TooLarge {
+            path: path.to_path_buf(),
+            len,
+            limit,
+        });
+    }
+    let mut text = String::new();
+    f.take(limit + 1).read_to_string(&mut text).map_err(io)?;
+    if text.len() as u64 > limit {
+        return Err(JobError::TooLarge {
+            path: path.to_path_buf(),
+            len: text.len() as u64,
+            limit,
+        });
+    }
+    Ok(text)
+}
+
+/// Parses JSON or YAML (by extension) into `T`, naming the failing key; refuses a file over
+/// `limit` bytes before reading it.
+fn parse_file<T: DeserializeOwned>(path: &Path, limit: u64) -> Result<T, JobError> {
+    let text = read_capped(path, limit)?;
     let yaml = matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("yml" | "yaml")
@@ -113,10 +172,12 @@ pub struct JobMeta {
     /// Clients needed to run the job.
     #[serde(default = "one")]
     pub min_clients: usize,
-    /// Clients that must take part.
-    #[serde(default)]
+    /// Clients that must take part (at most [`MAX_DEPLOY_NAMES`]).
+    #[serde(default, deserialize_with = "bounded::mandatory_clients")]
     pub mandatory_clients: Vec<String>,
-    /// App folder → sites it deploys to (`@ALL`, `server`, or site names).
+    /// App folder → sites it deploys to (`@ALL`, `server`, or site names); at most
+    /// [`MAX_APPS`] apps and [`MAX_DEPLOY_NAMES`] names in all.
+    #[serde(deserialize_with = "bounded::deploy_map")]
     pub deploy_map: BTreeMap<String, Vec<String>>,
     /// Resources each site needs (kept for the node's policy checks).
     #[serde(default)]
@@ -125,6 +186,156 @@ pub struct JobMeta {
 
 fn one() -> usize {
     1
+}
+
+/// Deserializers for the lists in `meta.json` that stop storing at their limits: past a limit
+/// the rest is only counted (as [`serde::de::IgnoredAny`]), so a million names cost no more
+/// memory than the limit, and the error says how many there were.
+mod bounded {
+    use std::collections::BTreeMap;
+    use std::fmt;
+
+    use serde::Deserializer;
+    use serde::de::{Error, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    use super::{MAX_APPS, MAX_DEPLOY_NAMES, MAX_NAME, MAX_SITE_NAME};
+
+    /// Reads a list of site names into `out` while `out` stays within `max` in all (counting
+    /// `counted` too); returns how many names the list held.
+    fn names<'de, A: SeqAccess<'de>>(
+        mut seq: A,
+        out: &mut Vec<String>,
+        counted: &mut usize,
+        max: usize,
+    ) -> Result<(), A::Error> {
+        loop {
+            if *counted < max {
+                let Some(name) = seq.next_element::<String>()? else {
+                    return Ok(());
+                };
+                if name.len() > MAX_SITE_NAME {
+                    return Err(A::Error::custom(format!(
+                        "site name of {} bytes, at most {MAX_SITE_NAME}",
+                        name.len()
+                    )));
+                }
+                out.push(name);
+            } else if seq.next_element::<IgnoredAny>()?.is_none() {
+                return Ok(());
+            }
+            *counted += 1;
+        }
+    }
+
+    struct Names;
+
+    impl<'de> Visitor<'de> for Names {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of site names")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Vec<String>, A::Error> {
+            let mut out = Vec::new();
+            let mut n = 0;
+            names(seq, &mut out, &mut n, MAX_DEPLOY_NAMES)?;
+            if n > MAX_DEPLOY_NAMES {
+                return Err(A::Error::custom(format!(
+                    "{n} names, at most {MAX_DEPLOY_NAMES}"
+                )));
+            }
+            Ok(out)
+        }
+    }
+
+    /// `mandatory_clients`: at most [`MAX_DEPLOY_NAMES`] names of at most [`MAX_SITE_NAME`]
+    /// bytes.
+    pub(super) fn mandatory_clients<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<String>, D::Error> {
+        d.deserialize_seq(Names)
+    }
+
+    /// One app's list of names, sharing the deploy map's count.
+    struct AppNames<'a> {
+        counted: &'a mut usize,
+    }
+
+    impl<'de> serde::de::DeserializeSeed<'de> for AppNames<'_> {
+        type Value = Vec<String>;
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<String>, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for AppNames<'_> {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of site names")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Vec<String>, A::Error> {
+            let mut out = Vec::new();
+            names(seq, &mut out, self.counted, MAX_DEPLOY_NAMES)?;
+            Ok(out)
+        }
+    }
+
+    struct DeployMap;
+
+    impl<'de> Visitor<'de> for DeployMap {
+        type Value = BTreeMap<String, Vec<String>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map of app folder to site names")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<BTreeMap<String, Vec<String>>, A::Error> {
+            let mut out = BTreeMap::new();
+            let mut names = 0usize;
+            let mut apps = 0usize;
+            while let Some(app) = map.next_key::<String>()? {
+                apps += 1;
+                if apps > MAX_APPS {
+                    // Count the rest without keeping it.
+                    map.next_value::<IgnoredAny>()?;
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {
+                        apps += 1;
+                    }
+                    return Err(A::Error::custom(format!("{apps} apps, at most {MAX_APPS}")));
+                }
+                if app.len() > MAX_NAME {
+                    return Err(A::Error::custom(format!(
+                        "app folder name of {} bytes, at most {MAX_NAME}",
+                        app.len()
+                    )));
+                }
+                let sites = map.next_value_seed(AppNames {
+                    counted: &mut names,
+                })?;
+                out.insert(app, sites);
+            }
+            if names > MAX_DEPLOY_NAMES {
+                return Err(A::Error::custom(format!(
+                    "{names} names, at most {MAX_DEPLOY_NAMES}"
+                )));
+            }
+            Ok(out)
+        }
+    }
+
+    /// `deploy_map`: at most [`MAX_APPS`] apps and [`MAX_DEPLOY_NAMES`] names in all.
+    pub(super) fn deploy_map<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Vec<String>>, D::Error> {
+        d.deserialize_map(DeployMap)
+    }
 }
 
 /// A `{ "id", "name", "args" }` entry.
@@ -340,7 +551,7 @@ impl ServerApp {
     /// Loads `<app>/config/config_fed_server.{json,yml,yaml}`.
     pub fn load(app_dir: &Path) -> Result<ServerApp, JobError> {
         let file = config_file(app_dir, "config_fed_server")?;
-        let f: ServerFile = parse_file(&file)?;
+        let f: ServerFile = parse_file(&file, MAX_CONFIG_BYTES)?;
         check_format(&file, f.format_version)?;
         let (wf, evaluation) = match f.workflows.as_slice() {
             [wf] => (wf, None),
@@ -730,7 +941,7 @@ impl ClientApp {
     /// Loads `<app>/config/config_fed_client.{json,yml,yaml}`.
     pub fn load(app_dir: &Path) -> Result<ClientApp, JobError> {
         let file = config_file(app_dir, "config_fed_client")?;
-        let f: ClientFile = parse_file(&file)?;
+        let f: ClientFile = parse_file(&file, MAX_CONFIG_BYTES)?;
         check_format(&file, f.format_version)?;
         if !f.components.is_empty() {
             return Err(invalid(
@@ -1022,9 +1233,16 @@ impl Job {
     /// Loads and checks a whole job folder.
     pub fn load(dir: &Path) -> Result<Job, JobError> {
         let meta_path = dir.join("meta.json");
-        let meta: JobMeta = parse_file(&meta_path)?;
+        let meta: JobMeta = parse_file(&meta_path, MAX_META_BYTES)?;
         if meta.name.trim().is_empty() {
             return Err(invalid(&meta_path, "name", "must not be empty"));
+        }
+        if meta.name.len() > MAX_NAME {
+            return Err(invalid(
+                &meta_path,
+                "name",
+                format!("{} bytes, at most {MAX_NAME}", meta.name.len()),
+            ));
         }
         if meta.min_clients == 0 {
             return Err(invalid(&meta_path, "min_clients", "must be at least 1"));
@@ -1148,6 +1366,116 @@ mod tests {
         }
         fn err(&self) -> String {
             Job::load(self.dir.path()).unwrap_err().to_string()
+        }
+    }
+
+    /// A meta.json deploying the app to the server and `n` sites named `site-<i>` padded to
+    /// `len` bytes.
+    fn meta_with_sites(n: usize, len: usize) -> String {
+        let mut names = vec!["\"server\"".to_string()];
+        names.extend((0..n).map(|i| format!("\"{:0>len$}\"", format!("site-{i}"))));
+        format!(
+            r#"{{"name": "t", "deploy_map": {{"app": [{}]}}}}"#,
+            names.join(",")
+        )
+    }
+
+    #[test]
+    fn what_a_job_can_make_a_node_allocate_is_bounded() {
+        // The largest deploy map allowed loads: every name at the longest allowed.
+        let f = Fixture::new();
+        f.write(
+            "meta.json",
+            &meta_with_sites(MAX_DEPLOY_NAMES - 1, MAX_SITE_NAME),
+        );
+        let job = Job::load(f.dir.path()).unwrap();
+        assert_eq!(job.meta.deploy_map["app"].len(), MAX_DEPLOY_NAMES);
+
+        let many_apps = format!(
+            r#"{{"name": "t", "deploy_map": {{{}}}}}"#,
+            (0..100)
+                .map(|i| format!(r#""app{i}": ["@ALL"]"#))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let mandatory = format!(
+            r#"{{"name": "t", "mandatory_clients": [{}], "deploy_map": {{"app": ["@ALL"]}}}}"#,
+            (0..5000)
+                .map(|i| format!("\"s{i}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let cases = [
+            (
+                // Just under the byte cap: names are counted past the limit, not kept.
+                format!(
+                    r#"{{"name": "t", "deploy_map": {{"app": ["server", {}]}}}}"#,
+                    (0..100_000)
+                        .map(|i| format!("\"{i}\""))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                format!("meta.json: deploy_map: 100001 names, at most {MAX_DEPLOY_NAMES}"),
+            ),
+            (
+                meta_with_sites(MAX_DEPLOY_NAMES, 1),
+                format!("meta.json: deploy_map: 4097 names, at most {MAX_DEPLOY_NAMES}"),
+            ),
+            (
+                meta_with_sites(2, MAX_SITE_NAME + 1),
+                format!(
+                    "meta.json: deploy_map.app: site name of 65 bytes, at most {MAX_SITE_NAME}"
+                ),
+            ),
+            (
+                many_apps,
+                format!("meta.json: deploy_map: 100 apps, at most {MAX_APPS}"),
+            ),
+            (
+                mandatory,
+                format!("meta.json: mandatory_clients: 5000 names, at most {MAX_DEPLOY_NAMES}"),
+            ),
+            (
+                format!(
+                    r#"{{"name": "{}", "deploy_map": {{"app": ["@ALL"]}}}}"#,
+                    "n".repeat(300)
+                ),
+                format!("meta.json: name: 300 bytes, at most {MAX_NAME}"),
+            ),
+        ];
+        for (text, want) in cases {
+            let f = Fixture::new();
+            f.write("meta.json", &text);
+            let err = f.err();
+            assert!(err.contains(&want), "{err:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_files_are_refused_by_their_length() {
+        for (file, limit) in [
+            ("meta.json", MAX_META_BYTES),
+            ("app/config/config_fed_server.json", MAX_CONFIG_BYTES),
+            ("app/config/config_fed_client.json", MAX_CONFIG_BYTES),
+        ] {
+            let f = Fixture::new();
+            // A sparse file: its length says too large, and no byte of it is read.
+            let path = f.dir.path().join(file);
+            std::fs::File::create(&path)
+                .unwrap()
+                .set_len(limit + 1)
+                .unwrap();
+            let err = Job::load(f.dir.path()).unwrap_err();
+            assert!(
+                matches!(&err, JobError::TooLarge { path: p, len, limit: l }
+                    if *p == path && *len == limit + 1 && *l == limit),
+                "{err}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains(file) && msg.contains(&format!("at most {limit}")),
+                "{msg}"
+            );
         }
     }
 

@@ -183,6 +183,14 @@ impl FolderFiles {
     fn read_capped(&mut self, path: &Path) -> Result<Vec<u8>, JobPackError> {
         let f = fs::File::open(path).map_err(io(path))?;
         let room = MAX_JOB_BYTES.saturating_sub(self.size);
+        // Refuse a file that cannot fit before reading any of it.
+        let len = f.metadata().map_err(io(path))?.len();
+        if len >= room {
+            return Err(JobPackError::TooLarge {
+                size: self.size.saturating_add(len),
+                cap: MAX_JOB_BYTES,
+            });
+        }
         let mut bytes = Vec::new();
         f.take(room).read_to_end(&mut bytes).map_err(io(path))?;
         self.charge(bytes.len() as u64)?;

@@ -114,6 +114,9 @@ enum BenchCommand {
         /// Rounds.
         #[arg(long, default_value_t = 1)]
         rounds: u32,
+        /// Print progress on stderr every this many rounds (0: never).
+        #[arg(long, default_value_t = 100)]
+        progress_every: u32,
     },
     /// One end of `bench transfer` (started by it).
     #[command(hide = true)]
@@ -315,8 +318,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             params,
             clients,
             rounds,
+            progress_every,
         }) => {
-            let r = flare_node::bench_net::run_fedavg(params, clients, rounds)?;
+            let r = flare_node::bench_net::run_fedavg(params, clients, rounds, progress_every)?;
             println!("{r}");
         }
         Command::Bench(BenchCommand::TransferPeer {

@@ -33,6 +33,7 @@ pub fn write(path: &Path, model: &FLModel) -> Result<(), ModelFileError> {
         path: path.to_path_buf(),
         source,
     };
+    check_room(path, model).map_err(io)?;
     let tmp = path.with_extension("safetensors.tmp");
     let result = safetensors::serialize_to_file(
         model.params.iter().map(|(k, v)| (k.as_str(), v)),
@@ -44,6 +45,41 @@ pub fn write(path: &Path, model: &FLModel) -> Result<(), ModelFileError> {
         return Err(io(std::io::Error::other(e.to_string())));
     }
     std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Free space a model write leaves on its file system, for the small writes beside it (job
+/// records, reports) that a model filling the disk to its last byte would make fail.
+pub const DISK_RESERVE: u64 = 1 << 20;
+
+/// Refuses a model that does not fit on `path`'s file system with [`DISK_RESERVE`] to spare,
+/// before a byte is written: a write that fills the disk and then fails would make every
+/// other write there fail meanwhile. Where the free space cannot be read, the write goes
+/// ahead (and fails as it would).
+fn check_room(path: &Path, model: &FLModel) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(st) = rustix::fs::statvfs(dir) else {
+        return Ok(());
+    };
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    // The tensors' bytes and a generous allowance for the JSON header.
+    let header: u64 = model
+        .params
+        .iter()
+        .map(|(k, t)| k.len() as u64 + 16 * t.shape().len() as u64 + 96)
+        .sum();
+    let need = model.num_bytes() as u64 + header + 4096;
+    if free < need.saturating_add(DISK_RESERVE) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!(
+                "No space left on device: the model needs {need} bytes and {DISK_RESERVE} more are kept free, {free} are free"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads a safetensors file into a model.

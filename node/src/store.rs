@@ -2,10 +2,23 @@
 //! kept so that they survive a server restart.
 //!
 //! ```text
-//! <root>/jobs/<job_id>/record.json   the JobRecord (written atomically: temp, fsync, rename)
-//! <root>/jobs/<job_id>/job/          the unpacked job folder, admin signature verified
-//! <root>/jobs/<job_id>/result/       the final model and metrics
+//! <root>/jobs/<job_id>/record.json    the JobRecord but its history and metrics (written
+//!                                     atomically: temp, fsync, rename)
+//! <root>/jobs/<job_id>/history.jsonl  the history, one StatusEntry a line (fsynced appends)
+//! <root>/jobs/<job_id>/metrics.jsonl  the metrics, one {"version", "metrics"} a line; a later
+//!                                     line for a version replaces an earlier one
+//! <root>/jobs/<job_id>/job/           the unpacked job folder, admin signature verified
+//! <root>/jobs/<job_id>/result/        the final model and metrics
 //! ```
+//!
+//! What a job gains every round (a history line, a version's metrics) is appended, never
+//! rewritten, so a round costs the same at round 5,000 as at round 5: `record.json` stays a
+//! few hundred bytes, and the per-round methods ([`JobStore::set_round`],
+//! [`JobStore::add_metrics`], [`JobStore::push_history`]) change the record in memory in
+//! place rather than cloning it. A write is acknowledged only after its fsync; a crash in the
+//! middle of an append leaves a torn last line, which [`JobStore::open`] cuts off (it was
+//! never acknowledged). Records from before the line files (history and metrics inside
+//! `record.json`) still load, and are moved into line files on open.
 //!
 //! A job folder appears under `jobs/` only complete: it is built as `jobs/.<id>.partial` and
 //! renamed into place, and deleted by renaming it to `jobs/.<id>.deleting` first. Folders
@@ -31,8 +44,12 @@ use crate::job::{Job, JobError};
 use crate::jobpack::{FolderFiles, JobPackError, unpack_verified};
 use crate::net::protocol::JobBundle;
 
-/// The file holding a job's [`JobRecord`].
+/// The file holding a job's [`JobRecord`] (all but its history and metrics).
 pub const RECORD_FILE: &str = "record.json";
+/// The file holding a job's history, one [`StatusEntry`] a line.
+pub const HISTORY_FILE: &str = "history.jsonl";
+/// The file holding a job's metrics, one `{"version": v, "metrics": {...}}` a line.
+pub const METRICS_FILE: &str = "metrics.jsonl";
 /// The job folder inside a job's store folder.
 pub const JOB_DIR: &str = "job";
 /// The result folder inside a job's store folder.
@@ -41,6 +58,9 @@ pub const RESULT_DIR: &str = "result";
 pub const MAX_ID_LEN: usize = 64;
 /// The largest record.json read (bytes); records are small, this bounds a corrupt one.
 const MAX_RECORD_LEN: u64 = 16 << 20;
+/// The largest history or metrics line file read (bytes): a million rounds of a few metrics
+/// fit; this bounds a corrupt one.
+const MAX_LINES_LEN: u64 = 256 << 20;
 
 /// Where a job is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -110,12 +130,16 @@ pub struct JobRecord {
     /// The current state.
     pub state: JobState,
     /// Every state entered, oldest first, so a restart does not lose what happened.
+    /// On disk in [`HISTORY_FILE`], not in `record.json`.
+    #[serde(default)]
     pub history: Vec<StatusEntry>,
     /// The round under way, once rounds have started.
     pub round: Option<u32>,
     /// Site → its latest state or refusal reason, for `status`.
     pub sites: BTreeMap<String, String>,
-    /// Round → metric name → value, as reported by validation.
+    /// Round → metric name → value, as reported by validation. On disk in
+    /// [`METRICS_FILE`], not in `record.json`.
+    #[serde(default)]
     pub metrics: BTreeMap<u32, BTreeMap<String, f64>>,
     /// Cross-site evaluation: evaluator → model (a site, or `global`) → metric → value.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -160,6 +184,21 @@ impl JobRecord {
             snapshot_round: None,
         }
     }
+}
+
+/// One line of [`METRICS_FILE`], as written.
+#[derive(Serialize)]
+struct MetricsLine<'a> {
+    version: u32,
+    metrics: &'a BTreeMap<String, f64>,
+}
+
+/// One line of [`METRICS_FILE`], as read: JSON has no NaN, so a NaN metric was written as
+/// `null`; it is dropped rather than making the whole record unreadable.
+#[derive(Deserialize)]
+struct MetricsLineIn {
+    version: u32,
+    metrics: BTreeMap<String, Option<f64>>,
 }
 
 /// A `jobs/` entry that [`JobStore::open`] could not load.
@@ -285,12 +324,12 @@ impl JobStore {
                 continue;
             }
             let file = path.join(RECORD_FILE);
-            match read_record(&file) {
+            match load_job(&path) {
                 Ok(r) if r.id == name => {
                     records.insert(r.id.clone(), r);
                 }
                 Ok(r) => skip(file, format!("the record is for job {:?}", r.id)),
-                Err(reason) => skip(file, reason),
+                Err((file, reason)) => skip(file, reason),
             }
         }
         Ok(JobStore {
@@ -349,11 +388,14 @@ impl JobStore {
         Err(StoreError::Random)
     }
 
-    /// Finishes a partial job folder: result folder, record, rename into place.
-    fn commit(&self, partial: &Path, record: &JobRecord) -> Result<(), StoreError> {
+    /// Finishes a partial job folder: result folder, record and its line files, rename into
+    /// place.
+    fn commit(&self, partial: &Path, record: &mut JobRecord) -> Result<(), StoreError> {
         let result = partial.join(RESULT_DIR);
         fs::create_dir(&result).map_err(io(&result))?;
-        write_record(&partial.join(RECORD_FILE), record)?;
+        rewrite_lines(&partial.join(HISTORY_FILE), history_lines(&record.history))?;
+        rewrite_lines(&partial.join(METRICS_FILE), metrics_lines(&record.metrics))?;
+        write_head(&partial.join(RECORD_FILE), record)?;
         let dest = self.dir(&record.id);
         fs::rename(partial, &dest).map_err(io(&dest))?;
         sync_dir(&self.jobs_dir)
@@ -374,8 +416,9 @@ impl JobStore {
             let job_dir = partial.join(JOB_DIR);
             unpack_verified(bundle, &job_dir, admin_key)?;
             let (name, note) = job_name(&job_dir)?;
-            let record = JobRecord::submitted(id.clone(), name, submitter.to_owned(), now_ms, note);
-            self.commit(&partial, &record)?;
+            let mut record =
+                JobRecord::submitted(id.clone(), name, submitter.to_owned(), now_ms, note);
+            self.commit(&partial, &mut record)?;
             Ok(record)
         })();
         match done {
@@ -388,6 +431,19 @@ impl JobStore {
                 Err(e)
             }
         }
+    }
+
+    /// The ids of the jobs in `state`, oldest submission first, without copying records (the
+    /// scheduler asks every second).
+    pub fn ids_in_state(&self, state: JobState) -> Vec<String> {
+        let records = self.lock();
+        let mut ids: Vec<(u64, &String)> = records
+            .values()
+            .filter(|r| r.state == state)
+            .map(|r| (r.submitted_ms, &r.id))
+            .collect();
+        ids.sort();
+        ids.into_iter().map(|(_, id)| id.clone()).collect()
     }
 
     /// Every job, oldest submission first.
@@ -406,6 +462,21 @@ impl JobStore {
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))
     }
 
+    /// One job's record as the JSON `admin status` shows, encoded under the lock: no copy of
+    /// the record and no `serde_json::Value` tree (a long job's metrics made each status
+    /// answer, which `admin wait` asks for every 500 ms, allocate about 1 KB a round).
+    pub fn record_json(&self, id: &str) -> Result<String, StoreError> {
+        let id = check_id(id)?;
+        let records = self.lock();
+        let record = records
+            .get(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        serde_json::to_string(record).map_err(|source| StoreError::Encode {
+            path: self.dir(id).join(RECORD_FILE),
+            source,
+        })
+    }
+
     /// Changes a record with `f` and writes it; the id cannot be changed. On a failed write
     /// the stored record stays as it was.
     pub fn update(
@@ -421,9 +492,69 @@ impl JobStore {
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
         f(&mut record);
         record.id = id.to_owned();
-        write_record(&self.dir(id).join(RECORD_FILE), &record)?;
+        let old = records
+            .get(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        persist(&self.dir(id), old, &mut record)?;
         records.insert(id.to_owned(), record.clone());
         Ok(record)
+    }
+
+    /// Sets the round under way: `record.json` is rewritten (it is small), the record in
+    /// memory changed in place. On a failed write the record stays as it was.
+    pub fn set_round(&self, id: &str, round: u32) -> Result<(), StoreError> {
+        let id = check_id(id)?;
+        let file = self.dir(id).join(RECORD_FILE);
+        let mut records = self.lock();
+        let record = records
+            .get_mut(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        if record.round == Some(round) {
+            return Ok(());
+        }
+        let before = record.round.replace(round);
+        if let Err(e) = write_head(&file, record) {
+            record.round = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Records the metrics of a model version (replacing earlier ones for that version): one
+    /// appended line, nothing rewritten, nothing cloned.
+    pub fn add_metrics(
+        &self,
+        id: &str,
+        version: u32,
+        metrics: BTreeMap<String, f64>,
+    ) -> Result<(), StoreError> {
+        let id = check_id(id)?;
+        let file = self.dir(id).join(METRICS_FILE);
+        let mut records = self.lock();
+        let record = records
+            .get_mut(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        append_lines(&file, metrics_lines(std::iter::once((&version, &metrics))))?;
+        record.metrics.insert(version, metrics);
+        Ok(())
+    }
+
+    /// Appends a note to the job's history in its current state: one appended line.
+    pub fn push_history(&self, id: &str, note: String, now_ms: u64) -> Result<(), StoreError> {
+        let id = check_id(id)?;
+        let file = self.dir(id).join(HISTORY_FILE);
+        let mut records = self.lock();
+        let record = records
+            .get_mut(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        let entry = StatusEntry {
+            at_ms: now_ms,
+            state: record.state,
+            note,
+        };
+        append_lines(&file, history_lines(std::slice::from_ref(&entry)))?;
+        record.history.push(entry);
+        Ok(())
     }
 
     /// Moves a job to `state` and appends the step to its history.
@@ -471,21 +602,21 @@ impl JobStore {
     pub fn clone_job(&self, id: &str, now_ms: u64) -> Result<JobRecord, StoreError> {
         let id = check_id(id)?;
         let mut records = self.lock();
-        let source = records
+        let (name, submitter) = records
             .get(id)
-            .cloned()
+            .map(|r| (r.name.clone(), r.submitter.clone()))
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
         let (new, partial) = self.reserve(&records, now_ms)?;
         let done = (|| {
             copy_tree(&self.job_dir(id), &partial.join(JOB_DIR))?;
-            let record = JobRecord::submitted(
+            let mut record = JobRecord::submitted(
                 new.clone(),
-                source.name.clone(),
-                source.submitter.clone(),
+                name.clone(),
+                submitter.clone(),
                 now_ms,
                 format!("cloned from {id}"),
             );
-            self.commit(&partial, &record)?;
+            self.commit(&partial, &mut record)?;
             Ok(record)
         })();
         match done {
@@ -541,17 +672,228 @@ fn read_record(file: &Path) -> Result<JobRecord, String> {
     serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
-/// Writes a record atomically: a temporary file, fsync, rename, fsync of the folder. Every
-/// error names the record file.
-fn write_record(file: &Path, record: &JobRecord) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec_pretty(record).map_err(|source| StoreError::Encode {
+/// Loads a job folder's record with its history and metrics lines. A record whose history
+/// or metrics are still inside `record.json` (an older store) has them moved into line files;
+/// where a line file exists it is the whole truth, and anything left inside `record.json` is
+/// from a move that a crash interrupted. An error names the file.
+fn load_job(dir: &Path) -> Result<JobRecord, (PathBuf, String)> {
+    let file = dir.join(RECORD_FILE);
+    let mut record = read_record(&file).map_err(|e| (file.clone(), e))?;
+    let mut moved = false;
+    let hist = dir.join(HISTORY_FILE);
+    match read_lines(&hist).map_err(|e| (hist.clone(), e))? {
+        Some(lines) => {
+            record.history = lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    serde_json::from_slice(l)
+                        .map_err(|e| (hist.clone(), format!("line {}: {e}", i + 1)))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        None if record.history.is_empty() => {}
+        None => {
+            rewrite_lines(&hist, history_lines(&record.history))
+                .map_err(|e| (hist, e.to_string()))?;
+            moved = true;
+        }
+    }
+    let metrics = dir.join(METRICS_FILE);
+    match read_lines(&metrics).map_err(|e| (metrics.clone(), e))? {
+        Some(lines) => {
+            record.metrics.clear();
+            for (i, l) in lines.iter().enumerate() {
+                let line: MetricsLineIn = serde_json::from_slice(l)
+                    .map_err(|e| (metrics.clone(), format!("line {}: {e}", i + 1)))?;
+                let values = line
+                    .metrics
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v?)))
+                    .collect();
+                record.metrics.insert(line.version, values);
+            }
+        }
+        None if record.metrics.is_empty() => {}
+        None => {
+            rewrite_lines(&metrics, metrics_lines(&record.metrics))
+                .map_err(|e| (metrics, e.to_string()))?;
+            moved = true;
+        }
+    }
+    if moved {
+        write_head(&file, &mut record).map_err(|e| (file, e.to_string()))?;
+    }
+    Ok(record)
+}
+
+/// The complete lines of a line file, or `None` if there is none. A torn last line (a crash
+/// during an append, never acknowledged) is cut off the file, so later appends start on a
+/// line of their own.
+fn read_lines(file: &Path) -> Result<Option<Vec<Vec<u8>>>, String> {
+    let meta = match fs::metadata(file) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    if meta.len() > MAX_LINES_LEN {
+        return Err(format!("{} bytes, at most {MAX_LINES_LEN}", meta.len()));
+    }
+    let bytes = fs::read(file).map_err(|e| e.to_string())?;
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if complete < bytes.len() {
+        tracing::warn!(path = %file.display(), bytes = bytes.len() - complete, "cutting off a torn last line");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(file)
+            .and_then(|f| {
+                f.set_len(complete as u64)?;
+                f.sync_all()
+            })
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(Some(
+        bytes[..complete]
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect(),
+    ))
+}
+
+/// History entries as JSON lines.
+fn history_lines(entries: &[StatusEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        // A StatusEntry always encodes (strings, numbers, an enum).
+        if serde_json::to_writer(&mut out, e).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+/// Metrics as JSON lines, one per version.
+fn metrics_lines<'a>(
+    metrics: impl IntoIterator<Item = (&'a u32, &'a BTreeMap<String, f64>)>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (&version, metrics) in metrics {
+        // String keys and f64 values always encode (NaN becomes null).
+        if serde_json::to_writer(&mut out, &MetricsLine { version, metrics }).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+/// Appends whole lines to a line file and fsyncs it (and its folder, if the file is new).
+/// Returns the file's previous length, so a caller can undo the append. On a failed write the
+/// file is cut back to that length.
+fn append_lines(file: &Path, bytes: Vec<u8>) -> Result<u64, StoreError> {
+    let existed = file.exists();
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .map_err(io(file))?;
+    let before = f.metadata().map_err(io(file))?.len();
+    if bytes.is_empty() {
+        return Ok(before);
+    }
+    if let Err(e) = f.write_all(&bytes).and_then(|()| f.sync_data()) {
+        let _ = f.set_len(before);
+        return Err(StoreError::Io {
+            path: file.to_path_buf(),
+            source: e,
+        });
+    }
+    if !existed && let Some(dir) = file.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(before)
+}
+
+/// Replaces a line file atomically (temporary file, fsync, rename, fsync of the folder).
+fn rewrite_lines(file: &Path, bytes: Vec<u8>) -> Result<(), StoreError> {
+    replace_file(file, &bytes)
+}
+
+/// Writes what changed from `old` to `new` into the job folder `dir`: appended history and
+/// metrics lines where `new` only adds to `old` (a rewrite of the line file otherwise), then
+/// `record.json`. If `record.json` cannot be written the appends are cut off again, so the
+/// job on disk stays as it was.
+fn persist(dir: &Path, old: &JobRecord, new: &mut JobRecord) -> Result<(), StoreError> {
+    let hist = dir.join(HISTORY_FILE);
+    let metrics = dir.join(METRICS_FILE);
+    let mut undo: Vec<(PathBuf, Option<u64>, Vec<u8>)> = Vec::new();
+    let n = old.history.len();
+    if new.history.len() >= n && new.history[..n] == old.history[..] {
+        if new.history.len() > n {
+            let before = append_lines(&hist, history_lines(&new.history[n..]))?;
+            undo.push((hist, Some(before), Vec::new()));
+        }
+    } else {
+        rewrite_lines(&hist, history_lines(&new.history))?;
+        undo.push((hist, None, history_lines(&old.history)));
+    }
+    let done = if old.metrics.keys().all(|k| new.metrics.contains_key(k)) {
+        let changed = new
+            .metrics
+            .iter()
+            .filter(|(k, v)| old.metrics.get(k) != Some(v));
+        let bytes = metrics_lines(changed);
+        if bytes.is_empty() {
+            Ok(())
+        } else {
+            append_lines(&metrics, bytes).map(|before| {
+                undo.push((metrics, Some(before), Vec::new()));
+            })
+        }
+    } else {
+        rewrite_lines(&metrics, metrics_lines(&new.metrics)).map(|()| {
+            undo.push((metrics, None, metrics_lines(&old.metrics)));
+        })
+    };
+    let done = done.and_then(|()| write_head(&dir.join(RECORD_FILE), new));
+    if done.is_err() {
+        for (file, len, old_bytes) in undo {
+            let _ = match len {
+                Some(len) => fs::OpenOptions::new()
+                    .write(true)
+                    .open(&file)
+                    .and_then(|f| f.set_len(len)),
+                None => replace_file(&file, &old_bytes).map_err(std::io::Error::other),
+            };
+        }
+    }
+    done
+}
+
+/// Writes `record.json`: the record without its history and metrics (those are in their line
+/// files), taken out for the encoding and put back, so nothing is copied.
+fn write_head(file: &Path, record: &mut JobRecord) -> Result<(), StoreError> {
+    let history = std::mem::take(&mut record.history);
+    let metrics = std::mem::take(&mut record.metrics);
+    let bytes = serde_json::to_vec_pretty(record);
+    record.history = history;
+    record.metrics = metrics;
+    let bytes = bytes.map_err(|source| StoreError::Encode {
         path: file.to_path_buf(),
         source,
     })?;
-    let tmp = file.with_extension("json.tmp");
+    replace_file(file, &bytes)
+}
+
+/// Replaces a file atomically: a temporary file, fsync, rename, fsync of the folder. Every
+/// error names the file.
+fn replace_file(file: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let written = (|| {
         let mut f = fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, file)
     })();
@@ -696,6 +1038,241 @@ mod tests {
             matches!(&err, StoreError::NotFound(id) if id == "0000000000aa-0000"),
             "{err}"
         );
+    }
+
+    fn job_file(f: &Fixture, id: &str, name: &str) -> PathBuf {
+        f.root.join("jobs").join(id).join(name)
+    }
+
+    #[test]
+    fn per_round_writes_append_and_the_record_file_stays_the_same_size() {
+        let f = Fixture::new();
+        let store = f.open();
+        let a = f.submit(&store, 1);
+        store
+            .set_state(&a.id, JobState::Running, "2 sites", 2)
+            .unwrap();
+        let record = job_file(&f, &a.id, RECORD_FILE);
+        let metrics = job_file(&f, &a.id, METRICS_FILE);
+        let mut at_20 = (0, 0);
+        for round in 1..=200u32 {
+            store.set_round(&a.id, round).unwrap();
+            let m = BTreeMap::from([("accuracy".to_string(), f64::from(round) / 1000.0)]);
+            store.add_metrics(&a.id, round, m).unwrap();
+            if round == 20 {
+                at_20 = (
+                    fs::metadata(&record).unwrap().len(),
+                    fs::metadata(&metrics).unwrap().len(),
+                );
+            }
+        }
+        let record_len = fs::metadata(&record).unwrap().len();
+        assert!(
+            record_len.abs_diff(at_20.0) <= 2,
+            "{} then {record_len}",
+            at_20.0
+        );
+        // The metrics file grew by appends only: about a line a round.
+        let line = at_20.1 / 20;
+        let metrics_len = fs::metadata(&metrics).unwrap().len();
+        assert!(metrics_len <= at_20.1 + 180 * (line + 2), "{metrics_len}");
+        store.push_history(&a.id, "a note".into(), 3).unwrap();
+        // A version measured again replaces its metrics.
+        store
+            .add_metrics(&a.id, 7, BTreeMap::from([("accuracy".into(), 0.9)]))
+            .unwrap();
+        let before = store.get(&a.id).unwrap();
+        drop(store);
+        let store = f.open();
+        let after = store.get(&a.id).unwrap();
+        assert_eq!(after, before);
+        assert_eq!(after.round, Some(200));
+        assert_eq!(after.metrics.len(), 200);
+        assert_eq!(after.metrics[&7]["accuracy"], 0.9);
+        assert_eq!(after.metrics[&150]["accuracy"], 0.15);
+        assert_eq!(after.history.last().unwrap().note, "a note");
+        assert_eq!(after.history.last().unwrap().state, JobState::Running);
+        // record.json holds neither.
+        let head: serde_json::Value = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
+        assert_eq!(head["metrics"], serde_json::json!({}));
+        assert_eq!(head["history"], serde_json::json!([]));
+        assert_eq!(head["round"], 200);
+    }
+
+    #[test]
+    fn update_writes_any_change_and_a_restart_sees_it() {
+        let f = Fixture::new();
+        let store = f.open();
+        let a = f.submit(&store, 1);
+        store.set_state(&a.id, JobState::Running, "x", 2).unwrap();
+        store
+            .update(&a.id, |r| {
+                r.metrics.insert(1, BTreeMap::from([("loss".into(), 1.0)]));
+                r.metrics.insert(2, BTreeMap::from([("loss".into(), 0.5)]));
+            })
+            .unwrap();
+        // Not an append: an entry rewritten and a version removed.
+        let changed = store
+            .update(&a.id, |r| {
+                r.history[0].note = "rewritten".into();
+                r.metrics.remove(&1);
+                r.sites.insert("site-1".into(), "round 2".into());
+            })
+            .unwrap();
+        drop(store);
+        let store = f.open();
+        assert_eq!(store.get(&a.id).unwrap(), changed);
+        assert_eq!(changed.history[0].note, "rewritten");
+        assert_eq!(changed.metrics.keys().collect::<Vec<_>>(), [&2]);
+    }
+
+    #[test]
+    fn records_from_before_the_line_files_load_and_move() {
+        let f = Fixture::new();
+        let store = f.open();
+        let a = f.submit(&store, 1);
+        let mut old = store
+            .update(&a.id, |r| {
+                r.state = JobState::Finished;
+                r.round = Some(3);
+                r.metrics
+                    .insert(3, BTreeMap::from([("accuracy".into(), 0.75)]));
+                r.history.push(StatusEntry {
+                    at_ms: 9,
+                    state: JobState::Finished,
+                    note: "finished".into(),
+                });
+            })
+            .unwrap();
+        drop(store);
+        // The old layout: everything in record.json, no line files.
+        old.id = a.id.clone();
+        fs::write(
+            job_file(&f, &a.id, RECORD_FILE),
+            serde_json::to_vec_pretty(&old).unwrap(),
+        )
+        .unwrap();
+        fs::remove_file(job_file(&f, &a.id, HISTORY_FILE)).unwrap();
+        fs::remove_file(job_file(&f, &a.id, METRICS_FILE)).unwrap();
+        let store = f.open();
+        assert!(store.skipped().is_empty(), "{:?}", store.skipped());
+        assert_eq!(store.get(&a.id).unwrap(), old);
+        assert!(job_file(&f, &a.id, HISTORY_FILE).is_file());
+        drop(store);
+        let head: serde_json::Value =
+            serde_json::from_slice(&fs::read(job_file(&f, &a.id, RECORD_FILE)).unwrap()).unwrap();
+        assert_eq!(head["history"], serde_json::json!([]));
+        let store = f.open();
+        assert_eq!(store.get(&a.id).unwrap(), old);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_and_appends_go_on() {
+        let f = Fixture::new();
+        let store = f.open();
+        let a = f.submit(&store, 1);
+        store
+            .add_metrics(&a.id, 1, BTreeMap::from([("loss".into(), 1.0)]))
+            .unwrap();
+        drop(store);
+        // A crash in the middle of the next append (never acknowledged).
+        let metrics = job_file(&f, &a.id, METRICS_FILE);
+        let mut file = fs::OpenOptions::new().append(true).open(&metrics).unwrap();
+        file.write_all(br#"{"version": 2, "metr"#).unwrap();
+        drop(file);
+        let store = f.open();
+        assert!(store.skipped().is_empty(), "{:?}", store.skipped());
+        assert_eq!(store.get(&a.id).unwrap().metrics.len(), 1);
+        store
+            .add_metrics(&a.id, 2, BTreeMap::from([("loss".into(), 0.5)]))
+            .unwrap();
+        drop(store);
+        let store = f.open();
+        let r = store.get(&a.id).unwrap();
+        assert_eq!(r.metrics[&1]["loss"], 1.0);
+        assert_eq!(r.metrics[&2]["loss"], 0.5);
+        // A broken line in the middle is a corrupt record, named with its line.
+        drop(store);
+        let text = fs::read_to_string(&metrics).unwrap();
+        fs::write(&metrics, format!("nonsense\n{text}")).unwrap();
+        let store = f.open();
+        assert_eq!(store.skipped().len(), 1);
+        assert_eq!(store.skipped()[0].path, metrics);
+        assert!(store.skipped()[0].reason.contains("line 1"));
+    }
+
+    #[test]
+    fn the_status_json_is_the_record() {
+        let f = Fixture::new();
+        let store = f.open();
+        let a = f.submit(&store, 1);
+        store
+            .add_metrics(&a.id, 10, BTreeMap::from([("loss".into(), 0.25)]))
+            .unwrap();
+        store
+            .add_metrics(&a.id, 9, BTreeMap::from([("loss".into(), 0.5)]))
+            .unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&store.record_json(&a.id).unwrap()).unwrap();
+        assert_eq!(json, serde_json::json!(store.get(&a.id).unwrap()));
+        assert_eq!(json["metrics"]["10"]["loss"], 0.25);
+        assert!(matches!(
+            store.record_json("0000000000aa-0000"),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn the_scheduler_lists_ids_by_state() {
+        let f = Fixture::new();
+        let store = f.open();
+        let a = f.submit(&store, 2);
+        let b = f.submit(&store, 1);
+        let c = f.submit(&store, 3);
+        store.set_state(&c.id, JobState::Running, "", 4).unwrap();
+        assert_eq!(store.ids_in_state(JobState::Submitted), [b.id, a.id]);
+        assert_eq!(store.ids_in_state(JobState::Running), [c.id]);
+    }
+
+    #[test]
+    fn a_job_the_admin_should_have_refused_is_refused_by_the_store() {
+        // The admin refuses such a job; a changed admin console may not.
+        let f = Fixture::new();
+        let tmp = tempfile::tempdir().unwrap();
+        write_job(tmp.path());
+        let names: Vec<String> = (0..5000).map(|i| format!("\"s{i}\"")).collect();
+        fs::write(
+            tmp.path().join("meta.json"),
+            format!(
+                r#"{{"name": "big", "deploy_map": {{"app": ["server", {}]}}}}"#,
+                names.join(",")
+            ),
+        )
+        .unwrap();
+        let sig = flare_crypto::folder::sign_folder(
+            tmp.path(),
+            flare_crypto::folder::Purpose::Job,
+            &f.key,
+        )
+        .unwrap();
+        let mut bad = f.bundle.clone();
+        bad.files.insert(
+            "meta.json".into(),
+            ByteBuf::from(fs::read(tmp.path().join("meta.json")).unwrap()),
+        );
+        bad.signature = ByteBuf::from(serde_json::to_vec(&sig).unwrap());
+        let store = f.open();
+        let err = store
+            .submit(&bad, "x", &f.key.public().unwrap(), 1)
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Job(_))
+                && err
+                    .to_string()
+                    .contains("meta.json: deploy_map: 5001 names, at most"),
+            "{err}"
+        );
+        assert!(store.list().is_empty());
     }
 
     #[test]
@@ -896,6 +1473,8 @@ mod tests {
         assert_eq!(store.get(&a.id).unwrap().state, JobState::Submitted);
         let store = f.open();
         assert_eq!(store.get(&a.id).unwrap().state, JobState::Submitted);
+        // The history line appended before record.json failed was cut off again.
+        assert_eq!(store.get(&a.id).unwrap().history.len(), 1);
     }
 
     #[test]

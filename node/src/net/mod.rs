@@ -298,7 +298,11 @@ enum Refusal {
 }
 
 /// How long a refused peer's connection stays open for the answer that says why.
-const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+/// How long it stays open once the answer is written, so that it is flushed to the peer
+/// (closing at once could drop it on a busy machine, and the peer, blocked from then on,
+/// would never learn why).
+const REFUSAL_FLUSH: Duration = Duration::from_millis(300);
 
 /// What the driver reports to the node's roles.
 #[derive(Debug)]
@@ -808,14 +812,15 @@ impl Driver {
         }
     }
 
-    /// The answer to a refusal went out (or failed) on `conn`: close what it condemned.
+    /// The answer to a refusal went out (or failed) on `conn`: what it condemned is closed
+    /// [`REFUSAL_FLUSH`] later, once the answer has left.
     fn refusal_answered(&mut self, peer: PeerId, conn: ConnectionId) {
-        if self.doomed_peers.remove(&peer).is_some() {
-            self.swarm.behaviour_mut().blocks.block_peer(peer);
-            let _ = self.swarm.disconnect_peer_id(peer);
+        let flushed = Instant::now() + REFUSAL_FLUSH;
+        if let Some(d) = self.doomed_peers.get_mut(&peer) {
+            *d = (*d).min(flushed);
         }
-        if self.doomed_conns.remove(&conn).is_some() {
-            self.swarm.close_connection(conn);
+        if let Some((_, d)) = self.doomed_conns.get_mut(&conn) {
+            *d = (*d).min(flushed);
         }
     }
 

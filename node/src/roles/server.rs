@@ -354,8 +354,11 @@ impl Server {
                     "relay_circuits_closed": self.counters.relay_circuits_closed.load(Ordering::Relaxed),
                 }))
             }
-            AdminRequest::Status { job: Some(id) } => match self.store.get(&id) {
-                Ok(rec) => admin_json(json!(rec)),
+            AdminRequest::Status { job: Some(id) } => match self.store.record_json(&id) {
+                Ok(json) => ControlResponse::Admin {
+                    json,
+                    files: BTreeMap::new(),
+                },
                 Err(e) => err(e.to_string()),
             },
             AdminRequest::Abort { job } => {
@@ -553,13 +556,7 @@ impl Server {
 
     /// Deploys submitted jobs whose sites are connected.
     async fn schedule(self: Arc<Self>) {
-        let pending: Vec<String> = self
-            .store
-            .list()
-            .into_iter()
-            .filter(|r| r.state == JobState::Submitted)
-            .map(|r| r.id)
-            .collect();
+        let pending = self.store.ids_in_state(JobState::Submitted);
         for id in pending {
             if let Err(e) = Arc::clone(&self).try_deploy(&id).await {
                 tracing::warn!(job = %id, error = %format!("{e:#}"), "deploy failed");

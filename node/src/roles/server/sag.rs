@@ -213,13 +213,11 @@ impl Server {
         match ev {
             Event::RoundStarted { round, clients } => {
                 tracing::info!(job = %id, round, clients, "round started");
-                self.store.update(id, |r| r.round = Some(round))?;
+                self.store.set_round(id, round)?;
             }
             Event::ModelEvaluated { version, metrics } => {
                 tracing::info!(job = %id, version, ?metrics, "global model evaluated");
-                self.store.update(id, |r| {
-                    r.metrics.insert(version, metrics.clone());
-                })?;
+                self.store.add_metrics(id, version, metrics)?;
             }
             Event::RoundAggregated {
                 round,
