@@ -446,6 +446,16 @@ impl JobStore {
         ids.into_iter().map(|(_, id)| id.clone()).collect()
     }
 
+    /// One job's state, without copying its record (a site's heartbeat asks for each job it
+    /// holds).
+    pub fn state(&self, id: &str) -> Result<JobState, StoreError> {
+        let id = check_id(id)?;
+        self.lock()
+            .get(id)
+            .map(|r| r.state)
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))
+    }
+
     /// Every job, oldest submission first.
     pub fn list(&self) -> Vec<JobRecord> {
         let mut all: Vec<JobRecord> = self.lock().values().cloned().collect();
@@ -515,6 +525,26 @@ impl JobStore {
         let before = record.round.replace(round);
         if let Err(e) = write_head(&file, record) {
             record.round = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Scatter-and-gather: the global model after `round` is persisted, so a resume starts
+    /// at `round + 1`, and `round + 1` rounds are done. Changed in place like
+    /// [`JobStore::set_round`]; on a failed write the record stays as it was.
+    pub fn set_snapshot(&self, id: &str, round: u32) -> Result<(), StoreError> {
+        let id = check_id(id)?;
+        let file = self.dir(id).join(RECORD_FILE);
+        let mut records = self.lock();
+        let record = records
+            .get_mut(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        let before = (record.snapshot_round, record.round);
+        record.snapshot_round = Some(round);
+        record.round = Some(round.saturating_add(1));
+        if let Err(e) = write_head(&file, record) {
+            (record.snapshot_round, record.round) = before;
             return Err(e);
         }
         Ok(())

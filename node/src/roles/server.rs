@@ -246,7 +246,7 @@ impl Server {
     /// deleted, or never stored. A `dispatched` or `running` job counts as running (its
     /// runner may be a moment from starting, or ending and freeing its sites itself).
     fn stale_jobs<'a>(&self, held: impl Iterator<Item = &'a String>) -> Vec<String> {
-        held.filter(|id| self.store.get(id).map_or(true, |r| !r.state.is_active()))
+        held.filter(|id| self.store.state(id).map_or(true, |s| !s.is_active()))
             .cloned()
             .collect()
     }

@@ -230,10 +230,7 @@ impl Server {
                 let path = self.snapshot_path(id, job, round);
                 crate::model_io::write(&path, &model)?;
                 // `round` counts the rounds done: N after N rounds, as for swarm.
-                self.store.update(id, |r| {
-                    r.snapshot_round = Some(round);
-                    r.round = Some(round + 1);
-                })?;
+                self.store.set_snapshot(id, round)?;
                 if !job.server.persistor.save_every_round && round > 0 {
                     let _ = std::fs::remove_file(self.snapshot_path(id, job, round - 1));
                 }
