@@ -177,7 +177,8 @@ fn a_job_naming_an_absent_site_says_what_it_waits_for() {
 fn a_site_that_died_mid_swarm_is_shown_as_left() {
     let mut f = Federation::running(3, 18_800);
     let tmp = tempfile::tempdir().unwrap();
-    let src = example_copy(tmp.path(), "swarm-mnist", 5, 8, 2);
+    // Rounds of 20 local epochs: the run is still going when site-3 dies.
+    let src = example_copy(tmp.path(), "swarm-mnist", 5, 8, 20);
     let job = f.submit(src.to_str().unwrap());
     f.wait_round(&job, 2);
     f.kill("site-3");
