@@ -1012,6 +1012,22 @@ mod tests {
             JobStore::open(&self.root).unwrap()
         }
 
+        /// The fixture's bundle with the file `rel` taken from the job folder `dir`, signed
+        /// again over `dir` by the same admin: a bundle the admin's own checks would refuse.
+        fn resigned(&self, dir: &Path, rel: &str) -> JobBundle {
+            let sig = flare_crypto::folder::sign_folder(
+                dir,
+                flare_crypto::folder::Purpose::Job,
+                &self.key,
+            )
+            .unwrap();
+            let mut bad = self.bundle.clone();
+            bad.files
+                .insert(rel.into(), ByteBuf::from(fs::read(dir.join(rel)).unwrap()));
+            bad.signature = ByteBuf::from(serde_json::to_vec(&sig).unwrap());
+            bad
+        }
+
         fn submit(&self, store: &JobStore, now: u64) -> JobRecord {
             store
                 .submit(&self.bundle, "admin@x", &self.key.public().unwrap(), now)
@@ -1279,18 +1295,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let sig = flare_crypto::folder::sign_folder(
-            tmp.path(),
-            flare_crypto::folder::Purpose::Job,
-            &f.key,
-        )
-        .unwrap();
-        let mut bad = f.bundle.clone();
-        bad.files.insert(
-            "meta.json".into(),
-            ByteBuf::from(fs::read(tmp.path().join("meta.json")).unwrap()),
-        );
-        bad.signature = ByteBuf::from(serde_json::to_vec(&sig).unwrap());
+        let bad = f.resigned(tmp.path(), "meta.json");
         let store = f.open();
         let err = store
             .submit(&bad, "x", &f.key.public().unwrap(), 1)
@@ -1408,18 +1413,7 @@ mod tests {
             r#"{"format_version": 2, "workflows": [], "components": []}"#,
         )
         .unwrap();
-        let sig = flare_crypto::folder::sign_folder(
-            tmp.path(),
-            flare_crypto::folder::Purpose::Job,
-            &f.key,
-        )
-        .unwrap();
-        let mut bad = f.bundle.clone();
-        bad.files.insert(
-            "app/config/config_fed_server.json".into(),
-            ByteBuf::from(fs::read(tmp.path().join("app/config/config_fed_server.json")).unwrap()),
-        );
-        bad.signature = ByteBuf::from(serde_json::to_vec(&sig).unwrap());
+        let bad = f.resigned(tmp.path(), "app/config/config_fed_server.json");
         let err = store
             .submit(&bad, "x", &f.key.public().unwrap(), 1)
             .unwrap_err();
