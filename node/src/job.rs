@@ -33,6 +33,7 @@ use crate::data::{Dataset, Partition};
 use crate::learner::Learner;
 use crate::learner::cnn::{self, CnnHyper, DeviceSpec, OptimizerKind};
 use crate::learner::mlp::{Mlp, MlpHyper, MlpLearner};
+use crate::learner::script::{ScriptArgs, ScriptLearner, ScriptSite};
 use crate::learner::synthetic::{SyntheticArgs, SyntheticLearner};
 
 /// Why a job could not be loaded.
@@ -916,6 +917,20 @@ pub enum LearnerSpec {
     TorchCnn(TorchCnnArgs),
     /// The synthetic benchmark learner.
     Synthetic(SyntheticArgs),
+    /// The user's own program (`ScriptExecutor`, FLARE's `ClientAPILauncherExecutor`).
+    Script(ScriptArgs),
+}
+
+/// Who a learner is for: the site, the job, and a folder of the site's for the job.
+#[derive(Debug, Clone, Copy)]
+pub struct LearnerSite<'a> {
+    /// The site's name.
+    pub site: &'a str,
+    /// The job id.
+    pub job_id: &'a str,
+    /// A folder of this site for this job (the user's program keeps its socket and exchange
+    /// files under it).
+    pub work_dir: &'a Path,
 }
 
 /// The client side of an app: which tasks it serves, with which learner.
@@ -925,6 +940,8 @@ pub struct ClientApp {
     pub tasks: Vec<String>,
     /// The learner.
     pub learner: LearnerSpec,
+    /// The app folder.
+    pub app_dir: PathBuf,
     file: PathBuf,
     /// MNIST train part, held-out part and the partition, loaded once for all sites.
     mnist: OnceLock<Result<MnistShared, String>>,
@@ -1000,12 +1017,18 @@ impl ClientApp {
             "SyntheticLearner" => {
                 LearnerSpec::Synthetic(parse_args(&file, key, e.executor.args.clone())?)
             }
+            "ScriptExecutor" | "ClientAPILauncherExecutor" => {
+                let a: ScriptArgs = parse_args(&file, key, e.executor.args.clone())?;
+                a.check()
+                    .map_err(|(arg, why)| invalid(&file, format!("{key}.args.{arg}"), why))?;
+                LearnerSpec::Script(a)
+            }
             other => {
                 return Err(invalid(
                     &file,
                     format!("{key}.name"),
                     format!(
-                        "unknown executor {other:?} (known: MnistMlpLearner, TorchCnnLearner, SyntheticLearner)"
+                        "unknown executor {other:?} (known: MnistMlpLearner, TorchCnnLearner, SyntheticLearner, ScriptExecutor)"
                     ),
                 ));
             }
@@ -1013,6 +1036,7 @@ impl ClientApp {
         Ok(ClientApp {
             tasks: e.tasks.clone(),
             learner,
+            app_dir: app_dir.to_path_buf(),
             file,
             mnist: OnceLock::new(),
         })
@@ -1047,11 +1071,18 @@ impl ClientApp {
         }
     }
 
+    /// Whether the app runs code the job brings (FLARE's BYOC): a `ScriptExecutor`, or a
+    /// `custom/` folder.
+    pub fn runs_custom_code(&self) -> bool {
+        matches!(self.learner, LearnerSpec::Script(_)) || self.app_dir.join("custom").exists()
+    }
+
     /// The learner of site number `index` (0-based) out of `num_sites`.
     pub fn make_learner(
         &self,
         index: usize,
         num_sites: usize,
+        site: LearnerSite<'_>,
     ) -> Result<Box<dyn Learner>, JobError> {
         Ok(match &self.learner {
             LearnerSpec::MnistMlp(a) => {
@@ -1082,6 +1113,16 @@ impl ClientApp {
             }
             LearnerSpec::TorchCnn(a) => self.torch_learner(a, index, num_sites)?,
             LearnerSpec::Synthetic(a) => Box::new(SyntheticLearner::new(a.clone(), index)),
+            LearnerSpec::Script(a) => Box::new(ScriptLearner::new(
+                a.clone(),
+                ScriptSite {
+                    app_dir: self.app_dir.clone(),
+                    work_dir: site.work_dir.to_path_buf(),
+                    job_id: site.job_id.to_string(),
+                    site_name: site.site.to_string(),
+                    tasks: self.tasks.clone(),
+                },
+            )),
         })
     }
 
@@ -1324,6 +1365,80 @@ mod tests {
         dir: tempfile::TempDir,
     }
 
+    fn test_site(f: &Fixture) -> LearnerSite<'_> {
+        LearnerSite {
+            site: "site-1",
+            job_id: "j",
+            work_dir: f.dir.path(),
+        }
+    }
+
+    fn script_client(args: &str) -> String {
+        format!(
+            r#"{{"executors": [{{"tasks": ["train", "validate"],
+               "executor": {{"name": "ClientAPILauncherExecutor", "args": {args}}}}}]}}"#
+        )
+    }
+
+    #[test]
+    fn the_script_executor_is_configured_and_checked() {
+        let f = Fixture::new();
+        f.write(
+            "app/config/config_fed_client.json",
+            &script_client(r#"{"command": ["python3", "-u", "custom/train.py"], "params_transfer_type": "DIFF", "task_timeout": 60}"#),
+        );
+        let job = Job::load(f.dir.path()).unwrap();
+        let app = job.app_for("site-1").unwrap();
+        let LearnerSpec::Script(a) = &app.learner else {
+            panic!("not a script: {:?}", app.learner)
+        };
+        assert_eq!(a.command[2], "custom/train.py");
+        assert_eq!(
+            a.params_transfer_type,
+            crate::learner::script::TransferType::Diff
+        );
+        assert_eq!(
+            (a.task_timeout, a.heartbeat_timeout, a.stop_grace_period),
+            (60.0, 30.0, 10.0)
+        );
+        assert!(a.launch_once);
+        assert!(app.runs_custom_code());
+        for (args, key) in [
+            (r#"{"command": []}"#, "executors[0].executor.args.command"),
+            (
+                r#"{"command": ["x"], "task_timeout": -1}"#,
+                "executors[0].executor.args.task_timeout",
+            ),
+            (
+                r#"{"command": ["x"], "heartbeat_interval": 40}"#,
+                "executors[0].executor.args.heartbeat_interval",
+            ),
+            (
+                r#"{"command": ["x"], "params_transfer_type": "HALF"}"#,
+                "executors[0].executor.args",
+            ),
+            (
+                r#"{"command": ["x"], "env": {"FLARE_CLIENT_TOKEN": "t"}}"#,
+                "executors[0].executor.args.env.FLARE_CLIENT_TOKEN",
+            ),
+            (
+                r#"{"command": ["x"], "colour": 1}"#,
+                "executors[0].executor.args",
+            ),
+            (
+                r#"{"command": "python3 train.py"}"#,
+                "executors[0].executor.args.command",
+            ),
+        ] {
+            f.write("app/config/config_fed_client.json", &script_client(args));
+            let err = Job::load(f.dir.path()).unwrap_err().to_string();
+            assert!(
+                err.contains("config_fed_client.json") && err.contains(key),
+                "{args}: {err}"
+            );
+        }
+    }
+
     const SERVER: &str = r#"{
       "format_version": 2,
       "workflows": [{"id": "sag", "name": "ScatterAndGather",
@@ -1497,7 +1612,10 @@ mod tests {
             }
         );
         assert!(job.app_for("site-7").is_some());
-        let l = job.app_for("site-1").unwrap().make_learner(0, 2);
+        let l = job
+            .app_for("site-1")
+            .unwrap()
+            .make_learner(0, 2, test_site(&f));
         assert!(l.is_ok());
     }
 
@@ -1652,7 +1770,11 @@ mod tests {
             &client("/nonexistent/mnist"),
         );
         let job = Job::load(f.dir.path()).unwrap();
-        let err = match job.app_for("site-1").unwrap().make_learner(0, 2) {
+        let err = match job
+            .app_for("site-1")
+            .unwrap()
+            .make_learner(0, 2, test_site(&f))
+        {
             Err(e) => e.to_string(),
             Ok(_) => panic!("learner built without data"),
         };

@@ -94,6 +94,119 @@ pub fn read(path: &Path) -> Result<FLModel, ModelFileError> {
     })
 }
 
+/// Largest safetensors header read (the format's own limit).
+const MAX_HEADER: u64 = 100 << 20;
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum HeaderEntry {
+    Tensor {
+        dtype: String,
+        shape: Vec<usize>,
+        data_offsets: [u64; 2],
+    },
+    Metadata(#[allow(dead_code)] serde_json::Value),
+}
+
+/// Reads the tensors of a safetensors file, each straight into its own buffer: the file is
+/// never held whole in memory beside them, so reading a model costs one copy of it. The
+/// header's metadata is not read (the Client API passes it in its messages).
+pub fn read_streaming(
+    path: &Path,
+) -> Result<std::collections::BTreeMap<String, flare_protocols::model::Tensor>, ModelFileError> {
+    use flare_protocols::model::{DType, Tensor};
+    use std::io::{Read, Seek, SeekFrom};
+    let io = |source| ModelFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bad = |reason: String| ModelFileError::Model {
+        path: path.to_path_buf(),
+        source: ModelError::Safetensors(reason),
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let size = f.metadata().map_err(io)?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(io)?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n + 8 > size {
+        return Err(bad(format!("a header of {n} bytes in a file of {size}")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let entries: std::collections::BTreeMap<String, HeaderEntry> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let data_start = 8 + n;
+    let data_len = size - data_start;
+    let mut tensors: Vec<(String, DType, Vec<usize>, u64, u64)> = Vec::new();
+    for (name, e) in entries {
+        match e {
+            HeaderEntry::Tensor {
+                dtype,
+                shape,
+                data_offsets: [b, end],
+            } => {
+                let dt = match dtype.as_str() {
+                    "F32" => DType::F32,
+                    "F16" => DType::F16,
+                    "BF16" => DType::BF16,
+                    "I64" => DType::I64,
+                    other => {
+                        return Err(ModelFileError::Model {
+                            path: path.to_path_buf(),
+                            source: ModelError::UnsupportedDType {
+                                name,
+                                dtype: other.to_string(),
+                            },
+                        });
+                    }
+                };
+                if b > end || end > data_len {
+                    return Err(bad(format!(
+                        "tensor {name:?}: offsets {b}..{end} outside the {data_len} data bytes"
+                    )));
+                }
+                tensors.push((name, dt, shape, b, end));
+            }
+            HeaderEntry::Metadata(_) if name == "__metadata__" => {}
+            HeaderEntry::Metadata(_) => {
+                return Err(bad(format!("header entry {name:?} is not a tensor")));
+            }
+        }
+    }
+    tensors.sort_by_key(|t| t.3);
+    let mut params = std::collections::BTreeMap::new();
+    let mut at = data_start;
+    for (name, dtype, shape, b, end) in tensors {
+        let want = flare_protocols::model::numel(&shape).and_then(|n| n.checked_mul(dtype.size()));
+        if want != Some((end - b) as usize) {
+            return Err(bad(format!(
+                "tensor {name:?}: {} bytes for shape {shape:?} {dtype:?}",
+                end - b
+            )));
+        }
+        if data_start + b != at {
+            f.seek(SeekFrom::Start(data_start + b)).map_err(io)?;
+        }
+        let mut data = vec![0u8; (end - b) as usize];
+        f.read_exact(&mut data).map_err(io)?;
+        at = data_start + end;
+        let t = Tensor::from_bytes(dtype, shape, data).map_err(|source| ModelFileError::Model {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        params.insert(name, t);
+    }
+    let model = FLModel::from_params(params);
+    model
+        .check_names()
+        .map_err(|source| ModelFileError::Model {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(model.params)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -113,7 +226,10 @@ mod tests {
         write(&p, &m).unwrap();
         assert_eq!(read(&p).unwrap(), m);
         assert!(!dir.path().join("m.safetensors.tmp").exists());
+        assert_eq!(read_streaming(&p).unwrap(), m.params);
         std::fs::write(&p, b"garbage").unwrap();
+        let err = read_streaming(&p).unwrap_err().to_string();
+        assert!(err.contains("m.safetensors"), "{err}");
         let err = read(&p).unwrap_err().to_string();
         assert!(err.contains("m.safetensors"), "{err}");
         let err = write(&dir.path().join("no/such/dir/m.safetensors"), &m).unwrap_err();

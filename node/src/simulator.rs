@@ -27,7 +27,7 @@ use flare_protocols::workflows::cse::{CseClient, CseMsg};
 use flare_protocols::workflows::cyclic::{CyclicClient, CyclicMsg};
 use flare_protocols::workflows::swarm::{SwarmClient, SwarmMsg};
 
-use crate::job::{ClientApp, Job, WorkflowSpec};
+use crate::job::{ClientApp, Job, LearnerSite, WorkflowSpec};
 use crate::learner::{Learner, execute};
 
 /// How to run a simulation.
@@ -213,8 +213,13 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
             let work_rx = Arc::clone(&work_rx);
             let done_tx = done_tx.clone();
             let learners = &learners;
-            let apps = &apps;
-            scope.spawn(move || worker(&work_rx, &done_tx, learners, apps, num_sites));
+            let sites = Sites {
+                apps: &apps,
+                names: &names,
+                workspace: &opts.workspace,
+                num_sites,
+            };
+            scope.spawn(move || worker(&work_rx, &done_tx, learners, sites));
         }
         drop(done_tx);
         let driver = Driver {
@@ -280,12 +285,20 @@ fn hand_out(pending: &mut VecDeque<Work>, work_tx: &SyncSender<Work>) -> anyhow:
     Ok(())
 }
 
+/// What a worker needs to make a site's learner.
+#[derive(Debug, Clone, Copy)]
+struct Sites<'a> {
+    apps: &'a [&'a ClientApp],
+    names: &'a [String],
+    workspace: &'a Path,
+    num_sites: usize,
+}
+
 fn worker(
     work_rx: &Mutex<Receiver<Work>>,
     done_tx: &SyncSender<Done>,
     learners: &[Mutex<Option<Box<dyn Learner>>>],
-    apps: &[&ClientApp],
-    num_sites: usize,
+    sites: Sites<'_>,
 ) {
     loop {
         let next = match work_rx.lock() {
@@ -296,7 +309,13 @@ fn worker(
         let outcome = match learners[i].lock() {
             Ok(mut slot) => {
                 if slot.is_none() {
-                    match apps[i].make_learner(i, num_sites) {
+                    let work_dir = sites.workspace.join(&sites.names[i]);
+                    let site = LearnerSite {
+                        site: &sites.names[i],
+                        job_id: "simulate_job",
+                        work_dir: &work_dir,
+                    };
+                    match sites.apps[i].make_learner(i, sites.num_sites, site) {
                         Ok(l) => *slot = Some(l),
                         Err(e) => {
                             let _ = done_tx.send((i, Err(e.to_string())));

@@ -20,6 +20,8 @@ pub enum ReturnCode {
     TaskUnknown,
     /// The task was aborted before it finished.
     TaskAborted,
+    /// The task ran past its time limit and was stopped.
+    TaskTimeout,
     /// The incoming data did not validate (for example an incompatible model).
     ValidationError,
     /// The site refused the task (for example by its privacy policy).
@@ -28,6 +30,8 @@ pub enum ReturnCode {
 
 /// Well-known header: a human-readable reason that accompanies an error return code.
 pub const HEADER_ERROR: &str = "error";
+/// Well-known task header: the planned number of rounds (FLARE's `total_rounds`).
+pub const HEADER_TOTAL_ROUNDS: &str = "total_rounds";
 
 /// What a task carries or a site returns: headers, a return code and an optional model.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -50,6 +54,15 @@ impl Shareable {
             model: Some(model.into()),
             ..Shareable::default()
         }
+    }
+
+    /// Adds the [`HEADER_TOTAL_ROUNDS`] header.
+    pub fn with_total_rounds(mut self, n: u32) -> Self {
+        self.headers.insert(
+            HEADER_TOTAL_ROUNDS.to_string(),
+            MetaValue::Int(i64::from(n)),
+        );
+        self
     }
 
     /// An error shareable with a reason in the [`HEADER_ERROR`] header.

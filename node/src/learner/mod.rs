@@ -2,18 +2,21 @@
 //! turns a [`Task`] into a [`TaskResult`] through it.
 //!
 //! Three back-ends implement the trait: the built-in pure-Rust MLP ([`mlp`]), LibTorch
-//! (feature `torch`: the CNN of [`cnn`] trained by `torch::TorchCnnLearner`), and an external process speaking the Client API. [`synthetic`] is a
-//! model of any size for benchmarks.
+//! (feature `torch`: the CNN of [`cnn`] trained by `torch::TorchCnnLearner`), and the user's
+//! own program, an external process speaking the Client API ([`script`], the
+//! `ScriptExecutor`). [`synthetic`] is a model of any size for benchmarks.
 
 pub mod cnn;
 pub mod gemm;
 pub mod mlp;
+pub mod script;
 pub mod synthetic;
 #[cfg(feature = "torch")]
 pub mod torch;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use flare_protocols::model::{FLModel, META_NUM_SAMPLES, MetaValue, ModelError};
 use flare_protocols::shareable::{ReturnCode, Shareable, Task, TaskResult, task_names};
@@ -43,6 +46,34 @@ pub trait Learner: Send {
 
     /// Measures `model` on the site's validation data (`accuracy`, `loss`, …).
     fn validate(&mut self, model: &FLModel) -> Result<BTreeMap<String, f64>, LearnerError>;
+
+    /// Runs one task. The default validates the incoming model and trains on it (see
+    /// [`execute`]); a back-end that decides for itself (the user's program) overrides it.
+    fn execute_task(&mut self, task: &Task) -> TaskResult {
+        run_default(self, task)
+    }
+
+    /// A switch that interrupts the learner's running task when the job is aborted, for
+    /// back-ends whose tasks can be interrupted.
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        None
+    }
+}
+
+/// Tells a learner that its job was aborted (shared between the learner and its site).
+#[derive(Debug, Clone, Default)]
+pub struct AbortHandle(Arc<AtomicBool>);
+
+impl AbortHandle {
+    /// Aborts: the running task ends as `TaskAborted`, and so does every later one.
+    pub fn abort(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`AbortHandle::abort`] was called.
+    pub fn is_aborted(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// Runs `task` on `learner` and wraps the outcome in a result; never panics on bad input.
@@ -51,6 +82,10 @@ pub trait Learner: Send {
 /// trained weights (FLARE's Client API convention), so the controller learns each global
 /// model's quality without an extra round trip.
 pub fn execute(learner: &mut dyn Learner, task: &Task) -> TaskResult {
+    learner.execute_task(task)
+}
+
+fn run_default<L: Learner + ?Sized>(learner: &mut L, task: &Task) -> TaskResult {
     let data = match run(learner, task) {
         Ok(model) => Shareable::with_model(Arc::new(model)),
         Err((code, reason)) => Shareable::error(code, reason),
@@ -62,7 +97,7 @@ pub fn execute(learner: &mut dyn Learner, task: &Task) -> TaskResult {
     }
 }
 
-fn run(learner: &mut dyn Learner, task: &Task) -> Result<FLModel, (ReturnCode, String)> {
+fn run<L: Learner + ?Sized>(learner: &mut L, task: &Task) -> Result<FLModel, (ReturnCode, String)> {
     let Some(global) = task.data.model.as_deref() else {
         return Err((
             ReturnCode::ValidationError,

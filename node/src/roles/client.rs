@@ -27,8 +27,8 @@ use flare_protocols::workflows::swarm::{SwarmClient, SwarmMsg};
 
 use super::policy::SitePolicy;
 use super::{connect, peer_addrs, start_net};
-use crate::job::Job;
-use crate::learner::{Learner, execute};
+use crate::job::{Job, LearnerSite};
+use crate::learner::{AbortHandle, Learner, execute};
 use crate::net::bulk::{self, Route, Sealing, TransferMeta};
 use crate::net::protocol::{BULK_PROTOCOL, ControlRequest, ControlResponse};
 use crate::net::{NetEvent, NetHandle, PeerInfo};
@@ -38,6 +38,8 @@ pub const MAX_TASK_MODEL: u64 = 16 << 30;
 
 struct JobSlot {
     learner: Arc<Mutex<Box<dyn Learner>>>,
+    /// Interrupts the learner's running task when the job is stopped here.
+    abort: Option<AbortHandle>,
     round: u32,
     /// A client-controlled workflow's task.
     workflow: Option<WorkflowTask>,
@@ -221,8 +223,11 @@ impl Site {
                 },
             },
             ControlRequest::AbortJob { job } => {
-                if let Ok(mut jobs) = self.jobs.lock() {
-                    jobs.remove(&job);
+                if let Ok(mut jobs) = self.jobs.lock()
+                    && let Some(slot) = jobs.remove(&job)
+                    && let Some(abort) = &slot.abort
+                {
+                    abort.abort();
                 }
                 tracing::info!(%job, "job stopped here by the server (it ended or was aborted)");
                 ControlResponse::Ok
@@ -288,14 +293,26 @@ impl Site {
         let app = job.app_for(self.kit.name()).ok_or_else(|| {
             Refusal::Policy(format!("the job deploys no app to {}", self.kit.name()))
         })?;
+        if app.runs_custom_code() {
+            policy
+                .check_custom_code(self.kit.name(), self.kit.org(), &submitter)
+                .map_err(Refusal::Policy)?;
+        }
+        let site = LearnerSite {
+            site: self.kit.name(),
+            job_id,
+            work_dir: &dest,
+        };
         let learner = app
-            .make_learner(site_index as usize, num_sites.max(1) as usize)
+            .make_learner(site_index as usize, num_sites.max(1) as usize, site)
             .map_err(|e| Refusal::Error(e.into()))?;
+        let abort = learner.abort_handle();
         if let Ok(mut jobs) = self.jobs.lock() {
             jobs.insert(
                 job_id.to_string(),
                 JobSlot {
                     learner: Arc::new(Mutex::new(learner)),
+                    abort,
                     round: 0,
                     workflow: None,
                 },

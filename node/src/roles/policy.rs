@@ -80,6 +80,58 @@ impl SitePolicy {
         })
     }
 
+    /// The rule for `right` of `role` (FLARE's `authorization.json`: a role maps to one rule
+    /// for every right, or to an object of rules by right; a right it does not name is
+    /// `none`), and whether it allows `submitter`; `None` when the file sets no permissions.
+    fn rule(
+        &self,
+        right: &str,
+        role: &str,
+        submitter: &ParticipantCert,
+        site_org: &str,
+    ) -> Option<(String, bool)> {
+        if self.auth.permissions.is_empty() {
+            return None;
+        }
+        let rule = match self.auth.permissions.get(role) {
+            None => "none".to_string(),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Object(m)) => m
+                .get(right)
+                .and_then(|v| v.as_str())
+                .unwrap_or("none")
+                .to_string(),
+            Some(_) => "none".to_string(),
+        };
+        let allowed = match rule.as_str() {
+            "any" => true,
+            "o:site" | "o:submitter" => submitter.org == site_org,
+            _ => false,
+        };
+        Some((rule, allowed))
+    }
+
+    /// Whether `submitter` may run code its job brings here (FLARE's `byoc` right: the user's
+    /// own training program, or a `custom/` folder).
+    pub fn check_custom_code(
+        &self,
+        site: &str,
+        site_org: &str,
+        submitter: &ParticipantCert,
+    ) -> Result<(), String> {
+        let Role::Admin(admin_role) = submitter.role else {
+            return Err(format!("submitter {} is not an admin", submitter.name));
+        };
+        match self.rule("byoc", admin_role.as_str(), submitter, site_org) {
+            Some((rule, false)) => Err(format!(
+                "authorization: the job brings its own code (a ScriptExecutor or custom/), and role {} of {} may not run custom code on {site} (byoc rule {rule:?} in local/authorization.json)",
+                admin_role.as_str(),
+                submitter.name
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether this site runs `meta`, submitted by `submitter`, while `running` jobs run here.
     pub fn check(
         &self,
@@ -92,22 +144,9 @@ impl SitePolicy {
         let Role::Admin(admin_role) = submitter.role else {
             return Err(format!("submitter {} is not an admin", submitter.name));
         };
-        if !self.auth.permissions.is_empty() {
-            let rule = match self.auth.permissions.get(admin_role.as_str()) {
-                None => "none".to_string(),
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(serde_json::Value::Object(m)) => m
-                    .get("submit_job")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("none")
-                    .to_string(),
-                Some(_) => "none".to_string(),
-            };
-            let allowed = match rule.as_str() {
-                "any" => true,
-                "o:site" | "o:submitter" => submitter.org == site_org,
-                _ => false,
-            };
+        if let Some((rule, allowed)) =
+            self.rule("submit_job", admin_role.as_str(), submitter, site_org)
+        {
             if !allowed {
                 return Err(format!(
                     "authorization: role {} of {} may not submit jobs to {site} (rule {rule:?})",

@@ -559,7 +559,9 @@ impl CyclicClient {
             id: TaskId(u64::from(hop)),
             name: task_names::TRAIN.to_string(),
             round,
-            data: Shareable::with_model(Arc::clone(&model)),
+            data: Shareable::with_model(Arc::clone(&model)).with_total_rounds(
+                self.start_round + self.total / (self.clients.len().max(1) as u32),
+            ),
         }));
         self.holding = Some(Holding { hop, pred, model });
         self.progress_deadline = Some(now + self.progress_timeout);

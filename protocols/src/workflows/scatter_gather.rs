@@ -364,7 +364,8 @@ impl ScatterGather {
                 id,
                 name: name.to_string(),
                 round: self.round,
-                data: Shareable::with_model(Arc::clone(&self.global)),
+                data: Shareable::with_model(Arc::clone(&self.global))
+                    .with_total_rounds(self.cfg.start_round + self.cfg.num_rounds),
             };
             self.out.push_back(Output::Send { to: client, task });
         }

@@ -918,7 +918,7 @@ impl SwarmClient {
             id,
             name: name.into(),
             round,
-            data: Shareable::with_model(global),
+            data: Shareable::with_model(global).with_total_rounds(self.cfg.end_round()),
         }));
     }
 
