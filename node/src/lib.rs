@@ -2,6 +2,7 @@
 //! libp2p driver and roles. The binary `flare-node` is a thin CLI over this library.
 
 pub mod bench;
+pub mod bench_client_api;
 pub mod bench_net;
 pub mod cmd_provision;
 pub mod data;

@@ -118,6 +118,25 @@ enum BenchCommand {
         #[arg(long, default_value_t = 100)]
         progress_every: u32,
     },
+    /// The Client API's cost: the same training in process and in `flare-test-trainer`
+    /// (median task time, hand-off seconds each way, the node's peak RSS per model size).
+    ClientApi {
+        /// f32 parameters in the model.
+        #[arg(long, default_value_t = 1000)]
+        params: usize,
+        /// Elements per tensor.
+        #[arg(long, default_value_t = 1 << 24)]
+        tensor_size: usize,
+        /// Timed tasks in each phase.
+        #[arg(long, default_value_t = 20)]
+        tasks: usize,
+        /// The trainer [default: flare-test-trainer beside this binary].
+        #[arg(long)]
+        trainer: Option<PathBuf>,
+        /// Where the exchange files go [default: a temporary folder].
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
     /// One end of `bench transfer` (started by it).
     #[command(hide = true)]
     TransferPeer {
@@ -355,6 +374,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 plain,
             };
             tokio::runtime::Runtime::new()?.block_on(flare_node::bench_net::run_peer(args))?;
+        }
+        Command::Bench(BenchCommand::ClientApi {
+            params,
+            tensor_size,
+            tasks,
+            trainer,
+            work_dir,
+        }) => {
+            let trainer = match trainer {
+                Some(t) => t,
+                None => std::env::current_exe()?.with_file_name("flare-test-trainer"),
+            };
+            let r =
+                flare_node::bench_client_api::run(&flare_node::bench_client_api::ClientApiBench {
+                    params,
+                    tensor_size,
+                    tasks,
+                    trainer,
+                    work_dir,
+                })?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
         }
         Command::Bench(BenchCommand::Centralized { data_dir, epochs }) => {
             let r = flare_node::bench::run_centralized(&data_dir, epochs)?;

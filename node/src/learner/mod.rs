@@ -60,19 +60,42 @@ pub trait Learner: Send {
     }
 }
 
-/// Tells a learner that its job was aborted (shared between the learner and its site).
-#[derive(Debug, Clone, Default)]
-pub struct AbortHandle(Arc<AtomicBool>);
+/// Tells a learner that its job was stopped at this site (it ended or was aborted); shared
+/// between the learner and its site.
+#[derive(Clone, Default)]
+pub struct AbortHandle {
+    flag: Arc<AtomicBool>,
+    hook: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for AbortHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AbortHandle")
+            .field("aborted", &self.is_aborted())
+            .finish_non_exhaustive()
+    }
+}
 
 impl AbortHandle {
+    /// A handle that also calls `hook` when aborted (to stop what an idle learner holds).
+    pub fn with_hook(hook: Arc<dyn Fn() + Send + Sync>) -> Self {
+        AbortHandle {
+            flag: Arc::default(),
+            hook: Some(hook),
+        }
+    }
+
     /// Aborts: the running task ends as `TaskAborted`, and so does every later one.
     pub fn abort(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.flag.store(true, Ordering::SeqCst);
+        if let Some(h) = &self.hook {
+            h();
+        }
     }
 
     /// Whether [`AbortHandle::abort`] was called.
     pub fn is_aborted(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.flag.load(Ordering::SeqCst)
     }
 }
 

@@ -20,6 +20,7 @@ pub mod session;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flare_client::proto::{Accept, ModelRef, ResultMsg, TaskMsg, ToProgram};
@@ -193,10 +194,24 @@ pub struct ScriptLearner {
     site: ScriptSite,
     exchange: PathBuf,
     running: Option<Running>,
+    /// The program between tasks, where an abort finds it.
+    idle: Arc<Mutex<Option<Running>>>,
     /// Why the program is not started again (it crashed or hung).
     failed: Option<String>,
     abort: AbortHandle,
     seq: u64,
+    timings: Handoff,
+}
+
+/// Where the last task's time went, at the node (for `bench client-api`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Handoff {
+    /// Writing the task's model file.
+    pub write_s: f64,
+    /// From the task message to the result message (the program's whole part).
+    pub program_s: f64,
+    /// Reading the result's model file.
+    pub read_s: f64,
 }
 
 type Failure = (ReturnCode, String);
@@ -209,15 +224,35 @@ impl ScriptLearner {
     /// A learner for `site`; the program starts with the first task.
     pub fn new(args: ScriptArgs, site: ScriptSite) -> ScriptLearner {
         let exchange = site.work_dir.join("client_api").join("exchange");
+        let idle: Arc<Mutex<Option<Running>>> = Arc::default();
+        // Stopped at this site while between tasks (the job ended or was aborted): nothing is
+        // lost, so the program is told to shut down.
+        let (i, grace, job) = (
+            Arc::clone(&idle),
+            secs(args.stop_grace_period),
+            site.job_id.clone(),
+        );
+        let abort = AbortHandle::with_hook(Arc::new(move || {
+            if let Some(r) = i.lock().ok().and_then(|mut g| g.take()) {
+                shut_down(r, "the job is over at this site", false, grace, &job);
+            }
+        }));
         ScriptLearner {
             args,
             site,
             exchange,
             running: None,
+            idle,
             failed: None,
-            abort: AbortHandle::default(),
+            abort,
             seq: 0,
+            timings: Handoff::default(),
         }
+    }
+
+    /// Where the last task's time went.
+    pub fn handoff(&self) -> Handoff {
+        self.timings
     }
 
     fn token() -> Result<String, Failure> {
@@ -388,8 +423,22 @@ impl ScriptLearner {
                 format!("the program is not running: {why}"),
             ));
         }
+        self.running = self.idle.lock().ok().and_then(|mut g| g.take());
+        let out = self.run_launched(task);
+        if let Some(r) = self.running.take() {
+            match self.idle.lock() {
+                Ok(mut g) if !self.abort.is_aborted() => *g = Some(r),
+                _ => self.shut_down(r, "the job is over at this site", false),
+            }
+        }
+        out
+    }
+
+    fn run_launched(&mut self, task: &Task) -> Result<FLModel, Failure> {
         self.launch()?;
         self.seq += 1;
+        self.timings = Handoff::default();
+        let t0 = Instant::now();
         let input = match task.data.model.as_deref() {
             Some(m) => {
                 let p = self
@@ -405,6 +454,7 @@ impl ScriptLearner {
             }
             None => None,
         };
+        self.timings.write_s = t0.elapsed().as_secs_f64();
         let out = self.exchange_task(task, input.as_deref());
         if let Some(p) = &input {
             let _ = std::fs::remove_file(p);
@@ -453,7 +503,10 @@ impl ScriptLearner {
                     return Err((ReturnCode::ValidationError, reason));
                 }
                 Ok(Event::Result(r)) => {
+                    self.timings.program_s = started.elapsed().as_secs_f64();
+                    let t = Instant::now();
                     let taken = self.take_result(task, r);
+                    self.timings.read_s = t.elapsed().as_secs_f64();
                     let reply = match &taken {
                         Ok(_) | Err((ReturnCode::ExecutionException, _)) => {
                             ToProgram::ResultAck { task_id: task.id.0 }
@@ -628,27 +681,14 @@ impl ScriptLearner {
 
     /// Tells the program to stop (shutdown or abort) and stops its group on a thread of its
     /// own: first `stop_grace_period` to exit, then SIGTERM, then SIGKILL.
-    fn shut_down(&self, mut running: Running, reason: &str, abort: bool) {
-        let grace = secs(self.args.stop_grace_period);
-        if let Some(c) = &running.conn {
-            let msg = if abort {
-                ToProgram::Abort {
-                    reason: reason.into(),
-                }
-            } else {
-                ToProgram::Shutdown {
-                    reason: reason.into(),
-                }
-            };
-            let _ = c.send(&msg);
-        }
-        let job = self.site.job_id.clone();
-        std::thread::spawn(move || {
-            if running.program.wait_exit(grace).is_none() {
-                tracing::info!(%job, pid = running.program.pid(), "the program did not exit when told; stopping its group");
-            }
-            running.program.stop(grace);
-        });
+    fn shut_down(&self, running: Running, reason: &str, abort: bool) {
+        shut_down(
+            running,
+            reason,
+            abort,
+            secs(self.args.stop_grace_period),
+            &self.site.job_id,
+        );
     }
 
     fn into_result(task: &Task, out: Result<FLModel, Failure>) -> TaskResult {
@@ -656,7 +696,7 @@ impl ScriptLearner {
             task_id: TaskId(task.id.0),
             round: task.round,
             data: match out {
-                Ok(m) => Shareable::with_model(std::sync::Arc::new(m)),
+                Ok(m) => Shareable::with_model(Arc::new(m)),
                 Err((code, reason)) => Shareable::error(code, reason),
             },
         }
@@ -667,7 +707,7 @@ impl ScriptLearner {
             id: TaskId(self.seq),
             name: name.into(),
             round,
-            data: Shareable::with_model(std::sync::Arc::new(model.clone())),
+            data: Shareable::with_model(Arc::new(model.clone())),
         };
         self.run(&task)
             .map_err(|(_, why)| LearnerError::Backend(why))
@@ -698,19 +738,35 @@ impl Learner for ScriptLearner {
 
 impl Drop for ScriptLearner {
     fn drop(&mut self) {
-        if let Some(r) = self.running.take() {
-            let abort = self.abort.is_aborted();
-            self.shut_down(
-                r,
-                if abort {
-                    "the job was aborted"
-                } else {
-                    "the job is over"
-                },
-                abort,
-            );
+        let idle = self.idle.lock().ok().and_then(|mut g| g.take());
+        if let Some(r) = self.running.take().or(idle) {
+            self.shut_down(r, "the job is over at this site", false);
         }
     }
+}
+
+/// Tells the program to stop (shutdown or abort) and stops its group on a thread of its own:
+/// first `grace` to exit, then SIGTERM, then SIGKILL after `grace` again.
+fn shut_down(mut running: Running, reason: &str, abort: bool, grace: Duration, job: &str) {
+    if let Some(c) = &running.conn {
+        let msg = if abort {
+            ToProgram::Abort {
+                reason: reason.into(),
+            }
+        } else {
+            ToProgram::Shutdown {
+                reason: reason.into(),
+            }
+        };
+        let _ = c.send(&msg);
+    }
+    let job = job.to_string();
+    std::thread::spawn(move || {
+        if running.program.wait_exit(grace).is_none() {
+            tracing::info!(%job, pid = running.program.pid(), "the program did not exit when told; stopping its group");
+        }
+        running.program.stop(grace);
+    });
 }
 
 fn meta_to_json(v: &MetaValue) -> serde_json::Value {
