@@ -20,4 +20,5 @@ if [ ! -x "$VENV/bin/pytest" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check pytest numpy safetensors
 fi
-FLARE_NODE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/flare-node" "$VENV/bin/pytest" -q tests/python/test_safetensors_interop.py
+"$VENV/bin/pip" install --quiet --disable-pip-version-check ./clients/python
+FLARE_NODE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/flare-node" "$VENV/bin/pytest" -q tests/python/test_safetensors_interop.py tests/python/test_client_api.py

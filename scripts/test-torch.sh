@@ -12,6 +12,7 @@ if ! "$VENV/bin/python" -c 'import torch, safetensors, pytest, numpy; assert tor
     "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.11.0 pytest safetensors numpy
 fi
+"$VENV/bin/pip" install --quiet --disable-pip-version-check ./clients/python
 
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
@@ -25,5 +26,6 @@ echo "== cargo build --release -p flare-node --features torch"
 cargo build --release -p flare-node --features torch
 echo "== cargo test --release -p flare-node --features torch"
 cargo test --release -p flare-node --features torch
-echo "== pytest tests/python/test_torch_interop.py"
-python -m pytest -q tests/python/test_torch_interop.py
+echo "== pytest tests/python/test_torch_interop.py test_client_api.py test_hello_pt.py"
+FLARE_NODE_BIN="${FLARE_NODE_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/flare-node}" \
+    python -m pytest -q tests/python/test_torch_interop.py tests/python/test_client_api.py tests/python/test_hello_pt.py
