@@ -243,6 +243,8 @@ pub struct Task {
     pub model_path: Option<PathBuf>,
     /// Whether the task's model is `FULL` or `DIFF`, when it says.
     pub params_type: Option<ParamsType>,
+    /// Seconds spent reading the task's model file.
+    pub load_seconds: f64,
 }
 
 impl Task {
@@ -662,6 +664,7 @@ impl Client {
             id: msg.task_id,
             model_path: model_path.clone(),
         };
+        let loading = std::time::Instant::now();
         let model = match model_path.as_deref().map(Model::load).transpose() {
             Ok(m) => m,
             Err(source) => {
@@ -682,6 +685,7 @@ impl Client {
             model,
             model_path,
             params_type,
+            load_seconds: loading.elapsed().as_secs_f64(),
         })
     }
 

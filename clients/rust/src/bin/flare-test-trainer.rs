@@ -223,16 +223,20 @@ fn answer(
     let Some(received) = received else {
         bail!("task {} ({}) carries no model", task.id, task.name);
     };
+    let training = std::time::Instant::now();
     let mut model = received.clone();
     for tensor in model.tensors.values_mut() {
         tensor.map_f32(|w| w + args.delta);
     }
+    let train_s = training.elapsed().as_secs_f64();
     *last_trained = Some(model.clone());
     let mut result = TaskResult {
         metrics,
         ..TaskResult::with_model(model)
     }
-    .num_steps(args.steps);
+    .num_steps(args.steps)
+    .meta("trainer.read_s", task.load_seconds)
+    .meta("trainer.train_s", train_s);
     if args.mode == Mode::WrongShape {
         if let Some(model) = result.model.as_mut() {
             reshape_first(model);
