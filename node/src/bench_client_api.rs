@@ -142,6 +142,7 @@ pub fn run(b: &ClientApiBench) -> anyhow::Result<serde_json::Value> {
             "add".into(),
             "--delta".into(),
             "1".into(),
+            "--forget-trained".into(),
         ],
         launch_once: true,
         params_transfer_type: Default::default(),

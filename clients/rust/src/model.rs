@@ -36,6 +36,14 @@ pub enum ModelError {
         /// What safetensors said.
         source: SafeTensorError,
     },
+    /// The file is not a safetensors file this reader takes.
+    #[error("model file {path}: {reason}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A dtype name safetensors does not know.
     #[error("tensor {name}: unknown dtype {dtype:?}")]
     UnknownDtype {
@@ -246,14 +254,66 @@ pub struct Model {
 impl Model {
     /// Reads a safetensors file.
     pub fn load(path: &Path) -> Result<Model, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        use std::io::{Read, Seek, SeekFrom};
+        let io = |source| ModelError::Io {
             path: path.into(),
             source,
-        })?;
-        Model::from_bytes(&bytes).map_err(|source| ModelError::SafeTensors {
+        };
+        let bad = |reason: String| ModelError::Malformed {
             path: path.into(),
-            source,
-        })
+            reason,
+        };
+        // Each tensor is read straight into its own buffer: the file is never held whole
+        // beside them.
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        let size = f.metadata().map_err(io)?.len();
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n).map_err(io)?;
+        let n = u64::from_le_bytes(n);
+        if n > 100 << 20 || n + 8 > size {
+            return Err(bad(format!("a header of {n} bytes in a file of {size}")));
+        }
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).map_err(io)?;
+        let meta: safetensors::tensor::Metadata =
+            serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+        let data_len = size - 8 - n;
+        let mut tensors = BTreeMap::new();
+        let infos = meta.tensors();
+        let mut order: Vec<_> = infos.iter().collect();
+        order.sort_by_key(|(_, i)| i.data_offsets.0);
+        for (name, info) in order {
+            let (b, e) = info.data_offsets;
+            if b > e || e as u64 > data_len {
+                return Err(bad(format!(
+                    "tensor {name}: offsets {b}..{e} outside the data"
+                )));
+            }
+            let want = info
+                .shape
+                .iter()
+                .try_fold(info.dtype.bitsize(), |a, &d| a.checked_mul(d));
+            if want != Some((e - b) * 8) {
+                return Err(bad(format!(
+                    "tensor {name}: {} bytes for {:?} {:?}",
+                    e - b,
+                    info.dtype,
+                    info.shape
+                )));
+            }
+            f.seek(SeekFrom::Start(8 + n + b as u64)).map_err(io)?;
+            let mut data = vec![0u8; e - b];
+            f.read_exact(&mut data).map_err(io)?;
+            tensors.insert(
+                name.clone(),
+                TensorData {
+                    dtype: info.dtype.to_string(),
+                    shape: info.shape.clone(),
+                    data,
+                },
+            );
+        }
+        Ok(Model { tensors })
     }
 
     /// Reads the bytes of a safetensors file.

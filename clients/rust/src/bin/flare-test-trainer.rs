@@ -73,6 +73,10 @@ struct Args {
     /// Write this process's pid (and the pids of children it starts), one a line.
     #[arg(long)]
     pid_file: Option<PathBuf>,
+    /// Keep no copy of the trained model for `submit_model` (benchmarks: the copy is the
+    /// trainer's bookkeeping, not the protocol's cost).
+    #[arg(long)]
+    forget_trained: bool,
 }
 
 fn main() -> ExitCode {
@@ -172,7 +176,7 @@ fn train(args: &Args) -> anyhow::Result<()> {
         client.params_transfer_type().as_str()
     );
     let mut last_trained: Option<Model> = None;
-    while let Some(task) = client.receive()? {
+    while let Some(mut task) = client.receive()? {
         eprintln!(
             "trainer: task {} {} round {}",
             task.id, task.name, task.round
@@ -186,7 +190,7 @@ fn train(args: &Args) -> anyhow::Result<()> {
             Mode::SpamStdout => spam_stdout(args.spam_bytes)?,
             _ => {}
         }
-        let result = answer(args, &client, &task, &mut last_trained)?;
+        let result = answer(args, &client, &mut task, &mut last_trained)?;
         let step = i64::from(task.round) * 10;
         client.log((0..3).map(|i| LogRecord {
             key: "train_loss".into(),
@@ -207,7 +211,7 @@ fn train(args: &Args) -> anyhow::Result<()> {
 fn answer(
     args: &Args,
     client: &Client,
-    task: &Task,
+    task: &mut Task,
     last_trained: &mut Option<Model>,
 ) -> anyhow::Result<Option<TaskResult>> {
     let received = task.model.as_ref();
@@ -220,16 +224,17 @@ fn answer(
         let model = last_trained.clone().or_else(|| received.cloned());
         return Ok(model.map(TaskResult::with_model));
     }
-    let Some(received) = received else {
+    let Some(mut model) = task.model.take() else {
         bail!("task {} ({}) carries no model", task.id, task.name);
     };
     let training = std::time::Instant::now();
-    let mut model = received.clone();
     for tensor in model.tensors.values_mut() {
         tensor.map_f32(|w| w + args.delta);
     }
     let train_s = training.elapsed().as_secs_f64();
-    *last_trained = Some(model.clone());
+    if !args.forget_trained {
+        *last_trained = Some(model.clone());
+    }
     let mut result = TaskResult {
         metrics,
         ..TaskResult::with_model(model)

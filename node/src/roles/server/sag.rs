@@ -242,6 +242,10 @@ impl Server {
                 ..
             } => {
                 tracing::warn!(job = %id, %client, round, %reason, "result excluded");
+                self.note(
+                    id,
+                    format!("round {round}: the result of {client} was excluded: {reason}"),
+                );
                 took_part.insert(client, (round, false, format!("result excluded: {reason}")));
             }
             Event::TimedOut { clients, round } => {
