@@ -408,13 +408,20 @@ impl Shared {
     }
 }
 
+/// Writes a line to stderr, whatever becomes of it: the node that read it may be gone, and
+/// `eprintln!` would panic on the broken pipe (before the group is ended, say).
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 /// Ends this process group with SIGKILL (this process among them).
 fn end_process_group(why: &str) {
     let group = rustix::process::getpgrp();
-    eprintln!(
+    say(&format!(
         "flare-client: {why}; ending process group {}",
         group.as_raw_pid()
-    );
+    ));
     let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
     // Not reached unless the signal could not be sent.
     std::process::exit(70);
@@ -1008,7 +1015,9 @@ fn read_loop(mut stream: UnixStream, tx: SyncSender<Incoming>, shared: &Shared) 
                 Incoming::Ended
             }
             ToProgram::Error { reason } => {
-                eprintln!("flare-client: the node reported an error: {reason}");
+                say(&format!(
+                    "flare-client: the node reported an error: {reason}"
+                ));
                 shared.set_end(End::Node(reason));
                 Incoming::Ended
             }
@@ -1028,7 +1037,9 @@ fn read_loop(mut stream: UnixStream, tx: SyncSender<Incoming>, shared: &Shared) 
 /// The node sent what this protocol cannot read: the connection closes and calls fail with
 /// the reason.
 fn protocol_error(shared: &Shared, stream: &UnixStream, what: String) {
-    eprintln!("flare-client: the node broke the protocol: {what}");
+    say(&format!(
+        "flare-client: the node broke the protocol: {what}"
+    ));
     shared.set_end(End::Protocol(what));
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
