@@ -153,6 +153,28 @@ pub(crate) fn gone(pids: &[u32], timeout: Duration, what: &str) {
     }
 }
 
+/// Runs the job `dir` in the simulator with 3 sites (and `extra` arguments) in `ws`.
+pub(crate) fn simulate(dir: &Path, ws: &Path, extra: &[&str]) {
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "simulate",
+            dir.to_str().unwrap(),
+            "-n",
+            "3",
+            "--quiet",
+            "-w",
+        ])
+        .arg(ws)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The first f32 of every tensor of a safetensors file.
 pub(crate) fn first_values(path: &Path) -> Vec<f32> {
     let m = flare_node::model_io::read(path).unwrap();

@@ -1,13 +1,12 @@
 //! Scatter-and-gather jobs whose sites run `flare-test-trainer` through the ScriptExecutor.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::common::{self, Federation, ended, history_notes};
-use super::{Sites, first_values, gone, job, pids, sag};
+use super::common::{Federation, ended, history_notes};
+use super::{Sites, first_values, gone, job, pids, sag, simulate};
 
 fn run_to_end(f: &Federation, dir: &Path, timeout: Duration) -> (String, Value) {
     let id = f.submit(dir.to_str().unwrap());
@@ -49,25 +48,7 @@ fn the_program_trains_and_its_steps_weigh_the_average() {
     // The simulator runs the same job, each site its own process, one at a time.
     let dir = job(tmp.path(), "sim", &sag(3, 120), &sites, "");
     let ws = tmp.path().join("ws");
-    let out = Command::new(common::bin())
-        .args([
-            "simulate",
-            dir.to_str().unwrap(),
-            "-n",
-            "3",
-            "--threads",
-            "1",
-            "--quiet",
-            "-w",
-        ])
-        .arg(&ws)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    simulate(&dir, &ws, &["--threads", "1"]);
     // Weights 1, 3, 3: (1 + 0 + 0) / 7 a round.
     for v in first_values(&ws.join("server/simulate_job/global_final.safetensors")) {
         assert!((v - 3.0 / 7.0).abs() < 1e-6, "{v}");

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::common::{Federation, ended, history_notes};
-use super::{Sites, job};
+use super::{Sites, job, simulate};
 
 #[test]
 fn a_swarm_prunes_the_site_whose_program_crashed() {
@@ -47,27 +47,6 @@ fn a_swarm_prunes_the_site_whose_program_crashed() {
     assert!(st["metrics"]["3"]["accuracy"].as_f64().is_some(), "{st}");
 }
 
-/// Runs `dir` in the simulator with 3 sites and returns its workspace.
-fn simulate(dir: &std::path::Path, ws: &std::path::Path) {
-    let out = std::process::Command::new(super::common::bin())
-        .args([
-            "simulate",
-            dir.to_str().unwrap(),
-            "-n",
-            "3",
-            "--quiet",
-            "-w",
-        ])
-        .arg(ws)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn cyclic_and_cross_site_evaluation_run_the_program_too() {
     let tmp = tempfile::tempdir().unwrap();
@@ -83,7 +62,7 @@ fn cyclic_and_cross_site_evaluation_run_the_program_too() {
         r#"{"id": "cyclic", "name": "Cyclic", "args": {"num_rounds": 2, "cyclic_order": "fixed"}}"#;
     let dir = job(tmp.path(), "cyclic", cyclic, &sites, "");
     let ws = tmp.path().join("ws-cyclic");
-    simulate(&dir, &ws);
+    simulate(&dir, &ws, &[]);
     for v in super::first_values(&ws.join("server/simulate_job/global_final.safetensors")) {
         assert!((v - 12.0).abs() < 1e-5, "{v} after two cycles, not 12");
     }
@@ -96,7 +75,7 @@ fn cyclic_and_cross_site_evaluation_run_the_program_too() {
         {"id": "cse", "name": "CrossSiteEval", "args": {}}"#;
     let dir = job(tmp.path(), "swarm-cse", swarm_cse, &sites, "");
     let ws = tmp.path().join("ws-cse");
-    simulate(&dir, &ws);
+    simulate(&dir, &ws, &[]);
     let text = std::fs::read_to_string(
         ws.join("server/simulate_job/cross_site_val/cross_val_results.json"),
     )
