@@ -72,7 +72,7 @@ fn task(id: u64, global: &Arc<FLModel>) -> Task {
 }
 
 fn check(learner: &mut dyn Learner, task: &Task, global: &FLModel) -> anyhow::Result<FLModel> {
-    let r = learner.execute_task(task);
+    let r = learner.execute_task(task.clone());
     if r.data.return_code != ReturnCode::Ok {
         anyhow::bail!(
             "task failed: {}",

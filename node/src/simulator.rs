@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use flare_protocols::model::FLModel;
 use flare_protocols::shareable::{Task, TaskResult};
+use flare_protocols::stored::ModelRef;
 use flare_protocols::time::Time;
 use flare_protocols::workflows::scatter_gather::{Event, Output, ScatterGather};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -122,9 +123,51 @@ pub fn seed_of(name: &str) -> u64 {
 }
 
 /// A client task handed to a worker.
-type Work = (usize, Task);
+/// A task for a client: its index, the task, and the model it carries (loaded by the worker,
+/// so a stored model is read where it is trained, once).
+type Work = (usize, Task, Option<ModelRef>);
+/// Global models of at least this size are kept in a file between rounds and read by each
+/// task (smaller ones stay in memory).
+pub const FILE_BACKED_BYTES: u64 = 64 << 20;
+/// The file (in the output folder, removed at the end) that holds a large global model.
+const GLOBAL_SCRATCH: &str = ".global.safetensors";
+
 /// A worker's answer: client index, and the result or a failure to build the learner.
-type Done = (usize, Result<TaskResult, String>);
+/// Whether the task held the [`LargeSlot`], which the driver gives back once it has taken
+/// the result in.
+type Done = (usize, Result<TaskResult, String>, bool);
+
+/// The one slot for a file-backed (large) model in memory, in a worker or in the driver's
+/// hands: a worker takes it before it reads the task's model and the driver gives it back
+/// once it has folded the result, so a run of a large model holds the aggregate and one
+/// model, whatever `--threads` says.
+#[derive(Debug, Default)]
+struct LargeSlot {
+    busy: Mutex<bool>,
+    freed: std::sync::Condvar,
+}
+
+impl LargeSlot {
+    fn take(&self) {
+        let Ok(mut busy) = self.busy.lock() else {
+            return;
+        };
+        while *busy {
+            busy = match self.freed.wait(busy) {
+                Ok(b) => b,
+                Err(_) => return,
+            };
+        }
+        *busy = true;
+    }
+
+    fn give(&self) {
+        if let Ok(mut busy) = self.busy.lock() {
+            *busy = false;
+        }
+        self.freed.notify_one();
+    }
+}
 
 /// Runs a job to completion and returns its report.
 pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
@@ -207,6 +250,7 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
     let learners: Vec<Mutex<Option<Box<dyn Learner>>>> =
         (0..opts.clients).map(|_| Mutex::new(None)).collect();
     let num_sites = opts.clients;
+    let large = LargeSlot::default();
 
     let report = std::thread::scope(|scope| {
         for _ in 0..threads {
@@ -219,7 +263,8 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
                 workspace: &opts.workspace,
                 num_sites,
             };
-            scope.spawn(move || worker(&work_rx, &done_tx, learners, sites));
+            let large = &large;
+            scope.spawn(move || worker(&work_rx, &done_tx, learners, sites, large));
         }
         drop(done_tx);
         let driver = Driver {
@@ -229,6 +274,7 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
             started,
             models_dir: &models_dir,
             out_dir: &out_dir,
+            large: &large,
         };
         let r = match &mut ctrl {
             Ctrl::Sag(c) => driver.drive(c, &work_tx, &done_rx),
@@ -299,13 +345,28 @@ fn worker(
     done_tx: &SyncSender<Done>,
     learners: &[Mutex<Option<Box<dyn Learner>>>],
     sites: Sites<'_>,
+    large: &LargeSlot,
 ) {
     loop {
         let next = match work_rx.lock() {
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
-        let Ok((i, task)) = next else { return };
+        let Ok((i, mut task, model)) = next else {
+            return;
+        };
+        let held = matches!(model, Some(ModelRef::Stored(_)));
+        if held {
+            large.take();
+        }
+        match model.map(|m| m.load()).transpose() {
+            Ok(Some(m)) => task.data.model = Some(m),
+            Ok(None) => {}
+            Err(e) => {
+                let _ = done_tx.send((i, Err(format!("the task's model: {e}")), held));
+                continue;
+            }
+        }
         let outcome = match learners[i].lock() {
             Ok(mut slot) => {
                 if slot.is_none() {
@@ -318,19 +379,19 @@ fn worker(
                     match sites.apps[i].make_learner(i, sites.num_sites, site) {
                         Ok(l) => *slot = Some(l),
                         Err(e) => {
-                            let _ = done_tx.send((i, Err(e.to_string())));
+                            let _ = done_tx.send((i, Err(e.to_string()), held));
                             continue;
                         }
                     }
                 }
                 match slot.as_mut() {
-                    Some(l) => Ok(execute(l.as_mut(), &task)),
+                    Some(l) => Ok(execute(l.as_mut(), task)),
                     None => Err("learner missing".to_string()),
                 }
             }
             Err(_) => Err("a previous task of this client panicked".to_string()),
         };
-        if done_tx.send((i, outcome)).is_err() {
+        if done_tx.send((i, outcome, held)).is_err() {
             return;
         }
     }
@@ -343,6 +404,7 @@ struct Driver<'a> {
     started: Instant,
     models_dir: &'a Path,
     out_dir: &'a Path,
+    large: &'a LargeSlot,
 }
 
 impl Driver<'_> {
@@ -363,14 +425,25 @@ impl Driver<'_> {
         let mut metrics = BTreeMap::new();
         let mut round_models = Vec::new();
         let mut round_start = Instant::now();
-        let mut outcome: Option<Result<Arc<FLModel>, String>> = None;
+        let mut outcome: Option<Result<ModelRef, String>> = None;
+        if ctrl.global().num_bytes() >= FILE_BACKED_BYTES {
+            let p = self.out_dir.join(GLOBAL_SCRATCH);
+            crate::model_io::write_ref(&p, ctrl.global())?;
+            ctrl.replace_global(ModelRef::Stored(Arc::new(crate::model_io::open(&p)?)))?;
+        }
         ctrl.start(self.now());
         loop {
             while let Some(out) = ctrl.poll_output() {
                 match out {
-                    Output::Send { to, task } => {
+                    Output::Send { to, task, model } => {
                         let i = self.index(&to)?;
-                        pending.push_back((i, task));
+                        // Tasks queued with the round's model in memory go with the stored
+                        // copy the round's event put in place (the same model).
+                        let model = match (&model, ctrl.global()) {
+                            (ModelRef::Memory(_), g @ ModelRef::Stored(_)) => g.clone(),
+                            _ => model,
+                        };
+                        pending.push_back((i, task, Some(model)));
                     }
                     Output::Event(e) => match e {
                         Event::RoundStarted { round, clients } => {
@@ -433,12 +506,28 @@ impl Driver<'_> {
                                 None if self.opts.progress => eprintln!("{line}"),
                                 None => {}
                             }
-                            if self.job.server.persistor.save_every_round {
+                            let p = if self.job.server.persistor.save_every_round {
                                 let p = self
                                     .models_dir
                                     .join(format!("round-{round:03}.safetensors"));
-                                crate::model_io::write(&p, &model)?;
-                                round_models.push(p);
+                                crate::model_io::write_ref(&p, &model)?;
+                                round_models.push(p.clone());
+                                Some(p)
+                            } else if model.num_bytes() >= FILE_BACKED_BYTES {
+                                let p = self.out_dir.join(GLOBAL_SCRATCH);
+                                crate::model_io::write_ref(&p, &model)?;
+                                Some(p)
+                            } else {
+                                None
+                            };
+                            drop(model);
+                            // A large global model is read from its file by each task, so
+                            // the run holds the aggregate and the models being trained only.
+                            if let Some(p) = p
+                                && ctrl.global().num_bytes() >= FILE_BACKED_BYTES
+                            {
+                                let stored = crate::model_io::open(&p)?;
+                                ctrl.replace_global(ModelRef::Stored(Arc::new(stored)))?;
                             }
                         }
                         Event::Finished { model } => outcome = Some(Ok(model)),
@@ -461,8 +550,13 @@ impl Driver<'_> {
                 wait.min(Duration::from_millis(50))
             };
             match done_rx.recv_timeout(wait) {
-                Ok((i, Ok(result))) => ctrl.handle_result(self.now(), &self.names[i], result),
-                Ok((i, Err(e))) => bail!("{}: {e}", self.names[i]),
+                Ok((i, Ok(result), held)) => {
+                    ctrl.handle_result(self.now(), &self.names[i], result);
+                    if held {
+                        self.large.give();
+                    }
+                }
+                Ok((i, Err(e), _)) => bail!("{}: {e}", self.names[i]),
                 Err(RecvTimeoutError::Timeout) => {
                     let now = self.now();
                     if ctrl.poll_timeout().is_some_and(|t| t <= now) {
@@ -490,8 +584,9 @@ impl Driver<'_> {
     fn write_report(
         &self,
         run: CcwfRun,
-        outcome: Result<Result<Arc<FLModel>, String>, String>,
+        outcome: Result<Result<ModelRef, String>, String>,
     ) -> anyhow::Result<SimReport> {
+        let _ = std::fs::remove_file(self.out_dir.join(GLOBAL_SCRATCH));
         let metrics_file = self.out_dir.join("metrics.json");
         let final_model = self.out_dir.join("global_final.safetensors");
         let report = SimReport {
@@ -518,7 +613,7 @@ impl Driver<'_> {
             .with_context(|| format!("cannot write {}", metrics_file.display()))?;
         match outcome {
             Ok(Ok(model)) => {
-                crate::model_io::write(&final_model, &model)?;
+                crate::model_io::write_ref(&final_model, &model)?;
                 Ok(report)
             }
             Ok(Err(reason)) => bail!("the job aborted: {reason}"),
@@ -592,7 +687,7 @@ impl Driver<'_> {
                 .map(Ok)
                 .ok_or_else(|| "no result client received the final model".into()),
         };
-        self.write_report(run, outcome)
+        self.write_report(run, outcome.map(|o| o.map(ModelRef::Memory)))
     }
 
     /// Drives client workflows to the end: every client's state machine in this thread,
@@ -624,7 +719,10 @@ impl Driver<'_> {
                             inbox
                                 .push_back((self.index(&to)?, Input::Message { from, msg, model }));
                         }
-                        Action::RunTask(task) => pending.push_back((i, task)),
+                        Action::RunTask(mut task) => {
+                            let model = task.data.model.take().map(ModelRef::Memory);
+                            pending.push_back((i, task, model))
+                        }
                         Action::Report(r) => match r.event {
                             ReportEvent::Aggregated {
                                 accepted,
@@ -720,8 +818,8 @@ impl Driver<'_> {
                 wait.min(Duration::from_millis(50))
             };
             match done_rx.recv_timeout(wait) {
-                Ok((i, Ok(result))) => inbox.push_back((i, Input::TaskDone(result))),
-                Ok((i, Err(e))) => bail!("{}: {e}", self.names[i]),
+                Ok((i, Ok(result), _)) => inbox.push_back((i, Input::TaskDone(result))),
+                Ok((i, Err(e), _)) => bail!("{}: {e}", self.names[i]),
                 Err(RecvTimeoutError::Timeout) => {
                     let now = self.now();
                     for c in clients.iter_mut() {

@@ -340,6 +340,19 @@ impl JobStore {
         })
     }
 
+    /// A fresh file name in the spool folder (`jobs/.spool`, emptied whenever the store
+    /// opens, like every dot folder there): where results land as they arrive.
+    pub fn spool_file(&self) -> Result<PathBuf, StoreError> {
+        let dir = self.jobs_dir.join(".spool");
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let mut b = [0u8; 12];
+        self.rng.fill(&mut b).map_err(|_| StoreError::Io {
+            path: dir.clone(),
+            source: std::io::Error::other("no randomness for a spool name"),
+        })?;
+        Ok(dir.join(format!("{}.safetensors", hex::encode(b))))
+    }
+
     /// The entries that [`JobStore::open`] skipped, with the reason.
     pub fn skipped(&self) -> &[SkippedRecord] {
         &self.skipped

@@ -9,8 +9,9 @@
 use std::collections::BTreeMap;
 
 use crate::model::{
-    DType, FLModel, META_NUM_SAMPLES, META_NUM_STEPS, ModelError, ParamsType, Tensor,
+    DType, FLModel, META_NUM_SAMPLES, META_NUM_STEPS, ModelError, ParamsType, Tensor, numel,
 };
+use crate::stored::{ModelRef, READ_CHUNK, SourceError, TensorInfo};
 
 /// Why a result could not be aggregated.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -35,6 +36,12 @@ pub enum AggregateError {
     /// `finish` was called before any result was added.
     #[error("no results to aggregate")]
     Empty,
+    /// A stored result or base could not be read.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// A stored result failed to read while it was being folded in: the aggregate is lost.
+    #[error("the aggregate is lost: {0}")]
+    Poisoned(String),
 }
 
 /// The aggregation weight of a result: its sample count, else its step count, else 1.
@@ -63,10 +70,153 @@ pub struct FedAvg {
     count: usize,
     params_type: Option<ParamsType>,
     metric_sums: BTreeMap<String, (f64, f64)>,
+    /// A stored result failed to read half-way through folding: the sums are unusable.
+    poisoned: Option<String>,
 }
 
 fn read_f32(c: &[u8]) -> f32 {
     f32::from_le_bytes([c[0], c[1], c[2], c[3]])
+}
+
+/// Whether `dtype` holds floats (which must be finite to be averaged).
+fn is_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// Calls `f(element_index, value)` for the elements of `bytes`, whole elements of `dtype`
+/// that start at element `first`.
+fn widen(dtype: DType, first: usize, bytes: &[u8], mut f: impl FnMut(usize, f64)) {
+    match dtype {
+        DType::F32 => {
+            for (i, c) in bytes.chunks_exact(4).enumerate() {
+                f(first + i, f64::from(read_f32(c)));
+            }
+        }
+        DType::F16 => {
+            for (i, c) in bytes.chunks_exact(2).enumerate() {
+                f(first + i, f64::from(half::f16::from_le_bytes([c[0], c[1]])));
+            }
+        }
+        DType::BF16 => {
+            for (i, c) in bytes.chunks_exact(2).enumerate() {
+                f(
+                    first + i,
+                    f64::from(half::bf16::from_le_bytes([c[0], c[1]])),
+                );
+            }
+        }
+        DType::I64 => {
+            for (i, c) in bytes.chunks_exact(8).enumerate() {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                f(first + i, i64::from_le_bytes(a) as f64);
+            }
+        }
+    }
+}
+
+/// Appends `v` narrowed to `dtype` (integers round to the nearest).
+fn narrow(dtype: DType, v: f64, out: &mut Vec<u8>) {
+    match dtype {
+        DType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
+        DType::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+        DType::BF16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+        DType::I64 => out.extend_from_slice(&(v.round() as i64).to_le_bytes()),
+    }
+}
+
+/// A model to read from: borrowed in memory, or a [`ModelRef`].
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    Mem(&'a FLModel),
+    Ref(&'a ModelRef),
+}
+
+impl Src<'_> {
+    fn tensors(&self) -> Vec<TensorInfo> {
+        match self {
+            Src::Mem(m) => m
+                .params
+                .iter()
+                .map(|(name, t)| TensorInfo {
+                    name: name.clone(),
+                    dtype: t.dtype(),
+                    shape: t.shape().to_vec(),
+                })
+                .collect(),
+            Src::Ref(r) => r.tensors(),
+        }
+    }
+
+    fn params_type(&self) -> ParamsType {
+        match self {
+            Src::Mem(m) => m.params_type,
+            Src::Ref(r) => r.params_type(),
+        }
+    }
+
+    fn metrics(&self) -> &BTreeMap<String, f64> {
+        match self {
+            Src::Mem(m) => &m.metrics,
+            Src::Ref(r) => r.metrics(),
+        }
+    }
+
+    fn chunks<E: From<SourceError>>(
+        &self,
+        mut f: impl FnMut(&TensorInfo, usize, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match self {
+            Src::Mem(m) => {
+                for (name, t) in &m.params {
+                    let info = TensorInfo {
+                        name: name.clone(),
+                        dtype: t.dtype(),
+                        shape: t.shape().to_vec(),
+                    };
+                    if t.bytes().is_empty() {
+                        f(&info, 0, &[])?;
+                    }
+                    for (k, piece) in t.bytes().chunks(READ_CHUNK).enumerate() {
+                        f(&info, k * READ_CHUNK, piece)?;
+                    }
+                }
+                Ok(())
+            }
+            Src::Ref(r) => r.for_each_chunk(|_, info, at, b| f(info, at, b)),
+        }
+    }
+}
+
+/// Checks that `theirs` has exactly the tensors of `mine`, with the same dtypes and shapes.
+fn check_layout(mine: &[TensorInfo], theirs: &[TensorInfo]) -> Result<(), ModelError> {
+    let by_name: BTreeMap<&str, &TensorInfo> =
+        theirs.iter().map(|t| (t.name.as_str(), t)).collect();
+    for t in mine {
+        let Some(o) = by_name.get(t.name.as_str()) else {
+            return Err(ModelError::Incompatible {
+                name: t.name.clone(),
+                reason: "missing".into(),
+            });
+        };
+        if o.shape != t.shape || o.dtype != t.dtype {
+            return Err(ModelError::Incompatible {
+                name: t.name.clone(),
+                reason: format!(
+                    "expected {:?} {:?}, got {:?} {:?}",
+                    t.dtype, t.shape, o.dtype, o.shape
+                ),
+            });
+        }
+    }
+    let names: std::collections::BTreeSet<&str> = mine.iter().map(|t| t.name.as_str()).collect();
+    if let Some(extra) = theirs.iter().find(|t| !names.contains(t.name.as_str())) {
+        return Err(ModelError::Incompatible {
+            name: extra.name.clone(),
+            reason: "unexpected tensor".into(),
+        });
+    }
+    Ok(())
 }
 
 impl FedAvg {
@@ -93,50 +243,96 @@ impl FedAvg {
         result: &FLModel,
         weight: f64,
     ) -> Result<(), AggregateError> {
+        self.add_src(Src::Mem(reference), Src::Mem(result), weight)
+    }
+
+    /// Like [`FedAvg::add`] for models in memory or stored. A stored result is read twice, a
+    /// chunk at a time: once to check it (nothing changes when it is refused), once to fold
+    /// it in. Should the second read fail, the aggregate is lost ([`AggregateError::Poisoned`]
+    /// from then on).
+    pub fn add_ref(
+        &mut self,
+        reference: &ModelRef,
+        result: &ModelRef,
+        weight: f64,
+    ) -> Result<(), AggregateError> {
+        self.add_src(Src::Ref(reference), Src::Ref(result), weight)
+    }
+
+    fn add_src(
+        &mut self,
+        reference: Src<'_>,
+        result: Src<'_>,
+        weight: f64,
+    ) -> Result<(), AggregateError> {
+        if let Some(p) = &self.poisoned {
+            return Err(AggregateError::Poisoned(p.clone()));
+        }
         if !(weight.is_finite() && weight > 0.0) {
             return Err(AggregateError::BadWeight(weight));
         }
-        reference.check_compatible(result)?;
+        let layout = result.tensors();
+        check_layout(&reference.tensors(), &layout)?;
+        let params_type = result.params_type();
         if let Some(expected) = self.params_type
-            && expected != result.params_type
+            && expected != params_type
         {
             return Err(AggregateError::MixedParamsType {
                 expected,
-                got: result.params_type,
+                got: params_type,
             });
         }
-        for (name, t) in &result.params {
-            if matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-                let mut finite = true;
-                t.for_each_f64(|_, v| finite &= v.is_finite());
-                if !finite {
-                    return Err(AggregateError::NonFinite(name.clone()));
-                }
+        result.chunks(|info, _, bytes| {
+            let mut finite = true;
+            if is_float(info.dtype) {
+                widen(info.dtype, 0, bytes, |_, v| finite &= v.is_finite());
             }
-        }
-        self.params_type = Some(result.params_type);
+            if finite {
+                Ok(())
+            } else {
+                Err(AggregateError::NonFinite(info.name.clone()))
+            }
+        })?;
+        self.params_type = Some(params_type);
         // This result's share of the mean over everything folded in so far.
         let share = (weight / (self.total_weight + weight)) as f32;
-        for (name, t) in &result.params {
-            let acc = self
-                .sums
-                .entry(name.clone())
-                .or_insert_with(|| match t.dtype() {
-                    DType::F32 => Acc::F32Mean(vec![0; t.bytes().len()]),
-                    _ => Acc::Wide(vec![0.0; t.numel()]),
+        for t in &layout {
+            self.sums
+                .entry(t.name.clone())
+                .or_insert_with(|| match t.dtype {
+                    DType::F32 => Acc::F32Mean(vec![0; t.byte_len().unwrap_or(0)]),
+                    _ => Acc::Wide(vec![0.0; numel(&t.shape).unwrap_or(0)]),
                 });
+        }
+        let sums = &mut self.sums;
+        let folded = result.chunks(|info, at, bytes| -> Result<(), AggregateError> {
+            let Some(acc) = sums.get_mut(&info.name) else {
+                return Ok(());
+            };
             match acc {
                 Acc::F32Mean(mean) => {
-                    for (m, x) in mean.chunks_exact_mut(4).zip(t.bytes().chunks_exact(4)) {
+                    let Some(dst) = mean.get_mut(at..at + bytes.len()) else {
+                        return Ok(());
+                    };
+                    for (m, x) in dst.chunks_exact_mut(4).zip(bytes.chunks_exact(4)) {
                         let old = read_f32(m);
                         let v = old + share * (read_f32(x) - old);
                         m.copy_from_slice(&v.to_le_bytes());
                     }
                 }
-                Acc::Wide(sum) => t.for_each_f64(|i, v| sum[i] += weight * v),
+                Acc::Wide(sum) => widen(info.dtype, at / info.dtype.size(), bytes, |i, v| {
+                    if let Some(s) = sum.get_mut(i) {
+                        *s += weight * v;
+                    }
+                }),
             }
+            Ok(())
+        });
+        if let Err(e) = folded {
+            self.poisoned = Some(e.to_string());
+            return Err(e);
         }
-        for (k, v) in &result.metrics {
+        for (k, v) in result.metrics() {
             if v.is_finite() {
                 let e = self.metric_sums.entry(k.clone()).or_insert((0.0, 0.0));
                 e.0 += weight * v;
@@ -160,51 +356,99 @@ impl FedAvg {
     /// The new global model: the weighted average of full weights, or `base` plus the
     /// weighted average of diffs. Tensors keep the dtype of `base`.
     pub fn finish(self, base: &FLModel) -> Result<FLModel, AggregateError> {
+        self.finish_src(Src::Mem(base))
+    }
+
+    /// Like [`FedAvg::finish`] with a base in memory or stored (read a chunk at a time). An f32
+    /// tensor's running mean becomes the new tensor in place: finishing allocates nothing
+    /// for it.
+    pub fn finish_ref(self, base: &ModelRef) -> Result<FLModel, AggregateError> {
+        self.finish_src(Src::Ref(base))
+    }
+
+    fn finish_src(mut self, base: Src<'_>) -> Result<FLModel, AggregateError> {
+        if let Some(p) = self.poisoned {
+            return Err(AggregateError::Poisoned(p));
+        }
         if self.count == 0 {
             return Err(AggregateError::Empty);
         }
         let total = self.total_weight;
         let diff = self.params_type == Some(ParamsType::Diff);
+        let layout = base.tensors();
+        if let Some(t) = layout.iter().find(|t| !self.sums.contains_key(&t.name)) {
+            return Err(ModelError::Incompatible {
+                name: t.name.clone(),
+                reason: "not in the results".into(),
+            }
+            .into());
+        }
+        if let Some(name) = self
+            .sums
+            .keys()
+            .find(|n| !layout.iter().any(|t| &t.name == *n))
+        {
+            return Err(ModelError::Incompatible {
+                name: name.clone(),
+                reason: "missing in base".into(),
+            }
+            .into());
+        }
         let mut params = BTreeMap::new();
-        for (name, acc) in self.sums {
-            let Some(b) = base.params.get(&name) else {
-                return Err(ModelError::Incompatible {
-                    name,
-                    reason: "missing in base".into(),
-                }
-                .into());
+        let sums = &mut self.sums;
+        // The tensor being built from a wide sum (or an f32 mean onto another dtype).
+        let mut out: Vec<u8> = Vec::new();
+        base.chunks(|info, at, bytes| -> Result<(), AggregateError> {
+            let len = info.byte_len().unwrap_or(0);
+            let last = at + bytes.len() == len;
+            let Some(acc) = sums.get_mut(&info.name) else {
+                return Ok(());
             };
-            let t = match acc {
-                Acc::F32Mean(mut mean) if b.dtype() == DType::F32 => {
-                    if diff {
-                        for (m, x) in mean.chunks_exact_mut(4).zip(b.bytes().chunks_exact(4)) {
+            let first = at / info.dtype.size();
+            match acc {
+                Acc::F32Mean(mean) if info.dtype == DType::F32 => {
+                    if diff && let Some(dst) = mean.get_mut(at..at + bytes.len()) {
+                        for (m, x) in dst.chunks_exact_mut(4).zip(bytes.chunks_exact(4)) {
                             let v = read_f32(m) + read_f32(x);
                             m.copy_from_slice(&v.to_le_bytes());
                         }
                     }
-                    Tensor::from_bytes(DType::F32, b.shape().to_vec(), mean)?
                 }
                 Acc::F32Mean(mean) => {
-                    let mut base_vals = Vec::with_capacity(b.numel());
-                    b.for_each_f64(|_, v| base_vals.push(v));
-                    let vals = mean
-                        .chunks_exact(4)
-                        .zip(base_vals)
-                        .map(|(m, x)| f64::from(read_f32(m)) + if diff { x } else { 0.0 });
-                    Tensor::from_f64_like(b, vals)
+                    if at == 0 {
+                        out = Vec::with_capacity(len);
+                    }
+                    widen(info.dtype, first, bytes, |i, x| {
+                        let m = mean.get(i * 4..i * 4 + 4).map_or(0.0, read_f32);
+                        narrow(
+                            info.dtype,
+                            f64::from(m) + if diff { x } else { 0.0 },
+                            &mut out,
+                        );
+                    });
                 }
                 Acc::Wide(sum) => {
-                    let mut base_vals = Vec::with_capacity(b.numel());
-                    b.for_each_f64(|_, v| base_vals.push(v));
-                    let vals = sum
-                        .into_iter()
-                        .zip(base_vals)
-                        .map(|(s, x)| s / total + if diff { x } else { 0.0 });
-                    Tensor::from_f64_like(b, vals)
+                    if at == 0 {
+                        out = Vec::with_capacity(len);
+                    }
+                    widen(info.dtype, first, bytes, |i, x| {
+                        let s = sum.get(i).copied().unwrap_or(0.0);
+                        narrow(info.dtype, s / total + if diff { x } else { 0.0 }, &mut out);
+                    });
                 }
-            };
-            params.insert(name, t);
-        }
+            }
+            if last {
+                let data = match sums.remove(&info.name) {
+                    Some(Acc::F32Mean(mean)) if info.dtype == DType::F32 => mean,
+                    _ => std::mem::take(&mut out),
+                };
+                params.insert(
+                    info.name.clone(),
+                    Tensor::from_bytes(info.dtype, info.shape.clone(), data)?,
+                );
+            }
+            Ok(())
+        })?;
         Ok(FLModel {
             params,
             params_type: ParamsType::Full,
@@ -351,5 +595,84 @@ mod tests {
             FedAvg::new().finish(&FLModel::default()).unwrap_err(),
             AggregateError::Empty
         );
+    }
+
+    fn stored(m: &FLModel) -> ModelRef {
+        ModelRef::Stored(std::sync::Arc::new(
+            crate::stored::StoredModel::from_memory(m),
+        ))
+    }
+
+    #[test]
+    fn stored_results_and_base_aggregate_like_memory_ones() {
+        for diff in [false, true] {
+            let base = model(&[10.0, 20.0], &[100], 1);
+            let mut a = model(&[1.0, -1.0], &[2], 1);
+            let mut b = model(&[3.0, 1.0], &[4], 3);
+            if diff {
+                a.params_type = ParamsType::Diff;
+                b.params_type = ParamsType::Diff;
+            }
+            let mut mem = FedAvg::new();
+            mem.add(&base, &a, 1.0).unwrap();
+            mem.add(&base, &b, 3.0).unwrap();
+            let want = mem.finish(&base).unwrap();
+            let mut st = FedAvg::new();
+            let sbase = stored(&base);
+            st.add_ref(&sbase, &stored(&a), 1.0).unwrap();
+            st.add_ref(&sbase, &ModelRef::from(b.clone()), 3.0).unwrap();
+            assert_eq!(st.finish_ref(&sbase).unwrap(), want, "diff {diff}");
+        }
+    }
+
+    #[test]
+    fn a_stored_result_with_a_late_nan_changes_nothing() {
+        let base = model(&[0.0, 0.0], &[0], 1);
+        let sbase = stored(&base);
+        let mut agg = FedAvg::new();
+        agg.add_ref(&sbase, &stored(&model(&[2.0, 2.0], &[2], 1)), 1.0)
+            .unwrap();
+        let bad = stored(&model(&[1.0, f32::INFINITY], &[1], 1));
+        assert!(matches!(
+            agg.add_ref(&sbase, &bad, 1.0),
+            Err(AggregateError::NonFinite(ref n)) if n == "w"
+        ));
+        assert_eq!(agg.count(), 1);
+        assert_eq!(f32s(&agg.finish_ref(&sbase).unwrap(), "w"), vec![2.0, 2.0]);
+    }
+
+    #[test]
+    fn a_source_that_fails_while_folding_loses_the_aggregate_loudly() {
+        #[derive(Debug)]
+        struct FailsSecondTime(std::sync::atomic::AtomicUsize);
+        impl crate::stored::TensorSource for FailsSecondTime {
+            fn read_at(&self, _: usize, _: u64, buf: &mut [u8]) -> Result<(), String> {
+                if self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1 {
+                    return Err("disk gone".into());
+                }
+                buf.fill(0);
+                Ok(())
+            }
+        }
+        let base = FLModel::from_params(BTreeMap::from([(
+            "w".to_string(),
+            Tensor::zeros(DType::F32, vec![2]).unwrap(),
+        )]));
+        let src = crate::stored::StoredModel::new(
+            ModelRef::from(base.clone()).tensors(),
+            std::sync::Arc::new(FailsSecondTime(Default::default())),
+        )
+        .unwrap();
+        let mut agg = FedAvg::new();
+        let r = agg.add_ref(
+            &ModelRef::from(base.clone()),
+            &ModelRef::Stored(std::sync::Arc::new(src)),
+            1.0,
+        );
+        assert!(matches!(r, Err(AggregateError::Source(_))), "{r:?}");
+        assert!(matches!(
+            agg.finish(&base),
+            Err(AggregateError::Poisoned(ref why)) if why.contains("disk gone")
+        ));
     }
 }

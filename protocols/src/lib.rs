@@ -8,6 +8,7 @@ pub mod codec;
 pub mod model;
 pub mod safetensors_io;
 pub mod shareable;
+pub mod stored;
 pub mod time;
 pub mod workflows;
 

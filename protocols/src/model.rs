@@ -212,6 +212,11 @@ impl Tensor {
         &self.data
     }
 
+    /// The raw bytes, to change in place (their length, and so the shape, stays).
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+
     /// Consumes the tensor and returns its bytes.
     pub fn into_bytes(self) -> Vec<u8> {
         self.data

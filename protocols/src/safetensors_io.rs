@@ -69,6 +69,26 @@ pub fn to_bytes(model: &FLModel) -> Result<Vec<u8>, ModelError> {
     .map_err(|e| ModelError::Safetensors(e.to_string()))
 }
 
+/// Params type, round and metrics from a safetensors header's metadata (what
+/// [`metadata`] writes).
+pub fn read_metadata(
+    meta: &HashMap<String, String>,
+) -> (ParamsType, Option<u32>, BTreeMap<String, f64>) {
+    let params_type = if meta.get(META_PARAMS_TYPE).map(String::as_str) == Some("diff") {
+        ParamsType::Diff
+    } else {
+        ParamsType::Full
+    };
+    let round = meta.get(META_ROUND).and_then(|r| r.parse().ok());
+    let mut metrics = BTreeMap::new();
+    for (k, v) in meta {
+        if let (Some(name), Ok(v)) = (k.strip_prefix(META_METRIC_PREFIX), v.parse::<f64>()) {
+            metrics.insert(name.to_string(), v);
+        }
+    }
+    (params_type, round, metrics)
+}
+
 /// Decodes a safetensors buffer into a model, refusing dtypes Flare does not carry.
 pub fn from_bytes(bytes: &[u8]) -> Result<FLModel, ModelError> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
@@ -105,15 +125,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<FLModel, ModelError> {
     let (_, header) =
         SafeTensors::read_metadata(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
     if let Some(meta) = header.metadata() {
-        if meta.get(META_PARAMS_TYPE).map(String::as_str) == Some("diff") {
-            model.params_type = ParamsType::Diff;
-        }
-        model.current_round = meta.get(META_ROUND).and_then(|r| r.parse().ok());
-        for (k, v) in meta {
-            if let (Some(name), Ok(v)) = (k.strip_prefix(META_METRIC_PREFIX), v.parse::<f64>()) {
-                model.metrics.insert(name.to_string(), v);
-            }
-        }
+        (model.params_type, model.current_round, model.metrics) = read_metadata(meta);
     }
     model.check_names()?;
     Ok(model)

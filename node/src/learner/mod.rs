@@ -44,12 +44,18 @@ pub trait Learner: Send {
     /// with the number of training samples in `meta[NUM_SAMPLES]`.
     fn train(&mut self, global: &FLModel, round: u32) -> Result<FLModel, LearnerError>;
 
+    /// Like [`Learner::train`], given the model to own: a learner that trains in place
+    /// overrides it and returns the same buffers, so a task costs no copy of the model.
+    fn train_owned(&mut self, global: FLModel, round: u32) -> Result<FLModel, LearnerError> {
+        self.train(&global, round)
+    }
+
     /// Measures `model` on the site's validation data (`accuracy`, `loss`, …).
     fn validate(&mut self, model: &FLModel) -> Result<BTreeMap<String, f64>, LearnerError>;
 
     /// Runs one task. The default validates the incoming model and trains on it (see
     /// [`execute`]); a back-end that decides for itself (the user's program) overrides it.
-    fn execute_task(&mut self, task: &Task) -> TaskResult {
+    fn execute_task(&mut self, task: Task) -> TaskResult {
         run_default(self, task)
     }
 
@@ -104,24 +110,25 @@ impl AbortHandle {
 /// For `train`, the incoming global model is validated first and its metrics travel with the
 /// trained weights (FLARE's Client API convention), so the controller learns each global
 /// model's quality without an extra round trip.
-pub fn execute(learner: &mut dyn Learner, task: &Task) -> TaskResult {
+pub fn execute(learner: &mut dyn Learner, task: Task) -> TaskResult {
     learner.execute_task(task)
 }
 
-fn run_default<L: Learner + ?Sized>(learner: &mut L, task: &Task) -> TaskResult {
+fn run_default<L: Learner + ?Sized>(learner: &mut L, task: Task) -> TaskResult {
+    let (task_id, round) = (task.id, task.round);
     let data = match run(learner, task) {
         Ok(model) => Shareable::with_model(Arc::new(model)),
         Err((code, reason)) => Shareable::error(code, reason),
     };
     TaskResult {
-        task_id: task.id,
-        round: task.round,
+        task_id,
+        round,
         data,
     }
 }
 
-fn run<L: Learner + ?Sized>(learner: &mut L, task: &Task) -> Result<FLModel, (ReturnCode, String)> {
-    let Some(global) = task.data.model.as_deref() else {
+fn run<L: Learner + ?Sized>(learner: &mut L, task: Task) -> Result<FLModel, (ReturnCode, String)> {
+    let Some(global) = task.data.model else {
         return Err((
             ReturnCode::ValidationError,
             "the task carries no model".into(),
@@ -136,14 +143,16 @@ fn run<L: Learner + ?Sized>(learner: &mut L, task: &Task) -> Result<FLModel, (Re
     };
     match task.name.as_str() {
         task_names::TRAIN => {
-            let metrics = learner.validate(global).map_err(fail)?;
-            let mut out = learner.train(global, task.round).map_err(fail)?;
+            let metrics = learner.validate(&global).map_err(fail)?;
+            // The task's model is this task's alone once it arrived: train in it.
+            let owned = Arc::try_unwrap(global).unwrap_or_else(|shared| (*shared).clone());
+            let mut out = learner.train_owned(owned, task.round).map_err(fail)?;
             out.metrics = metrics;
             out.current_round = Some(task.round);
             Ok(out)
         }
         task_names::VALIDATE => {
-            let metrics = learner.validate(global).map_err(fail)?;
+            let metrics = learner.validate(&global).map_err(fail)?;
             let mut out = FLModel {
                 metrics,
                 ..FLModel::default()

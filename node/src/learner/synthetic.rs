@@ -66,9 +66,14 @@ impl SyntheticLearner {
 }
 
 impl Learner for SyntheticLearner {
-    fn train(&mut self, global: &FLModel, _round: u32) -> Result<FLModel, LearnerError> {
-        let mut params = BTreeMap::new();
-        for (name, t) in &global.params {
+    fn train(&mut self, global: &FLModel, round: u32) -> Result<FLModel, LearnerError> {
+        self.train_owned(global.clone(), round)
+    }
+
+    /// Moves every weight by the site's step where it lies.
+    fn train_owned(&mut self, global: FLModel, _round: u32) -> Result<FLModel, LearnerError> {
+        let mut params = global.params;
+        for (name, t) in &mut params {
             if t.dtype() != DType::F32 {
                 return Err(ModelError::Incompatible {
                     name: name.clone(),
@@ -76,15 +81,10 @@ impl Learner for SyntheticLearner {
                 }
                 .into());
             }
-            let mut out = Vec::with_capacity(t.bytes().len());
-            for c in t.bytes().chunks_exact(4) {
+            for c in t.bytes_mut().chunks_exact_mut(4) {
                 let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) + self.step;
-                out.extend_from_slice(&v.to_le_bytes());
+                c.copy_from_slice(&v.to_le_bytes());
             }
-            params.insert(
-                name.clone(),
-                Tensor::from_bytes(DType::F32, t.shape().to_vec(), out)?,
-            );
         }
         let mut m = FLModel::from_params(params);
         let (k, v) = samples_meta(self.args.samples);

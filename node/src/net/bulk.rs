@@ -9,6 +9,7 @@
 //! every tensor in skeleton order.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +22,7 @@ use flare_crypto::{PeerId, SealingSecret};
 use flare_protocols::codec::{decode, encode};
 use flare_protocols::model::{DType, FLModel, MetaValue, ParamsType, Tensor, numel};
 use flare_protocols::shareable::ReturnCode;
+use flare_protocols::stored::{ModelRef, StoredModel, TensorInfo};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +60,9 @@ pub enum BulkError {
     /// The sender is not an admitted peer.
     #[error("peer {0} is not admitted")]
     NotAdmitted(PeerId),
+    /// The transfer could not be spooled to disk.
+    #[error("spooling the transfer: {0}")]
+    Spool(String),
 }
 
 /// The names, dtypes and shapes of a model's tensors, and everything else it carries.
@@ -91,6 +96,32 @@ impl Skeleton {
             current_round: model.current_round,
             total_rounds: model.total_rounds,
         }
+    }
+
+    fn of_stored(model: &StoredModel) -> Skeleton {
+        Skeleton {
+            tensors: model
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+                .collect(),
+            params_type: model.params_type,
+            metrics: model.metrics.clone(),
+            meta: model.meta.clone(),
+            current_round: model.current_round,
+            total_rounds: model.total_rounds,
+        }
+    }
+
+    fn infos(&self) -> Vec<TensorInfo> {
+        self.tensors
+            .iter()
+            .map(|(name, dtype, shape)| TensorInfo {
+                name: name.clone(),
+                dtype: *dtype,
+                shape: shape.clone(),
+            })
+            .collect()
     }
 
     /// Total tensor bytes, or `None` on overflow.
@@ -310,15 +341,67 @@ pub async fn send<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     sealing: &Sealing,
     to: &PeerInfo,
     route: &Route,
-    mut meta: TransferMeta,
+    meta: TransferMeta,
     model: Option<&FLModel>,
 ) -> Result<u64, BulkError> {
+    send_body(stream, sealing, to, route, meta, model.map(Body::Memory)).await
+}
+
+/// A model to send: in memory (its bytes are sealed from where they are), or stored (read a
+/// chunk at a time).
+#[derive(Debug, Clone, Copy)]
+pub enum Body<'a> {
+    /// Tensors in memory.
+    Memory(&'a FLModel),
+    /// Tensors read through the model's source.
+    Stored(&'a StoredModel),
+}
+
+impl<'a> Body<'a> {
+    /// The body of `model`.
+    pub fn of(model: &'a ModelRef) -> Body<'a> {
+        match model {
+            ModelRef::Memory(m) => Body::Memory(m),
+            ModelRef::Stored(s) => Body::Stored(s),
+        }
+    }
+}
+
+async fn send_body<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
+    stream: &mut S,
+    sealing: &Sealing,
+    to: &PeerInfo,
+    route: &Route,
+    mut meta: TransferMeta,
+    model: Option<Body<'_>>,
+) -> Result<u64, BulkError> {
     let header = sealing.header(to, route);
-    meta.skeleton = model.map(Skeleton::of);
+    meta.skeleton = model.map(|b| match b {
+        Body::Memory(m) => Skeleton::of(m),
+        Body::Stored(s) => Skeleton::of_stored(s),
+    });
     let mut w = start_stream(stream, sealing, header, &to.cert.sealing_public, &meta).await?;
-    if let Some(m) = model {
-        for t in m.params.values() {
-            w.push(t.bytes()).await?;
+    match model {
+        None => {}
+        Some(Body::Memory(m)) => {
+            for t in m.params.values() {
+                w.push(t.bytes()).await?;
+            }
+        }
+        Some(Body::Stored(s)) => {
+            let mut buf = vec![0u8; CHUNK];
+            for (i, t) in s.tensors.iter().enumerate() {
+                let len = t.byte_len().unwrap_or(0);
+                let mut at = 0;
+                while at < len {
+                    let n = (len - at).min(CHUNK);
+                    s.source
+                        .read_at(i, at as u64, &mut buf[..n])
+                        .map_err(|e| BulkError::Io(std::io::Error::other(e)))?;
+                    w.push(&buf[..n]).await?;
+                    at += n;
+                }
+            }
         }
     }
     w.finish().await
@@ -401,8 +484,11 @@ pub struct Received {
     pub header: MessageHeader,
     /// Task, outcome and headers.
     pub meta: TransferMeta,
-    /// The model, if one was sent.
+    /// The model, if one was sent and kept in memory.
     pub model: Option<FLModel>,
+    /// The model, if one was sent and spooled to a file ([`receive_spooled`]); the file goes
+    /// when the model is dropped.
+    pub stored: Option<StoredModel>,
     /// Bytes read from the stream.
     pub bytes: u64,
 }
@@ -420,6 +506,10 @@ struct Assembler {
     /// Bytes of the current tensor received so far.
     filled: usize,
     tensors: BTreeMap<String, Tensor>,
+    /// Where to spool the tensor bytes (instead of keeping them), and the writer once the
+    /// meta said what comes.
+    spool: Option<PathBuf>,
+    writer: Option<crate::model_io::SpoolWriter>,
 }
 
 impl Assembler {
@@ -467,6 +557,21 @@ impl Assembler {
                             )));
                         }
                     }
+                    if let (Some(path), Some(s)) = (&self.spool, &meta.skeleton) {
+                        let like = FLModel {
+                            params_type: s.params_type,
+                            current_round: s.current_round,
+                            metrics: s.metrics.clone(),
+                            ..FLModel::default()
+                        };
+                        let w = crate::model_io::SpoolWriter::create(
+                            path,
+                            &s.infos(),
+                            &flare_protocols::safetensors_io::metadata(&like),
+                        )
+                        .map_err(|e| BulkError::Spool(e.to_string()))?;
+                        self.writer = Some(w);
+                    }
                     self.meta = Some(meta);
                     self.prefix = Vec::new();
                 }
@@ -494,6 +599,9 @@ impl Assembler {
                     self.filling.reserve_exact(target - self.filling.len());
                 }
                 self.filling.extend_from_slice(&data[..take]);
+            } else if let Some(w) = &mut self.writer {
+                w.push(&data[..take])
+                    .map_err(|e| BulkError::Spool(e.to_string()))?;
             }
             self.filled += take;
             data = &data[take..];
@@ -513,7 +621,7 @@ impl Assembler {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<(TransferMeta, Option<FLModel>), BulkError> {
+    fn finish(mut self) -> Result<(TransferMeta, Option<FLModel>, Option<StoredModel>), BulkError> {
         let meta = self
             .meta
             .take()
@@ -532,6 +640,14 @@ impl Assembler {
                     return Err(BulkError::Malformed(
                         "transfer ended inside a tensor".into(),
                     ));
+                }
+                if let Some(w) = self.writer.take() {
+                    let path = w.finish().map_err(|e| BulkError::Spool(e.to_string()))?;
+                    let mut stored = crate::model_io::open_spooled(&path)
+                        .map_err(|e| BulkError::Spool(e.to_string()))?;
+                    stored.meta = s.meta.clone();
+                    stored.total_rounds = s.total_rounds;
+                    return Ok((meta, None, Some(stored)));
                 }
                 None
             }
@@ -561,7 +677,7 @@ impl Assembler {
                 })
             }
         };
-        Ok((meta, model))
+        Ok((meta, model, None))
     }
 }
 
@@ -572,7 +688,29 @@ pub async fn receive<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     from: &PeerInfo,
     max_model_bytes: u64,
 ) -> Result<Received, BulkError> {
-    receive_inner(stream, sealing, from, max_model_bytes, true, true).await
+    receive_inner(stream, sealing, from, max_model_bytes, true, true, None).await
+}
+
+/// Like [`receive_held`], but the tensor bytes go to a safetensors file at `spool` as they
+/// arrive ([`Received::stored`]), so memory holds one chunk whatever the model's size. No
+/// partial file is left when the transfer fails.
+pub async fn receive_spooled<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
+    stream: &mut S,
+    sealing: &Sealing,
+    from: &PeerInfo,
+    max_model_bytes: u64,
+    spool: PathBuf,
+) -> Result<Received, BulkError> {
+    receive_inner(
+        stream,
+        sealing,
+        from,
+        max_model_bytes,
+        false,
+        false,
+        Some(spool),
+    )
+    .await
 }
 
 /// Like [`receive`], but leaves the acknowledgement to the caller ([`acknowledge`]), once it
@@ -584,7 +722,7 @@ pub async fn receive_held<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     from: &PeerInfo,
     max_model_bytes: u64,
 ) -> Result<Received, BulkError> {
-    receive_inner(stream, sealing, from, max_model_bytes, true, false).await
+    receive_inner(stream, sealing, from, max_model_bytes, true, false, None).await
 }
 
 /// Acknowledges a transfer received with [`receive_held`].
@@ -605,7 +743,7 @@ pub async fn receive_discard<S: futures::AsyncRead + futures::AsyncWrite + Unpin
     from: &PeerInfo,
     max_model_bytes: u64,
 ) -> Result<Received, BulkError> {
-    receive_inner(stream, sealing, from, max_model_bytes, false, true).await
+    receive_inner(stream, sealing, from, max_model_bytes, false, true, None).await
 }
 
 /// The receiving end of a sealed stream: opens the header, then hands out plaintext chunk by
@@ -703,6 +841,7 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     max_model_bytes: u64,
     keep: bool,
     ack: bool,
+    spool: Option<PathBuf>,
 ) -> Result<Received, BulkError> {
     let mut reader = SealedReader::open(stream, sealing, from).await?;
     let header = reader.header().clone();
@@ -715,11 +854,13 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         current: 0,
         filling: Vec::new(),
         tensors: BTreeMap::new(),
+        spool,
+        writer: None,
     };
     while let Some(data) = reader.next().await? {
         asm.push(data)?;
     }
-    let (meta, model) = asm.finish()?;
+    let (meta, model, stored) = asm.finish()?;
     let bytes = if ack {
         reader.acknowledge().await?
     } else if reader.opener.is_some() {
@@ -731,6 +872,7 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         header,
         meta,
         model,
+        stored,
         bytes,
     })
 }
@@ -750,6 +892,18 @@ pub async fn deliver(
     meta: &TransferMeta,
     model: Option<&FLModel>,
 ) -> Result<u64, BulkError> {
+    deliver_body(net, sealing, to, route, meta, model.map(Body::Memory)).await
+}
+
+/// Like [`deliver`], for a model in memory or stored.
+pub async fn deliver_body(
+    net: &super::NetHandle,
+    sealing: &Sealing,
+    to: &PeerInfo,
+    route: &Route,
+    meta: &TransferMeta,
+    model: Option<Body<'_>>,
+) -> Result<u64, BulkError> {
     let mut last = None;
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {
@@ -764,7 +918,7 @@ pub async fn deliver(
             .open_stream(to.peer, super::protocol::BULK_PROTOCOL)
             .await
         {
-            Ok(mut stream) => send(&mut stream, sealing, to, route, meta.clone(), model).await,
+            Ok(mut stream) => send_body(&mut stream, sealing, to, route, meta.clone(), model).await,
             Err(e) => Err(BulkError::Io(std::io::Error::other(e.to_string()))),
         };
         match result {
@@ -794,6 +948,8 @@ mod tests {
             filling: Vec::new(),
             filled: 0,
             tensors: BTreeMap::new(),
+            spool: None,
+            writer: None,
         }
     }
 
@@ -836,7 +992,7 @@ mod tests {
             for c in bytes.chunks(step) {
                 a.push(c).unwrap();
             }
-            let (meta, got) = a.finish().unwrap();
+            let (meta, got, _) = a.finish().unwrap();
             assert_eq!(meta.round, 2);
             assert_eq!(got.unwrap().params, m.params);
         }

@@ -415,7 +415,7 @@ impl Site {
         };
         tracing::info!(%job, task = %task.name, round = task.round, "task received");
         let result = tokio::task::spawn_blocking(move || match learner.lock() {
-            Ok(mut l) => execute(l.as_mut(), &task),
+            Ok(mut l) => execute(l.as_mut(), task),
             Err(_) => flare_protocols::TaskResult {
                 task_id: task.id,
                 round: task.round,

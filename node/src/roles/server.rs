@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use flare_crypto::{AdminRole, Role, RoleKind};
 use flare_protocols::shareable::{Shareable, TaskResult};
+use flare_protocols::stored::ModelRef;
 use flare_provision::kit::Kit;
 use futures::StreamExt;
 use libp2p::PeerId;
@@ -58,7 +59,7 @@ enum WfEvent {
 }
 
 struct Runner {
-    results: mpsc::Sender<(String, TaskResult)>,
+    results: mpsc::Sender<(String, TaskResult, Option<ModelRef>)>,
     reports: mpsc::Sender<(String, WfEvent)>,
     abort: watch::Sender<bool>,
 }
@@ -874,7 +875,10 @@ impl Server {
         mut stream: libp2p::Stream,
     ) -> anyhow::Result<()> {
         let from = self.admitted_as(peer, RoleKind::Client, "bulk")?;
-        let got = bulk::receive_held(&mut stream, &self.sealing, &from, MAX_RESULT_MODEL).await?;
+        // Results and uploads go to disk as they arrive: the server never holds one whole.
+        let spool = self.store.spool_file()?;
+        let got = bulk::receive_spooled(&mut stream, &self.sealing, &from, MAX_RESULT_MODEL, spool)
+            .await?;
         if got.header.kind == "upload" {
             let stem = got.meta.task_name.as_str();
             if !matches!(stem, "global_final" | "best") {
@@ -888,13 +892,16 @@ impl Server {
                 .with_context(|| {
                     format!("upload for job {} that is not running", got.header.job)
                 })?;
-            let model = got.model.context("upload without a model")?;
+            let model = got.stored.context("upload without a model")?;
             let dir = self.store.result_dir(&got.header.job);
             let stored = std::fs::create_dir_all(&dir)
                 .with_context(|| dir.display().to_string())
                 .and_then(|()| {
-                    crate::model_io::write(&dir.join(format!("{stem}.safetensors")), &model)
-                        .map_err(anyhow::Error::from)
+                    crate::model_io::write_ref(
+                        &dir.join(format!("{stem}.safetensors")),
+                        &ModelRef::Stored(Arc::new(model)),
+                    )
+                    .map_err(anyhow::Error::from)
                 });
             // Only a stored model is acknowledged: without the ack the site sends it again.
             let event = match &stored {
@@ -926,10 +933,11 @@ impl Server {
             data: Shareable {
                 headers: got.meta.headers,
                 return_code: got.meta.return_code,
-                model: got.model.map(Arc::new),
+                model: None,
             },
         };
-        tx.send((from.cert.name.clone(), result)).await.ok();
+        let model = got.stored.map(|m| ModelRef::Stored(Arc::new(m)));
+        tx.send((from.cert.name.clone(), result, model)).await.ok();
         bulk::acknowledge(&mut stream).await?;
         Ok(())
     }

@@ -288,7 +288,7 @@ pub async fn run<W>(
                     tokio::spawn(async move {
                         let _one_at_a_time = lock.lock().await;
                         let r = tokio::task::spawn_blocking(move || match learner.lock() {
-                            Ok(mut l) => execute(l.as_mut(), &task),
+                            Ok(mut l) => execute(l.as_mut(), task),
                             Err(_) => flare_protocols::TaskResult {
                                 task_id: task.id,
                                 round: task.round,

@@ -25,9 +25,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::aggregate::{FedAvg, weight_of};
-use crate::model::FLModel;
+use crate::aggregate::FedAvg;
+use crate::model::{FLModel, META_NUM_SAMPLES, META_NUM_STEPS, ModelError};
 use crate::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult, task_names};
+use crate::stored::ModelRef;
 use crate::time::Time;
 
 /// Settings of a scatter-and-gather run (FLARE's argument names).
@@ -157,8 +158,8 @@ pub enum Event {
     RoundAggregated {
         /// The round.
         round: u32,
-        /// The new global model (version `round + 1 - start_round`).
-        model: Arc<FLModel>,
+        /// The new global model (version `round + 1 - start_round`), in memory.
+        model: ModelRef,
         /// How many results went into it.
         accepted: usize,
     },
@@ -172,7 +173,7 @@ pub enum Event {
     /// The run finished; `model` is the final global model.
     Finished {
         /// The final global model.
-        model: Arc<FLModel>,
+        model: ModelRef,
     },
     /// The run stopped without finishing.
     Aborted {
@@ -186,12 +187,14 @@ pub enum Event {
 /// What the controller asks the driver to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    /// Deliver `task` to client `to`.
+    /// Deliver `task` with `model` to client `to`.
     Send {
         /// Client name.
         to: String,
-        /// The task.
+        /// The task (its `data.model` is empty: the model travels in `model`).
         task: Task,
+        /// The global model the task carries, shared by every task of the round.
+        model: ModelRef,
     },
     /// Report an event.
     Event(Event),
@@ -212,7 +215,7 @@ pub struct ScatterGather {
     clients: Vec<String>,
     phase: Phase,
     round: u32,
-    global: Arc<FLModel>,
+    global: ModelRef,
     next_task: u64,
     /// Task sent to each client in the current phase.
     asked: BTreeMap<String, TaskId>,
@@ -230,7 +233,7 @@ impl ScatterGather {
     pub fn new(
         cfg: SagConfig,
         clients: Vec<String>,
-        initial: FLModel,
+        initial: impl Into<ModelRef>,
     ) -> Result<Self, SagConfigError> {
         if cfg.num_rounds == 0 {
             return Err(SagConfigError::NoRounds);
@@ -253,7 +256,7 @@ impl ScatterGather {
             cfg,
             clients,
             phase: Phase::Idle,
-            global: Arc::new(initial),
+            global: initial.into(),
             next_task: 0,
             asked: BTreeMap::new(),
             answered: BTreeSet::new(),
@@ -273,7 +276,7 @@ impl ScatterGather {
     pub fn resume(
         cfg: SagConfig,
         clients: Vec<String>,
-        model: FLModel,
+        model: impl Into<ModelRef>,
         next_round: u32,
     ) -> Result<Self, SagConfigError> {
         let end = cfg.start_round.saturating_add(cfg.num_rounds);
@@ -305,8 +308,17 @@ impl ScatterGather {
     }
 
     /// The current global model.
-    pub fn global(&self) -> &Arc<FLModel> {
+    pub fn global(&self) -> &ModelRef {
         &self.global
+    }
+
+    /// Puts `model` in place of the global model: the same model, now stored by the driver
+    /// (which persisted it), so the controller stops holding it in memory. Tasks sent from
+    /// now on carry `model`. Refused, changing nothing, when its tensors differ.
+    pub fn replace_global(&mut self, model: ModelRef) -> Result<(), ModelError> {
+        self.global.check_compatible(&model)?;
+        self.global = model;
+        Ok(())
     }
 
     /// The current round.
@@ -364,15 +376,32 @@ impl ScatterGather {
                 id,
                 name: name.to_string(),
                 round: self.round,
-                data: Shareable::with_model(Arc::clone(&self.global))
+                data: Shareable::default()
                     .with_total_rounds(self.cfg.start_round + self.cfg.num_rounds),
             };
-            self.out.push_back(Output::Send { to: client, task });
+            self.out.push_back(Output::Send {
+                to: client,
+                task,
+                model: self.global.clone(),
+            });
         }
     }
 
-    /// Takes a client's answer.
-    pub fn handle_result(&mut self, now: Time, from: &str, result: TaskResult) {
+    /// Takes a client's answer, its model in memory.
+    pub fn handle_result(&mut self, now: Time, from: &str, mut result: TaskResult) {
+        let model = result.data.model.take().map(ModelRef::Memory);
+        self.handle_result_ref(now, from, result, model);
+    }
+
+    /// Takes a client's answer whose model (if any) is `model`, in memory or stored; the
+    /// result's own `data.model` is ignored.
+    pub fn handle_result_ref(
+        &mut self,
+        now: Time,
+        from: &str,
+        result: TaskResult,
+        model: Option<ModelRef>,
+    ) {
         let expected = self.asked.get(from).copied();
         let reason = match expected {
             _ if !matches!(self.phase, Phase::Train | Phase::Validate) => Some(DropReason::Late),
@@ -395,7 +424,7 @@ impl ScatterGather {
         }
         self.answered.insert(from.to_string());
         let code = result.data.return_code;
-        let outcome = match (&result.data.model, code) {
+        let outcome = match (&model, code) {
             (_, c) if c != ReturnCode::Ok => Err(result
                 .data
                 .error_reason()
@@ -405,20 +434,20 @@ impl ScatterGather {
             (Some(m), _) if self.phase == Phase::Validate => {
                 // Validation answers carry only metrics; fold them with an empty model.
                 let metrics_only = FLModel {
-                    metrics: m.metrics.clone(),
-                    meta: m.meta.clone(),
+                    metrics: m.metrics().clone(),
+                    meta: m.meta().clone(),
                     ..FLModel::default()
                 };
-                let w = weight_of(m);
+                let w = weight_of_ref(m);
                 self.agg
                     .add(&FLModel::default(), &metrics_only, w)
                     .map(|()| w)
                     .map_err(|e| e.to_string())
             }
             (Some(m), _) => {
-                let w = weight_of(m);
+                let w = weight_of_ref(m);
                 self.agg
-                    .add(&self.global, m, w)
+                    .add_ref(&self.global, m, w)
                     .map(|()| w)
                     .map_err(|e| e.to_string())
             }
@@ -500,11 +529,11 @@ impl ScatterGather {
         }
         self.emit(Event::ModelEvaluated { version, metrics });
         let accepted = agg.count();
-        match agg.finish(&self.global) {
+        match agg.finish_ref(&self.global) {
             Ok(mut model) => {
                 model.current_round = Some(self.round);
                 model.total_rounds = Some(self.cfg.start_round + self.cfg.num_rounds);
-                self.global = Arc::new(model);
+                self.global = ModelRef::Memory(Arc::new(model));
             }
             Err(e) => {
                 self.emit(Event::Aborted {
@@ -517,7 +546,7 @@ impl ScatterGather {
         }
         self.emit(Event::RoundAggregated {
             round: self.round,
-            model: Arc::clone(&self.global),
+            model: self.global.clone(),
             accepted,
         });
         self.round += 1;
@@ -534,7 +563,16 @@ impl ScatterGather {
         self.phase = Phase::Done;
         self.asked.clear();
         self.emit(Event::Finished {
-            model: Arc::clone(&self.global),
+            model: self.global.clone(),
         });
     }
+}
+
+/// The aggregation weight of a result: its sample count, else its step count, else 1 (as
+/// [`crate::aggregate::weight_of`]).
+fn weight_of_ref(model: &ModelRef) -> f64 {
+    model
+        .meta_int(META_NUM_SAMPLES)
+        .or_else(|| model.meta_int(META_NUM_STEPS))
+        .map_or(1.0, |n| n as f64)
 }

@@ -3,6 +3,10 @@
 //! A virtual clock and an ordered queue of deliveries stand in for the network; each client
 //! follows a scripted behaviour. The checks recompute every round's expected model from the
 //! results the controller reported as accepted.
+//!
+//! As the node's server does, the simulation stores each aggregated model and hands it back
+//! with `replace_global` (every other round), and odd-numbered clients answer with stored
+//! results, so the stored paths of aggregation run under the same faults.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -15,6 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use super::scatter_gather::{DropReason, Event, Output, SagConfig, ScatterGather};
 use crate::model::{FLModel, META_NUM_SAMPLES, MetaValue, Tensor};
 use crate::shareable::{ReturnCode, Shareable, Task, TaskResult, task_names};
+use crate::stored::{ModelRef, StoredModel};
 use crate::time::Time;
 
 /// How a simulated client answers a task.
@@ -103,8 +108,22 @@ impl Sim {
     fn drain(&mut self) {
         while let Some(out) = self.ctrl.poll_output() {
             match out {
-                Output::Event(e) => self.events.push(e),
-                Output::Send { to, task } => {
+                Output::Event(e) => {
+                    if let Event::RoundAggregated { round, model, .. } = &e
+                        && round % 2 == 1
+                    {
+                        let m = model.in_memory().unwrap();
+                        let stored = ModelRef::Stored(Arc::new(StoredModel::from_memory(m)));
+                        self.ctrl.replace_global(stored).unwrap();
+                    }
+                    self.events.push(e)
+                }
+                Output::Send {
+                    to,
+                    mut task,
+                    model,
+                } => {
+                    task.data.model = Some(model.load().unwrap());
                     let i = self.names.iter().position(|n| *n == to).unwrap();
                     self.sent.insert(task.id.0, (i, task.clone()));
                     let answer = |data| TaskResult {
@@ -168,7 +187,17 @@ impl Sim {
                     let (t, _, i, r) = self.queue.remove(0);
                     self.now = d.max(t);
                     let name = self.names[i].clone();
-                    self.ctrl.handle_result(self.now, &name, r);
+                    if i % 2 == 1 {
+                        let mut r = r;
+                        let model = r
+                            .data
+                            .model
+                            .take()
+                            .map(|m| ModelRef::Stored(Arc::new(StoredModel::from_memory(&m))));
+                        self.ctrl.handle_result_ref(self.now, &name, r, model);
+                    } else {
+                        self.ctrl.handle_result(self.now, &name, r);
+                    }
                 }
                 (None, Some(t)) => {
                     self.now = t;
@@ -218,7 +247,7 @@ fn check_invariants(events: &[Event], sent: &BTreeMap<u64, (usize, Task)>) {
                     sum[1] += w * f64::from(v[1]);
                     total += w;
                 }
-                let got = model.params["w"].to_f32_vec();
+                let got = model.load().unwrap().params["w"].to_f32_vec();
                 for k in 0..2 {
                     let want = sum[k] / total;
                     assert!(
@@ -463,7 +492,11 @@ fn results_from_strangers_and_after_the_end_are_dropped() {
     c.start(Time::ZERO);
     let mut task = None;
     while let Some(o) = c.poll_output() {
-        if let Output::Send { task: t, .. } = o {
+        if let Output::Send {
+            task: mut t, model, ..
+        } = o
+        {
+            t.data.model = Some(model.load().unwrap());
             task = Some(t);
         }
     }
@@ -533,12 +566,12 @@ fn a_resumed_run_ends_where_the_uninterrupted_one_does() {
     let after: BTreeMap<u32, Arc<FLModel>> = whole
         .iter()
         .filter_map(|e| match e {
-            Event::RoundAggregated { round, model, .. } => Some((*round, Arc::clone(model))),
+            Event::RoundAggregated { round, model, .. } => Some((*round, model.load().unwrap())),
             _ => None,
         })
         .collect();
     let last = |ev: &[Event]| match ev.last() {
-        Some(Event::Finished { model }) => Arc::clone(model),
+        Some(Event::Finished { model }) => model.load().unwrap(),
         other => panic!("no Finished at the end: {other:?}"),
     };
     let evaluated = |ev: &[Event]| -> Vec<(u32, BTreeMap<String, f64>)> {

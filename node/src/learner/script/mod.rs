@@ -723,12 +723,12 @@ impl Learner for ScriptLearner {
         Ok(self.one(task_names::VALIDATE, model, 0)?.metrics)
     }
 
-    fn execute_task(&mut self, task: &Task) -> TaskResult {
-        let out = self.run(task);
+    fn execute_task(&mut self, task: Task) -> TaskResult {
+        let out = self.run(&task);
         if let Err((code, why)) = &out {
             tracing::warn!(job = %self.site.job_id, site = %self.site.site_name, task = %task.name, ?code, "task failed: {why}");
         }
-        Self::into_result(task, out)
+        Self::into_result(&task, out)
     }
 
     fn abort_handle(&self) -> Option<AbortHandle> {

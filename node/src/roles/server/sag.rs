@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flare_protocols::shareable::{Task, TaskResult};
+use flare_protocols::stored::ModelRef;
 use flare_protocols::time::Time;
 use flare_protocols::workflows::scatter_gather::{Event, Output, ScatterGather};
 use tokio::sync::{mpsc, watch};
@@ -33,7 +34,7 @@ impl Server {
         job: Job,
         sites: Vec<String>,
         resume: bool,
-        results: mpsc::Receiver<(String, TaskResult)>,
+        results: mpsc::Receiver<(String, TaskResult, Option<ModelRef>)>,
         abort: watch::Receiver<bool>,
     ) -> anyhow::Result<(JobState, String)> {
         let mut took_part = BTreeMap::new();
@@ -76,12 +77,12 @@ impl Server {
         }
         let rec = self.store.get(id)?;
         let (next, model) = match rec.snapshot_round {
-            None => (cfg.start_round, job.server.initial_model()?),
+            None => (cfg.start_round, job.server.initial_model()?.into()),
             Some(r) => {
                 let path = self.snapshot_path(id, job, r);
-                let model = crate::model_io::read(&path)
+                let model = crate::model_io::open(&path)
                     .with_context(|| format!("the snapshot of round {r} to resume from"))?;
-                (r + 1, model)
+                (r + 1, ModelRef::Stored(Arc::new(model)))
             }
         };
         // Every site, or once min_clients are back a little longer for the others.
@@ -147,7 +148,7 @@ impl Server {
         job: &Job,
         sites: Vec<String>,
         resume: bool,
-        mut results: mpsc::Receiver<(String, TaskResult)>,
+        mut results: mpsc::Receiver<(String, TaskResult, Option<ModelRef>)>,
         mut abort: watch::Receiver<bool>,
         took_part: &mut BTreeMap<String, (u32, bool, String)>,
     ) -> anyhow::Result<(JobState, String)> {
@@ -158,24 +159,47 @@ impl Server {
             c = self.controller(id, job, sites, resume) => c?,
             _ = abort.changed() => return Ok((JobState::Aborted, "aborted by an admin".into())),
         };
+        // The global model is kept on disk from the start: tasks are sent from the file.
+        if ctrl.global().in_memory().is_some() {
+            let path = self.initial_path(id);
+            crate::model_io::write_ref(&path, ctrl.global())?;
+            let stored = crate::model_io::open(&path)?;
+            ctrl.replace_global(ModelRef::Stored(Arc::new(stored)))?;
+        }
         let epoch = Instant::now();
         let now = || Time::from_duration(epoch.elapsed());
         ctrl.start(now());
         loop {
             while let Some(out) = ctrl.poll_output() {
                 match out {
-                    Output::Send { to, task } => {
+                    Output::Send { to, task, model } => {
+                        // Tasks queued with the round's model in memory go with the stored
+                        // copy the round's event put in place (the same model).
+                        let model = match (&model, ctrl.global()) {
+                            (ModelRef::Memory(_), g @ ModelRef::Stored(_)) => g.clone(),
+                            _ => model,
+                        };
                         let s = Arc::clone(self);
                         let id = id.to_string();
                         tokio::spawn(async move {
-                            if let Err(e) = s.send_task(&id, &to, task).await {
+                            if let Err(e) = s.send_task(&id, &to, task, model).await {
                                 tracing::warn!(job = %id, site = %to, error = %format!("{e:#}"), "task not delivered");
                             }
                         });
                     }
                     Output::Event(ev) => {
+                        let aggregated = match &ev {
+                            Event::RoundAggregated { round, .. } => Some(*round),
+                            _ => None,
+                        };
                         if let Some(end) = self.on_job_event(id, job, &result_dir, ev, took_part)? {
                             return Ok(end);
+                        }
+                        // The new global model was persisted: hold the file, not the tensors.
+                        if let Some(round) = aggregated {
+                            let path = self.snapshot_path(id, job, round);
+                            let stored = crate::model_io::open(&path)?;
+                            ctrl.replace_global(ModelRef::Stored(Arc::new(stored)))?;
                         }
                     }
                 }
@@ -191,7 +215,10 @@ impl Server {
                 .map_or(Duration::from_secs(1), |t| t.saturating_since(now()));
             tokio::select! {
                 r = results.recv() => match r {
-                    Some((site, result)) => ctrl.handle_result(now(), &site, result),
+                    // Folding a stored result reads it from disk: off the async workers.
+                    Some((site, result, model)) => tokio::task::block_in_place(|| {
+                        ctrl.handle_result_ref(now(), &site, result, model)
+                    }),
                     None => return Ok((JobState::Failed, "result channel closed".into())),
                 },
                 _ = tokio::time::sleep(wait) => ctrl.handle_timeout(now()),
@@ -228,7 +255,8 @@ impl Server {
                 // The model is persisted before the record names it, so a resume never
                 // finds a round without its model.
                 let path = self.snapshot_path(id, job, round);
-                crate::model_io::write(&path, &model)?;
+                crate::model_io::write_ref(&path, &model)?;
+                drop(model);
                 // `round` counts the rounds done: N after N rounds, as for swarm.
                 self.store.set_snapshot(id, round)?;
                 if !job.server.persistor.save_every_round && round > 0 {
@@ -261,7 +289,8 @@ impl Server {
                 took_part.insert(client, (round, true, "result accepted".into()));
             }
             Event::Finished { model } => {
-                crate::model_io::write(&result_dir.join("global_final.safetensors"), &model)?;
+                crate::model_io::write_ref(&result_dir.join("global_final.safetensors"), &model)?;
+                let _ = std::fs::remove_file(self.initial_path(id));
                 self.write_metrics(id, result_dir)?;
                 if !job.server.persistor.save_every_round
                     && let Some(r) = self.store.get(id)?.snapshot_round
@@ -275,7 +304,18 @@ impl Server {
         Ok(None)
     }
 
-    async fn send_task(&self, id: &str, site: &str, task: Task) -> anyhow::Result<()> {
+    /// Where a new run's initial model is kept while the run needs it.
+    fn initial_path(&self, id: &str) -> PathBuf {
+        self.store.job_dir(id).with_file_name("initial.safetensors")
+    }
+
+    async fn send_task(
+        &self,
+        id: &str,
+        site: &str,
+        task: Task,
+        model: ModelRef,
+    ) -> anyhow::Result<()> {
         let to = self
             .net
             .peers
@@ -296,13 +336,13 @@ impl Server {
             round: u64::from(task.round),
             kind: "task".into(),
         };
-        bulk::deliver(
+        bulk::deliver_body(
             &self.net,
             &self.sealing,
             &to,
             &route,
             &meta,
-            task.data.model.as_deref(),
+            Some(bulk::Body::of(&model)),
         )
         .await?;
         Ok(())
