@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use crate::model::{
     DType, FLModel, META_NUM_SAMPLES, META_NUM_STEPS, ModelError, ParamsType, Tensor, numel,
 };
-use crate::stored::{ModelRef, READ_CHUNK, SourceError, TensorInfo};
+use crate::stored::{ModelRef, SourceError, TensorInfo, check_layout, memory_chunks};
 
 /// Why a result could not be aggregated.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -167,56 +167,10 @@ impl Src<'_> {
         mut f: impl FnMut(&TensorInfo, usize, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         match self {
-            Src::Mem(m) => {
-                for (name, t) in &m.params {
-                    let info = TensorInfo {
-                        name: name.clone(),
-                        dtype: t.dtype(),
-                        shape: t.shape().to_vec(),
-                    };
-                    if t.bytes().is_empty() {
-                        f(&info, 0, &[])?;
-                    }
-                    for (k, piece) in t.bytes().chunks(READ_CHUNK).enumerate() {
-                        f(&info, k * READ_CHUNK, piece)?;
-                    }
-                }
-                Ok(())
-            }
+            Src::Mem(m) => memory_chunks(m, |_, info, at, b| f(info, at, b)),
             Src::Ref(r) => r.for_each_chunk(|_, info, at, b| f(info, at, b)),
         }
     }
-}
-
-/// Checks that `theirs` has exactly the tensors of `mine`, with the same dtypes and shapes.
-fn check_layout(mine: &[TensorInfo], theirs: &[TensorInfo]) -> Result<(), ModelError> {
-    let by_name: BTreeMap<&str, &TensorInfo> =
-        theirs.iter().map(|t| (t.name.as_str(), t)).collect();
-    for t in mine {
-        let Some(o) = by_name.get(t.name.as_str()) else {
-            return Err(ModelError::Incompatible {
-                name: t.name.clone(),
-                reason: "missing".into(),
-            });
-        };
-        if o.shape != t.shape || o.dtype != t.dtype {
-            return Err(ModelError::Incompatible {
-                name: t.name.clone(),
-                reason: format!(
-                    "expected {:?} {:?}, got {:?} {:?}",
-                    t.dtype, t.shape, o.dtype, o.shape
-                ),
-            });
-        }
-    }
-    let names: std::collections::BTreeSet<&str> = mine.iter().map(|t| t.name.as_str()).collect();
-    if let Some(extra) = theirs.iter().find(|t| !names.contains(t.name.as_str())) {
-        return Err(ModelError::Incompatible {
-            name: extra.name.clone(),
-            reason: "unexpected tensor".into(),
-        });
-    }
-    Ok(())
 }
 
 impl FedAvg {

@@ -223,36 +223,7 @@ impl ModelRef {
 
     /// Checks that `other` has the same tensor names, shapes and dtypes as `self`.
     pub fn check_compatible(&self, other: &ModelRef) -> Result<(), ModelError> {
-        let mine = self.tensors();
-        let theirs: BTreeMap<String, TensorInfo> = other
-            .tensors()
-            .into_iter()
-            .map(|t| (t.name.clone(), t))
-            .collect();
-        for t in &mine {
-            let Some(o) = theirs.get(&t.name) else {
-                return Err(ModelError::Incompatible {
-                    name: t.name.clone(),
-                    reason: "missing".into(),
-                });
-            };
-            if o.shape != t.shape || o.dtype != t.dtype {
-                return Err(ModelError::Incompatible {
-                    name: t.name.clone(),
-                    reason: format!(
-                        "expected {:?} {:?}, got {:?} {:?}",
-                        t.dtype, t.shape, o.dtype, o.shape
-                    ),
-                });
-            }
-        }
-        if let Some(extra) = theirs.keys().find(|k| !mine.iter().any(|t| &t.name == *k)) {
-            return Err(ModelError::Incompatible {
-                name: extra.clone(),
-                reason: "unexpected tensor".into(),
-            });
-        }
-        Ok(())
+        check_layout(&self.tensors(), &other.tensors())
     }
 
     /// Calls `f(index, info, byte_offset, bytes)` for every tensor in name order, with its
@@ -264,22 +235,7 @@ impl ModelRef {
         mut f: impl FnMut(usize, &TensorInfo, usize, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         match self {
-            ModelRef::Memory(m) => {
-                for (i, (name, t)) in m.params.iter().enumerate() {
-                    let info = TensorInfo {
-                        name: name.clone(),
-                        dtype: t.dtype(),
-                        shape: t.shape().to_vec(),
-                    };
-                    if t.bytes().is_empty() {
-                        f(i, &info, 0, &[])?;
-                    }
-                    for (k, piece) in t.bytes().chunks(READ_CHUNK).enumerate() {
-                        f(i, &info, k * READ_CHUNK, piece)?;
-                    }
-                }
-                Ok(())
-            }
+            ModelRef::Memory(m) => memory_chunks(m, f),
             ModelRef::Stored(s) => {
                 let mut buf = Vec::new();
                 for (i, info) in s.tensors.iter().enumerate() {
@@ -340,6 +296,59 @@ impl ModelRef {
             total_rounds: s.total_rounds,
         }))
     }
+}
+
+/// [`ModelRef::for_each_chunk`] over a model in memory: its tensors' bytes where they are.
+pub(crate) fn memory_chunks<E>(
+    m: &FLModel,
+    mut f: impl FnMut(usize, &TensorInfo, usize, &[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    for (i, (name, t)) in m.params.iter().enumerate() {
+        let info = TensorInfo {
+            name: name.clone(),
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+        };
+        if t.bytes().is_empty() {
+            f(i, &info, 0, &[])?;
+        }
+        for (k, piece) in t.bytes().chunks(READ_CHUNK).enumerate() {
+            f(i, &info, k * READ_CHUNK, piece)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `theirs` has exactly the tensors of `mine`, with the same dtypes and shapes;
+/// the error names the first tensor that differs.
+pub fn check_layout(mine: &[TensorInfo], theirs: &[TensorInfo]) -> Result<(), ModelError> {
+    let by_name: BTreeMap<&str, &TensorInfo> =
+        theirs.iter().map(|t| (t.name.as_str(), t)).collect();
+    for t in mine {
+        let Some(o) = by_name.get(t.name.as_str()) else {
+            return Err(ModelError::Incompatible {
+                name: t.name.clone(),
+                reason: "missing".into(),
+            });
+        };
+        if o.shape != t.shape || o.dtype != t.dtype {
+            return Err(ModelError::Incompatible {
+                name: t.name.clone(),
+                reason: format!(
+                    "expected {:?} {:?}, got {:?} {:?}",
+                    t.dtype, t.shape, o.dtype, o.shape
+                ),
+            });
+        }
+    }
+    let names: std::collections::BTreeSet<&str> = mine.iter().map(|t| t.name.as_str()).collect();
+    if let Some(extra) = theirs.iter().find(|t| !names.contains(t.name.as_str())) {
+        return Err(ModelError::Incompatible {
+            name: extra.name.clone(),
+            reason: "unexpected tensor".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Why a stored model could not be loaded into memory.
