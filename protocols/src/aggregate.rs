@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use crate::model::{
     DType, FLModel, META_NUM_SAMPLES, META_NUM_STEPS, ModelError, ParamsType, Tensor, numel,
 };
-use crate::stored::{ModelRef, SourceError, TensorInfo, check_layout, memory_chunks};
+use crate::stored::{ModelRef, SourceError, TensorInfo, check_layout, layout_of, memory_chunks};
 
 /// Why a result could not be aggregated.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -135,15 +135,7 @@ enum Src<'a> {
 impl Src<'_> {
     fn tensors(&self) -> Vec<TensorInfo> {
         match self {
-            Src::Mem(m) => m
-                .params
-                .iter()
-                .map(|(name, t)| TensorInfo {
-                    name: name.clone(),
-                    dtype: t.dtype(),
-                    shape: t.shape().to_vec(),
-                })
-                .collect(),
+            Src::Mem(m) => layout_of(m),
             Src::Ref(r) => r.tensors(),
         }
     }

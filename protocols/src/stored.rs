@@ -151,15 +151,7 @@ impl ModelRef {
     /// The tensors' names, dtypes and shapes, in name order.
     pub fn tensors(&self) -> Vec<TensorInfo> {
         match self {
-            ModelRef::Memory(m) => m
-                .params
-                .iter()
-                .map(|(name, t)| TensorInfo {
-                    name: name.clone(),
-                    dtype: t.dtype(),
-                    shape: t.shape().to_vec(),
-                })
-                .collect(),
+            ModelRef::Memory(m) => layout_of(m),
             ModelRef::Stored(s) => s.tensors.clone(),
         }
     }
@@ -296,6 +288,18 @@ impl ModelRef {
             total_rounds: s.total_rounds,
         }))
     }
+}
+
+/// The names, dtypes and shapes of a model in memory, in name order.
+pub fn layout_of(m: &FLModel) -> Vec<TensorInfo> {
+    m.params
+        .iter()
+        .map(|(name, t)| TensorInfo {
+            name: name.clone(),
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+        })
+        .collect()
 }
 
 /// [`ModelRef::for_each_chunk`] over a model in memory: its tensors' bytes where they are.
