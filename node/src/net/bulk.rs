@@ -60,9 +60,23 @@ pub enum BulkError {
     /// The sender is not an admitted peer.
     #[error("peer {0} is not admitted")]
     NotAdmitted(PeerId),
-    /// The transfer could not be spooled to disk.
-    #[error("spooling the transfer: {0}")]
-    Spool(String),
+    /// The transfer could not be spooled to disk (a full disk, say); `job`, `kind` and
+    /// `task_name` say what it was, so the receiver can report it.
+    #[error("the transfer could not be stored: {reason}")]
+    Spool {
+        /// Job of the transfer, once its header was read.
+        job: String,
+        /// Kind of the transfer (`result`, `upload`).
+        kind: String,
+        /// Task name from its meta.
+        task_name: String,
+        /// Task id from its meta.
+        task_id: u64,
+        /// Round from its meta.
+        round: u32,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The names, dtypes and shapes of a model's tensors, and everything else it carries.
@@ -493,6 +507,19 @@ pub struct Received {
     pub bytes: u64,
 }
 
+/// A spool failure of task `task_name`; the stream's job and kind are filled in by
+/// [`receive_inner`].
+fn spool_error(meta: &TransferMeta, e: crate::model_io::ModelFileError) -> BulkError {
+    BulkError::Spool {
+        job: String::new(),
+        kind: String::new(),
+        task_name: meta.task_name.clone(),
+        task_id: meta.task_id,
+        round: meta.round,
+        reason: e.to_string(),
+    }
+}
+
 /// Rebuilds meta and tensors from the plaintext as it arrives.
 struct Assembler {
     max_model_bytes: u64,
@@ -569,7 +596,7 @@ impl Assembler {
                             &s.infos(),
                             &flare_protocols::safetensors_io::metadata(&like),
                         )
-                        .map_err(|e| BulkError::Spool(e.to_string()))?;
+                        .map_err(|e| spool_error(&meta, e))?;
                         self.writer = Some(w);
                     }
                     self.meta = Some(meta);
@@ -600,8 +627,7 @@ impl Assembler {
                 }
                 self.filling.extend_from_slice(&data[..take]);
             } else if let Some(w) = &mut self.writer {
-                w.push(&data[..take])
-                    .map_err(|e| BulkError::Spool(e.to_string()))?;
+                w.push(&data[..take]).map_err(|e| spool_error(meta, e))?;
             }
             self.filled += take;
             data = &data[take..];
@@ -642,9 +668,9 @@ impl Assembler {
                     ));
                 }
                 if let Some(w) = self.writer.take() {
-                    let path = w.finish().map_err(|e| BulkError::Spool(e.to_string()))?;
-                    let mut stored = crate::model_io::open_spooled(&path)
-                        .map_err(|e| BulkError::Spool(e.to_string()))?;
+                    let path = w.finish().map_err(|e| spool_error(&meta, e))?;
+                    let mut stored =
+                        crate::model_io::open_spooled(&path).map_err(|e| spool_error(&meta, e))?;
                     stored.meta = s.meta.clone();
                     stored.total_rounds = s.total_rounds;
                     return Ok((meta, None, Some(stored)));
@@ -857,10 +883,27 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         spool,
         writer: None,
     };
+    let named = |e: BulkError| match e {
+        BulkError::Spool {
+            task_name,
+            task_id,
+            round,
+            reason,
+            ..
+        } => BulkError::Spool {
+            job: header.job.clone(),
+            kind: header.kind.clone(),
+            task_name,
+            task_id,
+            round,
+            reason,
+        },
+        other => other,
+    };
     while let Some(data) = reader.next().await? {
-        asm.push(data)?;
+        asm.push(data).map_err(named)?;
     }
-    let (meta, model, stored) = asm.finish()?;
+    let (meta, model, stored) = asm.finish().map_err(named)?;
     let bytes = if ack {
         reader.acknowledge().await?
     } else if reader.opener.is_some() {

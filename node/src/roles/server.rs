@@ -869,6 +869,51 @@ impl Server {
         }
     }
 
+    /// Tells a job's runner that a transfer from `site` could not be stored (a full disk,
+    /// say). It was not acknowledged, so the site sends it again. An upload's failure is noted
+    /// as a failed write is; a result reaches the controller as an error result, excluded
+    /// with the reason (the site's retry is then a duplicate).
+    async fn spool_failed(&self, site: &str, e: &bulk::BulkError) {
+        let bulk::BulkError::Spool {
+            job,
+            kind,
+            task_name,
+            task_id,
+            round,
+            reason,
+        } = e
+        else {
+            return;
+        };
+        tracing::error!(%job, %site, %kind, error = %reason, "transfer not stored");
+        let runner = self
+            .runners
+            .lock()
+            .ok()
+            .and_then(|r| r.get(job).map(|r| (r.results.clone(), r.reports.clone())));
+        let Some((results, reports)) = runner else {
+            return;
+        };
+        match kind.as_str() {
+            "upload" => {
+                let event = WfEvent::StoreFailed(task_name.clone(), reason.clone());
+                reports.send((site.to_string(), event)).await.ok();
+            }
+            "result" => {
+                let result = TaskResult {
+                    task_id: flare_protocols::TaskId(*task_id),
+                    round: *round,
+                    data: Shareable::error(
+                        flare_protocols::ReturnCode::ExecutionException,
+                        format!("the server could not store the result: {reason}"),
+                    ),
+                };
+                results.send((site.to_string(), result, None)).await.ok();
+            }
+            _ => {}
+        }
+    }
+
     async fn on_result_stream(
         self: Arc<Self>,
         peer: PeerId,
@@ -877,8 +922,17 @@ impl Server {
         let from = self.admitted_as(peer, RoleKind::Client, "bulk")?;
         // Results and uploads go to disk as they arrive: the server never holds one whole.
         let spool = self.store.spool_file()?;
-        let got = bulk::receive_spooled(&mut stream, &self.sealing, &from, MAX_RESULT_MODEL, spool)
-            .await?;
+        let got =
+            match bulk::receive_spooled(&mut stream, &self.sealing, &from, MAX_RESULT_MODEL, spool)
+                .await
+            {
+                Ok(got) => got,
+                Err(e @ bulk::BulkError::Spool { .. }) => {
+                    self.spool_failed(&from.cert.name, &e).await;
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            };
         if got.header.kind == "upload" {
             let stem = got.meta.task_name.as_str();
             if !matches!(stem, "global_final" | "best") {
