@@ -32,6 +32,9 @@ pub enum AggregateError {
         /// What this result carries.
         got: ParamsType,
     },
+    /// A tensor holds 8-bit quantization codes, which must be dequantized, not averaged.
+    #[error("tensor {0:?} holds int8 quantization codes: dequantize the model before aggregating")]
+    Quantized(String),
     /// `finish` was called before any result was added.
     #[error("no results to aggregate")]
     Empty,
@@ -95,6 +98,9 @@ impl FedAvg {
     ) -> Result<(), AggregateError> {
         if !(weight.is_finite() && weight > 0.0) {
             return Err(AggregateError::BadWeight(weight));
+        }
+        if let Some((name, _)) = result.params.iter().find(|(_, t)| t.dtype() == DType::I8) {
+            return Err(AggregateError::Quantized(name.clone()));
         }
         reference.check_compatible(result)?;
         if let Some(expected) = self.params_type
