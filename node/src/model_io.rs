@@ -214,6 +214,7 @@ fn open_with(path: &Path, remove_on_drop: bool) -> Result<StoredModel, ModelFile
                     "F16" => DType::F16,
                     "BF16" => DType::BF16,
                     "I64" => DType::I64,
+                    "I8" => DType::I8,
                     other => {
                         return Err(ModelFileError::Model {
                             path: path.to_path_buf(),

@@ -33,6 +33,9 @@ pub enum AggregateError {
         /// What this result carries.
         got: ParamsType,
     },
+    /// A tensor holds 8-bit quantization codes, which must be dequantized, not averaged.
+    #[error("tensor {0:?} holds int8 quantization codes: dequantize the model before aggregating")]
+    Quantized(String),
     /// `finish` was called before any result was added.
     #[error("no results to aggregate")]
     Empty,
@@ -112,6 +115,11 @@ fn widen(dtype: DType, first: usize, bytes: &[u8], mut f: impl FnMut(usize, f64)
                 f(first + i, i64::from_le_bytes(a) as f64);
             }
         }
+        DType::I8 => {
+            for (i, c) in bytes.iter().enumerate() {
+                f(first + i, f64::from(*c as i8));
+            }
+        }
     }
 }
 
@@ -122,6 +130,7 @@ fn narrow(dtype: DType, v: f64, out: &mut Vec<u8>) {
         DType::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
         DType::BF16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
         DType::I64 => out.extend_from_slice(&(v.round() as i64).to_le_bytes()),
+        DType::I8 => out.push(v.round().clamp(-128.0, 127.0) as i8 as u8),
     }
 }
 
@@ -218,6 +227,9 @@ impl FedAvg {
             return Err(AggregateError::BadWeight(weight));
         }
         let layout = result.tensors();
+        if let Some(t) = layout.iter().find(|t| t.dtype == DType::I8) {
+            return Err(AggregateError::Quantized(t.name.clone()));
+        }
         check_layout(&reference.tensors(), &layout)?;
         let params_type = result.params_type();
         if let Some(expected) = self.params_type

@@ -5,6 +5,7 @@
 
 pub mod aggregate;
 pub mod codec;
+pub mod filters;
 pub mod model;
 pub mod safetensors_io;
 pub mod shareable;

@@ -20,6 +20,9 @@ pub enum DType {
     BF16,
     /// 64-bit signed integer (for example batch-norm counters).
     I64,
+    /// 8-bit signed integer: the codes of a blockwise 8-bit quantized tensor
+    /// (see `filters::quantize`). Never averaged.
+    I8,
 }
 
 impl DType {
@@ -29,6 +32,7 @@ impl DType {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
             DType::I64 => 8,
+            DType::I8 => 1,
         }
     }
 
@@ -39,6 +43,7 @@ impl DType {
             DType::F16 => "F16",
             DType::BF16 => "BF16",
             DType::I64 => "I64",
+            DType::I8 => "I8",
         }
     }
 }
@@ -247,6 +252,7 @@ impl Tensor {
                 a.copy_from_slice(&b[o..o + 8]);
                 i64::from_le_bytes(a) as f64
             }
+            DType::I8 => f64::from(b[i] as i8),
         }
     }
 
@@ -286,6 +292,7 @@ impl Tensor {
                 DType::F16 => data.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
                 DType::BF16 => data.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
                 DType::I64 => data.extend_from_slice(&(v.round() as i64).to_le_bytes()),
+                DType::I8 => data.extend_from_slice(&(v.round() as i8).to_le_bytes()),
             }
         }
         Tensor {

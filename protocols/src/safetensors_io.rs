@@ -24,6 +24,7 @@ fn to_st(d: DType) -> Dtype {
         DType::F16 => Dtype::F16,
         DType::BF16 => Dtype::BF16,
         DType::I64 => Dtype::I64,
+        DType::I8 => Dtype::I8,
     }
 }
 
@@ -99,6 +100,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<FLModel, ModelError> {
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
             Dtype::I64 => DType::I64,
+            Dtype::I8 => DType::I8,
             other => {
                 return Err(ModelError::UnsupportedDType {
                     name: name.to_string(),

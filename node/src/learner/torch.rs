@@ -156,6 +156,7 @@ fn kind_of(dtype: DType) -> Kind {
         DType::F16 => Kind::Half,
         DType::BF16 => Kind::BFloat16,
         DType::I64 => Kind::Int64,
+        DType::I8 => Kind::Int8,
     }
 }
 
