@@ -36,6 +36,10 @@ pub struct SimBenchResult {
     pub median_round_s: f64,
     /// Peak resident memory of the process in MiB (`VmHWM`).
     pub peak_rss_mib: f64,
+    /// The model's size in MiB (4 bytes a parameter).
+    pub model_mib: f64,
+    /// Peak RSS over the model's size (the goal for a large model: at most 2.5).
+    pub peak_rss_per_model: f64,
     /// Whole run in seconds, including setup and writing the final model.
     pub total_s: f64,
 }
@@ -99,6 +103,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The size of a synthetic model of `params` f32 parameters, in MiB.
+pub fn model_mib(params: usize) -> f64 {
+    params as f64 * 4.0 / f64::from(1 << 20)
+}
+
 /// Runs one configuration in this process and measures it.
 pub fn run_sim_bench(b: &SimBench) -> anyhow::Result<SimBenchResult> {
     let dir = tempfile::tempdir()?;
@@ -118,6 +127,8 @@ pub fn run_sim_bench(b: &SimBench) -> anyhow::Result<SimBenchResult> {
         threads: b.threads,
         median_round_s: median(report.rounds.iter().map(|r| r.seconds).collect()),
         peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
+        model_mib: model_mib(b.params),
+        peak_rss_per_model: peak_rss_mib().unwrap_or(f64::NAN) / model_mib(b.params),
         total_s: report.seconds,
     })
 }

@@ -548,7 +548,11 @@ pub fn run_fedavg(
     let rss: Vec<Value> = names
         .iter()
         .zip(&procs.0)
-        .map(|(n, c)| json!({"process": n, "peak_rss_mib": vm_hwm_of(c.id())}))
+        .map(|(n, c)| {
+            let peak = vm_hwm_of(c.id());
+            json!({"process": n, "peak_rss_mib": peak,
+                   "peak_rss_per_model": peak.map(|p| p / crate::bench::model_mib(params))})
+        })
         .collect();
     drop(procs);
     if let Some(w) = watcher {
@@ -565,6 +569,7 @@ pub fn run_fedavg(
     let k = gaps.len().min(100);
     Ok(json!({
         "params": params,
+        "model_mib": crate::bench::model_mib(params),
         "clients": clients,
         "rounds": rounds,
         "seconds_per_round": (finished - running) as f64 / 1000.0 / f64::from(rounds.max(1)),

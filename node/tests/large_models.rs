@@ -1,0 +1,118 @@
+//! Large models across real processes: a model whose one tensor is larger than 2 GiB goes
+//! through a scatter-and-gather round (the server sends it from its file, the site trains it
+//! in place, the server spools the result and folds it from disk) and comes back whole.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::json;
+
+/// 2 GiB of f32 and 1 MiB more, in one tensor.
+const PARAMS: usize = (1 << 29) + (1 << 18);
+
+fn write_job(dir: &Path) {
+    let cfg = dir.join("app/config");
+    std::fs::create_dir_all(&cfg).unwrap();
+    let model = json!({"num_params": PARAMS, "tensor_size": PARAMS});
+    let files = [
+        (
+            dir.join("meta.json"),
+            json!({"name": "one-big-tensor", "min_clients": 1, "deploy_map": {"app": ["@ALL"]}}),
+        ),
+        (
+            cfg.join("config_fed_server.json"),
+            json!({"format_version": 2,
+                "workflows": [{"id": "sag", "name": "ScatterAndGather", "args": {
+                    "num_rounds": 1, "min_clients": 1, "wait_time_after_min_received": 0,
+                    "task_timeout": 600, "validate_final": false}}],
+                "components": [
+                    {"id": "model", "name": "SyntheticModel", "args": model},
+                    {"id": "aggregator", "name": "FedAvg", "args": {}},
+                    {"id": "persistor", "name": "SafetensorsPersistor", "args": {"save_every_round": false}}]}),
+        ),
+        (
+            cfg.join("config_fed_client.json"),
+            json!({"format_version": 2, "executors": [{"tasks": ["train", "validate"],
+                "executor": {"name": "SyntheticLearner", "args": model}}]}),
+        ),
+    ];
+    for (p, v) in files {
+        std::fs::write(p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    }
+}
+
+fn find(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(find(&p, name));
+        } else if p.file_name().is_some_and(|n| n == name) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_tensor_over_2_gib_goes_through_a_round_and_comes_back_whole() {
+    let f = Federation::running(1, 21_000);
+    let tmp = tempfile::tempdir().unwrap();
+    write_job(tmp.path());
+    let job = f.submit(tmp.path().to_str().unwrap());
+    let out = f.admin(&["wait", &job, "--timeout", "600"]);
+    assert!(
+        out.status.success(),
+        "job did not finish: {}\n{}\nserver log:\n{}\nsite log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        f.log("server"),
+        f.log("site-1")
+    );
+    let server = f.prod.join("server");
+    let finals = find(&server, "global_final.safetensors");
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    let mut file = std::fs::File::open(&finals[0]).unwrap();
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n).unwrap();
+    let n = u64::from_le_bytes(n);
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&header).unwrap();
+    let t = &header["layer.0000"];
+    assert_eq!(t["dtype"], "F32", "{header}");
+    assert_eq!(t["shape"], json!([PARAMS]), "{header}");
+    let bytes = 4 * PARAMS as u64;
+    assert!(bytes > 2 << 30);
+    assert_eq!(t["data_offsets"], json!([0, bytes]), "{header}");
+    assert_eq!(file.metadata().unwrap().len(), 8 + n + bytes);
+    // One site with step 1 from a model of zeros: every weight is 1 after the round. Look
+    // at both ends and at the 2 GiB boundary, where a 32-bit length would have cut.
+    for at in [0, (2u64 << 30) - 4, 2 << 30, bytes - 4] {
+        file.seek(SeekFrom::Start(8 + n + at)).unwrap();
+        let mut v = [0u8; 4];
+        file.read_exact(&mut v).unwrap();
+        assert_eq!(f32::from_le_bytes(v), 1.0, "weight at byte {at}");
+    }
+    // The result was spooled and folded: nothing is left in the spool folder.
+    let spool_dir = server.join("store/jobs/.spool");
+    assert!(
+        spool_dir.is_dir(),
+        "no spool folder at {}",
+        spool_dir.display()
+    );
+    let spool: Vec<_> = std::fs::read_dir(&spool_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(spool.is_empty(), "{spool:?}");
+}
