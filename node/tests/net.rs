@@ -126,6 +126,7 @@ async fn admitted_peers_exchange_a_sealed_model() {
         headers: BTreeMap::new(),
         skeleton: None,
         body: None,
+        resume: None,
     };
     let sender = {
         let mut ctl = c.streams.clone();
@@ -232,4 +233,168 @@ async fn a_silent_peer_is_dropped_after_the_admission_timeout() {
     let reason = refused(&mut srx).await;
     assert!(reason.contains("not admitted in time"), "{reason}");
     drive.abort();
+}
+
+/// A stream that counts what is read from it, says so once `at` bytes went through, and
+/// then (with `cut`) fails as a reset connection does.
+struct Counting<S> {
+    cut: bool,
+    inner: S,
+    read: u64,
+    at: u64,
+    tell: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl<S: futures::AsyncRead + Unpin> futures::AsyncRead for Counting<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if this.cut && this.read >= this.at {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+        }
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            this.read += *n as u64;
+            if this.read >= this.at
+                && let Some(t) = this.tell.take()
+            {
+                let _ = t.send(());
+            }
+        }
+        r
+    }
+}
+
+impl<S: futures::AsyncWrite + Unpin> futures::AsyncWrite for Counting<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// A transfer whose connection is cut in the middle resumes where it broke: the attempt
+/// after the cut carries only the rest, and the model arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_cut_mid_way_resumes_from_what_arrived() {
+    let dir = tempfile::tempdir().unwrap();
+    let kits = poc(dir.path(), 2);
+    let server = kit(&kits, "server");
+    let site = kit(&kits, "site-1");
+    let (s, _srx) = start(server, true);
+    let (c, _crx) = start(site, false);
+    let addr = listen_addr(&s).await;
+    c.dial(addr.clone()).await.unwrap();
+    let on_client = c
+        .wait_admitted(s.local, Duration::from_secs(10))
+        .await
+        .unwrap();
+    s.wait_admitted(c.local, Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    // 48 MiB in one tensor and a small one after it.
+    let big: Vec<f32> = (0..12 << 20).map(|i| (i % 1000) as f32).collect();
+    let model = FLModel::from_params(BTreeMap::from([
+        (
+            "a".to_string(),
+            Tensor::from_f32(vec![big.len()], &big).unwrap(),
+        ),
+        (
+            "b".to_string(),
+            Tensor::from_f32(vec![3], &[1.0, 2.0, 3.0]).unwrap(),
+        ),
+    ]));
+    let model_bytes = model.num_bytes() as u64;
+    let server_sealing = Sealing::new(s.local, server.identity.sealing.clone());
+    let client_sealing = Sealing::new(c.local, site.identity.sealing.clone());
+    let route = Route {
+        job: "j1".into(),
+        workflow: "sag".into(),
+        round: 1,
+        kind: "result".into(),
+    };
+    let meta = TransferMeta {
+        task_id: 4,
+        task_name: "train".into(),
+        round: 1,
+        return_code: ReturnCode::Ok,
+        headers: BTreeMap::new(),
+        skeleton: None,
+        body: None,
+        resume: None,
+    };
+    let mut incoming = s.streams.clone().accept(BULK_PROTOCOL).unwrap();
+    let (cut_tx, cut_rx) = tokio::sync::oneshot::channel();
+    let receiver = {
+        let s_peers = s.peers.clone();
+        tokio::spawn(async move {
+            let mut tell = Some(cut_tx);
+            let mut attempts = Vec::new();
+            loop {
+                let (peer, st) = incoming.next().await.unwrap();
+                let from = s_peers.get(&peer).unwrap();
+                let mut st = Counting {
+                    cut: tell.is_some(),
+                    inner: st,
+                    read: 0,
+                    at: 20 << 20,
+                    tell: tell.take(),
+                };
+                let got = bulk::receive(&mut st, &server_sealing, &from, 1 << 30).await;
+                attempts.push(st.read);
+                if let Ok(got) = got {
+                    return (got, attempts);
+                }
+            }
+        })
+    };
+    let sender = {
+        let c = c.clone();
+        let model = model.clone();
+        tokio::spawn(async move {
+            bulk::deliver(&c, &client_sealing, &on_client, &route, &meta, Some(&model)).await
+        })
+    };
+    // Past 20 MiB the connection goes (the server's end of the stream fails as a reset one
+    // does, and the server drops the connection); the site dials again, as a site does.
+    cut_rx.await.unwrap();
+    s.disconnect(c.local).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.dial(addr).await.unwrap();
+    let (got, attempts) = tokio::time::timeout(Duration::from_secs(60), receiver)
+        .await
+        .unwrap()
+        .unwrap();
+    sender.await.unwrap().unwrap();
+    assert_eq!(got.model.as_ref(), Some(&model));
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    // The first attempt brought at least 20 MiB; the second carried only the rest.
+    assert!(attempts[0] >= 20 << 20, "{attempts:?}");
+    assert!(
+        attempts[1] < model_bytes - (16 << 20),
+        "the attempt after the cut sent {} of {model_bytes} bytes",
+        attempts[1]
+    );
+    assert!(
+        attempts[0] + attempts[1] < model_bytes + (model_bytes / 10),
+        "{attempts:?} for {model_bytes}"
+    );
 }

@@ -60,6 +60,9 @@ pub enum BulkError {
     /// The sender is not an admitted peer.
     #[error("peer {0} is not admitted")]
     NotAdmitted(PeerId),
+    /// The stream ended before its last chunk.
+    #[error("the stream ended before the transfer was complete")]
+    Cut,
     /// The transfer could not be spooled to disk (a full disk, say); `job`, `kind` and
     /// `task_name` say what it was, so the receiver can report it.
     #[error("the transfer could not be stored: {reason}")]
@@ -77,6 +80,20 @@ pub enum BulkError {
         /// Why.
         reason: String,
     },
+}
+
+impl BulkError {
+    /// Whether the stream broke off (its connection went, or it stalled), as opposed to the
+    /// peer sending something wrong: a broken transfer can be resumed.
+    pub fn is_cut(&self) -> bool {
+        matches!(
+            self,
+            BulkError::Io(_)
+                | BulkError::Stalled(_)
+                | BulkError::Cut
+                | BulkError::Seal(SealError::Truncated)
+        )
+    }
 }
 
 /// The names, dtypes and shapes of a model's tensors, and everything else it carries.
@@ -165,6 +182,50 @@ pub struct TransferMeta {
     /// A workflow's own message (CBOR), for peer-to-peer workflows.
     #[serde(default)]
     pub body: Option<serde_bytes::ByteBuf>,
+    /// The id under which a model transfer can be resumed: the sender gives every attempt of
+    /// one transfer the same id, and waits after the meta for the receiver to say how many
+    /// tensor bytes it already holds ([`RESUME_TTL`]).
+    #[serde(default)]
+    pub resume: Option<u64>,
+}
+
+/// How long a receiver keeps a broken transfer for its sender to resume.
+pub const RESUME_TTL: Duration = Duration::from_secs(600);
+/// How many broken transfers a receiver keeps (the oldest goes first).
+pub const MAX_PARTIALS: usize = 8;
+
+/// Broken transfers kept for resuming: by sender and resume id, with the seal header's job
+/// and kind (a resumption must match them) and when each broke.
+#[derive(Default)]
+struct Partials(
+    std::collections::VecDeque<(PeerId, u64, String, String, std::time::Instant, Assembler)>,
+);
+
+impl Partials {
+    fn put(&mut self, from: PeerId, id: u64, header: &MessageHeader, asm: Assembler) {
+        self.0
+            .retain(|p| p.4.elapsed() < RESUME_TTL && !(p.0 == from && p.1 == id));
+        while self.0.len() >= MAX_PARTIALS {
+            self.0.pop_front();
+        }
+        self.0.push_back((
+            from,
+            id,
+            header.job.clone(),
+            header.kind.clone(),
+            std::time::Instant::now(),
+            asm,
+        ));
+    }
+
+    fn take(&mut self, from: PeerId, id: u64, header: &MessageHeader) -> Option<Assembler> {
+        self.0.retain(|p| p.4.elapsed() < RESUME_TTL);
+        let i = self
+            .0
+            .iter()
+            .position(|p| p.0 == from && p.1 == id && p.2 == header.job && p.3 == header.kind)?;
+        self.0.remove(i).map(|p| p.5)
+    }
 }
 
 /// Where a transfer belongs: bound into the seal's associated data.
@@ -188,6 +249,7 @@ pub struct Sealing {
     seq: Arc<AtomicU64>,
     window: Arc<Mutex<ReplayWindow>>,
     rng: Arc<ring::rand::SystemRandom>,
+    partials: Arc<Mutex<Partials>>,
 }
 
 impl std::fmt::Debug for Sealing {
@@ -211,6 +273,7 @@ impl Sealing {
             seq: Arc::new(AtomicU64::new(start)),
             window: Arc::new(Mutex::new(ReplayWindow::new(4096))),
             rng: Arc::new(ring::rand::SystemRandom::new()),
+            partials: Arc::default(),
         }
     }
 }
@@ -312,6 +375,30 @@ impl<'a, W: futures::AsyncWrite + Unpin> ChunkWriter<'a, W> {
         Ok(())
     }
 
+    /// Seals what is buffered as a chunk of its own (not the last) and flushes it out, so the
+    /// receiver can act on it before more comes.
+    async fn flush_chunk(&mut self) -> Result<(), BulkError> {
+        if self.buf.len() > FRAME_HEAD {
+            self.write_chunk(false).await?;
+        }
+        self.out.flush().await?;
+        Ok(())
+    }
+
+    /// Reads the receiver's answer to a resumable transfer's meta: how many tensor bytes it
+    /// already holds.
+    async fn read_offset(&mut self) -> Result<u64, BulkError>
+    where
+        W: futures::AsyncRead,
+    {
+        let mut b = [0u8; 8];
+        match tokio::time::timeout(FRAME_TIMEOUT, self.out.read_exact(&mut b)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(BulkError::Stalled(FRAME_TIMEOUT)),
+        }
+        Ok(u64::from_be_bytes(b))
+    }
+
     /// Seals the buffered plaintext in place and writes the frame.
     async fn write_chunk(&mut self, last: bool) -> Result<(), BulkError> {
         self.sealer.seal_in_place(&mut self.buf, 4, last)?;
@@ -394,19 +481,43 @@ async fn send_body<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         Body::Memory(m) => Skeleton::of(m),
         Body::Stored(s) => Skeleton::of_stored(s),
     });
+    if model.is_none() {
+        meta.resume = None;
+    }
+    let total = meta
+        .skeleton
+        .as_ref()
+        .and_then(Skeleton::byte_len)
+        .unwrap_or(0);
+    let resumable = meta.resume.is_some();
     let mut w = start_stream(stream, sealing, header, &to.cert.sealing_public, &meta).await?;
+    // Tensor bytes the receiver already holds from an earlier attempt: not sent again.
+    let mut skip = 0u64;
+    if resumable {
+        w.flush_chunk().await?;
+        skip = w.read_offset().await?;
+        if skip > total {
+            return Err(BulkError::Malformed(format!(
+                "the receiver holds {skip} bytes of a {total}-byte transfer"
+            )));
+        }
+    }
     match model {
         None => {}
         Some(Body::Memory(m)) => {
             for t in m.params.values() {
-                w.push(t.bytes()).await?;
+                let b = t.bytes();
+                let from = skip.min(b.len() as u64) as usize;
+                skip -= from as u64;
+                w.push(&b[from..]).await?;
             }
         }
         Some(Body::Stored(s)) => {
             let mut buf = vec![0u8; CHUNK];
             for (i, t) in s.tensors.iter().enumerate() {
                 let len = t.byte_len().unwrap_or(0);
-                let mut at = 0;
+                let mut at = skip.min(len as u64) as usize;
+                skip -= at as u64;
                 while at < len {
                     let n = (len - at).min(CHUNK);
                     s.source
@@ -479,6 +590,7 @@ pub async fn send_synthetic<S: futures::AsyncRead + futures::AsyncWrite + Unpin>
             total_rounds: None,
         }),
         body: None,
+        resume: None,
     };
     let mut w = start_stream(stream, sealing, header, &to.cert.sealing_public, &meta).await?;
     let block: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
@@ -537,6 +649,8 @@ struct Assembler {
     /// meta said what comes.
     spool: Option<PathBuf>,
     writer: Option<crate::model_io::SpoolWriter>,
+    /// Tensor bytes taken in so far (what a resumed transfer need not send again).
+    consumed: u64,
 }
 
 impl Assembler {
@@ -630,6 +744,7 @@ impl Assembler {
                 w.push(&data[..take]).map_err(|e| spool_error(meta, e))?;
             }
             self.filled += take;
+            self.consumed += take as u64;
             data = &data[take..];
             if self.filled == want {
                 self.filled = 0;
@@ -835,9 +950,7 @@ impl<'a, S: futures::AsyncRead + futures::AsyncWrite + Unpin> SealedReader<'a, S
             if let Some(o) = self.opener.take() {
                 o.finish()?;
             }
-            return Err(BulkError::Malformed(
-                "stream ended without its last chunk".into(),
-            ));
+            return Err(BulkError::Cut);
         };
         self.bytes += n as u64 + 4;
         let chunk = opener.open_in_place(&mut self.frame[..n])?;
@@ -845,6 +958,14 @@ impl<'a, S: futures::AsyncRead + futures::AsyncWrite + Unpin> SealedReader<'a, S
             self.opener = None;
         }
         Ok(Some(chunk.data))
+    }
+
+    /// Writes `bytes` back to the sender in the clear (the answer to a resumable transfer's
+    /// meta: a count, which changes only what the sender sends again).
+    pub(crate) async fn answer(&mut self, bytes: &[u8]) -> Result<(), BulkError> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
+        Ok(())
     }
 
     /// Acknowledges a complete transfer (call once `next` returned `None` and the payload
@@ -882,6 +1003,7 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         tensors: BTreeMap::new(),
         spool,
         writer: None,
+        consumed: 0,
     };
     let named = |e: BulkError| match e {
         BulkError::Spool {
@@ -900,8 +1022,51 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         },
         other => other,
     };
-    while let Some(data) = reader.next().await? {
+    let mut answered = false;
+    loop {
+        let data = match reader.next().await {
+            Ok(Some(data)) => data,
+            Ok(None) => break,
+            Err(e) => {
+                // A transfer cut off in the middle is kept for its sender to resume.
+                let resume = asm.meta.as_ref().and_then(|m| m.resume);
+                if let (Some(id), true) = (resume, answered && e.is_cut())
+                    && let Ok(mut p) = sealing.partials.lock()
+                {
+                    tracing::info!(peer = %from.peer, bytes = asm.consumed, "transfer broken; kept to resume");
+                    p.put(from.peer, id, &header, asm);
+                }
+                return Err(e);
+            }
+        };
         asm.push(data).map_err(named)?;
+        if !answered && let Some(id) = asm.meta.as_ref().and_then(|m| m.resume) {
+            if asm.consumed > 0 {
+                return Err(BulkError::Malformed(
+                    "tensor bytes before the answer to a resumable transfer".into(),
+                ));
+            }
+            let earlier = sealing
+                .partials
+                .lock()
+                .ok()
+                .and_then(|mut p| p.take(from.peer, id, &header));
+            if let Some(old) = earlier {
+                // The same transfer only: the same task and model skeleton.
+                let same = match (&old.meta, &asm.meta) {
+                    (Some(a), Some(b)) => {
+                        a.skeleton == b.skeleton && a.task_id == b.task_id && a.round == b.round
+                    }
+                    _ => false,
+                };
+                if same {
+                    tracing::info!(peer = %from.peer, bytes = old.consumed, "transfer resumed");
+                    asm = old;
+                }
+            }
+            reader.answer(&asm.consumed.to_be_bytes()).await?;
+            answered = true;
+        }
     }
     let (meta, model, stored) = asm.finish().map_err(named)?;
     let bytes = if ack {
@@ -919,6 +1084,10 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         bytes,
     })
 }
+
+/// How long [`deliver`] waits between attempts for a peer whose connection went to be
+/// admitted again.
+pub const RECONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// How many times [`deliver`] tries a transfer.
 pub const ATTEMPTS: u32 = 4;
@@ -948,9 +1117,23 @@ pub async fn deliver_body(
     model: Option<Body<'_>>,
 ) -> Result<u64, BulkError> {
     let mut last = None;
+    let mut meta = meta.clone();
+    // Every attempt of a model transfer carries one id, under which the receiver keeps what
+    // arrived before a break, so the next attempt sends only the rest.
+    if model.is_some() {
+        let mut id = [0u8; 8];
+        ring::rand::SecureRandom::fill(sealing.rng.as_ref(), &mut id)
+            .map_err(|_| BulkError::Malformed("no randomness for a transfer id".into()))?;
+        meta.resume = Some(u64::from_be_bytes(id));
+    }
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+            // A cut connection comes back when the peer (or we) dial again: wait a little.
+            let back = std::time::Instant::now() + RECONNECT_WAIT;
+            while !net.peers.is_admitted(&to.peer) && std::time::Instant::now() < back {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             if !net.peers.is_admitted(&to.peer) {
                 break;
             }
@@ -993,6 +1176,7 @@ mod tests {
             tensors: BTreeMap::new(),
             spool: None,
             writer: None,
+            consumed: 0,
         }
     }
 
@@ -1005,6 +1189,7 @@ mod tests {
             headers: BTreeMap::new(),
             skeleton: Some(Skeleton::of(model)),
             body: None,
+            resume: None,
         };
         let m = encode(&meta, MAX_META).unwrap();
         let mut out = (m.len() as u32).to_be_bytes().to_vec();

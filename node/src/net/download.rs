@@ -157,6 +157,7 @@ pub async fn send_files<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         headers: BTreeMap::new(),
         skeleton: None,
         body: Some(serde_bytes::ByteBuf::from(body)),
+        resume: None,
     };
     let route = Route {
         job: job.into(),

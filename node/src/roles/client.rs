@@ -434,6 +434,7 @@ impl Site {
             headers: result.data.headers.clone(),
             skeleton: None,
             body: None,
+            resume: None,
         };
         let route = Route {
             job,

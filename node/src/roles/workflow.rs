@@ -145,6 +145,7 @@ async fn send_to(
         headers: Default::default(),
         skeleton: None,
         body: Some(ByteBuf::from(body)),
+        resume: None,
     };
     let route = Route {
         job: ctx.job.clone(),
@@ -179,6 +180,7 @@ async fn upload(ctx: &Context, slot: &ModelSlot, model: &FLModel) -> anyhow::Res
         headers: Default::default(),
         skeleton: None,
         body: None,
+        resume: None,
     };
     let route = Route {
         job: ctx.job.clone(),

@@ -329,6 +329,7 @@ impl Server {
             headers: task.data.headers.clone(),
             skeleton: None,
             body: None,
+            resume: None,
         };
         let route = Route {
             job: id.to_string(),
