@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use flare_node::net::bulk::{self, Route, Sealing, TransferMeta};
 use flare_node::net::protocol::BULK_PROTOCOL;
-use flare_node::net::{Credentials, NetConfig, NetEvent, NetHandle, spawn};
+use flare_node::net::{Credentials, NetConfig, NetEvent, NetHandle, PeerInfo, spawn};
 use flare_protocols::model::{FLModel, Tensor};
 use flare_protocols::shareable::ReturnCode;
 use flare_provision::kit::{Kit, load_kit};
@@ -82,15 +82,10 @@ async fn refused(rx: &mut mpsc::Receiver<NetEvent>) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admitted_peers_exchange_a_sealed_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let kits = poc(dir.path(), 2);
-    let server = kit(&kits, "server");
-    let site = kit(&kits, "site-1");
-    let (s, _srx) = start(server, true);
-    let (c, _crx) = start(site, false);
-    c.dial(listen_addr(&s).await).await.unwrap();
+/// Dials `s` from `c` and waits until each has admitted the other: (`s` as `c` sees it, `c`
+/// as `s` sees it).
+async fn admitted_pair(s: &NetHandle, c: &NetHandle) -> (PeerInfo, PeerInfo) {
+    c.dial(listen_addr(s).await).await.unwrap();
     let on_client = c
         .wait_admitted(s.local, Duration::from_secs(10))
         .await
@@ -99,6 +94,39 @@ async fn admitted_peers_exchange_a_sealed_model() {
         .wait_admitted(c.local, Duration::from_secs(10))
         .await
         .unwrap();
+    (on_client, on_server)
+}
+
+/// The route and meta of a training result of `round`, task `task_id`.
+fn result_of(task_id: u64, round: u32) -> (Route, TransferMeta) {
+    let route = Route {
+        job: "j1".into(),
+        workflow: "sag".into(),
+        round: u64::from(round),
+        kind: "result".into(),
+    };
+    let meta = TransferMeta {
+        task_id,
+        task_name: "train".into(),
+        round,
+        return_code: ReturnCode::Ok,
+        headers: BTreeMap::new(),
+        skeleton: None,
+        body: None,
+        resume: None,
+    };
+    (route, meta)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admitted_peers_exchange_a_sealed_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let kits = poc(dir.path(), 2);
+    let server = kit(&kits, "server");
+    let site = kit(&kits, "site-1");
+    let (s, _srx) = start(server, true);
+    let (c, _crx) = start(site, false);
+    let (on_client, on_server) = admitted_pair(&s, &c).await;
     assert_eq!(on_client.cert.name, "server");
     assert_eq!(on_server.cert.name, "site-1");
     assert!(!on_server.relayed);
@@ -112,22 +140,7 @@ async fn admitted_peers_exchange_a_sealed_model() {
     let mut incoming = s.streams.clone().accept(BULK_PROTOCOL).unwrap();
     let server_sealing = Sealing::new(s.local, server.identity.sealing.clone());
     let client_sealing = Sealing::new(c.local, site.identity.sealing.clone());
-    let route = Route {
-        job: "j1".into(),
-        workflow: "sag".into(),
-        round: 3,
-        kind: "result".into(),
-    };
-    let meta = TransferMeta {
-        task_id: 9,
-        task_name: "train".into(),
-        round: 3,
-        return_code: ReturnCode::Ok,
-        headers: BTreeMap::new(),
-        skeleton: None,
-        body: None,
-        resume: None,
-    };
+    let (route, meta) = result_of(9, 3);
     let sender = {
         let mut ctl = c.streams.clone();
         let model = model.clone();
@@ -301,14 +314,7 @@ async fn a_transfer_cut_mid_way_resumes_from_what_arrived() {
     let (s, _srx) = start(server, true);
     let (c, _crx) = start(site, false);
     let addr = listen_addr(&s).await;
-    c.dial(addr.clone()).await.unwrap();
-    let on_client = c
-        .wait_admitted(s.local, Duration::from_secs(10))
-        .await
-        .unwrap();
-    s.wait_admitted(c.local, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (on_client, _) = admitted_pair(&s, &c).await;
 
     // 48 MiB in one tensor and a small one after it.
     let big: Vec<f32> = (0..12 << 20).map(|i| (i % 1000) as f32).collect();
@@ -325,22 +331,7 @@ async fn a_transfer_cut_mid_way_resumes_from_what_arrived() {
     let model_bytes = model.num_bytes() as u64;
     let server_sealing = Sealing::new(s.local, server.identity.sealing.clone());
     let client_sealing = Sealing::new(c.local, site.identity.sealing.clone());
-    let route = Route {
-        job: "j1".into(),
-        workflow: "sag".into(),
-        round: 1,
-        kind: "result".into(),
-    };
-    let meta = TransferMeta {
-        task_id: 4,
-        task_name: "train".into(),
-        round: 1,
-        return_code: ReturnCode::Ok,
-        headers: BTreeMap::new(),
-        skeleton: None,
-        body: None,
-        resume: None,
-    };
+    let (route, meta) = result_of(4, 1);
     let mut incoming = s.streams.clone().accept(BULK_PROTOCOL).unwrap();
     let (cut_tx, cut_rx) = tokio::sync::oneshot::channel();
     let receiver = {
