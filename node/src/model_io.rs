@@ -310,12 +310,16 @@ impl SpoolWriter {
             path: path.to_path_buf(),
             source,
         };
-        let mut sorted: Vec<&TensorInfo> = tensors.iter().collect();
-        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        // The bytes come in `tensors` order, so the header's offsets must follow it.
+        if tensors.windows(2).any(|w| w[0].name >= w[1].name) {
+            return Err(io(std::io::Error::other(
+                "tensors are not in name order, or repeat",
+            )));
+        }
         let mut header = serde_json::Map::new();
         header.insert("__metadata__".into(), serde_json::json!(metadata));
         let mut at = 0u64;
-        for t in &sorted {
+        for t in tensors {
             let len = t.byte_len().ok_or_else(|| {
                 io(std::io::Error::other(format!(
                     "tensor {:?} is too large",
@@ -346,14 +350,6 @@ impl SpoolWriter {
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             return Err(io(e));
-        }
-        if sorted
-            .iter()
-            .map(|t| &t.name)
-            .ne(tensors.iter().map(|t| &t.name))
-        {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io(std::io::Error::other("tensors are not in name order")));
         }
         Ok(SpoolWriter {
             out,

@@ -437,12 +437,6 @@ impl Driver<'_> {
                 match out {
                     Output::Send { to, task, model } => {
                         let i = self.index(&to)?;
-                        // Tasks queued with the round's model in memory go with the stored
-                        // copy the round's event put in place (the same model).
-                        let model = match (&model, ctrl.global()) {
-                            (ModelRef::Memory(_), g @ ModelRef::Stored(_)) => g.clone(),
-                            _ => model,
-                        };
                         pending.push_back((i, task, Some(model)));
                     }
                     Output::Event(e) => match e {

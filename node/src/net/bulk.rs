@@ -1280,5 +1280,18 @@ mod tests {
             }
             let _ = a.finish();
         }
+
+        #[test]
+        fn random_plaintext_never_panics_while_spooling(chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..8)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut a = assembler(false);
+            a.spool = Some(dir.path().join("s.safetensors"));
+            for c in &chunks {
+                if a.push(c).is_err() {
+                    break;
+                }
+            }
+            let _ = a.finish();
+        }
     }
 }

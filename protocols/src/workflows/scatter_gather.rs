@@ -314,10 +314,18 @@ impl ScatterGather {
 
     /// Puts `model` in place of the global model: the same model, now stored by the driver
     /// (which persisted it), so the controller stops holding it in memory. Tasks sent from
-    /// now on carry `model`. Refused, changing nothing, when its tensors differ.
+    /// now on, and those still queued with the old one, carry `model`. Refused, changing
+    /// nothing, when its tensors differ.
     pub fn replace_global(&mut self, model: ModelRef) -> Result<(), ModelError> {
         self.global.check_compatible(&model)?;
-        self.global = model;
+        let old = std::mem::replace(&mut self.global, model);
+        for out in &mut self.out {
+            if let Output::Send { model: m, .. } = out
+                && same_model(m, &old)
+            {
+                *m = self.global.clone();
+            }
+        }
         Ok(())
     }
 
@@ -575,4 +583,13 @@ fn weight_of_ref(model: &ModelRef) -> f64 {
         .meta_int(META_NUM_SAMPLES)
         .or_else(|| model.meta_int(META_NUM_STEPS))
         .map_or(1.0, |n| n as f64)
+}
+
+/// Whether `a` and `b` are the same shared model (not merely equal ones).
+fn same_model(a: &ModelRef, b: &ModelRef) -> bool {
+    match (a, b) {
+        (ModelRef::Memory(x), ModelRef::Memory(y)) => Arc::ptr_eq(x, y),
+        (ModelRef::Stored(x), ModelRef::Stored(y)) => Arc::ptr_eq(x, y),
+        _ => false,
+    }
 }

@@ -173,12 +173,6 @@ impl Server {
             while let Some(out) = ctrl.poll_output() {
                 match out {
                     Output::Send { to, task, model } => {
-                        // Tasks queued with the round's model in memory go with the stored
-                        // copy the round's event put in place (the same model).
-                        let model = match (&model, ctrl.global()) {
-                            (ModelRef::Memory(_), g @ ModelRef::Stored(_)) => g.clone(),
-                            _ => model,
-                        };
                         let s = Arc::clone(self);
                         let id = id.to_string();
                         tokio::spawn(async move {
