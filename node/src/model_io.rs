@@ -399,6 +399,67 @@ impl Drop for SpoolWriter {
     }
 }
 
+/// A model at least this large is held as a file rather than in memory where a driver can
+/// choose (a site's task results and persisted globals, the simulator's global model).
+pub const FILE_BACKED_BYTES: u64 = 64 << 20;
+
+/// Writes `model` to `path` and opens the file as a stored model that carries everything of
+/// `model` but its tensors (metadata the file format does not keep included). With
+/// `spooled`, the file goes when the stored model is dropped.
+pub fn write_stored(
+    path: &Path,
+    model: &FLModel,
+    spooled: bool,
+) -> Result<StoredModel, ModelFileError> {
+    write(path, model)?;
+    let mut s = open_with(path, spooled)?;
+    s.params_type = model.params_type;
+    s.metrics = model.metrics.clone();
+    s.meta = model.meta.clone();
+    s.current_round = model.current_round;
+    s.total_rounds = model.total_rounds;
+    Ok(s)
+}
+
+/// Fresh file names in one folder, for models spooled to disk; the folder is emptied when
+/// the spool is made (what an earlier process left there has no owner).
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Spool {
+    /// A spool in `dir`, emptied.
+    pub fn new(dir: PathBuf) -> Spool {
+        let _ = std::fs::remove_dir_all(&dir);
+        Spool {
+            dir,
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// A file name not handed out before.
+    pub fn file(&self) -> Result<PathBuf, ModelFileError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| ModelFileError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(self.dir.join(format!("{n}.safetensors")))
+    }
+
+    /// `model` as a file in this spool when it is at least [`FILE_BACKED_BYTES`], else
+    /// in memory as it is. The file goes when the stored model is dropped.
+    pub fn hold(&self, model: Arc<FLModel>) -> Result<ModelRef, ModelFileError> {
+        if (model.num_bytes() as u64) < FILE_BACKED_BYTES {
+            return Ok(ModelRef::Memory(model));
+        }
+        let s = write_stored(&self.file()?, &model, true)?;
+        Ok(ModelRef::Stored(Arc::new(s)))
+    }
+}
+
 /// Writes `model` (in memory, or stored and copied a chunk at a time) to `path`.
 pub fn write_ref(path: &Path, model: &ModelRef) -> Result<(), ModelFileError> {
     let stored = match model {

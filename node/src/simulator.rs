@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use flare_protocols::model::FLModel;
 use flare_protocols::shareable::{Task, TaskResult};
 use flare_protocols::stored::ModelRef;
 use flare_protocols::time::Time;
@@ -92,7 +91,7 @@ enum Ctrl {
     Swarm {
         clients: Vec<SwarmClient>,
         first: String,
-        initial: Arc<FLModel>,
+        initial: ModelRef,
     },
     Cyclic {
         clients: Vec<CyclicClient>,
@@ -106,9 +105,9 @@ struct CcwfRun {
     metrics: BTreeMap<u32, BTreeMap<String, f64>>,
     round_models: Vec<PathBuf>,
     /// Per client: its own last trained model, the best and the final global model.
-    locals: Vec<Option<Arc<FLModel>>>,
-    bests: Vec<Option<Arc<FLModel>>>,
-    finals: Vec<Option<Arc<FLModel>>>,
+    locals: Vec<Option<ModelRef>>,
+    bests: Vec<Option<ModelRef>>,
+    finals: Vec<Option<ModelRef>>,
     cross_site: CrossSite,
     cross_site_failed: BTreeMap<String, BTreeMap<String, String>>,
     /// The first failure a client reported.
@@ -218,7 +217,7 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
             Ctrl::Swarm {
                 clients,
                 first,
-                initial: Arc::new(initial),
+                initial: ModelRef::from(initial),
             }
         }
         WorkflowSpec::Cyclic(args) => {
@@ -226,11 +225,11 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
                 .to_config(&names, seed_of(&job.meta.name))
                 .with_context(|| format!("{}: cyclic settings", opts.job_dir.display()))?;
             let starting = cfg.starting_client.clone().unwrap_or(names[0].clone());
-            let initial = Arc::new(initial);
+            let initial = ModelRef::from(initial);
             let clients = names
                 .iter()
                 .map(|n| {
-                    let init = (*n == starting).then(|| Arc::clone(&initial));
+                    let init = (*n == starting).then(|| initial.clone());
                     CyclicClient::new(cfg.clone(), n.as_str(), init)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -286,7 +285,7 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
                 let start = Input::Message {
                     from: "server".into(),
                     msg: SwarmMsg::Start,
-                    model: Some(Arc::clone(initial)),
+                    model: Some(initial.clone()),
                 };
                 let starts = vec![(driver.index(first)?, start)];
                 let versions = job.server.sag.num_rounds;
@@ -681,7 +680,7 @@ impl Driver<'_> {
                 .map(Ok)
                 .ok_or_else(|| "no result client received the final model".into()),
         };
-        self.write_report(run, outcome.map(|o| o.map(ModelRef::Memory)))
+        self.write_report(run, outcome)
     }
 
     /// Drives client workflows to the end: every client's state machine in this thread,
@@ -713,10 +712,7 @@ impl Driver<'_> {
                             inbox
                                 .push_back((self.index(&to)?, Input::Message { from, msg, model }));
                         }
-                        Action::RunTask(mut task) => {
-                            let model = task.data.model.take().map(ModelRef::Memory);
-                            pending.push_back((i, task, model))
-                        }
+                        Action::RunTask { task, model } => pending.push_back((i, task, model)),
                         Action::Report(r) => match r.event {
                             ReportEvent::Aggregated {
                                 accepted,
@@ -776,7 +772,19 @@ impl Driver<'_> {
                             std::fs::create_dir_all(&dir)
                                 .with_context(|| format!("cannot create {}", dir.display()))?;
                             let p = dir.join(format!("{}.safetensors", slot.file_stem()));
-                            crate::model_io::write(&p, &model)?;
+                            // As on a site: a large model is held as the file just written.
+                            let model = match model.in_memory() {
+                                Some(m) if m.num_bytes() as u64 >= FILE_BACKED_BYTES => {
+                                    let s = crate::model_io::write_stored(&p, m, false)?;
+                                    let stored = ModelRef::Stored(Arc::new(s));
+                                    c.replace_model(&model, &stored);
+                                    stored
+                                }
+                                _ => {
+                                    crate::model_io::write_ref(&p, &model)?;
+                                    model
+                                }
+                            };
                             match slot {
                                 ModelSlot::Round(_)
                                     if self.job.server.persistor.save_every_round =>
@@ -784,7 +792,7 @@ impl Driver<'_> {
                                     let q = self
                                         .models_dir
                                         .join(format!("{}.safetensors", slot.file_stem()));
-                                    crate::model_io::write(&q, &model)?;
+                                    crate::model_io::write_ref(&q, &model)?;
                                     run.round_models.push(q);
                                 }
                                 ModelSlot::Round(_) => {}
@@ -812,7 +820,12 @@ impl Driver<'_> {
                 wait.min(Duration::from_millis(50))
             };
             match done_rx.recv_timeout(wait) {
-                Ok((i, Ok(result), _)) => inbox.push_back((i, Input::TaskDone(result))),
+                Ok((i, Ok(result), held)) => {
+                    if held {
+                        self.large.give();
+                    }
+                    inbox.push_back((i, Input::TaskDone(result, None)));
+                }
                 Ok((i, Err(e), _)) => bail!("{}: {e}", self.names[i]),
                 Err(RecvTimeoutError::Timeout) => {
                     let now = self.now();

@@ -55,6 +55,14 @@ pub fn weight_of(model: &FLModel) -> f64 {
         .map_or(1.0, |n| n as f64)
 }
 
+/// [`weight_of`] for a model in memory or stored.
+pub fn weight_of_ref(model: &ModelRef) -> f64 {
+    model
+        .meta_int(META_NUM_SAMPLES)
+        .or_else(|| model.meta_int(META_NUM_STEPS))
+        .map_or(1.0, |n| n as f64)
+}
+
 /// Running weighted sum of one tensor.
 #[derive(Debug)]
 enum Acc {

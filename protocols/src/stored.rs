@@ -148,6 +148,34 @@ impl ModelRef {
         }
     }
 
+    /// Whether `self` and `other` are the same shared model (not merely equal ones).
+    pub fn same(&self, other: &ModelRef) -> bool {
+        match (self, other) {
+            (ModelRef::Memory(x), ModelRef::Memory(y)) => Arc::ptr_eq(x, y),
+            (ModelRef::Stored(x), ModelRef::Stored(y)) => Arc::ptr_eq(x, y),
+            _ => false,
+        }
+    }
+
+    /// The model with its round numbers set. A stored model shares its tensors with `self`;
+    /// a model in memory is copied only when it is shared.
+    pub fn with_rounds(self, current: Option<u32>, total: Option<u32>) -> ModelRef {
+        match self {
+            ModelRef::Memory(m) => {
+                let mut m = Arc::unwrap_or_clone(m);
+                m.current_round = current;
+                m.total_rounds = total;
+                ModelRef::Memory(Arc::new(m))
+            }
+            ModelRef::Stored(s) => {
+                let mut s = Arc::unwrap_or_clone(s);
+                s.current_round = current;
+                s.total_rounds = total;
+                ModelRef::Stored(Arc::new(s))
+            }
+        }
+    }
+
     /// The tensors' names, dtypes and shapes, in name order.
     pub fn tensors(&self) -> Vec<TensorInfo> {
         match self {

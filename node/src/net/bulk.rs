@@ -832,6 +832,28 @@ pub async fn receive<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     receive_inner(stream, sealing, from, max_model_bytes, true, true, None).await
 }
 
+/// Like [`receive`], but a transfer of kind `kind` has its tensor bytes go to a safetensors
+/// file at `spool` as they arrive ([`Received::stored`]); other kinds are kept in memory.
+pub async fn receive_spooling<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
+    stream: &mut S,
+    sealing: &Sealing,
+    from: &PeerInfo,
+    max_model_bytes: u64,
+    spool: PathBuf,
+    kind: &str,
+) -> Result<Received, BulkError> {
+    receive_inner(
+        stream,
+        sealing,
+        from,
+        max_model_bytes,
+        false,
+        true,
+        Some((spool, Some(kind))),
+    )
+    .await
+}
+
 /// Like [`receive_held`], but the tensor bytes go to a safetensors file at `spool` as they
 /// arrive ([`Received::stored`]), so memory holds one chunk whatever the model's size. No
 /// partial file is left when the transfer fails.
@@ -849,7 +871,7 @@ pub async fn receive_spooled<S: futures::AsyncRead + futures::AsyncWrite + Unpin
         max_model_bytes,
         false,
         false,
-        Some(spool),
+        Some((spool, None)),
     )
     .await
 }
@@ -988,10 +1010,16 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     max_model_bytes: u64,
     keep: bool,
     ack: bool,
-    spool: Option<PathBuf>,
+    spool: Option<(PathBuf, Option<&str>)>,
 ) -> Result<Received, BulkError> {
     let mut reader = SealedReader::open(stream, sealing, from).await?;
     let header = reader.header().clone();
+    // The file to spool to, and the only kind to spool (another kind is kept in memory).
+    let (keep, spool) = match spool {
+        Some((_, Some(k))) if k != header.kind => (true, None),
+        Some((path, _)) => (keep, Some(path)),
+        None => (keep, None),
+    };
     let mut asm = Assembler {
         max_model_bytes,
         keep,

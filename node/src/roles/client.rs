@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use super::workflow::{self, Inbound};
 use crate::job::{CSE_WIRE_NAME, WorkflowSpec};
 use crate::net::protocol::{EvaluationStage, PeerEntry};
-use flare_protocols::model::FLModel;
+use flare_protocols::stored::ModelRef;
 use flare_protocols::workflows::ccwf::{Input, ModelSlot};
 use flare_protocols::workflows::cse::{CseClient, CseMsg};
 use flare_protocols::workflows::cyclic::{CyclicClient, CyclicMsg};
@@ -29,6 +29,7 @@ use super::policy::SitePolicy;
 use super::{connect, peer_addrs, start_net};
 use crate::job::{Job, LearnerSite};
 use crate::learner::{AbortHandle, Learner, execute};
+use crate::model_io::Spool;
 use crate::net::bulk::{self, Route, Sealing, TransferMeta};
 use crate::net::protocol::{BULK_PROTOCOL, ControlRequest, ControlResponse};
 use crate::net::{NetEvent, NetHandle, PeerInfo};
@@ -66,6 +67,8 @@ struct Site {
     sealing: Sealing,
     server: PeerId,
     jobs: Mutex<HashMap<String, JobSlot>>,
+    /// Where peer models and large local ones are spooled (`jobs/.spool`).
+    spool: Arc<Spool>,
 }
 
 /// Runs a client site until `shutdown` turns true.
@@ -77,6 +80,7 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
     let (net, mut events) = start_net(&kit, false)?;
     let (server, server_addrs) = peer_addrs(&kit.config.server)?;
     let sealing = Sealing::new(net.local, kit.identity.sealing.clone());
+    let spool = Arc::new(Spool::new(dir.join("jobs").join(".spool")));
     let site = Arc::new(Site {
         kit,
         dir,
@@ -84,6 +88,7 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
         sealing,
         server,
         jobs: Mutex::new(HashMap::new()),
+        spool,
     });
     tracing::info!(site = %site.kit.name(), peer = %net.local, "client starting");
 
@@ -354,7 +359,17 @@ impl Site {
                 from.cert.role
             );
         }
-        let got = bulk::receive(&mut stream, &self.sealing, &from, MAX_TASK_MODEL).await?;
+        // A peer's model goes to disk as it arrives: the workflow holds it as a file.
+        let spool = self.spool.file()?;
+        let got = bulk::receive_spooling(
+            &mut stream,
+            &self.sealing,
+            &from,
+            MAX_TASK_MODEL,
+            spool,
+            "ccwf",
+        )
+        .await?;
         drop(stream);
         let job = got.header.job.clone();
         if got.header.kind == "ccwf" {
@@ -376,10 +391,14 @@ impl Site {
                 .body
                 .map(|b| b.into_vec())
                 .context("workflow message without a body")?;
+            let model = match (got.stored, got.model) {
+                (Some(s), _) => Some(ModelRef::Stored(Arc::new(s))),
+                (None, m) => m.map(ModelRef::from),
+            };
             tx.send(Inbound::Message {
                 from: from.cert.name.clone(),
                 body,
-                model: got.model,
+                model,
             })
             .await
             .ok();
@@ -523,6 +542,7 @@ impl Site {
                 learner: Arc::clone(&learner),
                 job_dir: dir.clone(),
                 result_clients,
+                spool: Arc::clone(&self.spool),
             })
         };
         let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
@@ -533,12 +553,13 @@ impl Site {
                             format!("job {job_id} has no CrossSiteEval workflow")
                         })?;
                     let cfg = args.to_config(&names, seed, ev.global_holder.clone())?;
-                    let read = |stem: &str| -> anyhow::Result<Option<Arc<FLModel>>> {
+                    // The models stay in their files: read when sent or validated.
+                    let read = |stem: &str| -> anyhow::Result<Option<ModelRef>> {
                         let p = models.join(format!("{stem}.safetensors"));
                         if !p.is_file() {
                             return Ok(None);
                         }
-                        Ok(Some(Arc::new(crate::model_io::read(&p)?)))
+                        Ok(Some(ModelRef::Stored(Arc::new(crate::model_io::open(&p)?))))
                     };
                     let local = read(&ModelSlot::Local.file_stem())?;
                     let global = if cfg.global_model_client.as_deref() == Some(me.as_str()) {
@@ -550,7 +571,7 @@ impl Site {
                         None
                     };
                     let wf = CseClient::new(cfg, &me, local, global)?;
-                    fn start(_: Option<FLModel>) -> Input<CseMsg> {
+                    fn start(_: Option<ModelRef>) -> Input<CseMsg> {
                         Input::Message {
                             from: "server".into(),
                             msg: CseMsg::Start,
@@ -566,11 +587,11 @@ impl Site {
                     } else {
                         SwarmClient::new(cfg.clone(), me.clone())?
                     };
-                    fn start(model: Option<FLModel>) -> Input<SwarmMsg> {
+                    fn start(model: Option<ModelRef>) -> Input<SwarmMsg> {
                         Input::Message {
                             from: "server".into(),
                             msg: SwarmMsg::Start,
-                            model: model.map(Arc::new),
+                            model,
                         }
                     }
                     let c = ctx(cfg.result_clients.clone());
@@ -583,13 +604,13 @@ impl Site {
                         CyclicClient::joining(cfg.clone(), &me)?
                     } else {
                         let initial = if *starting == me {
-                            Some(Arc::new(job.server.initial_model()?))
+                            Some(self.spool.hold(Arc::new(job.server.initial_model()?))?)
                         } else {
                             None
                         };
                         CyclicClient::new(cfg.clone(), &me, initial)?
                     };
-                    fn start(_: Option<FLModel>) -> Input<CyclicMsg> {
+                    fn start(_: Option<ModelRef>) -> Input<CyclicMsg> {
                         Input::Message {
                             from: "server".into(),
                             msg: CyclicMsg::Start,

@@ -9,6 +9,11 @@
 //!   them, in order, while the server is away, and delivers them when it is back.
 //! - Models the workflow persists are written under `<site>/jobs/<job>/models/`; the final
 //!   and best models of result clients are also uploaded to the server's job store.
+//! - Large models live in files, not memory: peer models arrive spooled (the site's
+//!   `on_stream`), a task's result of at least [`FILE_BACKED_BYTES`] is spooled before the
+//!   workflow holds it, and a persisted model that large is handed back to the workflow as
+//!   the file just written ([`ClientWorkflow::replace_model`]). A task loads its model once,
+//!   for the learner, and that copy is the learner's to train in place.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,6 +23,7 @@ use std::time::{Duration, Instant};
 use flare_protocols::codec::{decode, encode};
 use flare_protocols::model::FLModel;
 use flare_protocols::shareable::{ReturnCode, Shareable};
+use flare_protocols::stored::ModelRef;
 use flare_protocols::time::Time;
 use flare_protocols::workflows::ccwf::{
     Action, ClientWorkflow, Epoch, Input, ModelSlot, Report, ReportEvent,
@@ -28,8 +34,9 @@ use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, watch};
 
 use crate::learner::{Learner, execute};
+use crate::model_io::{FILE_BACKED_BYTES, Spool};
 use crate::net::NetHandle;
-use crate::net::bulk::{self, Route, Sealing, TransferMeta};
+use crate::net::bulk::{self, Body, Route, Sealing, TransferMeta};
 use crate::net::connect::connect_peer;
 use crate::net::protocol::{ControlRequest, ControlResponse, PeerEntry};
 
@@ -52,8 +59,8 @@ pub enum Inbound {
         from: String,
         /// The CBOR message.
         body: Vec<u8>,
-        /// The model that came with it.
-        model: Option<FLModel>,
+        /// The model that came with it (spooled to a file, or in memory).
+        model: Option<ModelRef>,
     },
     /// The server's start, with the initial model when the workflow takes one (swarm).
     Start(Option<FLModel>),
@@ -88,6 +95,8 @@ pub struct Context {
     pub job_dir: PathBuf,
     /// Sites that receive the final and best models (they upload them to the server).
     pub result_clients: Vec<String>,
+    /// Where large models are spooled.
+    pub spool: Arc<Spool>,
 }
 
 impl std::fmt::Debug for Context {
@@ -125,7 +134,7 @@ async fn send_to(
     ctx: &Context,
     to: &str,
     body: Vec<u8>,
-    model: Option<Arc<FLModel>>,
+    model: Option<ModelRef>,
 ) -> anyhow::Result<()> {
     let (peer, addrs) = ctx
         .peer(to)
@@ -153,20 +162,20 @@ async fn send_to(
         round: 0,
         kind: "ccwf".into(),
     };
-    bulk::deliver(
+    bulk::deliver_body(
         &ctx.net,
         &ctx.sealing,
         &info,
         &route,
         &meta,
-        model.as_deref(),
+        model.as_ref().map(Body::of),
     )
     .await?;
     Ok(())
 }
 
 /// Uploads a final or best model to the server's job store.
-async fn upload(ctx: &Context, slot: &ModelSlot, model: &FLModel) -> anyhow::Result<()> {
+async fn upload(ctx: &Context, slot: &ModelSlot, model: &ModelRef) -> anyhow::Result<()> {
     let server = ctx
         .net
         .peers
@@ -188,7 +197,15 @@ async fn upload(ctx: &Context, slot: &ModelSlot, model: &FLModel) -> anyhow::Res
         round: 0,
         kind: "upload".into(),
     };
-    bulk::deliver(&ctx.net, &ctx.sealing, &server, &route, &meta, Some(model)).await?;
+    bulk::deliver_body(
+        &ctx.net,
+        &ctx.sealing,
+        &server,
+        &route,
+        &meta,
+        Some(Body::of(model)),
+    )
+    .await?;
     Ok(())
 }
 
@@ -241,12 +258,67 @@ async fn reporter(ctx: Arc<Context>, mut rx: mpsc::Receiver<Report>) {
     }
 }
 
+/// `model` as the workflow should hold it: in a spooled file when large, else in memory.
+fn hold(ctx: &Context, model: Arc<FLModel>) -> anyhow::Result<ModelRef> {
+    ctx.spool
+        .hold(model)
+        .map_err(|e| anyhow::anyhow!("spooling a model of job {}: {e}", ctx.job))
+}
+
+/// Runs one local task: loads its model (the one copy the learner trains), runs the learner,
+/// and holds the result's model as the workflow should ([`hold`]).
+fn run_task(
+    ctx: &Context,
+    mut task: flare_protocols::Task,
+    model: Option<ModelRef>,
+) -> (flare_protocols::TaskResult, Option<ModelRef>) {
+    let fail = |task: &flare_protocols::Task, code, reason: String| flare_protocols::TaskResult {
+        task_id: task.id,
+        round: task.round,
+        data: Shareable::error(code, reason),
+    };
+    if let Some(m) = model {
+        match m.load() {
+            Ok(m) => task.data.model = Some(m),
+            Err(e) => {
+                let reason = format!("cannot read the task's model: {e}");
+                return (fail(&task, ReturnCode::ExecutionException, reason), None);
+            }
+        }
+    }
+    let mut r = match ctx.learner.lock() {
+        Ok(mut l) => execute(l.as_mut(), task),
+        Err(_) => {
+            let reason = "a previous task of this job panicked".to_string();
+            return (fail(&task, ReturnCode::ExecutionException, reason), None);
+        }
+    };
+    let Some(m) = r.data.model.take() else {
+        return (r, None);
+    };
+    match hold(ctx, m) {
+        Ok(m) => (r, Some(m)),
+        Err(e) => {
+            tracing::error!(job = %ctx.job, error = %format!("{e:#}"), "cannot spool a task's result");
+            let reason = format!("{e:#}");
+            (
+                flare_protocols::TaskResult {
+                    task_id: r.task_id,
+                    round: r.round,
+                    data: Shareable::error(ReturnCode::ExecutionException, reason),
+                },
+                None,
+            )
+        }
+    }
+}
+
 /// Runs `wf` for the job in `ctx` until `stop` turns true. `start` turns the server's start
 /// (with the initial model, for a workflow that takes one) into the workflow's input.
 pub async fn run<W>(
     ctx: Arc<Context>,
     mut wf: W,
-    start: fn(Option<FLModel>) -> Input<W::Msg>,
+    start: fn(Option<ModelRef>) -> Input<W::Msg>,
     mut inbound: mpsc::Receiver<Inbound>,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -281,28 +353,14 @@ pub async fn run<W>(
                         }
                     });
                 }
-                Action::RunTask(task) => {
-                    let (learner, tx, lock) = (
-                        Arc::clone(&ctx.learner),
-                        self_tx.clone(),
-                        Arc::clone(&tasks),
-                    );
+                Action::RunTask { task, model } => {
+                    let (c, tx, lock) = (Arc::clone(&ctx), self_tx.clone(), Arc::clone(&tasks));
                     tokio::spawn(async move {
                         let _one_at_a_time = lock.lock().await;
-                        let r = tokio::task::spawn_blocking(move || match learner.lock() {
-                            Ok(mut l) => execute(l.as_mut(), task),
-                            Err(_) => flare_protocols::TaskResult {
-                                task_id: task.id,
-                                round: task.round,
-                                data: Shareable::error(
-                                    ReturnCode::ExecutionException,
-                                    "a previous task of this job panicked",
-                                ),
-                            },
-                        })
-                        .await;
-                        if let Ok(r) = r {
-                            let _ = tx.send(Input::TaskDone(r)).await;
+                        let r =
+                            tokio::task::spawn_blocking(move || run_task(&c, task, model)).await;
+                        if let Ok((r, m)) = r {
+                            let _ = tx.send(Input::TaskDone(r, m)).await;
                         }
                     });
                 }
@@ -317,17 +375,49 @@ pub async fn run<W>(
                         .job_dir
                         .join("models")
                         .join(format!("{}.safetensors", slot.file_stem()));
+                    // A large model in memory is written now, and the workflow holds the
+                    // file from then on (its queued sends included), so memory lets it go.
+                    let large = model
+                        .in_memory()
+                        .filter(|m| m.num_bytes() as u64 >= FILE_BACKED_BYTES)
+                        .cloned();
+                    let (model, early) = match large {
+                        Some(m) => {
+                            let p = path.clone();
+                            let wrote = tokio::task::spawn_blocking(move || {
+                                if let Some(d) = p.parent() {
+                                    std::fs::create_dir_all(d)?;
+                                }
+                                crate::model_io::write_stored(&p, &m, false)
+                                    .map_err(anyhow::Error::from)
+                            })
+                            .await;
+                            match wrote {
+                                Ok(Ok(s)) => {
+                                    let stored = ModelRef::Stored(Arc::new(s));
+                                    wf.replace_model(&model, &stored);
+                                    (stored, Some(Ok(Ok(()))))
+                                }
+                                other => (model, Some(other.map(|r| r.map(|_| ())))),
+                            }
+                        }
+                        None => (model, None),
+                    };
                     let (c, reports, epoch) = (Arc::clone(&ctx), report_tx.clone(), last_epoch);
                     tokio::spawn(async move {
-                        let m = Arc::clone(&model);
-                        let p = path.clone();
-                        let wrote = tokio::task::spawn_blocking(move || {
-                            if let Some(d) = p.parent() {
-                                std::fs::create_dir_all(d)?;
+                        let wrote = match early {
+                            Some(w) => w,
+                            None => {
+                                let (m, p) = (model.clone(), path.clone());
+                                tokio::task::spawn_blocking(move || {
+                                    if let Some(d) = p.parent() {
+                                        std::fs::create_dir_all(d)?;
+                                    }
+                                    crate::model_io::write_ref(&p, &m).map_err(anyhow::Error::from)
+                                })
+                                .await
                             }
-                            crate::model_io::write(&p, &m).map_err(anyhow::Error::from)
-                        })
-                        .await;
+                        };
                         let failed = match wrote {
                             Ok(Ok(())) => {
                                 tracing::info!(job = %c.job, path = %path.display(), "model saved");
@@ -379,10 +469,19 @@ pub async fn run<W>(
         tokio::select! {
             m = inbound.recv() => match m {
                 Some(Inbound::Message { from, body, model }) => match decode::<W::Msg>(&body, MAX_WORKFLOW_MSG) {
-                    Ok(msg) => wf.handle(now(), Input::Message { from, msg, model: model.map(Arc::new) }),
+                    Ok(msg) => wf.handle(now(), Input::Message { from, msg, model }),
                     Err(e) => tracing::warn!(job = %ctx.job, peer = %from, error = %e, "malformed workflow message dropped"),
                 },
-                Some(Inbound::Start(model)) => wf.handle(now(), start(model)),
+                Some(Inbound::Start(model)) => {
+                    let model = match model.map(|m| hold(&ctx, Arc::new(m))).transpose() {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::error!(job = %ctx.job, error = %format!("{e:#}"), "cannot hold the initial model; the start is ignored");
+                            continue;
+                        }
+                    };
+                    wf.handle(now(), start(model))
+                }
                 Some(Inbound::Peer { name, up }) => {
                     let was_down = down.insert(name.clone(), !up).unwrap_or(false);
                     if up && was_down {

@@ -10,13 +10,12 @@
 //! learns whether a message went direct or through the relay, nor whether the server is
 //! there: reports are buffered by the driver while it is away.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::FLModel;
 use crate::shareable::{Task, TaskResult};
+use crate::stored::ModelRef;
 use crate::time::Time;
 
 /// The round of a run and the attempt at it. Attempts grow when a round's aggregator is
@@ -54,10 +53,12 @@ pub enum Input<M> {
         /// The message.
         msg: M,
         /// The model sent beside it, if any.
-        model: Option<Arc<FLModel>>,
+        model: Option<ModelRef>,
     },
-    /// The local learner finished a task this state machine asked for.
-    TaskDone(TaskResult),
+    /// The local learner finished a task this state machine asked for, with the model it
+    /// returned (in memory, or stored by the driver when large). A model left in the
+    /// result's `data.model` is taken too ([`result_model`]).
+    TaskDone(TaskResult, Option<ModelRef>),
     /// The driver lost every connection to this peer, or a delivery to it failed for good.
     PeerDown(String),
     /// The peer is reachable again.
@@ -99,11 +100,17 @@ pub enum Action<M> {
         /// The message.
         msg: M,
         /// A model to send beside it.
-        model: Option<Arc<FLModel>>,
+        model: Option<ModelRef>,
     },
-    /// Run a task on the local learner; answer with [`Input::TaskDone`]. The driver runs one
-    /// task at a time, in the order asked.
-    RunTask(Task),
+    /// Run a task on the local learner, with `model` as its input (the driver loads a stored
+    /// one into the task's `data.model`); answer with [`Input::TaskDone`]. The driver runs
+    /// one task at a time, in the order asked.
+    RunTask {
+        /// The task; its `data.model` is empty.
+        task: Task,
+        /// The model to work on.
+        model: Option<ModelRef>,
+    },
     /// Report to the server (buffered by the driver while the server is away).
     Report(Report),
     /// Write a model into the job's workspace on this site.
@@ -111,7 +118,7 @@ pub enum Action<M> {
         /// Which model.
         slot: ModelSlot,
         /// The model.
-        model: Arc<FLModel>,
+        model: ModelRef,
     },
     /// The run is over for this client.
     Finished(Outcome),
@@ -233,6 +240,41 @@ pub trait ClientWorkflow {
     /// Whether this client has finished (it may still answer late peers until the driver
     /// drops it).
     fn is_done(&self) -> bool;
+    /// The driver has written `was` (a model this state machine handed out, in memory) to
+    /// a file and hands it back as `now`: hold `now` wherever `was` is held, queued actions
+    /// included, so that memory can let the copy go.
+    fn replace_model(&mut self, was: &ModelRef, now: &ModelRef);
+}
+
+/// The model of a finished task: the one handed beside it, else the one left in the result.
+pub fn result_model(result: &mut TaskResult, model: Option<ModelRef>) -> Option<ModelRef> {
+    model.or_else(|| result.data.model.take().map(ModelRef::Memory))
+}
+
+/// Puts `now` in place of `was` in `slot`.
+pub fn replace_in(slot: &mut Option<ModelRef>, was: &ModelRef, now: &ModelRef) {
+    if let Some(m) = slot
+        && m.same(was)
+    {
+        *m = now.clone();
+    }
+}
+
+/// Puts `now` in place of `was` in the queued actions.
+pub fn replace_in_actions<M>(actions: &mut VecDeque<Action<M>>, was: &ModelRef, now: &ModelRef) {
+    for a in actions {
+        match a {
+            Action::Send { model, .. } | Action::RunTask { model, .. } => {
+                replace_in(model, was, now)
+            }
+            Action::Persist { model, .. } => {
+                if model.same(was) {
+                    *model = now.clone();
+                }
+            }
+            Action::Report(_) | Action::Finished(_) => {}
+        }
+    }
 }
 
 /// A seeded, stable choice: the `attempt`-th pick for `round` from `n` candidates. Every

@@ -16,6 +16,10 @@
 //! - [`Action::Report`] is recorded with its delivery time; during a server-away window it is
 //!   held and delivered when the window closes (lost if its client dies first).
 //! - [`Action::Persist`] and [`Action::Finished`] are only recorded.
+//! - Models go stored as in a node with large models: every other delivered model, task
+//!   result and persisted model reaches the client as a [`ModelRef::Stored`] copy (a persisted
+//!   one through [`ClientWorkflow::replace_model`]), so the state machines are run with both
+//!   kinds under every fault.
 //!
 //! Faults: scheduled kills and restarts, and a predicate ([`SimNet::kill_when`]) evaluated on
 //! every action a client emits, which can kill the client just before the action takes effect
@@ -37,8 +41,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::ccwf::{Action, ClientWorkflow, Input, ModelSlot, Outcome, Report};
-use crate::model::FLModel;
 use crate::shareable::{Task, TaskResult};
+use crate::stored::{ModelRef, StoredModel};
 use crate::time::Time;
 
 /// What [`SimNet::kill_when`]'s predicate decides for one action.
@@ -115,12 +119,13 @@ enum Ev<M> {
         incarnation: u32,
         from: String,
         msg: M,
-        model: Option<Arc<FLModel>>,
+        model: Option<ModelRef>,
     },
     TaskDone {
         client: String,
         incarnation: u32,
         result: TaskResult,
+        model: Option<ModelRef>,
     },
     Kill(String),
     Restart(String),
@@ -172,6 +177,16 @@ pub(crate) struct SimNet<W: ClientWorkflow> {
     kills: Vec<(Time, String)>,
     restarts: Vec<(Time, String)>,
     stats: NetStats,
+    /// Counts models handed over, to turn every other one into a stored copy.
+    flips: u64,
+}
+
+/// A stored copy of `m` (one in memory), or `m` itself (already stored).
+fn stored_copy(m: &ModelRef) -> ModelRef {
+    match m {
+        ModelRef::Memory(x) => ModelRef::Stored(Arc::new(StoredModel::from_memory(x))),
+        ModelRef::Stored(_) => m.clone(),
+    }
 }
 
 impl<W: ClientWorkflow> std::fmt::Debug for SimNet<W> {
@@ -227,6 +242,7 @@ impl<W: ClientWorkflow> SimNet<W> {
             kills: Vec::new(),
             restarts: Vec::new(),
             stats: NetStats::default(),
+            flips: 0,
         };
         for name in net.names.clone() {
             let wf = (net.make)(&name);
@@ -319,7 +335,7 @@ impl<W: ClientWorkflow> SimNet<W> {
         to: &str,
         from: &str,
         msg: W::Msg,
-        model: Option<Arc<FLModel>>,
+        model: Option<ModelRef>,
     ) -> &mut Self {
         let incarnation = self.nodes.get(to).map_or(0, |n| n.incarnation);
         self.schedule(
@@ -381,7 +397,7 @@ impl<W: ClientWorkflow> SimNet<W> {
     pub(crate) fn sends_of<'a>(
         &'a self,
         name: &'a str,
-    ) -> impl Iterator<Item = (Time, &'a str, &'a W::Msg, Option<&'a Arc<FLModel>>)> + 'a {
+    ) -> impl Iterator<Item = (Time, &'a str, &'a W::Msg, Option<&'a ModelRef>)> + 'a {
         self.actions_of(name).filter_map(|r| match &r.action {
             Action::Send { to, msg, model } => Some((r.at, to.as_str(), msg, model.as_ref())),
             _ => None,
@@ -389,10 +405,10 @@ impl<W: ClientWorkflow> SimNet<W> {
     }
 
     /// The models `name` persisted, in order.
-    pub(crate) fn persisted(&self, name: &str) -> Vec<(ModelSlot, Arc<FLModel>)> {
+    pub(crate) fn persisted(&self, name: &str) -> Vec<(ModelSlot, ModelRef)> {
         self.actions_of(name)
             .filter_map(|r| match &r.action {
-                Action::Persist { slot, model } => Some((slot.clone(), Arc::clone(model))),
+                Action::Persist { slot, model } => Some((slot.clone(), model.clone())),
                 _ => None,
             })
             .collect()
@@ -505,6 +521,16 @@ impl<W: ClientWorkflow> SimNet<W> {
             .is_some_and(|n| n.alive && n.incarnation == incarnation)
     }
 
+    /// Every other model handed over becomes a stored copy.
+    fn flip(&mut self, m: ModelRef) -> ModelRef {
+        self.flips += 1;
+        if self.flips % 2 == 0 {
+            stored_copy(&m)
+        } else {
+            m
+        }
+    }
+
     fn feed(&mut self, name: &str, input: Input<W::Msg>) {
         let now = self.now;
         if let Some(n) = self.nodes.get_mut(name) {
@@ -527,15 +553,17 @@ impl<W: ClientWorkflow> SimNet<W> {
                     return;
                 }
                 self.stats.delivered += 1;
+                let model = model.map(|m| self.flip(m));
                 self.feed(&to, Input::Message { from, msg, model });
             }
             Ev::TaskDone {
                 client,
                 incarnation,
                 result,
+                model,
             } => {
                 if self.live(&client, incarnation) {
-                    self.feed(&client, Input::TaskDone(result));
+                    self.feed(&client, Input::TaskDone(result, model));
                 }
             }
             Ev::Kill(name) => self.die(&name),
@@ -708,8 +736,15 @@ impl<W: ClientWorkflow> SimNet<W> {
                     );
                 }
             }
-            Action::RunTask(task) => {
-                let result = (self.learner)(name, &task);
+            Action::RunTask { mut task, model } => {
+                // A stored model is loaded for the learner, as a node's driver does.
+                task.data.model = model.map(|m| m.load().expect("simulated models load"));
+                let mut result = (self.learner)(name, &task);
+                let model = result
+                    .data
+                    .model
+                    .take()
+                    .map(|m| self.flip(ModelRef::Memory(m)));
                 let d = random_duration(&mut self.rng, self.task_time);
                 let Some(n) = self.nodes.get_mut(name) else {
                     return;
@@ -722,6 +757,7 @@ impl<W: ClientWorkflow> SimNet<W> {
                         client: name.to_string(),
                         incarnation,
                         result,
+                        model,
                     },
                 );
             }
@@ -744,7 +780,16 @@ impl<W: ClientWorkflow> SimNet<W> {
                     self.reports.push(rec);
                 }
             }
-            Action::Persist { .. } | Action::Finished(_) => {}
+            Action::Persist { model, .. } => {
+                // A node writes a large model out and holds the file instead.
+                let stored = self.flip(model.clone());
+                if !stored.same(&model) {
+                    if let Some(n) = self.nodes.get_mut(name).filter(|n| n.alive) {
+                        n.wf.replace_model(&model, &stored);
+                    }
+                }
+            }
+            Action::Finished(_) => {}
         }
     }
 }
@@ -818,16 +863,19 @@ mod tests {
                         epoch: Epoch::default(),
                         event: ReportEvent::Alive,
                     })),
-                    Toy::Train => self.out.push_back(Action::RunTask(Task {
-                        id: TaskId(1),
-                        name: "train".into(),
-                        round: 0,
-                        data: Shareable::default(),
-                    })),
+                    Toy::Train => self.out.push_back(Action::RunTask {
+                        task: Task {
+                            id: TaskId(1),
+                            name: "train".into(),
+                            round: 0,
+                            data: Shareable::default(),
+                        },
+                        model: None,
+                    }),
                     Toy::Timer(ms) => self.timer = Some(now + Duration::from_millis(ms)),
                     Toy::Spin => self.spin = true,
                 },
-                Input::TaskDone(r) => {
+                Input::TaskDone(r, _) => {
                     self.log.push(format!("done {}", r.task_id));
                     self.done = true;
                     self.out.push_back(Action::Finished(Outcome::Completed {
@@ -858,6 +906,7 @@ mod tests {
         fn is_done(&self) -> bool {
             self.done
         }
+        fn replace_model(&mut self, _: &ModelRef, _: &ModelRef) {}
     }
 
     fn net(seed: u64) -> SimNet<ToyWf> {

@@ -26,14 +26,16 @@
 //!   has said `Done` or gone down: until then it keeps serving its models.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::ccwf::{Action, ClientWorkflow, Epoch, Input, Outcome, Report, ReportEvent};
-use crate::model::FLModel;
+use super::ccwf::{
+    Action, ClientWorkflow, Epoch, Input, Outcome, Report, ReportEvent, replace_in,
+    replace_in_actions, result_model,
+};
 use crate::shareable::{ReturnCode, Shareable, Task, TaskId, task_names};
+use crate::stored::ModelRef;
 use crate::time::Time;
 
 /// The name under which the global model is evaluated.
@@ -209,8 +211,8 @@ pub struct CseClient {
     evaluators: Vec<String>,
     clients: Vec<String>,
     global_holder: Option<String>,
-    local: Option<Arc<FLModel>>,
-    global: Option<Arc<FLModel>>,
+    local: Option<ModelRef>,
+    global: Option<ModelRef>,
     eval_timeout: Duration,
     submit_timeout: Duration,
     /// The models this client still has to evaluate, in order: (name, holder).
@@ -237,8 +239,8 @@ impl CseClient {
     pub fn new(
         cfg: CseConfig,
         me: &str,
-        local: Option<Arc<FLModel>>,
-        global: Option<Arc<FLModel>>,
+        local: Option<ModelRef>,
+        global: Option<ModelRef>,
     ) -> Result<Self, CseConfigError> {
         if cfg.clients.is_empty() {
             return Err(CseConfigError::NoClients);
@@ -322,7 +324,7 @@ impl CseClient {
         }));
     }
 
-    fn send(&mut self, to: &str, msg: CseMsg, model: Option<Arc<FLModel>>) {
+    fn send(&mut self, to: &str, msg: CseMsg, model: Option<ModelRef>) {
         self.out.push_back(Action::Send {
             to: to.to_string(),
             msg,
@@ -335,7 +337,7 @@ impl CseClient {
     }
 
     /// The model `name` if this client holds it.
-    fn own_model(&self, name: &str) -> Result<Arc<FLModel>, String> {
+    fn own_model(&self, name: &str) -> Result<ModelRef, String> {
         let held = if name == GLOBAL_MODEL {
             self.global
                 .clone()
@@ -379,15 +381,18 @@ impl CseClient {
         }
     }
 
-    fn validate(&mut self, now: Time, target: (String, String), model: Arc<FLModel>) {
+    fn validate(&mut self, now: Time, target: (String, String), model: ModelRef) {
         let task = TaskId(self.next_task);
         self.next_task += 1;
-        self.out.push_back(Action::RunTask(Task {
-            id: task,
-            name: task_names::VALIDATE.to_string(),
-            round: 0,
-            data: Shareable::with_model(model),
-        }));
+        self.out.push_back(Action::RunTask {
+            task: Task {
+                id: task,
+                name: task_names::VALIDATE.to_string(),
+                round: 0,
+                data: Shareable::default(),
+            },
+            model: Some(model),
+        });
         let give_up = now + self.eval_timeout;
         self.current = Some((target, Step::Validating { task, give_up }));
     }
@@ -437,7 +442,7 @@ impl CseClient {
         self.out.push_back(Action::Finished(outcome));
     }
 
-    fn on_message(&mut self, now: Time, from: String, msg: CseMsg, model: Option<Arc<FLModel>>) {
+    fn on_message(&mut self, now: Time, from: String, msg: CseMsg, model: Option<ModelRef>) {
         // Only the run's clients talk to each other (a stranger is never sent a model); only
         // the driver's start comes from elsewhere.
         if !matches!(msg, CseMsg::Start) && !self.clients.contains(&from) {
@@ -503,7 +508,7 @@ impl ClientWorkflow for CseClient {
     fn handle(&mut self, now: Time, input: Input<CseMsg>) {
         match input {
             Input::Message { from, msg, model } => self.on_message(now, from, msg, model),
-            Input::TaskDone(r) => {
+            Input::TaskDone(mut r, model) => {
                 let ours = matches!(
                     &self.current,
                     Some((_, Step::Validating { task, .. })) if *task == r.task_id
@@ -514,12 +519,12 @@ impl ClientWorkflow for CseClient {
                 let Some(((name, _), _)) = self.current.take() else {
                     return;
                 };
-                match (r.data.return_code, r.data.model.clone()) {
+                match (r.data.return_code, result_model(&mut r, model)) {
                     (ReturnCode::Ok, Some(m)) => {
                         self.results.insert(name.clone(), true);
                         self.report(ReportEvent::Evaluated {
                             model: name,
-                            metrics: m.metrics.clone(),
+                            metrics: m.metrics().clone(),
                         });
                     }
                     (ReturnCode::Ok, None) => {
@@ -599,5 +604,11 @@ impl ClientWorkflow for CseClient {
 
     fn is_done(&self) -> bool {
         self.finished && self.announce.is_empty()
+    }
+
+    fn replace_model(&mut self, was: &ModelRef, now: &ModelRef) {
+        replace_in(&mut self.local, was, now);
+        replace_in(&mut self.global, was, now);
+        replace_in_actions(&mut self.out, was, now);
     }
 }

@@ -9,13 +9,13 @@
 //! client finished.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use super::ccwf::{Action, Outcome, ReportEvent};
 use super::ccwf_sim::{KillPoint, RunEnd, SimNet};
 use super::cse::{CseClient, CseConfig, CseMsg, GLOBAL_MODEL};
 use crate::model::{FLModel, Tensor};
 use crate::shareable::{Shareable, Task, TaskResult};
+use crate::stored::ModelRef;
 
 fn weight_of(name: &str) -> f32 {
     if name == GLOBAL_MODEL {
@@ -25,8 +25,8 @@ fn weight_of(name: &str) -> f32 {
     }
 }
 
-fn model(name: &str) -> Arc<FLModel> {
-    Arc::new(FLModel::from_params(BTreeMap::from([(
+fn model(name: &str) -> ModelRef {
+    ModelRef::from(FLModel::from_params(BTreeMap::from([(
         "w".to_string(),
         Tensor::from_f32(vec![1], &[weight_of(name)]).unwrap(),
     )])))
@@ -241,7 +241,7 @@ fn a_dead_evaluator_does_not_stall_the_others() {
     // b dies as it starts validating its second model; d dies as it serves its model.
     let mut validations = 0;
     let mut net = sim(7, &c).with_kill_when(move |who, a| match a {
-        Action::RunTask(_) if who == "b" => {
+        Action::RunTask { .. } if who == "b" => {
             validations += 1;
             if validations == 2 {
                 KillPoint::After
@@ -349,11 +349,11 @@ mod hostile {
             steps in prop::collection::vec((any::<u8>(), 0usize..6, any::<bool>(), 0usize..5), 1..40)
         ) {
             let mut x = CseClient::new(cfg(&["a", "b", "c"], Some("b")), "b", Some(model("b")), Some(model(GLOBAL_MODEL))).unwrap();
-            let odd = Arc::new(FLModel::from_params(BTreeMap::from([(
+            let odd = ModelRef::from(FLModel::from_params(BTreeMap::from([(
                 "v".to_string(),
                 Tensor::from_f32(vec![2], &[1.0, f32::NAN]).unwrap(),
             )])));
-            let planted = Arc::new(FLModel::from_params(BTreeMap::from([(
+            let planted = ModelRef::from(FLModel::from_params(BTreeMap::from([(
                 "stranger".to_string(),
                 Tensor::from_f32(vec![1], &[1.0]).unwrap(),
             )])));
@@ -362,8 +362,8 @@ mod hostile {
                 let name = ["a", "b", "c", GLOBAL_MODEL, "stranger", ""][name];
                 let model = match (with_model, sender) {
                     (false, _) => None,
-                    (true, "stranger") => Some(Arc::clone(&planted)),
-                    (true, _) => Some(Arc::clone(&odd)),
+                    (true, "stranger") => Some(planted.clone()),
+                    (true, _) => Some(odd.clone()),
                 };
                 let now = Time::from_millis(i as u64 * 700);
                 x.handle(now, Input::Message { from: sender.to_string(), msg: msg(kind, name), model });
@@ -371,8 +371,8 @@ mod hostile {
                 while let Some(a) = x.poll_action() {
                     match &a {
                         Action::Send { to, .. } => prop_assert!(to != "stranger", "{a:?}"),
-                        Action::RunTask(t) => prop_assert!(
-                            !t.data.model.as_ref().is_some_and(|m| m.params.contains_key("stranger")),
+                        Action::RunTask { model, .. } => prop_assert!(
+                            !model.as_ref().is_some_and(|m| m.tensors().iter().any(|t| t.name == "stranger")),
                             "a stranger's model was evaluated: {a:?}"
                         ),
                         _ => {}

@@ -58,14 +58,17 @@
 //! the progress timeout.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::ccwf::{Action, ClientWorkflow, Epoch, Input, ModelSlot, Outcome, Report, ReportEvent};
-use crate::model::{FLModel, ParamsType};
+use super::ccwf::{
+    Action, ClientWorkflow, Epoch, Input, ModelSlot, Outcome, Report, ReportEvent, replace_in,
+    replace_in_actions, result_model,
+};
+use crate::model::ParamsType;
 use crate::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult, task_names};
+use crate::stored::ModelRef;
 use crate::time::Time;
 
 /// How many times the end of the run is sent to a client before it is given up.
@@ -297,7 +300,7 @@ struct Holding {
     /// The client that still answers for the model (and the hop it sent it as), until this
     /// client passes the model to another client.
     pred: Option<(String, u32)>,
-    model: Arc<FLModel>,
+    model: ModelRef,
 }
 
 /// A model this client sent and still answers for.
@@ -305,7 +308,7 @@ struct Holding {
 struct Pending {
     hop: u32,
     to: String,
-    model: Arc<FLModel>,
+    model: ModelRef,
     acked: bool,
     /// The next resend (unacknowledged) or the time to give the receiver up.
     deadline: Time,
@@ -319,7 +322,7 @@ struct Pending {
 #[derive(Debug)]
 struct Closing {
     hop: u32,
-    model: Arc<FLModel>,
+    model: ModelRef,
     /// The predecessor still answering for the model this client trained last.
     pred: Option<(String, u32)>,
     /// Clients not yet acknowledging, with the tries so far.
@@ -342,7 +345,7 @@ pub struct CyclicClient {
     learn_timeout: Duration,
     progress_timeout: Duration,
     status_interval: Duration,
-    initial: Option<Arc<FLModel>>,
+    initial: Option<ModelRef>,
     started: bool,
     down: BTreeSet<String>,
     /// The latest hop accepted, and from whom.
@@ -358,7 +361,7 @@ pub struct CyclicClient {
     /// The latest hop any client was heard to accept.
     progress: u32,
     /// The final model, once known.
-    final_model: Option<Arc<FLModel>>,
+    final_model: Option<ModelRef>,
     /// The run was announced over (without the final model) after this hop.
     ended: Option<u32>,
     last_hop: u32,
@@ -372,7 +375,7 @@ impl CyclicClient {
     pub fn new(
         cfg: CyclicConfig,
         me: &str,
-        initial: Option<Arc<FLModel>>,
+        initial: Option<ModelRef>,
     ) -> Result<Self, CyclicConfigError> {
         if cfg.num_rounds == 0 {
             return Err(CyclicConfigError::NoRounds);
@@ -502,7 +505,7 @@ impl CyclicClient {
         self.out.push_back(Action::Report(Report { epoch, event }));
     }
 
-    fn send(&mut self, to: &str, msg: CyclicMsg, model: Option<Arc<FLModel>>) {
+    fn send(&mut self, to: &str, msg: CyclicMsg, model: Option<ModelRef>) {
         self.out.push_back(Action::Send {
             to: to.to_string(),
             msg,
@@ -525,7 +528,7 @@ impl CyclicClient {
         hop: u32,
         from: Option<String>,
         pred: Option<(String, u32)>,
-        model: Arc<FLModel>,
+        model: ModelRef,
     ) {
         // A newer hop supersedes whatever this client still held or answered for.
         self.drop_pending();
@@ -555,14 +558,17 @@ impl CyclicClient {
         }
         self.report(ReportEvent::Training);
         let (round, _) = self.hop_owner(hop);
-        self.out.push_back(Action::RunTask(Task {
-            id: TaskId(u64::from(hop)),
-            name: task_names::TRAIN.to_string(),
-            round,
-            data: Shareable::with_model(Arc::clone(&model)).with_total_rounds(
-                self.start_round + self.total / (self.clients.len().max(1) as u32),
-            ),
-        }));
+        self.out.push_back(Action::RunTask {
+            task: Task {
+                id: TaskId(u64::from(hop)),
+                name: task_names::TRAIN.to_string(),
+                round,
+                data: Shareable::default().with_total_rounds(
+                    self.start_round + self.total / (self.clients.len().max(1) as u32),
+                ),
+            },
+            model: Some(model.clone()),
+        });
         self.holding = Some(Holding { hop, pred, model });
         self.progress_deadline = Some(now + self.progress_timeout);
     }
@@ -575,26 +581,25 @@ impl CyclicClient {
         }
     }
 
-    fn on_task_done(&mut self, now: Time, r: TaskResult) {
+    fn on_task_done(&mut self, now: Time, mut r: TaskResult, model: Option<ModelRef>) {
         let Some(h) = self
             .holding
             .take_if(|h| TaskId(u64::from(h.hop)) == r.task_id)
         else {
             return;
         };
-        let (accepted, pruned, metrics, model) = match (r.data.return_code, r.data.model) {
+        let model = result_model(&mut r, model);
+        let (accepted, pruned, metrics, model) = match (r.data.return_code, model) {
             (ReturnCode::Ok, Some(m)) => {
-                let metrics = m.metrics.clone();
-                let mut m = Arc::unwrap_or_clone(m);
+                let metrics = m.metrics().clone();
                 let (round, _) = self.hop_owner(h.hop);
-                m.current_round = Some(round);
-                m.total_rounds = Some(self.start_round + self.total / self.clients.len() as u32);
-                let m = Arc::new(m);
-                if m.params_type == ParamsType::Full {
+                let total = self.start_round + self.total / self.clients.len() as u32;
+                let m = m.with_rounds(Some(round), Some(total));
+                if m.params_type() == ParamsType::Full {
                     // This site's own model, kept for a cross-site evaluation after the run.
                     self.out.push_back(Action::Persist {
                         slot: ModelSlot::Local,
-                        model: Arc::clone(&m),
+                        model: m.clone(),
                     });
                 }
                 (vec![self.me.clone()], vec![], metrics, m)
@@ -612,13 +617,13 @@ impl CyclicClient {
     }
 
     /// Sends `model`, trained at hop `after`, to the next live hop, or ends the run.
-    fn forward(&mut self, now: Time, after: u32, model: Arc<FLModel>, pred: Option<(String, u32)>) {
+    fn forward(&mut self, now: Time, after: u32, model: ModelRef, pred: Option<(String, u32)>) {
         match self.next_live_hop(after) {
             // The next hop is this client's own: it keeps the model, and its predecessor keeps
             // answering for it until the model leaves this client.
             Some((hop, to)) if to == self.me => self.accept(now, hop, None, pred, model),
             Some((hop, to)) => {
-                self.send(&to, CyclicMsg::Model { hop }, Some(Arc::clone(&model)));
+                self.send(&to, CyclicMsg::Model { hop }, Some(model.clone()));
                 self.pending = Some(Pending {
                     hop,
                     to,
@@ -647,7 +652,7 @@ impl CyclicClient {
         self.forward(now, p.hop, p.model, p.pred);
     }
 
-    fn close(&mut self, now: Time, hop: u32, model: Arc<FLModel>, pred: Option<(String, u32)>) {
+    fn close(&mut self, now: Time, hop: u32, model: ModelRef, pred: Option<(String, u32)>) {
         // The predecessor keeps its model until it hears the end (or `Passed` after every
         // client acknowledged it): should this client die now, it ends the run instead.
         self.last_hop = hop;
@@ -656,7 +661,7 @@ impl CyclicClient {
             if c == self.me || self.down.contains(&c) {
                 continue;
             }
-            let m = self.result_clients.contains(&c).then(|| Arc::clone(&model));
+            let m = self.result_clients.contains(&c).then(|| model.clone());
             self.send(&c, CyclicMsg::Done { hop }, m);
             waiting.insert(c, 1);
         }
@@ -680,7 +685,7 @@ impl CyclicClient {
         self.finish_completed(c.hop, Some(c.model));
     }
 
-    fn finish_completed(&mut self, hop: u32, model: Option<Arc<FLModel>>) {
+    fn finish_completed(&mut self, hop: u32, model: Option<ModelRef>) {
         if self.finished {
             return;
         }
@@ -717,7 +722,7 @@ impl CyclicClient {
         self.out.push_back(Action::Finished(outcome));
     }
 
-    fn on_message(&mut self, now: Time, from: String, msg: CyclicMsg, model: Option<Arc<FLModel>>) {
+    fn on_message(&mut self, now: Time, from: String, msg: CyclicMsg, model: Option<ModelRef>) {
         match msg {
             CyclicMsg::Start => {
                 if self.started || self.finished || self.me != self.starting {
@@ -877,7 +882,7 @@ impl ClientWorkflow for CyclicClient {
                 }
                 self.on_message(now, from, msg, model);
             }
-            Input::TaskDone(r) => self.on_task_done(now, r),
+            Input::TaskDone(r, m) => self.on_task_done(now, r, m),
             Input::PeerDown(p) => self.on_down(now, p),
             Input::PeerUp(p) => {
                 self.down.remove(&p);
@@ -887,7 +892,7 @@ impl ClientWorkflow for CyclicClient {
                     pd.acked = false;
                     pd.deadline = now + self.ack_timeout.min(self.learn_timeout);
                     pd.give_up = now + self.learn_timeout;
-                    let (hop, model) = (pd.hop, Arc::clone(&pd.model));
+                    let (hop, model) = (pd.hop, pd.model.clone());
                     self.send(&p, CyclicMsg::Model { hop }, Some(model));
                 }
             }
@@ -915,7 +920,7 @@ impl ClientWorkflow for CyclicClient {
         if let Some(p) = self.pending.as_mut().filter(|p| p.deadline <= now) {
             if !p.acked && now < p.give_up {
                 p.deadline = (now + self.ack_timeout).min(p.give_up);
-                let (to, hop, model) = (p.to.clone(), p.hop, Arc::clone(&p.model));
+                let (to, hop, model) = (p.to.clone(), p.hop, p.model.clone());
                 self.send(&to, CyclicMsg::Model { hop }, Some(model));
             } else {
                 self.skip_pending(now);
@@ -929,12 +934,9 @@ impl ClientWorkflow for CyclicClient {
                 *tries += 1;
                 resend.push(to.clone());
             }
-            let (hop, model) = (c.hop, Arc::clone(&c.model));
+            let (hop, model) = (c.hop, c.model.clone());
             for to in resend {
-                let m = self
-                    .result_clients
-                    .contains(&to)
-                    .then(|| Arc::clone(&model));
+                let m = self.result_clients.contains(&to).then(|| model.clone());
                 self.send(&to, CyclicMsg::Done { hop }, m);
             }
             self.maybe_complete();
@@ -991,5 +993,25 @@ impl ClientWorkflow for CyclicClient {
 
     fn is_done(&self) -> bool {
         self.finished && self.closing.is_none()
+    }
+
+    fn replace_model(&mut self, was: &ModelRef, now: &ModelRef) {
+        let swap = |m: &mut ModelRef| {
+            if m.same(was) {
+                *m = now.clone();
+            }
+        };
+        replace_in(&mut self.initial, was, now);
+        replace_in(&mut self.final_model, was, now);
+        if let Some(h) = &mut self.holding {
+            swap(&mut h.model);
+        }
+        if let Some(p) = &mut self.pending {
+            swap(&mut p.model);
+        }
+        if let Some(c) = &mut self.closing {
+            swap(&mut c.model);
+        }
+        replace_in_actions(&mut self.out, was, now);
     }
 }

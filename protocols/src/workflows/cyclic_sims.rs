@@ -18,16 +18,17 @@ use super::ccwf_sim::{KillPoint, RunEnd, SimNet};
 use super::cyclic::{CyclicClient, CyclicConfig, CyclicMsg, CyclicOrder};
 use crate::model::{FLModel, MetaValue, Tensor};
 use crate::shareable::{ReturnCode, Shareable, Task, TaskResult};
+use crate::stored::ModelRef;
 
-fn path_of(m: &FLModel) -> String {
-    match m.meta.get("path") {
+fn path_of(m: &ModelRef) -> String {
+    match m.meta().get("path") {
         Some(MetaValue::Text(s)) => s.clone(),
         _ => String::new(),
     }
 }
 
 /// The final models `name` persisted, in order.
-fn finals_of(net: &SimNet<CyclicClient>, name: &str) -> Vec<(ModelSlot, Arc<FLModel>)> {
+fn finals_of(net: &SimNet<CyclicClient>, name: &str) -> Vec<(ModelSlot, ModelRef)> {
     net.persisted(name)
         .into_iter()
         .filter(|(s, _)| *s == ModelSlot::Final)
@@ -44,8 +45,8 @@ fn entries(path: &str) -> Vec<(u32, String)> {
         .collect()
 }
 
-fn initial() -> Arc<FLModel> {
-    Arc::new(FLModel::from_params(BTreeMap::from([(
+fn initial() -> ModelRef {
+    ModelRef::from(FLModel::from_params(BTreeMap::from([(
         "w".to_string(),
         Tensor::from_f32(vec![1], &[0.0]).unwrap(),
     )])))
@@ -55,7 +56,7 @@ fn initial() -> Arc<FLModel> {
 /// of the lineage it received.
 fn learner(me: &str, task: &Task) -> TaskResult {
     let got = task.data.model.as_ref().unwrap();
-    let path = path_of(got);
+    let path = path_of(&ModelRef::Memory(Arc::clone(got)));
     let mut m = (**got).clone();
     let w = m.params["w"].to_f32_vec()[0];
     m.params
@@ -122,7 +123,7 @@ fn check(net: &SimNet<CyclicClient>, cfg: &CyclicConfig) -> Vec<(u32, String)> {
     let mut claims: BTreeMap<u32, String> = BTreeMap::new();
     for r in net.actions() {
         let claimed = match &r.action {
-            Action::RunTask(t) => {
+            Action::RunTask { task: t, model } => {
                 let hop = t.id.0 as u32;
                 assert_eq!(
                     probe.hop_owner(hop).1,
@@ -135,7 +136,7 @@ fn check(net: &SimNet<CyclicClient>, cfg: &CyclicConfig) -> Vec<(u32, String)> {
                     r.client,
                     r.incarnation
                 );
-                let input = path_of(t.data.model.as_ref().unwrap());
+                let input = path_of(model.as_ref().unwrap());
                 trained.entry(hop).or_default().insert(input);
                 None
             }
@@ -281,7 +282,7 @@ fn healthy_fixed_ring_trains_every_hop_in_order() {
         .filter(|r| matches!(r.report.event, ReportEvent::Aggregated { .. }))
         .count();
     assert_eq!(aggregated, 9);
-    let w = finals_of(&net, "b")[0].1.params["w"].to_f32_vec();
+    let w = finals_of(&net, "b")[0].1.load().unwrap().params["w"].to_f32_vec();
     assert_eq!(w, [9.0]);
 }
 
@@ -385,7 +386,8 @@ fn a_holder_dying_after_sending_loses_nothing() {
 #[test]
 fn a_holder_dying_while_training_is_skipped() {
     let c = cfg(&["a", "b", "c"], 3, CyclicOrder::Fixed);
-    let training = |a: &Action<CyclicMsg>| matches!(a, Action::RunTask(t) if t.id.0 == 4);
+    let training =
+        |a: &Action<CyclicMsg>| matches!(a, Action::RunTask { task, .. } if task.id.0 == 4);
     let mut net = sim(6, &c).with_kill_when(kill_at("b", KillPoint::After, training));
     run(&mut net);
     let chain = check(&net, &c);
@@ -414,7 +416,8 @@ fn a_receiver_dying_before_its_ack_is_retried_then_skipped() {
 #[test]
 fn a_restarted_client_rejoins_later_rounds() {
     let c = cfg(&["a", "b", "c"], 5, CyclicOrder::Fixed);
-    let training = |a: &Action<CyclicMsg>| matches!(a, Action::RunTask(t) if t.id.0 == 4);
+    let training =
+        |a: &Action<CyclicMsg>| matches!(a, Action::RunTask { task, .. } if task.id.0 == 4);
     let mut net = sim(8, &c).with_kill_when(kill_at("b", KillPoint::After, training));
     net.restart("b", 8_000);
     run(&mut net);
@@ -587,11 +590,11 @@ mod hostile {
         ) {
             let c = cfg(&["a", "b", "c"], 2, CyclicOrder::Fixed);
             let mut x = CyclicClient::new(c, "b", None).unwrap();
-            let odd = Arc::new(FLModel::from_params(BTreeMap::from([(
+            let odd = ModelRef::from(FLModel::from_params(BTreeMap::from([(
                 "v".to_string(),
                 Tensor::from_f32(vec![2], &[1.0, f32::NAN]).unwrap(),
             )])));
-            let planted = Arc::new(FLModel::from_params(BTreeMap::from([(
+            let planted = ModelRef::from(FLModel::from_params(BTreeMap::from([(
                 "stranger".to_string(),
                 Tensor::from_f32(vec![1], &[1.0]).unwrap(),
             )])));
@@ -600,21 +603,21 @@ mod hostile {
                 let sender = ["a", "c", "stranger", "", "b"][from];
                 let model = match (with_model, sender) {
                     (false, _) => None,
-                    (true, "stranger") => Some(Arc::clone(&planted)),
-                    (true, _) => Some(Arc::clone(&odd)),
+                    (true, "stranger") => Some(planted.clone()),
+                    (true, _) => Some(odd.clone()),
                 };
                 let now = Time::from_millis(i as u64 * 700);
                 x.handle(now, Input::Message { from: sender.to_string(), msg: msg(kind, hop(h)), model });
                 x.handle_timeout(now);
                 while let Some(a) = x.poll_action() {
                     let carried = match &a {
-                        Action::RunTask(t) => t.data.model.clone(),
-                        Action::Persist { model, .. } => Some(Arc::clone(model)),
+                        Action::RunTask { model, .. } => model.clone(),
+                        Action::Persist { model, .. } => Some(model.clone()),
                         Action::Send { model, .. } => model.clone(),
                         _ => None,
                     };
                     prop_assert!(
-                        !carried.is_some_and(|m| m.params.contains_key("stranger")),
+                        !carried.is_some_and(|m| m.tensors().iter().any(|t| t.name == "stranger")),
                         "a stranger's model got through: {a:?}"
                     );
                 }

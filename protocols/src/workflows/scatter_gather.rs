@@ -25,8 +25,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::aggregate::FedAvg;
-use crate::model::{FLModel, META_NUM_SAMPLES, META_NUM_STEPS, ModelError};
+use crate::aggregate::{FedAvg, weight_of_ref};
+use crate::model::{FLModel, ModelError};
 use crate::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult, task_names};
 use crate::stored::ModelRef;
 use crate::time::Time;
@@ -321,7 +321,7 @@ impl ScatterGather {
         let old = std::mem::replace(&mut self.global, model);
         for out in &mut self.out {
             if let Output::Send { model: m, .. } = out
-                && same_model(m, &old)
+                && m.same(&old)
             {
                 *m = self.global.clone();
             }
@@ -573,23 +573,5 @@ impl ScatterGather {
         self.emit(Event::Finished {
             model: self.global.clone(),
         });
-    }
-}
-
-/// The aggregation weight of a result: its sample count, else its step count, else 1 (as
-/// [`crate::aggregate::weight_of`]).
-fn weight_of_ref(model: &ModelRef) -> f64 {
-    model
-        .meta_int(META_NUM_SAMPLES)
-        .or_else(|| model.meta_int(META_NUM_STEPS))
-        .map_or(1.0, |n| n as f64)
-}
-
-/// Whether `a` and `b` are the same shared model (not merely equal ones).
-fn same_model(a: &ModelRef, b: &ModelRef) -> bool {
-    match (a, b) {
-        (ModelRef::Memory(x), ModelRef::Memory(y)) => Arc::ptr_eq(x, y),
-        (ModelRef::Stored(x), ModelRef::Stored(y)) => Arc::ptr_eq(x, y),
-        _ => false,
     }
 }

@@ -51,17 +51,18 @@
 //!   driver.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::ccwf::{
     Action, Best, ClientWorkflow, Epoch, Input, ModelSlot, Outcome, Report, ReportEvent, pick,
+    replace_in, replace_in_actions, result_model,
 };
-use crate::aggregate::{FedAvg, weight_of};
-use crate::model::{FLModel, ParamsType};
+use crate::aggregate::{FedAvg, weight_of_ref};
+use crate::model::ParamsType;
 use crate::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult, task_names};
+use crate::stored::ModelRef;
 use crate::time::Time;
 
 /// Settings of a swarm run as the clients see them (FLARE's names).
@@ -395,6 +396,7 @@ struct Cached {
     round: u32,
     validate_only: bool,
     data: Shareable,
+    model: Option<ModelRef>,
 }
 
 /// The aggregator's state for one epoch.
@@ -422,10 +424,10 @@ pub struct SwarmClient {
     joining: bool,
     epoch: Epoch,
     validate_only: bool,
-    global: Option<Arc<FLModel>>,
+    global: Option<ModelRef>,
     members: Vec<String>,
     best: Option<Best>,
-    best_model: Option<Arc<FLModel>>,
+    best_model: Option<ModelRef>,
     running: Option<(TaskId, u32, bool)>,
     next_task: u64,
     cached: Option<Cached>,
@@ -438,8 +440,8 @@ pub struct SwarmClient {
     last_report: Option<Time>,
     sync_at: Option<Time>,
     done: Option<Outcome>,
-    final_model: Option<Arc<FLModel>>,
-    inbox: VecDeque<(String, SwarmMsg, Option<Arc<FLModel>>)>,
+    final_model: Option<ModelRef>,
+    inbox: VecDeque<(String, SwarmMsg, Option<ModelRef>)>,
     actions: VecDeque<Action<SwarmMsg>>,
     /// `Ready` messages for a later epoch than this client's, by sender (one each): a
     /// trainer that validates quickly can reach the next round's aggregator before the
@@ -508,7 +510,7 @@ impl SwarmClient {
     }
 
     /// The current global model.
-    pub fn global(&self) -> Option<&Arc<FLModel>> {
+    pub fn global(&self) -> Option<&ModelRef> {
         self.global.as_ref()
     }
 
@@ -533,7 +535,7 @@ impl SwarmClient {
         }));
     }
 
-    fn send(&mut self, to: &str, msg: SwarmMsg, model: Option<Arc<FLModel>>) {
+    fn send(&mut self, to: &str, msg: SwarmMsg, model: Option<ModelRef>) {
         if to == self.me {
             self.inbox.push_back((to.to_string(), msg, model));
         } else {
@@ -579,7 +581,7 @@ impl SwarmClient {
     }
 
     /// Opens `epoch` with `global` for everyone (self included).
-    fn open(&mut self, epoch: Epoch, global: Arc<FLModel>, validate_only: bool) {
+    fn open(&mut self, epoch: Epoch, global: ModelRef, validate_only: bool) {
         let msg = SwarmMsg::Learn {
             epoch,
             members: self.members.clone(),
@@ -587,7 +589,7 @@ impl SwarmClient {
             validate_only,
         };
         for c in self.cfg.clients.clone() {
-            self.send(&c, msg.clone(), Some(Arc::clone(&global)));
+            self.send(&c, msg.clone(), Some(global.clone()));
         }
     }
 
@@ -604,7 +606,7 @@ impl SwarmClient {
         }
     }
 
-    fn on_message(&mut self, now: Time, from: &str, msg: SwarmMsg, model: Option<Arc<FLModel>>) {
+    fn on_message(&mut self, now: Time, from: &str, msg: SwarmMsg, model: Option<ModelRef>) {
         // Only the run's clients talk to each other; only the driver's start comes from
         // elsewhere.
         if !matches!(msg, SwarmMsg::Start) && !self.cfg.clients.iter().any(|c| c == from) {
@@ -692,7 +694,7 @@ impl SwarmClient {
                         return_code: c.data.return_code,
                         reason,
                     },
-                    c.data.model.clone(),
+                    c.model.clone(),
                 );
             }
             SwarmMsg::Submit {
@@ -718,7 +720,7 @@ impl SwarmClient {
             SwarmMsg::Done { epoch, best } => {
                 self.epoch = self.epoch.max(epoch);
                 if let Some(m) = model {
-                    self.final_model = Some(Arc::clone(&m));
+                    self.final_model = Some(m.clone());
                     if self.is_result_client(&self.me) {
                         self.persist(now, ModelSlot::Final, m);
                     }
@@ -730,10 +732,10 @@ impl SwarmClient {
                 {
                     for rc in self.cfg.result_clients.clone() {
                         if rc == self.me {
-                            self.persist(now, ModelSlot::Best, Arc::clone(&m));
+                            self.persist(now, ModelSlot::Best, m.clone());
                         } else {
                             let msg = SwarmMsg::BestModel { best: b.clone() };
-                            self.send(&rc, msg, Some(Arc::clone(&m)));
+                            self.send(&rc, msg, Some(m.clone()));
                         }
                     }
                 }
@@ -750,7 +752,7 @@ impl SwarmClient {
         }
     }
 
-    fn on_best_model(&mut self, now: Time, best: Best, model: Option<Arc<FLModel>>) {
+    fn on_best_model(&mut self, now: Time, best: Best, model: Option<ModelRef>) {
         if self.is_result_client(&self.me)
             && let Some(m) = model
         {
@@ -759,7 +761,7 @@ impl SwarmClient {
         }
     }
 
-    fn persist(&mut self, now: Time, slot: ModelSlot, model: Arc<FLModel>) {
+    fn persist(&mut self, now: Time, slot: ModelSlot, model: ModelRef) {
         self.actions.push_back(Action::Persist {
             slot: slot.clone(),
             model,
@@ -814,7 +816,7 @@ impl SwarmClient {
         &mut self,
         now: Time,
         epoch: Epoch,
-        global: Arc<FLModel>,
+        global: ModelRef,
         members: Vec<String>,
         best: Option<Best>,
         validate_only: bool,
@@ -863,7 +865,7 @@ impl SwarmClient {
                     let msg = self.learn_msg();
                     for c in self.cfg.clients.clone() {
                         if c != self.me {
-                            self.send(&c, msg.clone(), Some(Arc::clone(&g)));
+                            self.send(&c, msg.clone(), Some(g.clone()));
                         }
                     }
                 }
@@ -914,12 +916,15 @@ impl SwarmClient {
         } else {
             task_names::TRAIN
         };
-        self.actions.push_back(Action::RunTask(Task {
-            id,
-            name: name.into(),
-            round,
-            data: Shareable::with_model(global).with_total_rounds(self.cfg.end_round()),
-        }));
+        self.actions.push_back(Action::RunTask {
+            task: Task {
+                id,
+                name: name.into(),
+                round,
+                data: Shareable::default().with_total_rounds(self.cfg.end_round()),
+            },
+            model: Some(global),
+        });
     }
 
     fn ready(&mut self, now: Time) {
@@ -934,7 +939,7 @@ impl SwarmClient {
         }
     }
 
-    fn on_task_done(&mut self, now: Time, result: TaskResult) {
+    fn on_task_done(&mut self, now: Time, mut result: TaskResult, model: Option<ModelRef>) {
         let Some((id, round, validate_only)) = self.running else {
             return;
         };
@@ -942,18 +947,18 @@ impl SwarmClient {
             return;
         }
         self.running = None;
-        if let (false, ReturnCode::Ok, Some(m)) =
-            (validate_only, result.data.return_code, &result.data.model)
-        {
+        let model = result_model(&mut result, model);
+        if let (false, ReturnCode::Ok, Some(m)) = (validate_only, result.data.return_code, &model) {
             // This site's own model, kept for a cross-site evaluation after the run.
-            if m.params_type == ParamsType::Full {
-                self.persist(now, ModelSlot::Local, Arc::clone(m));
+            if m.params_type() == ParamsType::Full {
+                self.persist(now, ModelSlot::Local, m.clone());
             }
         }
         self.cached = Some(Cached {
             round,
             validate_only,
             data: result.data,
+            model,
         });
         if self.done.is_some() {
             return;
@@ -974,7 +979,7 @@ impl SwarmClient {
         from: &str,
         code: ReturnCode,
         reason: Option<String>,
-        model: Option<Arc<FLModel>>,
+        model: Option<ModelRef>,
     ) {
         let Some(global) = self.global.clone() else {
             return;
@@ -992,8 +997,8 @@ impl SwarmClient {
         g.granted.remove(from);
         let outcome = match (code, model) {
             (ReturnCode::Ok, Some(m)) if validate_only => {
-                let w = weight_of(&m);
-                for (k, v) in &m.metrics {
+                let w = weight_of_ref(&m);
+                for (k, v) in m.metrics() {
                     if v.is_finite() {
                         let e = g.metric_sums.entry(k.clone()).or_insert((0.0, 0.0));
                         e.0 += w * v;
@@ -1004,7 +1009,7 @@ impl SwarmClient {
             }
             (ReturnCode::Ok, Some(m)) => g
                 .fedavg
-                .add(&global, &m, weight_of(&m))
+                .add_ref(&global, &m, weight_of_ref(&m))
                 .map_err(|e| e.to_string()),
             (ReturnCode::Ok, None) => Err("no model".to_string()),
             (c, _) => Err(format!("{c:?}: {}", reason.unwrap_or_default())),
@@ -1117,10 +1122,10 @@ impl SwarmClient {
             (m, None)
         } else {
             let metrics = g.fedavg.metrics();
-            match g.fedavg.finish(&global) {
+            match g.fedavg.finish_ref(&global) {
                 Ok(mut m) => {
                     m.current_round = Some(g.epoch.round);
-                    (metrics, Some(Arc::new(m)))
+                    (metrics, Some(ModelRef::from(m)))
                 }
                 Err(e) => {
                     let reason = format!("round {}: aggregation failed: {e}", g.epoch.round);
@@ -1144,7 +1149,7 @@ impl SwarmClient {
                     metric: m,
                     holder: self.me.clone(),
                 });
-                self.best_model = Some(Arc::clone(&global));
+                self.best_model = Some(global.clone());
             }
         }
         self.report(
@@ -1160,7 +1165,7 @@ impl SwarmClient {
         let next_epoch = Epoch::new(g.epoch.round + 1, g.epoch.attempt);
         match next {
             Some(model) => {
-                self.persist(now, ModelSlot::Round(g.epoch.round), Arc::clone(&model));
+                self.persist(now, ModelSlot::Round(g.epoch.round), model.clone());
                 // Pruned trainers are not waited for next round, but may still submit.
                 self.members = self
                     .cfg
@@ -1177,7 +1182,7 @@ impl SwarmClient {
                 // Every client gets the final model, so any of them can hand it to a result
                 // client that missed the end.
                 for c in self.cfg.clients.clone() {
-                    let model = Some(Arc::clone(&global));
+                    let model = Some(global.clone());
                     self.send(
                         &c,
                         SwarmMsg::Done {
@@ -1239,7 +1244,7 @@ impl ClientWorkflow for SwarmClient {
         }
         match input {
             Input::Message { from, msg, model } => self.on_message(now, &from, msg, model),
-            Input::TaskDone(r) => self.on_task_done(now, r),
+            Input::TaskDone(r, m) => self.on_task_done(now, r, m),
             Input::PeerDown(p) => {
                 self.down.insert(p.clone());
                 if self.done.is_some() || !self.started {
@@ -1345,5 +1350,18 @@ impl ClientWorkflow for SwarmClient {
 
     fn is_done(&self) -> bool {
         self.done.is_some()
+    }
+
+    fn replace_model(&mut self, was: &ModelRef, now: &ModelRef) {
+        replace_in(&mut self.global, was, now);
+        replace_in(&mut self.best_model, was, now);
+        replace_in(&mut self.final_model, was, now);
+        if let Some(c) = &mut self.cached {
+            replace_in(&mut c.model, was, now);
+        }
+        for (_, _, m) in &mut self.inbox {
+            replace_in(m, was, now);
+        }
+        replace_in_actions(&mut self.actions, was, now);
     }
 }

@@ -9,7 +9,6 @@
 //! - every live result client persisted the final model, equal to the published last one.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::ccwf::{Action, ClientWorkflow, Epoch, Input, ModelSlot, Outcome, ReportEvent};
@@ -17,12 +16,17 @@ use super::ccwf_sim::{KillPoint, RunEnd, SimNet};
 use super::swarm::{SwarmClient, SwarmConfig, SwarmMsg};
 use crate::model::{FLModel, META_NUM_SAMPLES, MetaValue, Tensor};
 use crate::shareable::{Shareable, Task, TaskResult, task_names};
+use crate::stored::ModelRef;
 use crate::time::Time;
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 
 fn w_of(m: &FLModel) -> f64 {
     f64::from(m.params["w"].to_f32_vec()[0])
+}
+
+fn w_ref(m: &ModelRef) -> f64 {
+    w_of(&m.load().unwrap())
 }
 
 fn index(name: &str) -> usize {
@@ -91,7 +95,13 @@ fn net(seed: u64, rounds: u32) -> SimNet<SwarmClient> {
         "w".to_string(),
         Tensor::from_f32(vec![1], &[0.0]).unwrap(),
     )]));
-    sim.inject(0, "a", "server", SwarmMsg::Start, Some(Arc::new(initial)));
+    sim.inject(
+        0,
+        "a",
+        "server",
+        SwarmMsg::Start,
+        Some(ModelRef::from(initial)),
+    );
     sim
 }
 
@@ -109,7 +119,7 @@ fn check(sim: &SimNet<SwarmClient>, rounds: u32) -> f64 {
             published
                 .entry(epoch.round)
                 .or_default()
-                .insert(w_of(m).to_bits());
+                .insert(w_ref(m).to_bits());
         }
     }
     for (round, ws) in &published {
@@ -134,7 +144,7 @@ fn check(sim: &SimNet<SwarmClient>, rounds: u32) -> f64 {
                 slot: ModelSlot::Round(pr),
                 model,
             } if x.client == r.client && x.incarnation == r.incarnation && *pr == round => {
-                Some(w_of(model))
+                Some(w_ref(model))
             }
             _ => None,
         });
@@ -182,7 +192,7 @@ fn check(sim: &SimNet<SwarmClient>, rounds: u32) -> f64 {
                 .persisted(n)
                 .iter()
                 .filter(|(s, _)| *s == ModelSlot::Final)
-                .map(|(_, m)| w_of(m))
+                .map(|(_, m)| w_ref(m))
                 .collect();
             assert!(!finals.is_empty(), "{n} has no final model");
             assert!(
@@ -208,7 +218,7 @@ fn a_healthy_swarm_aggregates_every_round_once() {
         .persisted("a")
         .iter()
         .filter(|(s, _)| *s == ModelSlot::Best)
-        .map(|(_, m)| w_of(m))
+        .map(|(_, m)| w_ref(m))
         .collect();
     assert_eq!(best, vec![15.0]);
 }
@@ -278,11 +288,9 @@ fn a_restarted_site_rejoins_at_the_current_round() {
     assert_eq!(sim.run_until_done(300_000), RunEnd::AllDone);
     check(&sim, 8);
     // The new incarnation of c trained again.
-    assert!(
-        sim.actions().iter().any(|r| r.client == "c"
-            && r.incarnation == 1
-            && matches!(r.action, Action::RunTask(_)))
-    );
+    assert!(sim.actions().iter().any(|r| r.client == "c"
+        && r.incarnation == 1
+        && matches!(r.action, Action::RunTask { .. })));
 }
 
 #[test]
@@ -401,13 +409,13 @@ mod hostile {
             steps in prop::collection::vec((any::<u8>(), 0u32..8, 0u32..4, any::<bool>(), 0usize..5), 1..40)
         ) {
             let mut c = SwarmClient::new(cfg(3), "a").unwrap();
-            let odd = Arc::new(FLModel::from_params(BTreeMap::from([(
+            let odd = ModelRef::from(FLModel::from_params(BTreeMap::from([(
                 "v".to_string(),
                 Tensor::from_f32(vec![2], &[1.0, f32::NAN]).unwrap(),
             )])));
             for (i, (kind, round, attempt, with_model, from)) in steps.into_iter().enumerate() {
                 let from = ["b", "c", "d", "stranger", ""][from].to_string();
-                let model = with_model.then(|| Arc::clone(&odd));
+                let model = with_model.then(|| odd.clone());
                 let now = Time::from_millis(i as u64 * 300);
                 c.handle(now, Input::Message { from, msg: msg(kind, round, attempt), model });
                 c.handle_timeout(now);
@@ -440,7 +448,7 @@ fn an_early_ready_is_granted_when_the_round_opens() {
         .unwrap();
     let trainer = NAMES.iter().find(|n| **n != a0 && **n != a1).unwrap();
     let mut x = SwarmClient::new(c.clone(), &a1).unwrap();
-    let model = Arc::new(FLModel::from_params(BTreeMap::from([(
+    let model = ModelRef::from(FLModel::from_params(BTreeMap::from([(
         "w".to_string(),
         Tensor::from_f32(vec![1], &[0.0]).unwrap(),
     )])));
@@ -457,7 +465,7 @@ fn an_early_ready_is_granted_when_the_round_opens() {
         Input::Message {
             from: a0.clone(),
             msg: learn(0),
-            model: Some(Arc::clone(&model)),
+            model: Some(model.clone()),
         },
     );
     while x.poll_action().is_some() {}
