@@ -82,6 +82,33 @@ pub fn write_synthetic_job(
     Ok(())
 }
 
+/// Turns the job [`write_synthetic_job`] wrote into `dir` into a swarm job: every site trains
+/// and may aggregate, all results are waited for, and nothing times out before an hour.
+pub fn make_swarm_job(
+    dir: &Path,
+    params: usize,
+    clients: usize,
+    rounds: u32,
+) -> anyhow::Result<()> {
+    let server = json!({
+        "format_version": 2,
+        "workflows": [{"id": "swarm", "name": "Swarm", "args": {
+            "num_rounds": rounds, "min_clients": clients,
+            "learn_task_timeout": 3600, "min_responses_required": clients,
+            "wait_time_after_min_resps_received": 0, "max_concurrent_submissions": clients,
+            "max_status_report_interval": 600, "progress_timeout": 3600,
+            "key_metric": "value"}}],
+        "components": [
+            {"id": "model", "name": "SyntheticModel", "args": {"num_params": params}},
+            {"id": "aggregator", "name": "FedAvg", "args": {}},
+            {"id": "persistor", "name": "SafetensorsPersistor", "args": {"save_every_round": false}}
+        ]
+    });
+    let path = dir.join("app/config/config_fed_server.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&server)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Peak resident set size of this process in MiB, from `/proc/self/status`.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

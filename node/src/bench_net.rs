@@ -432,12 +432,14 @@ fn watch_rounds(
 /// One FedAvg job of a synthetic model run by a real server and `clients` client processes
 /// from a throw-away POC: seconds per round (overall, first and last hundred rounds), the
 /// server's RSS at round 100 and at the end, and each process's peak RSS. Progress goes to
-/// stderr every `progress_every` rounds (0: none).
+/// stderr every `progress_every` rounds (0: none). With `swarm`, the job runs swarm instead
+/// of scatter-and-gather (the server only watches; rounds are not logged there).
 pub fn run_fedavg(
     params: usize,
     clients: usize,
     rounds: u32,
     progress_every: u32,
+    swarm: bool,
 ) -> anyhow::Result<Value> {
     let bin = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
@@ -448,6 +450,9 @@ pub fn run_fedavg(
     })?;
     let job = dir.path().join("job");
     crate::bench::write_synthetic_job(&job, params, clients, rounds)?;
+    if swarm {
+        crate::bench::make_swarm_job(&job, params, clients, rounds)?;
+    }
     let mut procs = Reaper(Vec::new());
     let mut names = Vec::new();
     let mut admin_kit = None;
@@ -543,7 +548,7 @@ pub fn run_fedavg(
             .and_then(|e| e["at_ms"].as_u64())
     };
     let running = at("running").context("no running entry")?;
-    let finished = at("finished").context("the job did not finish")?;
+    let finished = at("finished").with_context(|| format!("the job did not finish: {rec}"))?;
     let rss_end = vm_rss_of(server_pid);
     let rss: Vec<Value> = names
         .iter()
@@ -568,6 +573,7 @@ pub fn run_fedavg(
         .collect();
     let k = gaps.len().min(100);
     Ok(json!({
+        "workflow": if swarm { "swarm" } else { "scatter_and_gather" },
         "params": params,
         "model_mib": crate::bench::model_mib(params),
         "clients": clients,

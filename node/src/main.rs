@@ -117,6 +117,9 @@ enum BenchCommand {
         /// Print progress on stderr every this many rounds (0: never).
         #[arg(long, default_value_t = 100)]
         progress_every: u32,
+        /// Run swarm (every site trains and may aggregate) instead of scatter-and-gather.
+        #[arg(long)]
+        swarm: bool,
     },
     /// The Client API's cost: the same training in process and in `flare-test-trainer`
     /// (median task time, hand-off seconds each way, the node's peak RSS per model size).
@@ -340,8 +343,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             clients,
             rounds,
             progress_every,
+            swarm,
         }) => {
-            let r = flare_node::bench_net::run_fedavg(params, clients, rounds, progress_every)?;
+            let r =
+                flare_node::bench_net::run_fedavg(params, clients, rounds, progress_every, swarm)?;
             println!("{r}");
         }
         Command::Bench(BenchCommand::TransferPeer {

@@ -4,6 +4,10 @@
 //! - Peer messages go sealed to the receiving site over bulk streams (`bulk::deliver`), with
 //!   the model beside them; the site is connected first with `connect_peer` (direct, then the
 //!   server's relay). A delivery that fails for good reports the peer down to the workflow.
+//!   A message whose model is already on its way to that peer is dropped, as if lost: the
+//!   workflows resend what they miss, and a resend of a large model while the first copy is
+//!   still streaming (a peer asking again because its copy has not arrived) would start one
+//!   more whole transfer, and one more file at the receiver, per resend interval.
 //! - Local tasks run on the job's learner on a blocking thread, one at a time.
 //! - Reports go to the server over the control protocol through a bounded queue that keeps
 //!   them, in order, while the server is away, and delivers them when it is back.
@@ -258,6 +262,14 @@ async fn reporter(ctx: Arc<Context>, mut rx: mpsc::Receiver<Report>) {
     }
 }
 
+/// The identity of a model's shared copy.
+fn model_identity(m: &ModelRef) -> usize {
+    match m {
+        ModelRef::Memory(a) => Arc::as_ptr(a) as usize,
+        ModelRef::Stored(s) => Arc::as_ptr(s) as usize,
+    }
+}
+
 /// `model` as the workflow should hold it: in a spooled file when large, else in memory.
 fn hold(ctx: &Context, model: Arc<FLModel>) -> anyhow::Result<ModelRef> {
     ctx.spool
@@ -329,6 +341,9 @@ pub async fn run<W>(
     let now = || Time::from_duration(epoch.elapsed());
     let (self_tx, mut self_rx) = mpsc::channel::<Input<W::Msg>>(256);
     let (report_tx, report_rx) = mpsc::channel::<Report>(1024);
+    // (peer, model) pairs being delivered, the model by the identity of its shared copy (held
+    // by the delivering task, so it cannot be freed and reused meanwhile).
+    let in_flight: Arc<Mutex<std::collections::HashSet<(String, usize)>>> = Default::default();
     tokio::spawn(reporter(Arc::clone(&ctx), report_rx));
     let tasks = Arc::new(tokio::sync::Mutex::new(()));
     let mut down: HashMap<String, bool> = HashMap::new();
@@ -345,9 +360,25 @@ pub async fn run<W>(
                             continue;
                         }
                     };
-                    let (c, tx) = (Arc::clone(&ctx), self_tx.clone());
+                    let key = model.as_ref().map(|m| (to.clone(), model_identity(m)));
+                    if let Some(k) = &key {
+                        let fresh = in_flight
+                            .lock()
+                            .map(|mut f| f.insert(k.clone()))
+                            .unwrap_or(true);
+                        if !fresh {
+                            tracing::debug!(job = %ctx.job, peer = %to, "model already on its way; message dropped");
+                            continue;
+                        }
+                    }
+                    let (c, tx, flying) =
+                        (Arc::clone(&ctx), self_tx.clone(), Arc::clone(&in_flight));
                     tokio::spawn(async move {
-                        if let Err(e) = send_to(&c, &to, body, model).await {
+                        let sent = send_to(&c, &to, body, model).await;
+                        if let (Some(k), Ok(mut f)) = (key, flying.lock()) {
+                            f.remove(&k);
+                        }
+                        if let Err(e) = sent {
                             tracing::warn!(job = %c.job, peer = %to, error = %format!("{e:#}"), "message not delivered");
                             let _ = tx.send(Input::PeerDown(to)).await;
                         }
