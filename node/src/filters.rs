@@ -331,6 +331,51 @@ fn run_ref(scopes: &[Scope], task: &str, model: ModelRef) -> Result<ModelRef, Fi
     Ok(ModelRef::from(run(scopes, task, owned)?))
 }
 
+/// Runs a side's task data filters on each task's model once, however many sites the model
+/// goes to: a round sends one global model to every site, and the last model filtered (its
+/// source, task name and outcome) is kept until another one comes.
+#[derive(Debug, Default)]
+pub struct TaskDataOnce {
+    last: Option<(String, ModelRef, Result<ModelRef, String>)>,
+}
+
+impl TaskDataOnce {
+    /// The model `task` carries out once `chains`' data filters ran on it (itself when none
+    /// applies), or why a filter refused it.
+    pub fn task_data(
+        &mut self,
+        chains: &FilterChains,
+        task: &str,
+        model: ModelRef,
+    ) -> Result<ModelRef, String> {
+        if !chains.has_task_data(task) {
+            return Ok(model);
+        }
+        if let Some((t, source, outcome)) = &self.last
+            && t == task
+            && same_model(source, &model)
+        {
+            return outcome.clone();
+        }
+        // The previous model filtered goes before this one is made.
+        self.last = None;
+        let outcome = chains
+            .task_data_ref(task, model.clone())
+            .map_err(|e| e.to_string());
+        self.last = Some((task.to_string(), model, outcome.clone()));
+        outcome
+    }
+}
+
+/// Whether `a` and `b` are the same shared model, without comparing tensors.
+fn same_model(a: &ModelRef, b: &ModelRef) -> bool {
+    match (a, b) {
+        (ModelRef::Memory(a), ModelRef::Memory(b)) => Arc::ptr_eq(a, b),
+        (ModelRef::Stored(a), ModelRef::Stored(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
 /// The bytes a model's tensors take on the wire (headers aside).
 pub fn wire_bytes(model: &FLModel) -> u64 {
     model.params.values().map(|t| t.bytes().len() as u64).sum()
