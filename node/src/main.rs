@@ -117,6 +117,10 @@ enum BenchCommand {
         /// Print progress on stderr every this many rounds (0: never).
         #[arg(long, default_value_t = 100)]
         progress_every: u32,
+        /// Quantize the model both ways (the four ModelQuantizer/ModelDequantizer filters):
+        /// float16, bfloat16 or blockwise8.
+        #[arg(long)]
+        quantize: Option<String>,
     },
     /// The Client API's cost: the same training in process and in `flare-test-trainer`
     /// (median task time, hand-off seconds each way, the node's peak RSS per model size).
@@ -340,8 +344,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             clients,
             rounds,
             progress_every,
+            quantize,
         }) => {
-            let r = flare_node::bench_net::run_fedavg(params, clients, rounds, progress_every)?;
+            let quantize = quantize
+                .map(|q| q.parse::<flare_protocols::filters::QuantizationType>())
+                .transpose()?;
+            let r = flare_node::bench_net::run_fedavg(
+                params,
+                clients,
+                rounds,
+                progress_every,
+                quantize,
+            )?;
             println!("{r}");
         }
         Command::Bench(BenchCommand::TransferPeer {
