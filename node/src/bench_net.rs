@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
+use flare_protocols::filters::QuantizationType;
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
@@ -439,6 +440,7 @@ pub fn run_fedavg(
     clients: usize,
     rounds: u32,
     progress_every: u32,
+    quantize: Option<QuantizationType>,
     swarm: bool,
 ) -> anyhow::Result<Value> {
     let bin = std::env::current_exe()?;
@@ -452,6 +454,9 @@ pub fn run_fedavg(
     crate::bench::write_synthetic_job(&job, params, clients, rounds)?;
     if swarm {
         crate::bench::make_swarm_job(&job, params, clients, rounds)?;
+    }
+    if let Some(qt) = quantize {
+        crate::filters::write_quantized_filters(&job.join("app"), qt)?;
     }
     let mut procs = Reaper(Vec::new());
     let mut names = Vec::new();
@@ -572,10 +577,14 @@ pub fn run_fedavg(
         .map(|w| w[1].duration_since(w[0]).as_secs_f64())
         .collect();
     let k = gaps.len().min(100);
+    let per_transfer = synthetic_wire_bytes(params, quantize);
     Ok(json!({
         "workflow": if swarm { "swarm" } else { "scatter_and_gather" },
         "params": params,
         "model_mib": crate::bench::model_mib(params),
+        "quantize": quantize.map(QuantizationType::as_str),
+        "model_bytes_per_transfer": per_transfer,
+        "model_bytes_per_round": per_transfer * 2 * clients as u64,
         "clients": clients,
         "rounds": rounds,
         "seconds_per_round": (finished - running) as f64 / 1000.0 / f64::from(rounds.max(1)),
@@ -586,4 +595,23 @@ pub fn run_fedavg(
         "server_rss_mib_at_end": rss_end,
         "processes": rss,
     }))
+}
+
+/// The tensor bytes one transfer of the synthetic model of `params` f32 parameters carries
+/// (sealing and headers aside), quantized or not: the synthetic model's tensors of
+/// `SyntheticArgs::default().tensor_size`, each 4, 2, or 1 byte an element plus an f32 scale
+/// per block of 64.
+fn synthetic_wire_bytes(params: usize, quantize: Option<QuantizationType>) -> u64 {
+    let size = crate::learner::synthetic::SyntheticArgs::default()
+        .tensor_size
+        .max(1);
+    let block = flare_protocols::filters::quantize::DEFAULT_BLOCK_SIZE;
+    let tensors = (0..params.div_ceil(size)).map(|i| (params - i * size).min(size) as u64);
+    tensors
+        .map(|n| match quantize {
+            None => 4 * n,
+            Some(QuantizationType::Float16 | QuantizationType::BFloat16) => 2 * n,
+            Some(QuantizationType::Blockwise8) => n + 4 * n.div_ceil(block as u64),
+        })
+        .sum()
 }

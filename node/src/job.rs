@@ -30,6 +30,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::data::{Dataset, Partition};
+use crate::filters::{FilterChains, ScopeEntry};
 use crate::learner::Learner;
 use crate::learner::cnn::{self, CnnHyper, DeviceSpec, OptimizerKind};
 use crate::learner::mlp::{Mlp, MlpHyper, MlpLearner};
@@ -69,7 +70,7 @@ pub enum JobError {
     },
 }
 
-fn invalid(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> JobError {
+pub(crate) fn invalid(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> JobError {
     JobError::Invalid {
         file: file.to_path_buf(),
         key: key.into(),
@@ -148,7 +149,7 @@ fn parse_file<T: DeserializeOwned>(path: &Path, limit: u64) -> Result<T, JobErro
 }
 
 /// Parses a component's `args` into `T`, naming `key.args.<field>` on error.
-fn parse_args<T: DeserializeOwned>(
+pub(crate) fn parse_args<T: DeserializeOwned>(
     file: &Path,
     key: &str,
     args: serde_json::Value,
@@ -362,6 +363,10 @@ struct ServerFile {
     workflows: Vec<ComponentEntry>,
     #[serde(default)]
     components: Vec<ComponentEntry>,
+    #[serde(default)]
+    task_data_filters: Vec<ScopeEntry>,
+    #[serde(default)]
+    task_result_filters: Vec<ScopeEntry>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -372,6 +377,10 @@ struct ClientFile {
     executors: Vec<ExecutorEntry>,
     #[serde(default)]
     components: Vec<ComponentEntry>,
+    #[serde(default)]
+    task_data_filters: Vec<ScopeEntry>,
+    #[serde(default)]
+    task_result_filters: Vec<ScopeEntry>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -531,6 +540,9 @@ pub struct ServerApp {
     pub model: ModelSource,
     /// Persistence settings.
     pub persistor: PersistorConfig,
+    /// Filters on tasks going out and results coming in (`task_data_filters`,
+    /// `task_result_filters`).
+    pub filters: FilterChains,
 }
 
 /// The clients a workflow's arguments can be checked against before deploy: the ones they
@@ -775,12 +787,14 @@ impl ServerApp {
                 ),
             ));
         }
+        let filters = FilterChains::parse(&file, f.task_data_filters, f.task_result_filters)?;
         Ok(ServerApp {
             workflow,
             evaluation,
             sag,
             model,
             persistor,
+            filters,
         })
     }
 
@@ -942,6 +956,9 @@ pub struct ClientApp {
     pub learner: LearnerSpec,
     /// The app folder.
     pub app_dir: PathBuf,
+    /// Filters on tasks coming in and results going out (`task_data_filters`,
+    /// `task_result_filters`).
+    pub filters: FilterChains,
     file: PathBuf,
     /// MNIST train part, held-out part and the partition, loaded once for all sites.
     mnist: OnceLock<Result<MnistShared, String>>,
@@ -1033,10 +1050,12 @@ impl ClientApp {
                 ));
             }
         };
+        let filters = FilterChains::parse(&file, f.task_data_filters, f.task_result_filters)?;
         Ok(ClientApp {
             tasks: e.tasks.clone(),
             learner,
             app_dir: app_dir.to_path_buf(),
+            filters,
             file,
             mnist: OnceLock::new(),
         })

@@ -6,6 +6,7 @@ pub mod bench_client_api;
 pub mod bench_net;
 pub mod cmd_provision;
 pub mod data;
+pub mod filters;
 pub mod job;
 pub mod jobpack;
 pub mod learner;

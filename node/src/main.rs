@@ -117,6 +117,10 @@ enum BenchCommand {
         /// Print progress on stderr every this many rounds (0: never).
         #[arg(long, default_value_t = 100)]
         progress_every: u32,
+        /// Quantize the model both ways (the four ModelQuantizer/ModelDequantizer filters):
+        /// float16, bfloat16 or blockwise8.
+        #[arg(long)]
+        quantize: Option<String>,
         /// Run swarm (every site trains and may aggregate) instead of scatter-and-gather.
         #[arg(long)]
         swarm: bool,
@@ -343,10 +347,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             clients,
             rounds,
             progress_every,
+            quantize,
             swarm,
         }) => {
-            let r =
-                flare_node::bench_net::run_fedavg(params, clients, rounds, progress_every, swarm)?;
+            let quantize = quantize
+                .map(|q| q.parse::<flare_protocols::filters::QuantizationType>())
+                .transpose()?;
+            let r = flare_node::bench_net::run_fedavg(
+                params,
+                clients,
+                rounds,
+                progress_every,
+                quantize,
+                swarm,
+            )?;
             println!("{r}");
         }
         Command::Bench(BenchCommand::TransferPeer {

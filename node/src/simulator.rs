@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use flare_protocols::shareable::{Task, TaskResult};
+use flare_protocols::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult};
 use flare_protocols::stored::ModelRef;
 use flare_protocols::time::Time;
 use flare_protocols::workflows::scatter_gather::{Event, Output, ScatterGather};
@@ -27,6 +27,7 @@ use flare_protocols::workflows::cse::{CseClient, CseMsg};
 use flare_protocols::workflows::cyclic::{CyclicClient, CyclicMsg};
 use flare_protocols::workflows::swarm::{SwarmClient, SwarmMsg};
 
+use crate::filters::{TaskDataOnce, wire_bytes};
 use crate::job::{ClientApp, Job, LearnerSite, WorkflowSpec};
 use crate::learner::{Learner, execute};
 
@@ -78,6 +79,11 @@ pub struct SimReport {
     /// Cross-site evaluations that could not be done: evaluator → model → why.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub cross_site_failed: BTreeMap<String, BTreeMap<String, String>>,
+    /// Bytes of the task models sent to the sites (tensor bytes after the server's task data
+    /// filters: what the wire carries), scatter-and-gather only.
+    pub model_bytes_to_sites: u64,
+    /// Bytes of the result models sent back (after the sites' task result filters).
+    pub model_bytes_from_sites: u64,
     /// Total wall time in seconds.
     pub seconds: f64,
 }
@@ -112,6 +118,9 @@ struct CcwfRun {
     cross_site_failed: BTreeMap<String, BTreeMap<String, String>>,
     /// The first failure a client reported.
     failure: Option<String>,
+    /// Model bytes on the virtual wire, to the sites and back (scatter-and-gather).
+    bytes_to_sites: u64,
+    bytes_from_sites: u64,
 }
 
 /// A run's seed for the clients' shared draws, from the job's name or id (FNV-1a).
@@ -425,6 +434,12 @@ impl Driver<'_> {
         let mut round_models = Vec::new();
         let mut round_start = Instant::now();
         let mut outcome: Option<Result<ModelRef, String>> = None;
+        // The job's four filter points, as across processes (see `crate::filters`).
+        let mut filtered = TaskDataOnce::default();
+        let mut asked: Vec<Option<(TaskId, String)>> = vec![None; self.names.len()];
+        let (mut bytes_to_sites, mut bytes_from_sites) = (0u64, 0u64);
+        // The last result excluded, named in the outcome if the run aborts.
+        let mut excluded: Option<String> = None;
         if ctrl.global().num_bytes() >= FILE_BACKED_BYTES {
             let p = self.out_dir.join(GLOBAL_SCRATCH);
             crate::model_io::write_ref(&p, ctrl.global())?;
@@ -436,7 +451,22 @@ impl Driver<'_> {
                 match out {
                     Output::Send { to, task, model } => {
                         let i = self.index(&to)?;
-                        pending.push_back((i, task, Some(model)));
+                        asked[i] = Some((task.id, task.name.clone()));
+                        match self.send_filtered(&mut filtered, i, &task.name, model) {
+                            Ok((model, bytes)) => {
+                                bytes_to_sites += bytes;
+                                pending.push_back((i, task, Some(model)));
+                            }
+                            Err(reason) => {
+                                tracing::error!(client = %to, task = %task.name, %reason, "task filter failed");
+                                let failed = TaskResult {
+                                    task_id: task.id,
+                                    round: task.round,
+                                    data: Shareable::error(ReturnCode::ExecutionException, reason),
+                                };
+                                ctrl.handle_result(self.now(), &to, failed);
+                            }
+                        }
                     }
                     Output::Event(e) => match e {
                         Event::RoundStarted { round, clients } => {
@@ -463,6 +493,7 @@ impl Driver<'_> {
                             ..
                         } => {
                             tracing::warn!(round, %client, %reason, "result excluded");
+                            excluded = Some(format!("{client}: {reason}"));
                         }
                         Event::ResultDropped { client, reason, .. } => {
                             tracing::warn!(%client, ?reason, "result dropped");
@@ -524,7 +555,13 @@ impl Driver<'_> {
                             }
                         }
                         Event::Finished { model } => outcome = Some(Ok(model)),
-                        Event::Aborted { reason, .. } => outcome = Some(Err(reason)),
+                        Event::Aborted { reason, .. } => {
+                            let reason = match &excluded {
+                                Some(x) => format!("{reason} (last result excluded: {x})"),
+                                None => reason,
+                            };
+                            outcome = Some(Err(reason));
+                        }
                     },
                 }
             }
@@ -544,6 +581,11 @@ impl Driver<'_> {
             };
             match done_rx.recv_timeout(wait) {
                 Ok((i, Ok(result), held)) => {
+                    let task = asked[i]
+                        .as_ref()
+                        .filter(|(id, _)| *id == result.task_id)
+                        .map(|(_, name)| name.as_str());
+                    let result = self.receive_filtered(i, task, result, &mut bytes_from_sites);
                     ctrl.handle_result(self.now(), &self.names[i], result);
                     if held {
                         self.large.give();
@@ -567,9 +609,83 @@ impl Driver<'_> {
             rounds,
             metrics,
             round_models,
+            bytes_to_sites,
+            bytes_from_sites,
             ..CcwfRun::default()
         };
         self.write_report(run, outcome)
+    }
+
+    /// A task's model on its virtual way to client `i`: the server's task data filters (once
+    /// per model), its bytes on the wire, then the site's task data filters. A filter's
+    /// failure is the reason, naming the filter and the side.
+    fn send_filtered(
+        &self,
+        once: &mut TaskDataOnce,
+        i: usize,
+        task: &str,
+        model: ModelRef,
+    ) -> Result<(ModelRef, u64), String> {
+        let model = once
+            .task_data(&self.job.server.filters, task, model)
+            .map_err(|e| {
+                format!(
+                    "the server's task data filter for {} failed: {e}",
+                    self.names[i]
+                )
+            })?;
+        let bytes = model.num_bytes();
+        let Some(app) = self.job.app_for(&self.names[i]) else {
+            return Ok((model, bytes));
+        };
+        let model = app
+            .filters
+            .task_data_ref(task, model)
+            .map_err(|e| format!("the task data filter of {} failed: {e}", self.names[i]))?;
+        Ok((model, bytes))
+    }
+
+    /// Client `i`'s result on its virtual way back: the site's task result filters, its
+    /// bytes on the wire, then the server's task result filters. A failing filter makes it
+    /// an error result naming the filter and the site.
+    fn receive_filtered(
+        &self,
+        i: usize,
+        task: Option<&str>,
+        mut result: TaskResult,
+        bytes: &mut u64,
+    ) -> TaskResult {
+        let site = &self.names[i];
+        let (Some(task), true) = (task, result.data.return_code == ReturnCode::Ok) else {
+            return result;
+        };
+        let Some(m) = result.data.model.take() else {
+            return result;
+        };
+        let mut m = Arc::unwrap_or_clone(m);
+        if let Some(app) = self.job.app_for(site) {
+            match app.filters.task_result(task, m) {
+                Ok(f) => m = f,
+                Err(e) => {
+                    result.data = Shareable::error(
+                        ReturnCode::ExecutionException,
+                        format!("the task result filter of {site} failed: {e}"),
+                    );
+                    return result;
+                }
+            }
+        }
+        *bytes += wire_bytes(&m);
+        match self.job.server.filters.task_result(task, m) {
+            Ok(m) => result.data.model = Some(Arc::new(m)),
+            Err(e) => {
+                result.data = Shareable::error(
+                    ReturnCode::ExecutionException,
+                    format!("the server's task result filter failed on the result of {site}: {e}"),
+                );
+            }
+        }
+        result
     }
 
     /// Writes `metrics.json`, the cross-site evaluation (`cross_site_val/cross_val_results.json`)
@@ -591,6 +707,8 @@ impl Driver<'_> {
             metrics_file: metrics_file.clone(),
             cross_site: run.cross_site,
             cross_site_failed: run.cross_site_failed,
+            model_bytes_to_sites: run.bytes_to_sites,
+            model_bytes_from_sites: run.bytes_from_sites,
             seconds: self.started.elapsed().as_secs_f64(),
         };
         if !report.cross_site.is_empty() || !report.cross_site_failed.is_empty() {
@@ -894,6 +1012,15 @@ pub fn format_table(report: &SimReport) -> String {
             }
         }
         s.push('\n');
+    }
+    let (down, up) = (report.model_bytes_to_sites, report.model_bytes_from_sites);
+    if down + up > 0 {
+        s.push_str(&format!(
+            "model bytes sent: {} ({} to sites, {} back)\n",
+            down + up,
+            down,
+            up
+        ));
     }
     s
 }

@@ -27,6 +27,7 @@ use flare_protocols::workflows::swarm::{SwarmClient, SwarmMsg};
 
 use super::policy::SitePolicy;
 use super::{connect, peer_addrs, start_net};
+use crate::filters::FilterChains;
 use crate::job::{Job, LearnerSite};
 use crate::learner::{AbortHandle, Learner, execute};
 use crate::model_io::Spool;
@@ -44,6 +45,8 @@ struct JobSlot {
     round: u32,
     /// A client-controlled workflow's task.
     workflow: Option<WorkflowTask>,
+    /// The app's filters on scatter-and-gather tasks coming in and results going out.
+    filters: Arc<FilterChains>,
 }
 
 /// A running client-controlled workflow of a job: the training workflow, then (if the job has
@@ -320,6 +323,7 @@ impl Site {
                     abort,
                     round: 0,
                     workflow: None,
+                    filters: Arc::new(app.filters.clone()),
                 },
             );
         }
@@ -411,7 +415,7 @@ impl Site {
                 from.cert.name
             );
         }
-        let learner = {
+        let (learner, filters) = {
             let mut jobs = self
                 .jobs
                 .lock()
@@ -420,29 +424,58 @@ impl Site {
                 .get_mut(&job)
                 .with_context(|| format!("task for job {job} that is not deployed here"))?;
             slot.round = got.meta.round;
-            Arc::clone(&slot.learner)
+            (Arc::clone(&slot.learner), Arc::clone(&slot.filters))
         };
-        let task = Task {
+        let mut task = Task {
             id: TaskId(got.meta.task_id),
             name: got.meta.task_name.clone(),
             round: got.meta.round,
             data: Shareable {
                 headers: got.meta.headers.clone(),
                 return_code: got.meta.return_code,
-                model: got.model.map(Arc::new),
+                model: None,
             },
         };
         tracing::info!(%job, task = %task.name, round = task.round, "task received");
-        let result = tokio::task::spawn_blocking(move || match learner.lock() {
-            Ok(mut l) => execute(l.as_mut(), task),
-            Err(_) => flare_protocols::TaskResult {
+        let received = got.model;
+        let site = self.kit.name().to_string();
+        let job_id = job.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let failed = |reason: String| flare_protocols::TaskResult {
                 task_id: task.id,
                 round: task.round,
-                data: Shareable::error(
-                    flare_protocols::ReturnCode::ExecutionException,
-                    "a previous task of this job panicked",
-                ),
-            },
+                data: Shareable::error(flare_protocols::ReturnCode::ExecutionException, reason),
+            };
+            // The site's task data filters, on the model as it comes in.
+            match received.map(|m| filters.task_data(&task.name, m)).transpose() {
+                Ok(m) => task.data.model = m.map(Arc::new),
+                Err(e) => {
+                    tracing::error!(job = %job_id, task = %task.name, error = %e, "task data filter failed");
+                    return failed(format!("the task data filter of {site} failed: {e}"));
+                }
+            }
+            let name = task.name.clone();
+            let mut result = match learner.lock() {
+                Ok(mut l) => execute(l.as_mut(), task),
+                Err(_) => return failed("a previous task of this job panicked".into()),
+            };
+            // The site's task result filters, on the result's model going out.
+            if result.data.return_code == flare_protocols::ReturnCode::Ok
+                && filters.has_task_result(&name)
+                && let Some(m) = result.data.model.take()
+            {
+                match filters.task_result(&name, Arc::unwrap_or_clone(m)) {
+                    Ok(m) => result.data.model = Some(Arc::new(m)),
+                    Err(e) => {
+                        tracing::error!(job = %job_id, task = %name, error = %e, "task result filter failed");
+                        result.data = Shareable::error(
+                            flare_protocols::ReturnCode::ExecutionException,
+                            format!("the task result filter of {site} failed: {e}"),
+                        );
+                    }
+                }
+            }
+            result
         })
         .await?;
         let meta = TransferMeta {

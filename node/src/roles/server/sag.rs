@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use flare_protocols::shareable::{Task, TaskResult};
+use flare_protocols::shareable::{ReturnCode, Shareable, Task, TaskResult};
 use flare_protocols::stored::ModelRef;
 use flare_protocols::time::Time;
 use flare_protocols::workflows::scatter_gather::{Event, Output, ScatterGather};
 use tokio::sync::{mpsc, watch};
 
 use super::{Server, WORKFLOW};
+use crate::filters::{FilterChains, TaskDataOnce};
 use crate::job::Job;
 use crate::net::bulk::{self, Route, TransferMeta};
 use crate::store::JobState;
@@ -168,11 +169,37 @@ impl Server {
         }
         let epoch = Instant::now();
         let now = || Time::from_duration(epoch.elapsed());
+        let filters = &job.server.filters;
+        // Each site's last task (id and name): a result's filters are chosen by task name.
+        let mut asked: BTreeMap<String, (u64, String)> = BTreeMap::new();
+        // The last task model filtered, so one round's sends filter the global model once.
+        let mut filtered = TaskDataOnce::default();
         ctrl.start(now());
         loop {
             while let Some(out) = ctrl.poll_output() {
                 match out {
                     Output::Send { to, task, model } => {
+                        asked.insert(to.clone(), (task.id.0, task.name.clone()));
+                        let model = match tokio::task::block_in_place(|| {
+                            filtered.task_data(filters, &task.name, model)
+                        }) {
+                            Ok(m) => m,
+                            Err(reason) => {
+                                tracing::error!(job = %id, site = %to, task = %task.name, error = %reason, "task data filter failed; the task fails for this site");
+                                let failed = TaskResult {
+                                    task_id: task.id,
+                                    round: task.round,
+                                    data: Shareable::error(
+                                        ReturnCode::ExecutionException,
+                                        format!(
+                                            "the server's task data filter for {to} failed: {reason}"
+                                        ),
+                                    ),
+                                };
+                                ctrl.handle_result_ref(now(), &to, failed, None);
+                                continue;
+                            }
+                        };
                         let s = Arc::clone(self);
                         let id = id.to_string();
                         tokio::spawn(async move {
@@ -211,6 +238,14 @@ impl Server {
                 r = results.recv() => match r {
                     // Folding a stored result reads it from disk: off the async workers.
                     Some((site, result, model)) => tokio::task::block_in_place(|| {
+                        let task = asked
+                            .get(&site)
+                            .filter(|(t, _)| *t == result.task_id.0)
+                            .map(|(_, name)| name.as_str());
+                        let (result, model) = filter_result(filters, task, &site, result, model);
+                        if result.data.return_code != ReturnCode::Ok {
+                            tracing::debug!(job = %id, %site, reason = ?result.data.error_reason(), "failed result");
+                        }
                         ctrl.handle_result_ref(now(), &site, result, model)
                     }),
                     None => return Ok((JobState::Failed, "result channel closed".into())),
@@ -341,5 +376,37 @@ impl Server {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// A site's result once the server's task result filters ran on its model: unchanged when it
+/// is an error, carries no model, or answers no task of ours (the controller drops it); an
+/// error result naming the filter and the site when a filter fails.
+fn filter_result(
+    filters: &FilterChains,
+    task: Option<&str>,
+    site: &str,
+    result: TaskResult,
+    model: Option<ModelRef>,
+) -> (TaskResult, Option<ModelRef>) {
+    let Some(task) = task.filter(|t| filters.has_task_result(t)) else {
+        return (result, model);
+    };
+    let Some(m) = model.filter(|_| result.data.return_code == ReturnCode::Ok) else {
+        return (result, None);
+    };
+    match filters.task_result_ref(task, m) {
+        Ok(m) => (result, Some(m)),
+        Err(e) => {
+            tracing::warn!(%site, %task, error = %e, "task result filter failed");
+            let failed = TaskResult {
+                data: Shareable::error(
+                    ReturnCode::ExecutionException,
+                    format!("the server's task result filter failed on the result of {site}: {e}"),
+                ),
+                ..result
+            };
+            (failed, None)
+        }
     }
 }
