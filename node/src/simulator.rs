@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use flare_protocols::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult};
+use flare_protocols::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult, task_names};
 use flare_protocols::stored::ModelRef;
 use flare_protocols::time::Time;
 use flare_protocols::workflows::scatter_gather::{Event, Output, ScatterGather};
@@ -80,7 +80,8 @@ pub struct SimReport {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub cross_site_failed: BTreeMap<String, BTreeMap<String, String>>,
     /// Bytes of the task models sent to the sites (tensor bytes after the server's task data
-    /// filters: what the wire carries), scatter-and-gather only.
+    /// filters: what the wire carries); in a client-controlled workflow, of the models sent
+    /// from site to site (after the sender's task result filters).
     pub model_bytes_to_sites: u64,
     /// Bytes of the result models sent back (after the sites' task result filters).
     pub model_bytes_from_sites: u64,
@@ -121,6 +122,9 @@ struct CcwfRun {
     /// Model bytes on the virtual wire, to the sites and back (scatter-and-gather).
     bytes_to_sites: u64,
     bytes_from_sites: u64,
+    /// The task the sites' filters are chosen by for models between them (`train`, then
+    /// `validate` in the cross-site evaluation).
+    filter_task: &'static str,
 }
 
 /// A run's seed for the clients' shared draws, from the job's name or id (FNV-1a).
@@ -616,6 +620,37 @@ impl Driver<'_> {
         self.write_report(run, outcome)
     }
 
+    /// A model on its virtual way from client `i` to client `j`: `i`'s task result filters,
+    /// its bytes on the wire, then `j`'s task data filters (a model to itself passes through
+    /// neither and counts no bytes, as a site's messages to itself never leave it).
+    fn peer_filtered(
+        &self,
+        i: usize,
+        j: usize,
+        task: &str,
+        model: ModelRef,
+    ) -> Result<(ModelRef, u64), String> {
+        if i == j {
+            return Ok((model, 0));
+        }
+        let model = match self.job.app_for(&self.names[i]) {
+            Some(app) => app
+                .filters
+                .task_result_ref(task, model)
+                .map_err(|e| format!("the task result filter of {} failed: {e}", self.names[i]))?,
+            None => model,
+        };
+        let bytes = model.num_bytes();
+        let model = match self.job.app_for(&self.names[j]) {
+            Some(app) => app
+                .filters
+                .task_data_ref(task, model)
+                .map_err(|e| format!("the task data filter of {} failed: {e}", self.names[j]))?,
+            None => model,
+        };
+        Ok((model, bytes))
+    }
+
     /// A task's model on its virtual way to client `i`: the server's task data filters (once
     /// per model), its bytes on the wire, then the site's task data filters. A filter's
     /// failure is the reason, naming the filter and the side.
@@ -746,6 +781,7 @@ impl Driver<'_> {
             locals: vec![None; clients.len()],
             bests: vec![None; clients.len()],
             finals: vec![None; clients.len()],
+            filter_task: task_names::TRAIN,
             ..CcwfRun::default()
         };
         self.drive_ccwf(clients, starts, versions, &mut run, work_tx, done_rx)?;
@@ -790,6 +826,7 @@ impl Driver<'_> {
                     (i, start)
                 })
                 .collect();
+            run.filter_task = task_names::VALIDATE;
             self.drive_ccwf(&mut evaluators, starts, 0, &mut run, work_tx, done_rx)?;
         }
         let outcome = match run.failure.take() {
@@ -827,8 +864,30 @@ impl Driver<'_> {
                     match a {
                         Action::Send { to, msg, model } => {
                             let from = self.names[i].clone();
-                            inbox
-                                .push_back((self.index(&to)?, Input::Message { from, msg, model }));
+                            let j = self.index(&to)?;
+                            match model.map(|m| self.peer_filtered(i, j, run.filter_task, m)) {
+                                None => inbox.push_back((
+                                    j,
+                                    Input::Message {
+                                        from,
+                                        msg,
+                                        model: None,
+                                    },
+                                )),
+                                Some(Ok((m, bytes))) => {
+                                    run.bytes_to_sites += bytes;
+                                    inbox.push_back((
+                                        j,
+                                        Input::Message {
+                                            from,
+                                            msg,
+                                            model: Some(m),
+                                        },
+                                    ))
+                                }
+                                // As across processes: the message is lost, with the reason.
+                                Some(Err(e)) => eprintln!("{e}; message dropped"),
+                            }
                         }
                         Action::RunTask { task, model } => pending.push_back((i, task, model)),
                         Action::Report(r) => match r.event {

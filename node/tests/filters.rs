@@ -144,3 +144,51 @@ fn a_failing_filter_fails_that_sites_result_naming_the_filter() {
         "{err}"
     );
 }
+
+/// Swarm with the sites' filters: every model between two sites goes quantized (the
+/// sender's task result filter) and is dequantized where it lands (the receiver's task data
+/// filter).
+#[test]
+fn a_swarm_quantizes_the_models_its_sites_send_each_other() {
+    const PARAMS: usize = 10_500;
+    let dir = tempfile::tempdir().unwrap();
+    let run_swarm = |name: &str, quantize: bool| {
+        let job = job(&dir.path().join(name), PARAMS);
+        flare_node::bench::make_swarm_job(&job, PARAMS, 2, 2).unwrap();
+        edit(&job, "config_fed_server.json", |v| {
+            v["components"][0]["args"]["tensor_size"] = 1000.into();
+        });
+        if quantize {
+            write_quantized_filters(&job.join("app"), QuantizationType::Blockwise8).unwrap();
+        }
+        simulate(&job, &dir.path().join(format!("ws-{name}"))).unwrap()
+    };
+    let plain = run_swarm("plain", false);
+    let q = run_swarm("q", true);
+    assert_eq!(q.rounds.len(), 2, "{:?}", q.rounds);
+    // Every model between the sites went whole in f32, or quantized: a byte a parameter and
+    // a scale per block of 64 (16 blocks in each tensor of 1000, 8 in the last of 500).
+    let (f32_model, q_model) = (4 * PARAMS as u64, PARAMS as u64 + 4 * (10 * 16 + 8));
+    assert!(plain.model_bytes_to_sites > 0);
+    assert_eq!(
+        plain.model_bytes_to_sites % f32_model,
+        0,
+        "{}",
+        plain.model_bytes_to_sites
+    );
+    assert!(q.model_bytes_to_sites > 0);
+    assert_eq!(
+        q.model_bytes_to_sites % q_model,
+        0,
+        "{}",
+        q.model_bytes_to_sites
+    );
+    let a = flare_node::model_io::read(&plain.final_model).unwrap();
+    let b = flare_node::model_io::read(&q.final_model).unwrap();
+    for (name, t) in &a.params {
+        for (x, y) in t.to_f32_vec().iter().zip(&b.params[name].to_f32_vec()) {
+            assert!((x - 3.0).abs() < 1e-6, "{name}: {x}");
+            assert!((x - y).abs() <= 4.0 * 3.0 / 254.0, "{name}: {x} vs {y}");
+        }
+    }
+}

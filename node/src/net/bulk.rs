@@ -649,6 +649,8 @@ struct Assembler {
     /// meta said what comes.
     spool: Option<PathBuf>,
     writer: Option<crate::model_io::SpoolWriter>,
+    /// A model smaller than this is kept in memory even with a spool.
+    spool_min: u64,
     /// Tensor bytes taken in so far (what a resumed transfer need not send again).
     consumed: u64,
 }
@@ -697,6 +699,14 @@ impl Assembler {
                                 self.max_model_bytes
                             )));
                         }
+                    }
+                    if let Some(s) = &meta.skeleton
+                        && self.spool.is_some()
+                        && s.byte_len().is_some_and(|n| n < self.spool_min)
+                    {
+                        // Small enough for memory: kept there, not spooled.
+                        self.spool = None;
+                        self.keep = true;
                     }
                     if let (Some(path), Some(s)) = (&self.spool, &meta.skeleton) {
                         let like = FLModel {
@@ -832,8 +842,9 @@ pub async fn receive<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     receive_inner(stream, sealing, from, max_model_bytes, true, true, None).await
 }
 
-/// Like [`receive`], but a transfer of kind `kind` has its tensor bytes go to a safetensors
-/// file at `spool` as they arrive ([`Received::stored`]); other kinds are kept in memory.
+/// Like [`receive`], but the model of a transfer of kind `kind` that is at least `min` bytes
+/// goes to a safetensors file at `spool` as it arrives ([`Received::stored`]); smaller ones
+/// and other kinds are kept in memory.
 pub async fn receive_spooling<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     stream: &mut S,
     sealing: &Sealing,
@@ -841,6 +852,7 @@ pub async fn receive_spooling<S: futures::AsyncRead + futures::AsyncWrite + Unpi
     max_model_bytes: u64,
     spool: PathBuf,
     kind: &str,
+    min: u64,
 ) -> Result<Received, BulkError> {
     receive_inner(
         stream,
@@ -849,7 +861,7 @@ pub async fn receive_spooling<S: futures::AsyncRead + futures::AsyncWrite + Unpi
         max_model_bytes,
         false,
         true,
-        Some((spool, Some(kind))),
+        Some((spool, Some(kind), min)),
     )
     .await
 }
@@ -871,7 +883,7 @@ pub async fn receive_spooled<S: futures::AsyncRead + futures::AsyncWrite + Unpin
         max_model_bytes,
         false,
         false,
-        Some((spool, None)),
+        Some((spool, None, 0)),
     )
     .await
 }
@@ -1010,15 +1022,16 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     max_model_bytes: u64,
     keep: bool,
     ack: bool,
-    spool: Option<(PathBuf, Option<&str>)>,
+    spool: Option<(PathBuf, Option<&str>, u64)>,
 ) -> Result<Received, BulkError> {
     let mut reader = SealedReader::open(stream, sealing, from).await?;
     let header = reader.header().clone();
-    // The file to spool to, and the only kind to spool (another kind is kept in memory).
-    let (keep, spool) = match spool {
-        Some((_, Some(k))) if k != header.kind => (true, None),
-        Some((path, _)) => (keep, Some(path)),
-        None => (keep, None),
+    // The file to spool to, the only kind to spool (another kind is kept in memory), and the
+    // smallest model to spool.
+    let (keep, spool, spool_min) = match spool {
+        Some((_, Some(k), _)) if k != header.kind => (true, None, 0),
+        Some((path, _, min)) => (keep, Some(path), min),
+        None => (keep, None, 0),
     };
     let mut asm = Assembler {
         max_model_bytes,
@@ -1031,6 +1044,7 @@ async fn receive_inner<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
         tensors: BTreeMap::new(),
         spool,
         writer: None,
+        spool_min,
         consumed: 0,
     };
     let named = |e: BulkError| match e {
@@ -1204,6 +1218,7 @@ mod tests {
             tensors: BTreeMap::new(),
             spool: None,
             writer: None,
+            spool_min: 0,
             consumed: 0,
         }
     }

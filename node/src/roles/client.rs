@@ -363,7 +363,7 @@ impl Site {
                 from.cert.role
             );
         }
-        // A peer's model goes to disk as it arrives: the workflow holds it as a file.
+        // A large peer model goes to disk as it arrives: the workflow holds it as a file.
         let spool = self.spool.file()?;
         let got = bulk::receive_spooling(
             &mut stream,
@@ -372,6 +372,7 @@ impl Site {
             MAX_TASK_MODEL,
             spool,
             "ccwf",
+            crate::model_io::FILE_BACKED_BYTES,
         )
         .await?;
         drop(stream);
@@ -554,8 +555,17 @@ impl Site {
         names.dedup();
         let me = self.kit.name().to_string();
         let configured = |slot: &JobSlot| slot.workflow.as_ref().is_some_and(|w| w.stage == stage);
-        let (learner, already) =
-            self.with_slot(job_id, |slot| (Arc::clone(&slot.learner), configured(slot)))?;
+        let (learner, filters, already) = self.with_slot(job_id, |slot| {
+            (
+                Arc::clone(&slot.learner),
+                Arc::clone(&slot.filters),
+                configured(slot),
+            )
+        })?;
+        let filter_task = match evaluation {
+            Some(_) => flare_protocols::shareable::task_names::VALIDATE,
+            None => flare_protocols::shareable::task_names::TRAIN,
+        };
         if already {
             return Ok(());
         }
@@ -576,6 +586,8 @@ impl Site {
                 job_dir: dir.clone(),
                 result_clients,
                 spool: Arc::clone(&self.spool),
+                filters: Arc::clone(&filters),
+                filter_task,
             })
         };
         let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =

@@ -8,12 +8,16 @@
 //!   workflows resend what they miss, and a resend of a large model while the first copy is
 //!   still streaming (a peer asking again because its copy has not arrived) would start one
 //!   more whole transfer, and one more file at the receiver, per resend interval.
+//! - The site's job filters apply to models between sites as FLARE's apply to tasks: its
+//!   `task_result_filters` to a model it sends, its `task_data_filters` to one it receives,
+//!   for the stage's task (`train` in swarm and cyclic, `validate` in cross-site evaluation).
+//!   A model a filter refuses is not sent, or is dropped on arrival, with an error in the log.
 //! - Local tasks run on the job's learner on a blocking thread, one at a time.
 //! - Reports go to the server over the control protocol through a bounded queue that keeps
 //!   them, in order, while the server is away, and delivers them when it is back.
 //! - Models the workflow persists are written under `<site>/jobs/<job>/models/`; the final
 //!   and best models of result clients are also uploaded to the server's job store.
-//! - Large models live in files, not memory: peer models arrive spooled (the site's
+//! - Large models live in files, not memory: large peer models arrive spooled (the site's
 //!   `on_stream`), a task's result of at least [`FILE_BACKED_BYTES`] is spooled before the
 //!   workflow holds it, and a persisted model that large is handed back to the workflow as
 //!   the file just written ([`ClientWorkflow::replace_model`]). A task loads its model once,
@@ -37,6 +41,7 @@ use libp2p::{Multiaddr, PeerId};
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, watch};
 
+use crate::filters::FilterChains;
 use crate::learner::{Learner, execute};
 use crate::model_io::{FILE_BACKED_BYTES, Spool};
 use crate::net::NetHandle;
@@ -101,6 +106,10 @@ pub struct Context {
     pub result_clients: Vec<String>,
     /// Where large models are spooled.
     pub spool: Arc<Spool>,
+    /// The site's filters on models going to and coming from other sites.
+    pub filters: Arc<FilterChains>,
+    /// The task name the filters are chosen by.
+    pub filter_task: &'static str,
 }
 
 impl std::fmt::Debug for Context {
@@ -262,6 +271,17 @@ async fn reporter(ctx: Arc<Context>, mut rx: mpsc::Receiver<Report>) {
     }
 }
 
+/// A peer's model through the site's task data filters, held as the workflow should.
+fn receive_filtered(ctx: &Context, model: ModelRef) -> anyhow::Result<ModelRef> {
+    if !ctx.filters.has_task_data(ctx.filter_task) {
+        return Ok(model);
+    }
+    match ctx.filters.task_data_ref(ctx.filter_task, model)? {
+        ModelRef::Memory(m) => hold(ctx, m),
+        stored => Ok(stored),
+    }
+}
+
 /// The identity of a model's shared copy.
 fn model_identity(m: &ModelRef) -> usize {
     match m {
@@ -374,6 +394,33 @@ pub async fn run<W>(
                     let (c, tx, flying) =
                         (Arc::clone(&ctx), self_tx.clone(), Arc::clone(&in_flight));
                     tokio::spawn(async move {
+                        let model = match model {
+                            Some(m) if c.filters.has_task_result(c.filter_task) => {
+                                let c2 = Arc::clone(&c);
+                                let f = tokio::task::spawn_blocking(move || {
+                                    c2.filters.task_result_ref(c2.filter_task, m)
+                                })
+                                .await;
+                                match f {
+                                    Ok(Ok(m)) => Some(m),
+                                    Ok(Err(e)) => {
+                                        tracing::error!(job = %c.job, peer = %to, error = %e, "the task result filter refused a model; message not sent");
+                                        if let (Some(k), Ok(mut f)) = (key, flying.lock()) {
+                                            f.remove(&k);
+                                        }
+                                        return;
+                                    }
+                                    Err(e) => {
+                                        tracing::error!(job = %c.job, peer = %to, error = %e, "a task result filter failed");
+                                        if let (Some(k), Ok(mut f)) = (key, flying.lock()) {
+                                            f.remove(&k);
+                                        }
+                                        return;
+                                    }
+                                }
+                            }
+                            m => m,
+                        };
                         let sent = send_to(&c, &to, body, model).await;
                         if let (Some(k), Ok(mut f)) = (key, flying.lock()) {
                             f.remove(&k);
@@ -500,7 +547,10 @@ pub async fn run<W>(
         tokio::select! {
             m = inbound.recv() => match m {
                 Some(Inbound::Message { from, body, model }) => match decode::<W::Msg>(&body, MAX_WORKFLOW_MSG) {
-                    Ok(msg) => wf.handle(now(), Input::Message { from, msg, model }),
+                    Ok(msg) => match model.map(|m| tokio::task::block_in_place(|| receive_filtered(&ctx, m))).transpose() {
+                        Ok(model) => wf.handle(now(), Input::Message { from, msg, model }),
+                        Err(e) => tracing::error!(job = %ctx.job, peer = %from, error = %format!("{e:#}"), "a model from a peer was refused by the task data filter; message dropped"),
+                    },
                     Err(e) => tracing::warn!(job = %ctx.job, peer = %from, error = %e, "malformed workflow message dropped"),
                 },
                 Some(Inbound::Start(model)) => {
