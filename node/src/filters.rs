@@ -60,12 +60,8 @@ struct FilterEntry {
     name: Option<String>,
     #[serde(default)]
     path: Option<String>,
-    #[serde(default = "empty_args")]
+    #[serde(default = "crate::job::empty_args")]
     args: serde_json::Value,
-}
-
-fn empty_args() -> serde_json::Value {
-    serde_json::Value::Object(serde_json::Map::new())
 }
 
 /// `ModelQuantizer`'s args (FLARE's name; `block_size` is Flare's, for blockwise8).

@@ -351,7 +351,7 @@ struct ComponentEntry {
     args: serde_json::Value,
 }
 
-fn empty_args() -> serde_json::Value {
+pub(crate) fn empty_args() -> serde_json::Value {
     serde_json::Value::Object(serde_json::Map::new())
 }
 

@@ -92,13 +92,7 @@ fn a_tensor_over_2_gib_goes_through_a_round_and_comes_back_whole() {
     let server = f.prod.join("server");
     let finals = find(&server, "global_final.safetensors");
     assert_eq!(finals.len(), 1, "{finals:?}");
-    let mut file = std::fs::File::open(&finals[0]).unwrap();
-    let mut n = [0u8; 8];
-    file.read_exact(&mut n).unwrap();
-    let n = u64::from_le_bytes(n);
-    let mut header = vec![0u8; n as usize];
-    file.read_exact(&mut header).unwrap();
-    let header: serde_json::Value = serde_json::from_slice(&header).unwrap();
+    let (mut file, n, header) = open_header(&finals[0]);
     let t = &header["layer.0000"];
     assert_eq!(t["dtype"], "F32", "{header}");
     assert_eq!(t["shape"], json!([PARAMS]), "{header}");
@@ -129,15 +123,20 @@ fn a_tensor_over_2_gib_goes_through_a_round_and_comes_back_whole() {
     assert!(spool.is_empty(), "{spool:?}");
 }
 
-/// Reads the f32 at element `index` of tensor `name` in a safetensors file.
-fn f32_at(path: &Path, name: &str, index: u64) -> f32 {
+/// A safetensors file opened past its header: the file, the header's length and the header.
+fn open_header(path: &Path) -> (std::fs::File, u64, serde_json::Value) {
     let mut file = std::fs::File::open(path).unwrap();
     let mut n = [0u8; 8];
     file.read_exact(&mut n).unwrap();
     let n = u64::from_le_bytes(n);
     let mut header = vec![0u8; n as usize];
     file.read_exact(&mut header).unwrap();
-    let header: serde_json::Value = serde_json::from_slice(&header).unwrap();
+    (file, n, serde_json::from_slice(&header).unwrap())
+}
+
+/// Reads the f32 at element `index` of tensor `name` in a safetensors file.
+fn f32_at(path: &Path, name: &str, index: u64) -> f32 {
+    let (mut file, n, header) = open_header(path);
     let start = header[name]["data_offsets"][0].as_u64().unwrap();
     file.seek(SeekFrom::Start(8 + n + start + 4 * index))
         .unwrap();
