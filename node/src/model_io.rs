@@ -421,6 +421,24 @@ pub fn write_stored(
     Ok(s)
 }
 
+/// Writes `model` to `path` (creating its folder); a model in memory of at least
+/// [`FILE_BACKED_BYTES`] is opened again as the file just written and returned, so that its
+/// holder can let the memory copy go.
+pub fn write_held(path: &Path, model: &ModelRef) -> Result<Option<StoredModel>, ModelFileError> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(|source| ModelFileError::Io {
+            path: d.to_path_buf(),
+            source,
+        })?;
+    }
+    match model.in_memory() {
+        Some(m) if m.num_bytes() as u64 >= FILE_BACKED_BYTES => {
+            write_stored(path, m, false).map(Some)
+        }
+        _ => write_ref(path, model).map(|()| None),
+    }
+}
+
 /// Fresh file names in one folder, for models spooled to disk; the folder is emptied when
 /// the spool is made (what an earlier process left there has no owner).
 #[derive(Debug)]

@@ -641,14 +641,23 @@ impl Driver<'_> {
             None => model,
         };
         let bytes = model.num_bytes();
-        let model = match self.job.app_for(&self.names[j]) {
+        Ok((self.site_data_filtered(j, task, model)?, bytes))
+    }
+
+    /// A model arriving at client `i` through its task data filters; a failure names them.
+    fn site_data_filtered(
+        &self,
+        i: usize,
+        task: &str,
+        model: ModelRef,
+    ) -> Result<ModelRef, String> {
+        match self.job.app_for(&self.names[i]) {
             Some(app) => app
                 .filters
                 .task_data_ref(task, model)
-                .map_err(|e| format!("the task data filter of {} failed: {e}", self.names[j]))?,
-            None => model,
-        };
-        Ok((model, bytes))
+                .map_err(|e| format!("the task data filter of {} failed: {e}", self.names[i])),
+            None => Ok(model),
+        }
     }
 
     /// A task's model on its virtual way to client `i`: the server's task data filters (once
@@ -670,14 +679,7 @@ impl Driver<'_> {
                 )
             })?;
         let bytes = model.num_bytes();
-        let Some(app) = self.job.app_for(&self.names[i]) else {
-            return Ok((model, bytes));
-        };
-        let model = app
-            .filters
-            .task_data_ref(task, model)
-            .map_err(|e| format!("the task data filter of {} failed: {e}", self.names[i]))?;
-        Ok((model, bytes))
+        Ok((self.site_data_filtered(i, task, model)?, bytes))
     }
 
     /// Client `i`'s result on its virtual way back: the site's task result filters, its
@@ -950,17 +952,13 @@ impl Driver<'_> {
                                 .with_context(|| format!("cannot create {}", dir.display()))?;
                             let p = dir.join(format!("{}.safetensors", slot.file_stem()));
                             // As on a site: a large model is held as the file just written.
-                            let model = match model.in_memory() {
-                                Some(m) if m.num_bytes() as u64 >= FILE_BACKED_BYTES => {
-                                    let s = crate::model_io::write_stored(&p, m, false)?;
+                            let model = match crate::model_io::write_held(&p, &model)? {
+                                Some(s) => {
                                     let stored = ModelRef::Stored(Arc::new(s));
                                     c.replace_model(&model, &stored);
                                     stored
                                 }
-                                _ => {
-                                    crate::model_io::write_ref(&p, &model)?;
-                                    model
-                                }
+                                None => model,
                             };
                             match slot {
                                 ModelSlot::Round(_)

@@ -148,13 +148,18 @@ impl ModelRef {
         }
     }
 
+    /// The address of the shared copy: two live models have the same identity exactly when
+    /// they are the same shared model.
+    pub fn identity(&self) -> usize {
+        match self {
+            ModelRef::Memory(m) => Arc::as_ptr(m) as usize,
+            ModelRef::Stored(s) => Arc::as_ptr(s) as usize,
+        }
+    }
+
     /// Whether `self` and `other` are the same shared model (not merely equal ones).
     pub fn same(&self, other: &ModelRef) -> bool {
-        match (self, other) {
-            (ModelRef::Memory(x), ModelRef::Memory(y)) => Arc::ptr_eq(x, y),
-            (ModelRef::Stored(x), ModelRef::Stored(y)) => Arc::ptr_eq(x, y),
-            _ => false,
-        }
+        self.identity() == other.identity()
     }
 
     /// The model with its round numbers set. A stored model shares its tensors with `self`;

@@ -23,7 +23,7 @@
 //!   the file just written ([`ClientWorkflow::replace_model`]). A task loads its model once,
 //!   for the learner, and that copy is the learner's to train in place.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -273,20 +273,43 @@ async fn reporter(ctx: Arc<Context>, mut rx: mpsc::Receiver<Report>) {
 
 /// A peer's model through the site's task data filters, held as the workflow should.
 fn receive_filtered(ctx: &Context, model: ModelRef) -> anyhow::Result<ModelRef> {
-    if !ctx.filters.has_task_data(ctx.filter_task) {
-        return Ok(model);
-    }
     match ctx.filters.task_data_ref(ctx.filter_task, model)? {
         ModelRef::Memory(m) => hold(ctx, m),
         stored => Ok(stored),
     }
 }
 
-/// The identity of a model's shared copy.
-fn model_identity(m: &ModelRef) -> usize {
-    match m {
-        ModelRef::Memory(a) => Arc::as_ptr(a) as usize,
-        ModelRef::Stored(s) => Arc::as_ptr(s) as usize,
+/// A (peer, model) pair being delivered, the model by the identity of its shared copy (held
+/// by the delivering task, so it cannot be freed and reused meanwhile); released on drop.
+struct InFlight {
+    set: Arc<Mutex<HashSet<(String, usize)>>>,
+    key: (String, usize),
+}
+
+impl InFlight {
+    /// Claims (`to`, `model`); `None` when it is already being delivered.
+    fn claim(
+        set: &Arc<Mutex<HashSet<(String, usize)>>>,
+        to: &str,
+        model: &ModelRef,
+    ) -> Option<Self> {
+        let key = (to.to_string(), model.identity());
+        let fresh = set
+            .lock()
+            .map(|mut s| s.insert(key.clone()))
+            .unwrap_or(true);
+        fresh.then(|| InFlight {
+            set: Arc::clone(set),
+            key,
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.set.lock() {
+            s.remove(&self.key);
+        }
     }
 }
 
@@ -304,17 +327,24 @@ fn run_task(
     mut task: flare_protocols::Task,
     model: Option<ModelRef>,
 ) -> (flare_protocols::TaskResult, Option<ModelRef>) {
-    let fail = |task: &flare_protocols::Task, code, reason: String| flare_protocols::TaskResult {
-        task_id: task.id,
-        round: task.round,
-        data: Shareable::error(code, reason),
+    let fail = |task_id, round, reason: String| {
+        let data = Shareable::error(ReturnCode::ExecutionException, reason);
+        let r = flare_protocols::TaskResult {
+            task_id,
+            round,
+            data,
+        };
+        (r, None)
     };
     if let Some(m) = model {
         match m.load() {
             Ok(m) => task.data.model = Some(m),
             Err(e) => {
-                let reason = format!("cannot read the task's model: {e}");
-                return (fail(&task, ReturnCode::ExecutionException, reason), None);
+                return fail(
+                    task.id,
+                    task.round,
+                    format!("cannot read the task's model: {e}"),
+                );
             }
         }
     }
@@ -322,7 +352,7 @@ fn run_task(
         Ok(mut l) => execute(l.as_mut(), task),
         Err(_) => {
             let reason = "a previous task of this job panicked".to_string();
-            return (fail(&task, ReturnCode::ExecutionException, reason), None);
+            return fail(task.id, task.round, reason);
         }
     };
     let Some(m) = r.data.model.take() else {
@@ -332,15 +362,7 @@ fn run_task(
         Ok(m) => (r, Some(m)),
         Err(e) => {
             tracing::error!(job = %ctx.job, error = %format!("{e:#}"), "cannot spool a task's result");
-            let reason = format!("{e:#}");
-            (
-                flare_protocols::TaskResult {
-                    task_id: r.task_id,
-                    round: r.round,
-                    data: Shareable::error(ReturnCode::ExecutionException, reason),
-                },
-                None,
-            )
+            fail(r.task_id, r.round, format!("{e:#}"))
         }
     }
 }
@@ -361,9 +383,7 @@ pub async fn run<W>(
     let now = || Time::from_duration(epoch.elapsed());
     let (self_tx, mut self_rx) = mpsc::channel::<Input<W::Msg>>(256);
     let (report_tx, report_rx) = mpsc::channel::<Report>(1024);
-    // (peer, model) pairs being delivered, the model by the identity of its shared copy (held
-    // by the delivering task, so it cannot be freed and reused meanwhile).
-    let in_flight: Arc<Mutex<std::collections::HashSet<(String, usize)>>> = Default::default();
+    let in_flight: Arc<Mutex<HashSet<(String, usize)>>> = Default::default();
     tokio::spawn(reporter(Arc::clone(&ctx), report_rx));
     let tasks = Arc::new(tokio::sync::Mutex::new(()));
     let mut down: HashMap<String, bool> = HashMap::new();
@@ -380,52 +400,41 @@ pub async fn run<W>(
                             continue;
                         }
                     };
-                    let key = model.as_ref().map(|m| (to.clone(), model_identity(m)));
-                    if let Some(k) = &key {
-                        let fresh = in_flight
-                            .lock()
-                            .map(|mut f| f.insert(k.clone()))
-                            .unwrap_or(true);
-                        if !fresh {
-                            tracing::debug!(job = %ctx.job, peer = %to, "model already on its way; message dropped");
-                            continue;
-                        }
-                    }
-                    let (c, tx, flying) =
-                        (Arc::clone(&ctx), self_tx.clone(), Arc::clone(&in_flight));
+                    let flying = match &model {
+                        Some(m) => match InFlight::claim(&in_flight, &to, m) {
+                            Some(g) => Some(g),
+                            None => {
+                                tracing::debug!(job = %ctx.job, peer = %to, "model already on its way; message dropped");
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
+                    let (c, tx) = (Arc::clone(&ctx), self_tx.clone());
                     tokio::spawn(async move {
+                        // Released when this task ends, however it ends.
+                        let _flying = flying;
                         let model = match model {
                             Some(m) if c.filters.has_task_result(c.filter_task) => {
                                 let c2 = Arc::clone(&c);
-                                let f = tokio::task::spawn_blocking(move || {
-                                    c2.filters.task_result_ref(c2.filter_task, m)
+                                let filtered = tokio::task::spawn_blocking(move || {
+                                    c2.filters
+                                        .task_result_ref(c2.filter_task, m)
+                                        .map_err(|e| e.to_string())
                                 })
-                                .await;
-                                match f {
-                                    Ok(Ok(m)) => Some(m),
-                                    Ok(Err(e)) => {
-                                        tracing::error!(job = %c.job, peer = %to, error = %e, "the task result filter refused a model; message not sent");
-                                        if let (Some(k), Ok(mut f)) = (key, flying.lock()) {
-                                            f.remove(&k);
-                                        }
-                                        return;
-                                    }
+                                .await
+                                .unwrap_or_else(|e| Err(e.to_string()));
+                                match filtered {
+                                    Ok(m) => Some(m),
                                     Err(e) => {
-                                        tracing::error!(job = %c.job, peer = %to, error = %e, "a task result filter failed");
-                                        if let (Some(k), Ok(mut f)) = (key, flying.lock()) {
-                                            f.remove(&k);
-                                        }
+                                        tracing::error!(job = %c.job, peer = %to, error = %e, "the task result filter refused a model; message not sent");
                                         return;
                                     }
                                 }
                             }
                             m => m,
                         };
-                        let sent = send_to(&c, &to, body, model).await;
-                        if let (Some(k), Ok(mut f)) = (key, flying.lock()) {
-                            f.remove(&k);
-                        }
-                        if let Err(e) = sent {
+                        if let Err(e) = send_to(&c, &to, body, model).await {
                             tracing::warn!(job = %c.job, peer = %to, error = %format!("{e:#}"), "message not delivered");
                             let _ = tx.send(Input::PeerDown(to)).await;
                         }
@@ -448,56 +457,40 @@ pub async fn run<W>(
                         tracing::warn!(job = %ctx.job, "report queue full; report dropped");
                     }
                 }
-                Action::Persist { slot, model } => {
+                Action::Persist { slot, mut model } => {
                     let path = ctx
                         .job_dir
                         .join("models")
                         .join(format!("{}.safetensors", slot.file_stem()));
+                    let save = |m: ModelRef, p: PathBuf| {
+                        tokio::task::spawn_blocking(move || crate::model_io::write_held(&p, &m))
+                    };
                     // A large model in memory is written now, and the workflow holds the
                     // file from then on (its queued sends included), so memory lets it go.
                     let large = model
                         .in_memory()
-                        .filter(|m| m.num_bytes() as u64 >= FILE_BACKED_BYTES)
-                        .cloned();
-                    let (model, early) = match large {
-                        Some(m) => {
-                            let p = path.clone();
-                            let wrote = tokio::task::spawn_blocking(move || {
-                                if let Some(d) = p.parent() {
-                                    std::fs::create_dir_all(d)?;
-                                }
-                                crate::model_io::write_stored(&p, &m, false)
-                                    .map_err(anyhow::Error::from)
-                            })
-                            .await;
-                            match wrote {
-                                Ok(Ok(s)) => {
-                                    let stored = ModelRef::Stored(Arc::new(s));
-                                    wf.replace_model(&model, &stored);
-                                    (stored, Some(Ok(Ok(()))))
-                                }
-                                other => (model, Some(other.map(|r| r.map(|_| ())))),
+                        .is_some_and(|m| m.num_bytes() as u64 >= FILE_BACKED_BYTES);
+                    let mut early = None;
+                    if large {
+                        let wrote = match save(model.clone(), path.clone()).await {
+                            Ok(Ok(Some(s))) => {
+                                let stored = ModelRef::Stored(Arc::new(s));
+                                wf.replace_model(&model, &stored);
+                                model = stored;
+                                Ok(Ok(None))
                             }
-                        }
-                        None => (model, None),
-                    };
+                            other => other,
+                        };
+                        early = Some(wrote);
+                    }
                     let (c, reports, epoch) = (Arc::clone(&ctx), report_tx.clone(), last_epoch);
                     tokio::spawn(async move {
                         let wrote = match early {
                             Some(w) => w,
-                            None => {
-                                let (m, p) = (model.clone(), path.clone());
-                                tokio::task::spawn_blocking(move || {
-                                    if let Some(d) = p.parent() {
-                                        std::fs::create_dir_all(d)?;
-                                    }
-                                    crate::model_io::write_ref(&p, &m).map_err(anyhow::Error::from)
-                                })
-                                .await
-                            }
+                            None => save(model.clone(), path.clone()).await,
                         };
                         let failed = match wrote {
-                            Ok(Ok(())) => {
+                            Ok(Ok(_)) => {
                                 tracing::info!(job = %c.job, path = %path.display(), "model saved");
                                 None
                             }
