@@ -26,6 +26,7 @@ use flare_protocols::workflows::cse::CseArgs;
 use flare_protocols::workflows::cyclic::CyclicArgs;
 use flare_protocols::workflows::scatter_gather::SagConfig;
 use flare_protocols::workflows::swarm::SwarmArgs;
+use flare_protocols::workflows::tiered::{self, TieredArgs};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -534,6 +535,9 @@ pub struct ServerApp {
     /// A client-side cross-site evaluation run after a client-controlled workflow
     /// (`CrossSiteEval`, FLARE's `CrossSiteEvalServerController`, as the second workflow).
     pub evaluation: Option<CseArgs>,
+    /// A tiered job's arguments (`TieredScatterAndGather`): tier 1 runs `sag` over the
+    /// regions' hubs, and each hub runs its region's rounds with these.
+    pub tiered: Option<TieredArgs>,
     /// Scatter-and-gather settings (the defaults when the workflow is another one).
     pub sag: SagConfig,
     /// The initial model.
@@ -580,6 +584,7 @@ impl ServerApp {
                 ));
             }
         };
+        let mut tiered = None;
         let (workflow, a) = match wf.name.as_str() {
             "ScatterAndGather" => (
                 WorkflowSpec::ScatterAndGather,
@@ -628,12 +633,33 @@ impl ServerApp {
                 };
                 (WorkflowSpec::Cyclic(Box::new(x)), sag)
             }
+            tiered::WORKFLOW_NAME => {
+                // Tier 1 runs scatter-and-gather over the regions' hubs; each hub reads the
+                // rest of these arguments.
+                let x: TieredArgs = parse_args(&file, "workflows[0]", wf.args.clone())?;
+                x.validate()
+                    .map_err(|e| invalid(&file, "workflows[0].args", e.to_string()))?;
+                let top = x.top_config();
+                let sag = SagArgs {
+                    num_rounds: x.num_rounds,
+                    start_round: 0,
+                    min_clients: x.min_regions,
+                    wait_time_after_min_received: x.wait_time_after_min_received,
+                    task_timeout: top.task_timeout.as_secs_f64(),
+                    validate_final: x.validate_final,
+                    model_id: x.model_id.clone(),
+                    aggregator_id: x.aggregator_id.clone(),
+                    persistor_id: x.persistor_id.clone(),
+                };
+                tiered = Some(x);
+                (WorkflowSpec::ScatterAndGather, sag)
+            }
             other => {
                 return Err(invalid(
                     &file,
                     "workflows[0].name",
                     format!(
-                        "unknown workflow {other:?} (known: ScatterAndGather, Swarm, Cyclic; CrossSiteEval as the second)"
+                        "unknown workflow {other:?} (known: ScatterAndGather, Swarm, Cyclic, TieredScatterAndGather; CrossSiteEval as the second)"
                     ),
                 ));
             }
@@ -791,6 +817,7 @@ impl ServerApp {
         Ok(ServerApp {
             workflow,
             evaluation,
+            tiered,
             sag,
             model,
             persistor,

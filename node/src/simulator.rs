@@ -515,6 +515,7 @@ impl Driver<'_> {
                             round,
                             model,
                             accepted,
+                            ..
                         } => {
                             let seconds = round_start.elapsed().as_secs_f64();
                             rounds.push(RoundReport {

@@ -9,7 +9,8 @@
 use std::collections::BTreeMap;
 
 use crate::model::{
-    DType, FLModel, META_NUM_SAMPLES, META_NUM_STEPS, ModelError, ParamsType, Tensor, numel,
+    DType, FLModel, META_NUM_SAMPLES, META_NUM_STEPS, MetaValue, ModelError, ParamsType, Tensor,
+    numel,
 };
 use crate::stored::{ModelRef, SourceError, TensorInfo, check_layout, layout_of, memory_chunks};
 
@@ -47,20 +48,123 @@ pub enum AggregateError {
     Poisoned(String),
 }
 
-/// The aggregation weight of a result: its sample count, else its step count, else 1.
+/// The aggregation weight of a result: a partial's total weight ([`META_PARTIAL_WEIGHT`]), else
+/// its sample count, else its step count, else 1.
 pub fn weight_of(model: &FLModel) -> f64 {
-    model
-        .meta_int(META_NUM_SAMPLES)
-        .or_else(|| model.meta_int(META_NUM_STEPS))
-        .map_or(1.0, |n| n as f64)
+    weight_in(&model.meta)
 }
 
 /// [`weight_of`] for a model in memory or stored.
 pub fn weight_of_ref(model: &ModelRef) -> f64 {
-    model
-        .meta_int(META_NUM_SAMPLES)
-        .or_else(|| model.meta_int(META_NUM_STEPS))
-        .map_or(1.0, |n| n as f64)
+    weight_in(model.meta())
+}
+
+fn weight_in(meta: &BTreeMap<String, MetaValue>) -> f64 {
+    if let Some(w) = partial_weight_in(meta) {
+        return w;
+    }
+    let int = |k: &str| match meta.get(k) {
+        Some(MetaValue::Int(v)) => Some(*v as f64),
+        Some(MetaValue::Float(f)) if f.fract() == 0.0 => Some(*f),
+        _ => None,
+    };
+    int(META_NUM_SAMPLES)
+        .or_else(|| int(META_NUM_STEPS))
+        .unwrap_or(1.0)
+}
+
+/// Metadata key that marks a model as a *partial*: its tensors are the weighted sum
+/// `Σ wᵢ·xᵢ` of the models behind it (not their mean), and the value is their total weight
+/// `Σ wᵢ`. Partials merge: folding one into [`FedAvg`] with its weight counts it as the
+/// models behind it would have counted, so a tier that aggregates partials gives the same
+/// model as one aggregation over every site.
+pub const META_PARTIAL_WEIGHT: &str = "flare.partial.weight";
+/// Metadata key of a partial's sample count (the `NUM_SAMPLES` of the models behind it).
+pub const META_PARTIAL_SAMPLES: &str = "flare.partial.samples";
+/// Metadata key of how many results a partial sums.
+pub const META_PARTIAL_COUNT: &str = "flare.partial.count";
+
+fn partial_weight_in(meta: &BTreeMap<String, MetaValue>) -> Option<f64> {
+    match meta.get(META_PARTIAL_WEIGHT)? {
+        MetaValue::Float(w) => Some(*w),
+        MetaValue::Int(w) => Some(*w as f64),
+        // A marker that is not a number is not a weight: such a result is refused.
+        _ => Some(f64::NAN),
+    }
+}
+
+/// The total weight of a partial, or `None` for an ordinary model.
+pub fn partial_weight(model: &ModelRef) -> Option<f64> {
+    partial_weight_in(model.meta())
+}
+
+/// Why a partial could not be made.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PartialError {
+    /// The weight is zero, negative or not finite.
+    #[error("invalid partial weight {0}")]
+    BadWeight(f64),
+    /// A half-precision tensor cannot hold a weighted sum without overflowing.
+    #[error("tensor {name:?} is {dtype:?}: a partial's weighted sum needs f32 or i64 tensors")]
+    Dtype {
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        dtype: DType,
+    },
+    /// A tensor could not be rebuilt.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// The partial of `mean`, the weighted mean of `count` results whose weights add up to
+/// `weight` and whose sample counts add up to `samples`: every tensor times `weight`, marked
+/// with [`META_PARTIAL_WEIGHT`], [`META_PARTIAL_SAMPLES`] and [`META_PARTIAL_COUNT`]. Metrics
+/// stay the weighted means they are (they merge with the same weight).
+pub fn to_partial(
+    mut mean: FLModel,
+    weight: f64,
+    samples: i64,
+    count: usize,
+) -> Result<FLModel, PartialError> {
+    if !(weight.is_finite() && weight > 0.0) {
+        return Err(PartialError::BadWeight(weight));
+    }
+    for (name, t) in std::mem::take(&mut mean.params) {
+        let scaled = match t.dtype() {
+            DType::F32 => {
+                let v: Vec<f32> = t
+                    .to_f32_vec()
+                    .iter()
+                    .map(|x| (f64::from(*x) * weight) as f32)
+                    .collect();
+                Tensor::from_f32(t.shape().to_vec(), &v)?
+            }
+            DType::I64 => Tensor::from_f64_like(
+                &t,
+                widened(&t).into_iter().map(|x| (x * weight).round()),
+            ),
+            dtype => return Err(PartialError::Dtype { name, dtype }),
+        };
+        mean.params.insert(name, scaled);
+    }
+    mean.meta
+        .insert(META_PARTIAL_WEIGHT.into(), MetaValue::Float(weight));
+    mean.meta
+        .insert(META_PARTIAL_SAMPLES.into(), MetaValue::Int(samples));
+    mean.meta.insert(
+        META_PARTIAL_COUNT.into(),
+        MetaValue::Int(i64::try_from(count).unwrap_or(i64::MAX)),
+    );
+    mean.meta.remove(META_NUM_SAMPLES);
+    mean.meta.remove(META_NUM_STEPS);
+    Ok(mean)
+}
+
+fn widened(t: &Tensor) -> Vec<f64> {
+    let mut out = Vec::with_capacity(t.numel());
+    widen(t.dtype(), 0, t.bytes(), |_, v| out.push(v));
+    out
 }
 
 /// Running weighted sum of one tensor.
@@ -164,6 +268,13 @@ impl Src<'_> {
         }
     }
 
+    fn partial_weight(&self) -> Option<f64> {
+        match self {
+            Src::Mem(m) => partial_weight_in(&m.meta),
+            Src::Ref(r) => partial_weight_in(r.meta()),
+        }
+    }
+
     fn metrics(&self) -> &BTreeMap<String, f64> {
         match self {
             Src::Mem(m) => &m.metrics,
@@ -259,9 +370,16 @@ impl FedAvg {
                 Err(AggregateError::NonFinite(info.name.clone()))
             }
         })?;
+        // A partial carries Σ wᵢ·xᵢ: divided by its own weight it is the mean it stands for.
+        let scale = match result.partial_weight() {
+            None => 1.0,
+            Some(w) if w.is_finite() && w > 0.0 => 1.0 / w,
+            Some(w) => return Err(AggregateError::BadWeight(w)),
+        };
         self.params_type = Some(params_type);
         // This result's share of the mean over everything folded in so far.
         let share = (weight / (self.total_weight + weight)) as f32;
+        let scale32 = scale as f32;
         for t in &layout {
             self.sums
                 .entry(t.name.clone())
@@ -282,13 +400,13 @@ impl FedAvg {
                     };
                     for (m, x) in dst.chunks_exact_mut(4).zip(bytes.chunks_exact(4)) {
                         let old = read_f32(m);
-                        let v = old + share * (read_f32(x) - old);
+                        let v = old + share * (read_f32(x) * scale32 - old);
                         m.copy_from_slice(&v.to_le_bytes());
                     }
                 }
                 Acc::Wide(sum) => widen(info.dtype, at / info.dtype.size(), bytes, |i, v| {
                     if let Some(s) = sum.get_mut(i) {
-                        *s += weight * v;
+                        *s += weight * scale * v;
                     }
                 }),
             }
@@ -440,6 +558,106 @@ mod tests {
 
     fn f32s(m: &FLModel, name: &str) -> Vec<f32> {
         m.params[name].to_f32_vec()
+    }
+
+    /// FedAvg of `group`, as the partial its tier would send up.
+    fn partial_of(group: &[&FLModel], base: &FLModel) -> FLModel {
+        let mut agg = FedAvg::new();
+        for m in group {
+            agg.add(base, m, weight_of(m)).unwrap();
+        }
+        let (w, n) = (agg.total_weight(), agg.count());
+        let samples = group.iter().map(|m| weight_of(m) as i64).sum();
+        to_partial(agg.finish(base).unwrap(), w, samples, n).unwrap()
+    }
+
+    #[test]
+    fn partials_merge_into_the_flat_average_and_not_one_to_one() {
+        let base = model(&[0.0, 0.0], &[0], 1);
+        let sites = [
+            model(&[1.0, -2.0], &[10], 10),
+            model(&[3.0, 0.5], &[20], 100),
+            model(&[-1.0, 4.0], &[30], 1000),
+            model(&[7.0, 1.0], &[40], 10),
+            model(&[0.25, 2.0], &[50], 100),
+            model(&[2.0, -3.0], &[60], 100),
+        ];
+        let mut flat = FedAvg::new();
+        for m in &sites {
+            flat.add(&base, m, weight_of(m)).unwrap();
+        }
+        let flat = flat.finish(&base).unwrap();
+        let eu = partial_of(&[&sites[0], &sites[1], &sites[2]], &base);
+        let us = partial_of(&[&sites[3], &sites[4], &sites[5]], &base);
+        assert_eq!(weight_of(&eu), 1110.0);
+        assert_eq!(eu.meta_int(META_PARTIAL_SAMPLES), Some(1110));
+        assert_eq!(eu.meta_int(META_PARTIAL_COUNT), Some(3));
+        // The tensors are sums, not means: eu's w[0] is 10·1 + 100·3 + 1000·(−1).
+        assert!((f32s(&eu, "w")[0] - (-690.0)).abs() < 1e-3);
+        let mut top = FedAvg::new();
+        for p in [&eu, &us] {
+            top.add(&base, p, weight_of(p)).unwrap();
+        }
+        let tiered = top.finish(&base).unwrap();
+        for (a, b) in f32s(&tiered, "w").iter().zip(f32s(&flat, "w")) {
+            assert!(((a - b) / b).abs() < 1e-6, "{a} vs {b}");
+        }
+        // A nested tier: a partial of partials merges the same way.
+        let nested = partial_of(&[&eu, &us], &base);
+        assert_eq!(weight_of(&nested), 1320.0);
+        let mut again = FedAvg::new();
+        again.add(&base, &nested, weight_of(&nested)).unwrap();
+        let again = again.finish(&base).unwrap();
+        for (a, b) in f32s(&again, "w").iter().zip(f32s(&flat, "w")) {
+            assert!(((a - b) / b).abs() < 1e-6, "{a} vs {b}");
+        }
+        // Regions counted 1:1 (FLARE's hub: bare means, weight 1) give another model.
+        let mean = |p: &FLModel| {
+            let mut m = FLModel::from_params(p.params.clone());
+            let w = weight_of(p) as f32;
+            m.params.insert(
+                "w".into(),
+                Tensor::from_f32(
+                    vec![2],
+                    &f32s(p, "w").iter().map(|x| x / w).collect::<Vec<_>>(),
+                )
+                .unwrap(),
+            );
+            m
+        };
+        let mut one_to_one = FedAvg::new();
+        for p in [&eu, &us] {
+            one_to_one.add(&base, &mean(p), 1.0).unwrap();
+        }
+        let wrong = one_to_one.finish(&base).unwrap();
+        assert!((f32s(&wrong, "w")[0] - f32s(&flat, "w")[0]).abs() > 0.1);
+    }
+
+    #[test]
+    fn partials_refuse_half_precision_and_bad_weights() {
+        let half = FLModel::from_params(BTreeMap::from([(
+            "h".to_string(),
+            Tensor::zeros(DType::F16, vec![2]).unwrap(),
+        )]));
+        assert!(matches!(
+            to_partial(half, 3.0, 3, 1),
+            Err(PartialError::Dtype { .. })
+        ));
+        let base = model(&[0.0, 0.0], &[0], 1);
+        assert_eq!(
+            to_partial(base.clone(), 0.0, 0, 1),
+            Err(PartialError::BadWeight(0.0))
+        );
+        let mut forged = model(&[1.0, 1.0], &[1], 1);
+        forged
+            .meta
+            .insert(META_PARTIAL_WEIGHT.into(), MetaValue::Text("lots".into()));
+        let mut agg = FedAvg::new();
+        assert!(matches!(
+            agg.add(&base, &forged, weight_of(&forged)),
+            Err(AggregateError::BadWeight(_))
+        ));
+        assert_eq!(agg.count(), 0);
     }
 
     #[test]

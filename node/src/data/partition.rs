@@ -20,6 +20,15 @@ pub enum Partition {
         /// Concentration; must be positive.
         alpha: f64,
     },
+    /// Shuffled, then cut into parts of very unequal size: site `i`'s share is proportional to
+    /// `ratio^(i mod period)` (with ratio 10 and period 3, sizes go 1 : 10 : 100 and repeat),
+    /// for tests and studies of weighting.
+    Geometric {
+        /// Size ratio between neighbouring sites of a period; must be positive.
+        ratio: f64,
+        /// Sites per period; must be at least 1.
+        period: u32,
+    },
 }
 
 /// Why a partition could not be made.
@@ -31,6 +40,14 @@ pub enum PartitionError {
     /// α is not a positive finite number.
     #[error("dirichlet alpha must be positive, got {0}")]
     BadAlpha(f64),
+    /// The geometric ratio is not positive or the period is zero.
+    #[error("geometric partition needs a positive ratio and a period of at least 1, got ratio {ratio} and period {period}")]
+    BadGeometric {
+        /// The ratio.
+        ratio: f64,
+        /// The period.
+        period: u32,
+    },
 }
 
 impl Partition {
@@ -53,6 +70,30 @@ impl Partition {
                 idx.shuffle(&mut rng);
                 for (k, i) in idx.into_iter().enumerate() {
                     parts[k % sites].push(i);
+                }
+            }
+            Partition::Geometric { ratio, period } => {
+                if !(ratio.is_finite() && ratio > 0.0) || period == 0 {
+                    return Err(PartitionError::BadGeometric { ratio, period });
+                }
+                let mut idx: Vec<usize> = (0..labels.len()).collect();
+                idx.shuffle(&mut rng);
+                let shares: Vec<f64> = (0..sites)
+                    .map(|i| ratio.powi((i % period as usize) as i32))
+                    .collect();
+                let total: f64 = shares.iter().sum();
+                let (mut start, mut acc) = (0usize, 0.0);
+                for (s, share) in shares.iter().enumerate() {
+                    acc += share;
+                    let end = if s + 1 == sites {
+                        idx.len()
+                    } else {
+                        ((acc / total) * idx.len() as f64).round() as usize
+                    }
+                    .clamp(start, idx.len());
+                    parts[s] = idx[start..end].to_vec();
+                    parts[s].sort_unstable();
+                    start = end;
                 }
             }
             Partition::Dirichlet { alpha } => {
@@ -108,6 +149,26 @@ mod tests {
         let mut all: Vec<usize> = parts.iter().flatten().copied().collect();
         all.sort_unstable();
         assert_eq!(all, (0..n).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn geometric_sizes_follow_the_ratio_and_cover_everything() {
+        let p = Partition::Geometric {
+            ratio: 10.0,
+            period: 3,
+        };
+        let parts = p.split(&labels(), 6, 1).unwrap();
+        assert_cover(&parts, 1000);
+        let sizes: Vec<usize> = parts.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![5, 45, 450, 5, 45, 450]);
+        let bad = Partition::Geometric {
+            ratio: 0.0,
+            period: 3,
+        };
+        assert!(matches!(
+            bad.split(&labels(), 2, 0),
+            Err(PartitionError::BadGeometric { .. })
+        ));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod cse;
 pub mod cyclic;
 pub mod scatter_gather;
 pub mod swarm;
+pub mod tiered;
 
 #[cfg(test)]
 mod cse_sims;

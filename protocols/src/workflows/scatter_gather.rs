@@ -162,6 +162,8 @@ pub enum Event {
         model: ModelRef,
         /// How many results went into it.
         accepted: usize,
+        /// Their total aggregation weight (the sample counts, as a rule).
+        weight: f64,
     },
     /// Metrics of a global model version, averaged over the clients that measured it.
     ModelEvaluated {
@@ -537,6 +539,7 @@ impl ScatterGather {
         }
         self.emit(Event::ModelEvaluated { version, metrics });
         let accepted = agg.count();
+        let weight = agg.total_weight();
         match agg.finish_ref(&self.global) {
             Ok(mut model) => {
                 model.current_round = Some(self.round);
@@ -556,6 +559,7 @@ impl ScatterGather {
             round: self.round,
             model: self.global.clone(),
             accepted,
+            weight,
         });
         self.round += 1;
         if self.round < self.cfg.start_round + self.cfg.num_rounds {

@@ -227,6 +227,7 @@ fn check_invariants(events: &[Event], sent: &BTreeMap<u64, (usize, Task)>) {
                 round,
                 model,
                 accepted: n,
+                ..
             } => {
                 assert!(aggregated.insert(*round), "round {round} aggregated twice");
                 let clients = &accepted[round];

@@ -279,6 +279,7 @@ impl Server {
                 round,
                 model,
                 accepted,
+                ..
             } => {
                 tracing::info!(job = %id, round, accepted, "round aggregated");
                 // The model is persisted before the record names it, so a resume never
