@@ -11,7 +11,7 @@ if [ "$(id -u)" = 0 ] && ! command -v tcpdump >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump
 fi
 
-cargo build --release -p flare-node -p flare-client   # flare-test-trainer: the user program of the Client API tests
+cargo build --release -p flare-hub -p flare-client   # flare-test-trainer: the user program of the Client API tests
 cargo test --workspace --release
 
 # Python side: an independent reader of the files Flare writes.

@@ -22,8 +22,8 @@ export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export FLARE_TORCH_INTEROP_DIR=${FLARE_TORCH_INTEROP_DIR:-$PWD/target/torch-interop}
 rm -rf "$FLARE_TORCH_INTEROP_DIR"
 
-echo "== cargo build --release -p flare-node --features torch"
-cargo build --release -p flare-node --features torch
+echo "== cargo build --release -p flare-hub --features torch (the flare-node binary)"
+cargo build --release -p flare-hub --features torch
 echo "== cargo test --release -p flare-node --features torch"
 cargo test --release -p flare-node --features torch
 echo "== pytest tests/python/test_torch_interop.py test_client_api.py test_hello_pt.py"

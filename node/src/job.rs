@@ -1392,6 +1392,10 @@ impl Job {
     }
 
     /// The client app deployed to `site`: its own entry first, then `@ALL`.
+    ///
+    /// In a tiered federation sites are named by region path (`eu.site-2`): an entry names a
+    /// site (`eu.site-2`) or a whole region (`eu`), and the nearest one wins. A region's hub
+    /// (`eu`) takes the job when an entry names the region or a site in it.
     pub fn app_for(&self, site: &str) -> Option<&ClientApp> {
         let by = |who: &str| {
             self.deploy
@@ -1399,7 +1403,22 @@ impl Job {
                 .find(|(s, _)| s == who)
                 .and_then(|(_, app)| self.client_apps.get(app))
         };
-        by(site).or_else(|| by("@ALL"))
+        let mut path = site;
+        loop {
+            if let Some(app) = by(path) {
+                return Some(app);
+            }
+            match path.rfind('.') {
+                Some(i) => path = &path[..i],
+                None => break,
+            }
+        }
+        let inside = format!("{site}.");
+        self.deploy
+            .iter()
+            .find(|(s, _)| s.starts_with(&inside))
+            .and_then(|(_, app)| self.client_apps.get(app))
+            .or_else(|| by("@ALL"))
     }
 }
 

@@ -1,5 +1,6 @@
-//! The Flare node: the simulator, trainers and data, job folders, and (in later modules) the
-//! libp2p driver and roles. The binary `flare-node` is a thin CLI over this library.
+//! The Flare node: the simulator, trainers and data, job folders, the libp2p driver and the
+//! roles. The binary `flare-node` (built by the `flare-hub` crate, which adds the hub role) is
+//! a thin CLI over this library.
 
 pub mod bench;
 pub mod bench_client_api;
@@ -16,3 +17,22 @@ pub mod poc_run;
 pub mod roles;
 pub mod simulator;
 pub mod store;
+
+/// The `flare-node` binary for tests and benchmarks that start node processes: `$FLARE_NODE_BIN`
+/// when set, else `flare-node` in the cargo target folder of the running executable (a test
+/// runs from `target/<profile>/deps/`). The binary is built by the `flare-hub` crate
+/// (`cargo build --release -p flare-hub`; `cargo test --workspace` builds it too).
+pub fn node_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("FLARE_NODE_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("flare-node")
+}

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use flare_provision::load_kit;
 
 fn flare(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flare-node"))
+    Command::new(flare_node::node_bin())
         .args(args)
         .current_dir(cwd)
         .stdin(std::process::Stdio::null())

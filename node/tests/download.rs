@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_flare-node"))
+    flare_node::node_bin()
 }
 
 struct Nodes(Vec<Child>);

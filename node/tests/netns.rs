@@ -29,7 +29,7 @@ use serde_json::Value;
 const MIB: u64 = 16;
 
 fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_flare-node"))
+    flare_node::node_bin()
 }
 
 fn sh(args: &[&str]) -> std::process::Output {

@@ -9,7 +9,7 @@ use flare_node::data::Dataset;
 use flare_node::learner::mlp::Mlp;
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flare-node"))
+    Command::new(flare_node::node_bin())
 }
 
 fn root() -> PathBuf {

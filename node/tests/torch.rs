@@ -25,7 +25,7 @@ fn root() -> PathBuf {
 #[test]
 fn swarm_mnist_torch_reaches_97_percent() {
     let ws = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_flare-node"))
+    let out = Command::new(flare_node::node_bin())
         .args(["simulate", "--quiet", "--json", "-n", "3", "-w"])
         .arg(ws.path())
         .arg(root().join("examples/swarm-mnist-torch"))

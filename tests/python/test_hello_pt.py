@@ -37,7 +37,7 @@ def env():
 
 def node_bin():
     if not os.access(BIN, os.X_OK):
-        pytest.fail("no flare-node binary at %s (set FLARE_NODE_BIN or build it: cargo build --release -p flare-node)" % BIN)
+        pytest.fail("no flare-node binary at %s (set FLARE_NODE_BIN or build it: cargo build --release -p flare-hub)" % BIN)
     return BIN
 
 

@@ -13,7 +13,7 @@ use flare_node::learner::mlp::Mlp;
 use serde_json::Value;
 
 pub(crate) fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_flare-node"))
+    flare_node::node_bin()
 }
 
 pub(crate) fn root() -> PathBuf {

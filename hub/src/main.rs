@@ -32,9 +32,13 @@ enum Command {
     Simulate {
         /// The job folder (meta.json plus app folders).
         job: PathBuf,
-        /// Number of simulated clients (site-1 … site-N).
+        /// Number of simulated clients (site-1 … site-N); with --regions, sites per region.
         #[arg(short = 'n', long = "n-clients", default_value_t = 2)]
         clients: usize,
+        /// Simulate a tiered federation of this many regions (region-1 … region-R, each with
+        /// N sites), for a TieredScatterAndGather job.
+        #[arg(long)]
+        regions: Option<usize>,
         /// Workspace for models and metrics [default: /tmp/flare/simulator/<job name>].
         #[arg(short, long)]
         workspace: Option<PathBuf>,
@@ -274,6 +278,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate {
             job,
             clients,
+            regions,
             workspace,
             threads,
             quiet,
@@ -287,6 +292,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "job".into());
             let workspace =
                 workspace.unwrap_or_else(|| PathBuf::from("/tmp/flare/simulator").join(name));
+            if let Some(regions) = regions {
+                let report = flare_hub::sim::run(&flare_hub::sim::TieredSimOptions {
+                    job_dir: job,
+                    regions,
+                    sites_per_region: clients,
+                    workspace,
+                    threads: threads.unwrap_or_else(cpus),
+                    progress: !quiet,
+                })?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", flare_hub::sim::format_table(&report));
+                    println!("metrics:       {}", report.metrics_file.display());
+                }
+                return Ok(());
+            }
             let report = simulator::run(&SimOptions {
                 job_dir: job,
                 clients,
