@@ -17,7 +17,6 @@ fn root() -> PathBuf {
 }
 
 /// A job folder: the MNIST MLP under `workflow`, its training data split by `partition`.
-
 fn job(dir: &Path, workflow: Value, partition: Value) {
     let config = dir.join("app/config");
     std::fs::create_dir_all(&config).unwrap();
