@@ -140,10 +140,9 @@ pub fn to_partial(
                     .collect();
                 Tensor::from_f32(t.shape().to_vec(), &v)?
             }
-            DType::I64 => Tensor::from_f64_like(
-                &t,
-                widened(&t).into_iter().map(|x| (x * weight).round()),
-            ),
+            DType::I64 => {
+                Tensor::from_f64_like(&t, widened(&t).into_iter().map(|x| (x * weight).round()))
+            }
             dtype => return Err(PartialError::Dtype { name, dtype }),
         };
         mean.params.insert(name, scaled);

@@ -41,7 +41,9 @@ pub enum PartitionError {
     #[error("dirichlet alpha must be positive, got {0}")]
     BadAlpha(f64),
     /// The geometric ratio is not positive or the period is zero.
-    #[error("geometric partition needs a positive ratio and a period of at least 1, got ratio {ratio} and period {period}")]
+    #[error(
+        "geometric partition needs a positive ratio and a period of at least 1, got ratio {ratio} and period {period}"
+    )]
     BadGeometric {
         /// The ratio.
         ratio: f64,

@@ -166,7 +166,9 @@ impl TieredArgs {
             secs("region_timeout", r, true)?;
         }
         if self.region_workflow != "ScatterAndGather" {
-            return Err(TieredArgsError::RegionWorkflow(self.region_workflow.clone()));
+            return Err(TieredArgsError::RegionWorkflow(
+                self.region_workflow.clone(),
+            ));
         }
         Ok(())
     }
@@ -206,8 +208,7 @@ impl TieredArgs {
             start_round: global_round.saturating_mul(self.local_rounds),
             min_clients: self.min_clients.min(sites.max(1)),
             wait_time_after_min_received: self.wait(),
-            task_timeout: Duration::try_from_secs_f64(self.task_timeout)
-                .unwrap_or(Duration::MAX),
+            task_timeout: Duration::try_from_secs_f64(self.task_timeout).unwrap_or(Duration::MAX),
             validate_final: false,
         }
     }
@@ -418,8 +419,7 @@ mod tests {
             |hub, task, global| {
                 let r: usize = hub[1..].parse().unwrap();
                 let sites = &regions[r];
-                let site_names: Vec<String> =
-                    (0..sites.len()).map(|i| format!("s{i}")).collect();
+                let site_names: Vec<String> = (0..sites.len()).map(|i| format!("s{i}")).collect();
                 let g = task.round;
                 let mut watch = RegionRound::new(a, weights[r]);
                 let validate = task.name == "validate";
