@@ -1,5 +1,14 @@
 //! The project CA and participant certificates: issue with rcgen, verify the chain with
 //! rustls-webpki, then read the fields with x509-parser and check PeerId, role and CA dates.
+//!
+//! Regions (tiered federations): a certificate may name the region its participant belongs to
+//! (`eu`, or `eu.de` for a region nested in `eu`). The tier-1 server and its direct members
+//! have none. A hub serves one region and always carries it: it is the server of that region
+//! and a member of the parent region (none for `eu`, `eu` for `eu.de`). [`check_region`] is
+//! the admission rule every network endpoint applies: a node living in region `local` admits
+//! peers of `local` and hubs whose region's parent is `local`, nothing else. So a hub's
+//! certificate is scoped to its region: it can serve only its own region and join only the
+//! parent region, and it never passes as a site (its role is [`Role::Hub`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -60,6 +69,26 @@ pub enum CertError {
         /// The role in the certificate.
         actual: Role,
     },
+    /// A region name breaks the naming rules, or a role's region rule is broken (a hub needs a
+    /// region, the server has none); found when issuing a certificate.
+    #[error("bad region: {0}")]
+    BadRegion(String),
+    /// The peer's region does not let it in where this node lives (see [`check_region`]).
+    #[error(
+        "{peer} ({role}, region {}) is not admitted in region {}: a node admits members of its own region and hubs of the regions directly below it",
+        region_text(.peer_region.as_deref()),
+        region_text(.local.as_deref())
+    )]
+    WrongRegion {
+        /// The peer's name (CN).
+        peer: String,
+        /// The peer's role.
+        role: Role,
+        /// The peer's region.
+        peer_region: Option<String>,
+        /// The region of the node that refused it.
+        local: Option<String>,
+    },
     /// The root CA certificate's own validity period has ended.
     #[error("root CA certificate expired")]
     CaExpired,
@@ -88,6 +117,9 @@ pub enum Role {
     Relay,
     /// A person who submits and manages jobs, with their rights.
     Admin(AdminRole),
+    /// The hub of a region (tiered federations): the server of its region downward, a member
+    /// of the parent region upward. Its certificate always names its region.
+    Hub,
 }
 
 /// The rights of an admin (FLARE's admin roles).
@@ -114,6 +146,8 @@ pub enum RoleKind {
     Relay,
     /// Any [`Role::Admin`].
     Admin,
+    /// [`Role::Hub`].
+    Hub,
 }
 
 impl AdminRole {
@@ -153,6 +187,7 @@ impl Role {
             Role::Client => RoleKind::Client,
             Role::Relay => RoleKind::Relay,
             Role::Admin(_) => RoleKind::Admin,
+            Role::Hub => RoleKind::Hub,
         }
     }
 }
@@ -164,6 +199,7 @@ impl fmt::Display for Role {
             Role::Client => f.write_str("client"),
             Role::Relay => f.write_str("relay"),
             Role::Admin(r) => write!(f, "admin:{}", r.as_str()),
+            Role::Hub => f.write_str("hub"),
         }
     }
 }
@@ -175,6 +211,7 @@ impl FromStr for Role {
             "server" => Ok(Role::Server),
             "client" => Ok(Role::Client),
             "relay" => Ok(Role::Relay),
+            "hub" => Ok(Role::Hub),
             _ => match s.strip_prefix("admin:") {
                 Some(rights) => rights.parse().map(Role::Admin),
                 None => Err(format!("unknown role {s:?}")),
@@ -193,6 +230,83 @@ impl<'de> serde::Deserialize<'de> for Role {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The longest component of a region name (bytes).
+pub const MAX_REGION_COMPONENT: usize = 32;
+/// The most components of a region name (`eu.de` has two).
+pub const MAX_REGION_DEPTH: usize = 8;
+
+/// Checks a region name: components of 1 to [`MAX_REGION_COMPONENT`] bytes of `[a-z0-9-]`,
+/// joined by `.` for nesting (`eu`, `eu.de`), at most [`MAX_REGION_DEPTH`] of them.
+pub fn check_region_name(region: &str) -> Result<(), CertError> {
+    let bad = |problem: &str| Err(CertError::BadRegion(format!("{region:?}: {problem}")));
+    if region.split('.').count() > MAX_REGION_DEPTH {
+        return bad(&format!("at most {MAX_REGION_DEPTH} dotted components"));
+    }
+    for part in region.split('.') {
+        if part.is_empty() || part.len() > MAX_REGION_COMPONENT {
+            return bad(&format!(
+                "each dotted component must be 1 to {MAX_REGION_COMPONENT} bytes"
+            ));
+        }
+        if !part
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return bad("only a-z, 0-9 and '-' are allowed, components joined by '.'");
+        }
+    }
+    Ok(())
+}
+
+/// The region directly above `region`: `None` (tier 1) for `eu`, `Some("eu")` for `eu.de`.
+pub fn region_parent(region: &str) -> Option<&str> {
+    region.rsplit_once('.').map(|(parent, _)| parent)
+}
+
+/// Checks the region a certificate of `role` carries: a valid name, present for a hub,
+/// absent for the server.
+fn check_role_region(role: Role, region: Option<&str>) -> Result<(), CertError> {
+    match (role, region) {
+        (Role::Hub, None) => Err(CertError::BadRegion(
+            "a hub certificate must name the region it serves".into(),
+        )),
+        (Role::Server, Some(r)) => Err(CertError::BadRegion(format!(
+            "{r:?}: the server certificate has no region (the tier-1 server serves the whole federation)"
+        ))),
+        (_, Some(r)) => check_region_name(r),
+        (_, None) => Ok(()),
+    }
+}
+
+fn region_text(region: Option<&str>) -> String {
+    match region {
+        Some(r) => format!("{r:?}"),
+        None => "none (tier 1)".into(),
+    }
+}
+
+/// Whether a node living in region `local` (`None`: tier 1) admits `peer`.
+///
+/// Yes when the peer belongs to the same region, or when it is a [`Role::Hub`] whose region's
+/// parent is `local` (the hub of a region directly below, joining as a member). Everything
+/// else is refused with [`CertError::WrongRegion`]: the tier-1 server admits hubs `eu`, `us`
+/// and region-less members; a site of `eu` admits its hub, other `eu` sites and admins, but
+/// not a `us` site, not hub `us`, and not the tier-1 server.
+pub fn check_region(local: Option<&str>, peer: &ParticipantCert) -> Result<(), CertError> {
+    let theirs = peer.region.as_deref();
+    let hub_from_below = peer.role == Role::Hub && theirs.map(region_parent) == Some(local);
+    if theirs == local || hub_from_below {
+        Ok(())
+    } else {
+        Err(CertError::WrongRegion {
+            peer: peer.name.clone(),
+            role: peer.role,
+            peer_region: peer.region.clone(),
+            local: local.map(str::to_string),
+        })
     }
 }
 
@@ -266,6 +380,9 @@ pub struct ParticipantCertParams {
     pub org: String,
     /// The participant's role.
     pub role: Role,
+    /// The region the participant belongs to (a hub: the region it serves); `None` for the
+    /// tier-1 server and its direct members. Required for a hub, refused for the server.
+    pub region: Option<String>,
     /// The participant's Ed25519 key (its libp2p identity).
     pub signing_public: SigningPublicKey,
     /// The participant's x25519 sealing key.
@@ -354,8 +471,28 @@ impl CertificateAuthority {
         &self.secret
     }
 
-    /// Issues a participant certificate.
+    /// Issues a participant certificate. The region must fit the role (see
+    /// [`ParticipantCertParams::region`]) and be a valid name ([`check_region_name`]).
     pub fn issue(&self, p: &ParticipantCertParams) -> Result<IssuedCert, CertError> {
+        check_role_region(p.role, p.region.as_deref())?;
+        let role = p.role.to_string();
+        let mut extensions = vec![
+            utf8_extension(oid::ROLE_EXT, &role)?,
+            octet_extension(oid::SEALING_KEY_EXT, p.sealing_public.as_bytes())?,
+        ];
+        if let Some(region) = &p.region {
+            extensions.push(utf8_extension(oid::REGION_EXT, region)?);
+        }
+        self.sign(p, extensions)
+    }
+
+    /// Signs a participant certificate with exactly these Flare extensions (unchecked: tests
+    /// use it to make malformed ones).
+    fn sign(
+        &self,
+        p: &ParticipantCertParams,
+        extensions: Vec<CustomExtension>,
+    ) -> Result<IssuedCert, CertError> {
         let signer = RcgenSigner::new(&self.secret)?;
         let issuer =
             Issuer::from_ca_cert_der(&CertificateDer::from(self.cert.der.as_slice()), signer)?;
@@ -374,24 +511,33 @@ impl CertificateAuthority {
         cp.not_before = p.not_before;
         cp.not_after = p.not_after;
         cp.serial_number = Some(serial(p.serial));
-        let role = p.role.to_string();
-        let role_der = Utf8StringRef::new(&role)
-            .and_then(|s| s.to_der())
-            .map_err(|e| CertError::Malformed(e.to_string()))?;
-        let seal_der = OctetStringRef::new(p.sealing_public.as_bytes())
-            .and_then(|s| s.to_der())
-            .map_err(|e| CertError::Malformed(e.to_string()))?;
-        let mut role_ext = CustomExtension::from_oid_content(oid::ROLE_EXT, role_der);
-        role_ext.set_criticality(false);
-        let mut seal_ext = CustomExtension::from_oid_content(oid::SEALING_KEY_EXT, seal_der);
-        seal_ext.set_criticality(false);
-        cp.custom_extensions = vec![role_ext, seal_ext];
+        cp.custom_extensions = extensions;
         let cert = cp.signed_by(&p.signing_public, &issuer)?;
         Ok(IssuedCert {
             der: cert.der().to_vec(),
             pem: cert.pem(),
         })
     }
+}
+
+/// A non-critical extension holding a UTF8String.
+fn utf8_extension(oid: &[u64], text: &str) -> Result<CustomExtension, CertError> {
+    let der = Utf8StringRef::new(text)
+        .and_then(|s| s.to_der())
+        .map_err(|e| CertError::Malformed(e.to_string()))?;
+    let mut ext = CustomExtension::from_oid_content(oid, der);
+    ext.set_criticality(false);
+    Ok(ext)
+}
+
+/// A non-critical extension holding an OCTET STRING.
+fn octet_extension(oid: &[u64], bytes: &[u8]) -> Result<CustomExtension, CertError> {
+    let der = OctetStringRef::new(bytes)
+        .and_then(|s| s.to_der())
+        .map_err(|e| CertError::Malformed(e.to_string()))?;
+    let mut ext = CustomExtension::from_oid_content(oid, der);
+    ext.set_criticality(false);
+    Ok(ext)
 }
 
 /// A participant certificate that chains to the root CA, with its fields read.
@@ -403,6 +549,9 @@ pub struct ParticipantCert {
     pub org: String,
     /// The participant's role.
     pub role: Role,
+    /// The participant's region (a hub: the region it serves); `None`: tier 1. Checked like
+    /// [`ParticipantCertParams::region`] when read.
+    pub region: Option<String>,
     /// The Ed25519 key in the certificate.
     pub signing_public: SigningPublicKey,
     /// The PeerId of that key.
@@ -636,8 +785,10 @@ fn read_participant(der: &[u8]) -> Result<ParticipantCert, CertError> {
         .ok_or_else(|| CertError::Malformed("no organization".into()))?;
     let role_oid = oid::dotted(oid::ROLE_EXT);
     let seal_oid = oid::dotted(oid::SEALING_KEY_EXT);
+    let region_oid = oid::dotted(oid::REGION_EXT);
     let mut role = None;
     let mut sealing = None;
+    let mut region: Option<String> = None;
     for ext in cert.extensions() {
         let id = ext.oid.to_id_string();
         if id == role_oid {
@@ -664,16 +815,26 @@ fn read_participant(der: &[u8]) -> Result<ParticipantCert, CertError> {
                 .try_into()
                 .map_err(|_| CertError::Malformed("sealing key is not 32 bytes".into()))?;
             sealing = Some(SealingPublicKey::from_bytes(arr));
+        } else if id == region_oid {
+            if region.is_some() {
+                return Err(CertError::Malformed("duplicate region extension".into()));
+            }
+            let s = Utf8StringRef::from_der(ext.value)
+                .map_err(|e| CertError::Malformed(format!("region extension: {e}")))?;
+            region = Some(s.as_str().to_string());
         }
     }
     let role = role.ok_or_else(|| CertError::Malformed("no role extension".into()))?;
     let sealing_public =
         sealing.ok_or_else(|| CertError::Malformed("no sealing key extension".into()))?;
+    check_role_region(role, region.as_deref())
+        .map_err(|e| CertError::Malformed(format!("region extension: {e}")))?;
     let peer_id = signing_public.peer_id()?;
     Ok(ParticipantCert {
         name,
         org,
         role,
+        region,
         signing_public,
         peer_id,
         sealing_public,
@@ -682,4 +843,295 @@ fn read_participant(der: &[u8]) -> Result<ParticipantCert, CertError> {
         serial: cert.raw_serial().to_vec(),
         der: der.to_vec(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+    use ring::rand::SystemRandom;
+
+    use super::*;
+    use crate::identity::Identity;
+
+    /// 2030-01-01, so the tests do not depend on the clock.
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_893_456_000)
+    }
+
+    fn at(days: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_893_456_000 + days * 86_400).unwrap()
+    }
+
+    struct Fixture {
+        ca: CertificateAuthority,
+        root: RootCa,
+        id: Identity,
+    }
+
+    fn fixture() -> &'static Fixture {
+        use std::sync::OnceLock;
+        static F: OnceLock<Fixture> = OnceLock::new();
+        F.get_or_init(|| {
+            let rng = SystemRandom::new();
+            let ca = CertificateAuthority::create(
+                SigningSecret::generate(&rng).unwrap(),
+                &CaParams {
+                    common_name: "proj".into(),
+                    org: None,
+                    not_before: at(-10),
+                    not_after: at(3650),
+                    serial: [7; 16],
+                },
+            )
+            .unwrap();
+            let root = RootCa::from_der(&ca.cert().der, now()).unwrap();
+            Fixture {
+                ca,
+                root,
+                id: Identity::generate(&rng).unwrap(),
+            }
+        })
+    }
+
+    fn params(name: &str, role: Role, region: Option<&str>) -> ParticipantCertParams {
+        let f = fixture();
+        ParticipantCertParams {
+            name: name.into(),
+            org: "org".into(),
+            role,
+            region: region.map(str::to_string),
+            signing_public: f.id.signing.public().unwrap(),
+            sealing_public: f.id.sealing.public(),
+            not_before: at(-1),
+            not_after: at(30),
+            serial: [9; 16],
+        }
+    }
+
+    /// A real certificate, issued and read back.
+    fn cert(name: &str, role: Role, region: Option<&str>) -> ParticipantCert {
+        let f = fixture();
+        let issued = f.ca.issue(&params(name, role, region)).unwrap();
+        f.root.verify(&issued.der, now()).unwrap()
+    }
+
+    /// A certificate signed by the CA with these raw region extension contents (none: no
+    /// region extension), read back.
+    fn with_region_ext(role: Role, contents: &[&[u8]]) -> Result<ParticipantCert, CertError> {
+        let f = fixture();
+        let p = params("p", role, None);
+        let mut exts = vec![
+            utf8_extension(oid::ROLE_EXT, &role.to_string()).unwrap(),
+            octet_extension(oid::SEALING_KEY_EXT, p.sealing_public.as_bytes()).unwrap(),
+        ];
+        for c in contents {
+            let mut e = CustomExtension::from_oid_content(oid::REGION_EXT, c.to_vec());
+            e.set_criticality(false);
+            exts.push(e);
+        }
+        let issued = f.ca.sign(&p, exts).unwrap();
+        f.root.verify(&issued.der, now())
+    }
+
+    fn utf8(s: &str) -> Vec<u8> {
+        Utf8StringRef::new(s).unwrap().to_der().unwrap()
+    }
+
+    #[test]
+    fn hub_role_round_trips() {
+        assert_eq!("hub".parse::<Role>().unwrap(), Role::Hub);
+        assert_eq!(Role::Hub.to_string(), "hub");
+        assert_eq!(Role::Hub.kind(), RoleKind::Hub);
+        let c = cert("eu", Role::Hub, Some("eu"));
+        assert_eq!((c.role, c.region.as_deref()), (Role::Hub, Some("eu")));
+        let c = cert("site-1", Role::Client, Some("eu.de"));
+        assert_eq!(c.region.as_deref(), Some("eu.de"));
+        let c = cert("site-1", Role::Client, None);
+        assert_eq!(c.region, None);
+    }
+
+    #[test]
+    fn region_names() {
+        for ok in [
+            "eu",
+            "eu.de",
+            "a",
+            "us-east-1",
+            &"x".repeat(32),
+            "a.b.c.d.e.f.g.h",
+        ] {
+            check_region_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            "EU",
+            "eu.",
+            ".eu",
+            "eu..de",
+            "eu de",
+            "eu_de",
+            "eu/de",
+            "é",
+            &"x".repeat(33),
+            "a.b.c.d.e.f.g.h.i",
+        ] {
+            assert!(
+                matches!(check_region_name(bad), Err(CertError::BadRegion(_))),
+                "{bad:?} was accepted"
+            );
+        }
+        assert_eq!(region_parent("eu"), None);
+        assert_eq!(region_parent("eu.de"), Some("eu"));
+        assert_eq!(region_parent("eu.de.by"), Some("eu.de"));
+    }
+
+    #[test]
+    fn issuing_checks_the_region_against_the_role() {
+        let f = fixture();
+        for (role, region) in [
+            (Role::Hub, None),
+            (Role::Server, Some("eu")),
+            (Role::Client, Some("EU")),
+            (Role::Hub, Some("eu..de")),
+            (Role::Admin(AdminRole::Lead), Some("")),
+        ] {
+            let err = f.ca.issue(&params("p", role, region)).unwrap_err();
+            assert!(
+                matches!(err, CertError::BadRegion(_)),
+                "{role} {region:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_region_extensions_are_refused() {
+        let not_utf8 = OctetStringRef::new(b"eu").unwrap().to_der().unwrap();
+        let cases: &[(Role, &[&[u8]])] = &[
+            (Role::Client, &[&not_utf8]),
+            (Role::Client, &[b"\x0c\x05eu"]),
+            (Role::Client, &[b""]),
+            (Role::Client, &[&utf8("EU")]),
+            (Role::Client, &[&utf8("eu"), &utf8("us")]),
+            (Role::Server, &[&utf8("eu")]),
+            (Role::Hub, &[]),
+        ];
+        for (role, contents) in cases {
+            let err = with_region_ext(*role, contents).unwrap_err();
+            assert!(
+                matches!(err, CertError::Malformed(_)),
+                "{role} {contents:?}: {err}"
+            );
+        }
+        // The same path accepts a well-formed one, so the cases above fail for their flaw.
+        let ok = with_region_ext(Role::Hub, &[&utf8("eu")]).unwrap();
+        assert_eq!(ok.region.as_deref(), Some("eu"));
+    }
+
+    /// Every case of the admission rule, with real certificates.
+    #[test]
+    fn region_admission() {
+        let admin = Role::Admin(AdminRole::ProjectAdmin);
+        let tier1_server = cert("server", Role::Server, None);
+        let tier1_site = cert("site-0", Role::Client, None);
+        let tier1_admin = cert("admin", admin, None);
+        let hub_eu = cert("eu", Role::Hub, Some("eu"));
+        let hub_us = cert("us", Role::Hub, Some("us"));
+        let hub_eu_de = cert("eu.de", Role::Hub, Some("eu.de"));
+        let eu_site = cert("site-1", Role::Client, Some("eu"));
+        let eu_admin = cert("admin@eu", admin, Some("eu"));
+        let us_site = cert("site-1", Role::Client, Some("us"));
+        let de_site = cert("site-1", Role::Client, Some("eu.de"));
+
+        // The tier-1 server: hubs eu and us, region-less sites and admins.
+        for peer in [&hub_eu, &hub_us, &tier1_site, &tier1_admin] {
+            check_region(None, peer).unwrap_or_else(|e| panic!("tier 1: {e}"));
+        }
+        // ... but no region's members and no hub of a deeper region.
+        for peer in [&eu_site, &eu_admin, &us_site, &hub_eu_de, &de_site] {
+            assert!(
+                check_region(None, peer).is_err(),
+                "tier 1 admitted {}",
+                peer.name
+            );
+        }
+        // A node of region eu: its hub, eu sites and admins, the hub of eu.de below.
+        for peer in [&hub_eu, &eu_site, &eu_admin, &hub_eu_de] {
+            check_region(Some("eu"), peer).unwrap_or_else(|e| panic!("eu: {e}"));
+        }
+        // ... not a us site, not hub us, not the tier-1 server, its sites or admins, and
+        // not a site of eu.de.
+        for peer in [
+            &us_site,
+            &hub_us,
+            &tier1_server,
+            &tier1_site,
+            &tier1_admin,
+            &de_site,
+        ] {
+            let err = check_region(Some("eu"), peer).unwrap_err();
+            match &err {
+                CertError::WrongRegion {
+                    peer: name, local, ..
+                } => {
+                    assert_eq!(name, &peer.name);
+                    assert_eq!(local.as_deref(), Some("eu"));
+                }
+                other => panic!("{other}"),
+            }
+        }
+        // The message names the peer, its region and ours.
+        let text = check_region(Some("us"), &hub_eu).unwrap_err().to_string();
+        assert!(text.contains("eu (hub, region \"eu\")"), "{text}");
+        assert!(text.contains("in region \"us\""), "{text}");
+        let text = check_region(Some("eu"), &tier1_server)
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("region none (tier 1)"), "{text}");
+
+        // A hub of eu can never pass as a site: its role is Hub, whatever a check by role
+        // would want.
+        assert_eq!(hub_eu.role.kind(), RoleKind::Hub);
+        assert!(hub_eu.check_role(&[RoleKind::Client]).is_err());
+        // The hub's own downward endpoint (region eu) admits it as its region's member, its
+        // upward one (region none) as a hub from below, and no other region does.
+        check_region(Some("eu"), &hub_eu).unwrap();
+        check_region(None, &hub_eu).unwrap();
+        assert!(check_region(Some("eu.de"), &hub_eu).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Random region extension bytes never panic the reader; whatever is accepted is a
+        /// valid region.
+        #[test]
+        fn random_region_extensions_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+            match with_region_ext(Role::Client, &[&bytes]) {
+                Ok(c) => {
+                    let r = c.region.unwrap();
+                    prop_assert!(check_region_name(&r).is_ok());
+                }
+                Err(e) => prop_assert!(matches!(e, CertError::Malformed(_)), "{}", e),
+            }
+        }
+
+        /// A region either is refused when issuing or round-trips.
+        #[test]
+        fn random_regions_round_trip_or_are_refused(region in "[a-zA-Z0-9._ -]{0,40}") {
+            let f = fixture();
+            match f.ca.issue(&params("p", Role::Client, Some(&region))) {
+                Ok(issued) => {
+                    prop_assert!(check_region_name(&region).is_ok());
+                    let c = f.root.verify(&issued.der, now()).unwrap();
+                    prop_assert_eq!(c.region.as_deref(), Some(region.as_str()));
+                }
+                Err(e) => {
+                    prop_assert!(check_region_name(&region).is_err());
+                    prop_assert!(matches!(e, CertError::BadRegion(_)), "{}", e);
+                }
+            }
+        }
+    }
 }

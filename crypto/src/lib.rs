@@ -14,7 +14,7 @@ pub mod seal;
 
 pub use cert::{
     AdminRole, CaParams, CertError, CertificateAuthority, IssuedCert, ParticipantCert,
-    ParticipantCertParams, Role, RoleKind, RootCa,
+    ParticipantCertParams, Role, RoleKind, RootCa, check_region, check_region_name, region_parent,
 };
 pub use identity::{
     Identity, KeyError, SealingPublicKey, SealingSecret, SigningPublicKey, SigningSecret,

@@ -273,7 +273,7 @@ fn node_config(project: &Project, p: &Participant, ids: &[(String, String)]) -> 
             (listen, server_addr(false), vec![])
         }
         Role::Relay => (vec![listen_addr(p, p.port)], server_addr(false), vec![]),
-        Role::Client => {
+        Role::Client | Role::Hub => {
             let mut relays = relay_addrs;
             relays.push(server_addr(false));
             (vec![listen_addr(p, p.port)], server_addr(false), relays)
@@ -346,6 +346,7 @@ fn write_kit(
         name: p.name.clone(),
         org: p.org.clone(),
         role: p.role,
+        region: None,
         signing_public: id.signing.public().map_err(key_err)?,
         sealing_public: id.sealing.public(),
         not_before: now - time::Duration::hours(1),

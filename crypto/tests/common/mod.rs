@@ -48,6 +48,7 @@ pub(crate) fn issue(
         name: name.into(),
         org: "org-a".into(),
         role,
+        region: None,
         signing_public: id.signing.public().unwrap(),
         sealing_public: id.sealing.public(),
         not_before: at(from),

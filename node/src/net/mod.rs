@@ -143,6 +143,7 @@ pub(crate) fn test_peer_info(id: &flare_crypto::Identity, role: flare_crypto::Ro
             name: "p".into(),
             org: "o".into(),
             role,
+            region: None,
             signing_public: id.signing.public().unwrap(),
             peer_id,
             sealing_public: id.sealing.public(),

@@ -338,13 +338,17 @@ pub fn lock_workspace(dir: &Path) -> Result<File, WorkspaceLockError> {
 /// Runs the node of the kit in `kit_dir` (server or client) until SIGINT or SIGTERM.
 ///
 /// The kit's signature is verified first; a changed, added or removed file is named. Then the
-/// participant's folder is locked ([`lock_workspace`]) for as long as the node runs.
+/// participant's folder is locked ([`lock_workspace`]) for as long as the node runs. A hub
+/// kit is refused (after the lock, as for a server): the hub role lives in the hub crate,
+/// and the binary dispatches hub kits there before calling this.
 pub fn run_node(kit_dir: &std::path::Path) -> anyhow::Result<()> {
     let kit = flare_provision::kit::load_kit(kit_dir, SystemTime::now())
         .with_context(|| format!("startup kit {}", kit_dir.display()))?;
     // One identity runs once: a second start on this participant's folder stops here.
     let _lock = match kit.role().kind() {
-        flare_crypto::RoleKind::Server | flare_crypto::RoleKind::Client => {
+        flare_crypto::RoleKind::Server
+        | flare_crypto::RoleKind::Client
+        | flare_crypto::RoleKind::Hub => {
             let dir = kit.participant_dir().with_context(|| {
                 format!("startup kit {} has no parent folder", kit_dir.display())
             })?;
@@ -385,6 +389,10 @@ pub fn run_node(kit_dir: &std::path::Path) -> anyhow::Result<()> {
                 )
             }
             flare_crypto::RoleKind::Relay => anyhow::bail!("relay nodes are not supported yet"),
+            flare_crypto::RoleKind::Hub => anyhow::bail!(
+                "{} is a hub kit: the hub role runs in flare-node built with the hub crate",
+                kit.name()
+            ),
         }
     })
 }
