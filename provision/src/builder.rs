@@ -1,6 +1,12 @@
 //! Provisioning: a checked [`Project`] → `workspace/<project>/prod_NN/` with one signed
 //! startup kit per participant, zips and a `docker-compose.yml`. The root CA lives in
 //! `workspace/<project>/state/` (never in a kit) and is reused by later runs.
+//!
+//! Layout of `prod_NN/`: `<name>/` and `<name>.zip` for the server and the other
+//! participants without a region; one folder per region, `<region>/`, holding its hub's kit
+//! (`<region>/<region>/`, a hub being named after its region), its sites' and admins'
+//! (`<region>/<name>/`) and their zips; `docker-compose.yml`. Region folders never collide
+//! with kit folders: hub names are unique in the project.
 
 use std::fs;
 use std::io::Write;
@@ -88,7 +94,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
 pub struct ProvisionOutput {
     /// `workspace/<project>/prod_NN`.
     pub prod_dir: PathBuf,
-    /// Each participant's name and folder (holding `startup/`, `local/`, `transfer/`).
+    /// Each participant's name and folder (holding `startup/`, `local/`, `transfer/`):
+    /// `prod_NN/<name>`, or `prod_NN/<region>/<name>` for a region's members and hubs.
     pub kits: Vec<(String, PathBuf)>,
     /// The zips written.
     pub zips: Vec<PathBuf>,
@@ -225,60 +232,68 @@ fn listen_addr(p: &Participant, port: u16) -> String {
     multiaddr(&p.listen_host.to_string(), port)
 }
 
-fn node_config(project: &Project, p: &Participant, ids: &[(String, String)]) -> NodeConfig {
-    let peer_id = |name: &str| {
-        ids.iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, id)| id.clone())
-            .unwrap_or_default()
-    };
-    let server = project.server();
-    let server_addr = |admin: bool| -> PeerAddr {
-        match server {
-            Some(s) => {
-                let port = if admin {
-                    s.admin_port.unwrap_or(s.port)
-                } else {
-                    s.port
-                };
-                PeerAddr {
-                    name: s.name.clone(),
-                    peer_id: peer_id(&s.name),
-                    addrs: s.host_names.iter().map(|h| multiaddr(h, port)).collect(),
-                }
-            }
-            None => PeerAddr {
-                name: String::new(),
-                peer_id: String::new(),
-                addrs: vec![],
-            },
+fn node_config(project: &Project, p: &Participant, ids: &[(PathBuf, String)]) -> NodeConfig {
+    let addr_of = |q: &Participant, admin: bool| -> PeerAddr {
+        let port = if admin {
+            q.admin_port.unwrap_or(q.port)
+        } else {
+            q.port
+        };
+        PeerAddr {
+            name: q.name.clone(),
+            peer_id: ids
+                .iter()
+                .find(|(dir, _)| *dir == q.kit_dir())
+                .map(|(_, id)| id.clone())
+                .unwrap_or_default(),
+            addrs: q.host_names.iter().map(|h| multiaddr(h, port)).collect(),
         }
     };
-    let relay_addrs: Vec<PeerAddr> = project
-        .participants
-        .iter()
-        .filter(|r| r.role == Role::Relay)
-        .map(|r| PeerAddr {
-            name: r.name.clone(),
-            peer_id: peer_id(&r.name),
-            addrs: r.host_names.iter().map(|h| multiaddr(h, r.port)).collect(),
-        })
-        .collect();
+    let nobody = || PeerAddr {
+        name: String::new(),
+        peer_id: String::new(),
+        addrs: vec![],
+    };
+    // The node this one connects to: the server, or for a region's members its hub.
+    let upstream = |admin: bool| {
+        project
+            .upstream(p)
+            .map_or_else(nobody, |u| addr_of(u, admin))
+    };
+    // Relays for a member of the tier-1 server: relay nodes, then the server. A region's
+    // members fall back to their hub only, which runs its region's relay.
+    let relays = || -> Vec<PeerAddr> {
+        match project.upstream(p) {
+            Some(u) if u.role == Role::Hub => vec![addr_of(u, false)],
+            _ => {
+                let mut relays: Vec<PeerAddr> = project
+                    .participants
+                    .iter()
+                    .filter(|r| r.role == Role::Relay)
+                    .map(|r| addr_of(r, false))
+                    .collect();
+                relays.extend(project.server().map(|s| addr_of(s, false)));
+                relays
+            }
+        }
+    };
+    let own_listen = || {
+        let mut listen = vec![listen_addr(p, p.port)];
+        if let Some(a) = p.admin_port.filter(|a| *a != p.port) {
+            listen.push(listen_addr(p, a));
+        }
+        listen
+    };
+    let mut advertise = Vec::new();
     let (listen, server, relays) = match p.role {
-        Role::Server => {
-            let mut listen = vec![listen_addr(p, p.port)];
-            if let Some(a) = p.admin_port.filter(|a| *a != p.port) {
-                listen.push(listen_addr(p, a));
-            }
-            (listen, server_addr(false), vec![])
+        Role::Server => (own_listen(), addr_of(p, false), vec![]),
+        Role::Relay => (vec![listen_addr(p, p.port)], upstream(false), vec![]),
+        Role::Client => (vec![listen_addr(p, p.port)], upstream(false), relays()),
+        Role::Hub => {
+            advertise = addr_of(p, false).addrs;
+            (own_listen(), upstream(false), relays())
         }
-        Role::Relay => (vec![listen_addr(p, p.port)], server_addr(false), vec![]),
-        Role::Client | Role::Hub => {
-            let mut relays = relay_addrs;
-            relays.push(server_addr(false));
-            (vec![listen_addr(p, p.port)], server_addr(false), relays)
-        }
-        Role::Admin(_) => (vec![], server_addr(true), vec![]),
+        Role::Admin(_) => (vec![], upstream(true), vec![]),
     };
     NodeConfig {
         format_version: NODE_CONFIG_VERSION,
@@ -286,9 +301,11 @@ fn node_config(project: &Project, p: &Participant, ids: &[(String, String)]) -> 
         name: p.name.clone(),
         org: p.org.clone(),
         role: p.role,
+        region: p.region.clone(),
         listen,
         server,
         relays,
+        advertise,
     }
 }
 
@@ -346,7 +363,7 @@ fn write_kit(
         name: p.name.clone(),
         org: p.org.clone(),
         role: p.role,
-        region: None,
+        region: p.region.clone(),
         signing_public: id.signing.public().map_err(key_err)?,
         sealing_public: id.sealing.public(),
         not_before: now - time::Duration::hours(1),
@@ -412,11 +429,13 @@ fn docker_compose(project: &Project, image: &str) -> String {
         .iter()
         .filter(|p| !matches!(p.role, Role::Admin(_)))
     {
-        let n = &p.name;
+        let n = p.service_name();
+        let d = p.kit_dir();
+        let d = d.display();
         s.push_str(&format!(
             "  {n}:\n    image: \"{image}\"\n    container_name: \"{n}\"\n    network_mode: host\n    \
-             volumes:\n      - \"./{n}:/workspace/{n}\"\n    working_dir: \"/workspace/{n}\"\n    \
-             command: [\"flare-node\", \"--kit\", \"/workspace/{n}/startup\"]\n    restart: unless-stopped\n"
+             volumes:\n      - \"./{d}:/workspace/{d}\"\n    working_dir: \"/workspace/{d}\"\n    \
+             command: [\"flare-node\", \"--kit\", \"/workspace/{d}/startup\"]\n    restart: unless-stopped\n"
         ));
     }
     s
@@ -525,20 +544,30 @@ pub fn provision(
         })?;
         ids.push(id);
     }
-    let names: Vec<(String, String)> = project
+    // PeerIds by kit folder, which is unique where names are only unique per region.
+    let names: Vec<(PathBuf, String)> = project
         .participants
         .iter()
         .zip(&ids)
         .map(|(p, id)| {
             let pid = id.peer_id().map(|x| x.to_string()).unwrap_or_default();
-            (p.name.clone(), pid)
+            (p.kit_dir(), pid)
         })
         .collect();
     let mut kits = Vec::new();
     for (p, id) in project.participants.iter().zip(&ids) {
         let cfg = node_config(project, p, &names);
-        write_kit(&tmp.join(&p.name), &ca, p, id, &cfg, now, not_after, rng)?;
-        kits.push((p.name.clone(), prod_dir.join(&p.name)));
+        write_kit(
+            &tmp.join(p.kit_dir()),
+            &ca,
+            p,
+            id,
+            &cfg,
+            now,
+            not_after,
+            rng,
+        )?;
+        kits.push((p.name.clone(), prod_dir.join(p.kit_dir())));
     }
     let mut compose = None;
     if let Some(image) = &project.builders.docker_compose {
@@ -549,9 +578,9 @@ pub fn provision(
     let mut zips = Vec::new();
     if project.builders.zip {
         for p in &project.participants {
-            let out = tmp.join(format!("{}.zip", p.name));
-            zip_dir(&tmp.join(&p.name), &p.name, &out)?;
-            zips.push(prod_dir.join(format!("{}.zip", p.name)));
+            let out = tmp.join(p.zip_path());
+            zip_dir(&tmp.join(p.kit_dir()), &p.name, &out)?;
+            zips.push(prod_dir.join(p.zip_path()));
         }
     }
     // rename(2) refuses a non-empty target, so an existing prod_NN is never overwritten.

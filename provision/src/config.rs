@@ -19,17 +19,31 @@ pub struct NodeConfig {
     pub name: String,
     /// This participant's org (also the certificate O).
     pub org: String,
-    /// This participant's role (also in the certificate), e.g. `client`, `admin:lead`.
+    /// This participant's role (also in the certificate), e.g. `client`, `admin:lead`, `hub`.
     pub role: Role,
+    /// The region this participant belongs to (also in the certificate): a hub's is the
+    /// region it serves. Absent for the tier-1 server and its direct members. The node's
+    /// network endpoint lives in this region and admits peers by
+    /// [`flare_crypto::check_region`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     /// Multiaddrs to listen on, e.g. `/ip4/0.0.0.0/tcp/8002`; empty for admins, who only
-    /// dial. Port 0 means any free port.
+    /// dial. Port 0 means any free port. A hub listens here for its region (downward).
     pub listen: Vec<String>,
     /// The server to connect to: admins get its admin addresses, others its peer-to-peer
-    /// addresses. For the server itself, its own entry.
+    /// addresses. For the server itself, its own entry. A region's sites and admins get
+    /// their hub, and a hub the server of the parent region (upward): the tier-1 server,
+    /// or for a nested hub (`eu.de`) the parent hub.
     pub server: PeerAddr,
     /// Relays to fall back to when a direct connection fails, in order of preference; the
-    /// server (which runs a circuit relay) is last. Empty for the server and relays.
+    /// server (which runs a circuit relay) is last. Empty for the server and relays. A
+    /// region's sites fall back to their hub, which runs its region's relay; a hub has the
+    /// relays of a member of the parent region.
     pub relays: Vec<PeerAddr>,
+    /// The addresses its region's nodes dial (hubs only, from `host_names`): the confirmed
+    /// external addresses of the relay it runs downward. Absent for everyone else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertise: Vec<String>,
 }
 
 /// Where to reach a peer known at provisioning time.

@@ -199,6 +199,11 @@ pub fn load_kit(startup_dir: &Path, now: SystemTime) -> Result<Kit, KitError> {
         ("name", config.name.clone(), cert.name.clone()),
         ("org", config.org.clone(), cert.org.clone()),
         ("role", config.role.to_string(), cert.role.to_string()),
+        (
+            "region",
+            config.region.clone().unwrap_or_default(),
+            cert.region.clone().unwrap_or_default(),
+        ),
     ] {
         if config_value != cert_value {
             return Err(KitError::ConfigMismatch {

@@ -3,7 +3,10 @@
 //!
 //! Layout of one run: `workspace/<project>/prod_NN/<participant>/{startup,local,transfer}`,
 //! `<participant>.zip` and `docker-compose.yml` beside them, and the root CA in
-//! `workspace/<project>/state/`. See [`kit`] for the files of a kit and [`kit::load_kit`] for
+//! `workspace/<project>/state/`. In a tiered federation each region has a folder
+//! `prod_NN/<region>/` with its hub's kit (`<region>/<region>/`: a hub is named after its
+//! region) and its sites' and admins' kits and zips (`<region>/<name>/`); see
+//! [`project::Participant::kit_dir`]. See [`kit`] for the files of a kit and [`kit::load_kit`] for
 //! how a node proves it.
 
 pub mod builder;

@@ -1,11 +1,17 @@
 //! `project.yml`: parsing and validation into a checked [`Project`]. Every error names the
 //! field it is about, as a path such as `participants[2].fed_learn_port`.
+//!
+//! Tiered federations: a participant of `type: hub` serves the region named like it (`eu`)
+//! and is a member of the parent region (none for `eu`: the tier-1 server's; `eu` for a hub
+//! `eu.de`, which needs hub `eu`). Sites and admins with `region: eu` belong to hub `eu`'s
+//! region. Names are unique per region; the server's and hubs' names are unique in the whole
+//! project. Kits go to `prod_NN/[<region>/]<name>/` ([`Participant::kit_dir`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use flare_crypto::{AdminRole, Role};
+use flare_crypto::{AdminRole, Role, check_region_name, region_parent};
 use serde::Deserialize;
 
 /// The only `api_version` understood.
@@ -119,6 +125,8 @@ struct RawParticipant {
     port: Option<i64>,
     #[serde(default)]
     role: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
 }
 
 /// The participant types of project.yml.
@@ -133,6 +141,8 @@ pub enum ParticipantType {
     Admin,
     /// A relay-only node.
     Relay,
+    /// The hub of a region (tiered federations): its region's server, a member upward.
+    Hub,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,8 +171,41 @@ pub struct Participant {
     pub listen_host: IpAddr,
     /// The peer-to-peer port (0: any free port; always set for server and relays).
     pub port: u16,
-    /// The server's admin port (servers only; may equal `port`).
+    /// The admin port (server and hubs only; may equal `port`).
     pub admin_port: Option<u16>,
+    /// The region the participant belongs to; a hub's is the region it serves, its own name.
+    /// `None`: a direct member of the tier-1 server (and the server itself).
+    pub region: Option<String>,
+}
+
+impl Participant {
+    /// The participant's folder under `prod_NN/`: `<name>` without a region,
+    /// `<region>/<name>` with one (so a hub's kit is `<region>/<region>`, beside its region's
+    /// sites and admins).
+    pub fn kit_dir(&self) -> PathBuf {
+        match &self.region {
+            Some(r) => Path::new(r).join(&self.name),
+            None => PathBuf::from(&self.name),
+        }
+    }
+
+    /// Its zip beside the kit folder: `[<region>/]<name>.zip`.
+    pub fn zip_path(&self) -> PathBuf {
+        let zip = format!("{}.zip", self.name);
+        match &self.region {
+            Some(r) => Path::new(r).join(zip),
+            None => PathBuf::from(zip),
+        }
+    }
+
+    /// Its docker-compose service name: `<name>`, or `<name>.<region>` for a region's member
+    /// (a hub is `<name>`: hub names are unique in the project).
+    pub fn service_name(&self) -> String {
+        match (&self.region, self.role) {
+            (Some(r), role) if role != Role::Hub => format!("{}.{r}", self.name),
+            _ => self.name.clone(),
+        }
+    }
 }
 
 /// The optional outputs and their settings.
@@ -205,6 +248,28 @@ impl Project {
         self.participants.iter().find(|p| p.role == Role::Server)
     }
 
+    /// The hub that serves `region`.
+    pub fn hub(&self, region: &str) -> Option<&Participant> {
+        self.participants
+            .iter()
+            .find(|p| p.role == Role::Hub && p.region.as_deref() == Some(region))
+    }
+
+    /// The node `p` connects to: the server for a participant without a region, its hub for
+    /// a region's site or admin, and for a hub the hub of the parent region (the server for a
+    /// top-level one). `None` for the server itself.
+    pub fn upstream(&self, p: &Participant) -> Option<&Participant> {
+        let region = match (p.role, p.region.as_deref()) {
+            (Role::Server, _) => return None,
+            (Role::Hub, Some(r)) => region_parent(r),
+            (_, r) => r,
+        };
+        match region {
+            Some(r) => self.hub(r),
+            None => self.server(),
+        }
+    }
+
     /// Reads and checks a project.yml file.
     pub fn load(path: &Path) -> Result<Self, ProjectError> {
         let text = std::fs::read_to_string(path).map_err(|source| ProjectError::Io {
@@ -242,6 +307,15 @@ fn check_name(field: &str, name: &str, allow_at: bool) -> Result<(), ProjectErro
     }
     if name.starts_with('.') || name.starts_with('-') {
         return Err(invalid(field, "must not start with '.' or '-'"));
+    }
+    let lower = name.to_ascii_lowercase();
+    if lower.ends_with(".zip") || lower == "docker-compose.yml" {
+        return Err(invalid(
+            field,
+            format!(
+                "{name:?} is reserved: its folder would collide with the zips or docker-compose.yml beside the kits"
+            ),
+        ));
     }
     let ok = name.chars().all(|c| {
         c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || (allow_at && c == '@')
@@ -288,18 +362,14 @@ fn validate(raw: RawProject) -> Result<Project, ProjectError> {
     if raw.participants.is_empty() {
         return Err(invalid("participants", "no participants"));
     }
-    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut names = Names::default();
     let mut participants = Vec::with_capacity(raw.participants.len());
     let mut server_at: Option<usize> = None;
     for (i, p) in raw.participants.into_iter().enumerate() {
         let f = |name: &str| format!("participants[{i}].{name}");
         check_name(&f("name"), &p.name, p.kind == ParticipantType::Admin)?;
-        if seen.insert(p.name.to_ascii_lowercase(), i).is_some() {
-            return Err(ProjectError::DuplicateName {
-                field: f("name"),
-                name: p.name,
-            });
-        }
+        let region = participant_region(i, &p)?;
+        names.add(i, &p.name, region.as_deref(), p.kind)?;
         if p.org.trim().is_empty() {
             return Err(invalid(f("org"), "must not be empty"));
         }
@@ -372,6 +442,35 @@ fn validate(raw: RawProject) -> Result<Project, ProjectError> {
                     listen_host,
                     port,
                     admin_port: Some(admin_port),
+                    region: None,
+                }
+            }
+            ParticipantType::Hub => {
+                // Like the server: its region's sites and admins connect to it.
+                let port = check_port(
+                    port_field,
+                    port_value.unwrap_or(i64::from(DEFAULT_FED_LEARN_PORT)),
+                    false,
+                )?;
+                let admin_port = match (p.admin_port, p.port) {
+                    (Some(v), _) => check_port(f("admin_port"), v, false)?,
+                    (None, Some(_)) => port,
+                    (None, None) => DEFAULT_ADMIN_PORT,
+                };
+                let host_names = if p.host_names.is_empty() {
+                    vec![p.name.clone()]
+                } else {
+                    p.host_names
+                };
+                Participant {
+                    name: p.name,
+                    org: p.org,
+                    role: Role::Hub,
+                    host_names,
+                    listen_host,
+                    port,
+                    admin_port: Some(admin_port),
+                    region,
                 }
             }
             ParticipantType::Relay => {
@@ -384,7 +483,7 @@ fn validate(raw: RawProject) -> Result<Project, ProjectError> {
                 if p.admin_port.is_some() {
                     return Err(invalid(
                         f("admin_port"),
-                        "only the server has an admin port",
+                        "only the server and hubs have an admin port",
                     ));
                 }
                 let host_names = if p.host_names.is_empty() {
@@ -400,13 +499,14 @@ fn validate(raw: RawProject) -> Result<Project, ProjectError> {
                     listen_host,
                     port,
                     admin_port: None,
+                    region: None,
                 }
             }
             ParticipantType::Client => {
                 if p.admin_port.is_some() {
                     return Err(invalid(
                         f("admin_port"),
-                        "only the server has an admin port",
+                        "only the server and hubs have an admin port",
                     ));
                 }
                 let port = match port_value {
@@ -421,6 +521,7 @@ fn validate(raw: RawProject) -> Result<Project, ProjectError> {
                     listen_host,
                     port,
                     admin_port: None,
+                    region,
                 }
             }
             ParticipantType::Admin => {
@@ -442,6 +543,7 @@ fn validate(raw: RawProject) -> Result<Project, ProjectError> {
                     listen_host,
                     port: 0,
                     admin_port: None,
+                    region,
                 }
             }
         };
@@ -452,16 +554,167 @@ fn validate(raw: RawProject) -> Result<Project, ProjectError> {
             field: "participants".into(),
         });
     }
+    check_hubs_exist(&participants)?;
     let builders = match raw.builders {
         None => Builders::default(),
         Some(list) => parse_builders(list)?,
     };
+    if builders.docker_compose.is_some() {
+        check_service_names(&participants)?;
+    }
     Ok(Project {
         name: raw.name,
         description: raw.description,
         participants,
         builders,
     })
+}
+
+/// The region of participant `i` from its type and `region` field, checked as a name: a hub's
+/// is its own name, the server and relays have none.
+fn participant_region(i: usize, p: &RawParticipant) -> Result<Option<String>, ProjectError> {
+    let f = |name: &str| format!("participants[{i}].{name}");
+    match p.kind {
+        ParticipantType::Hub => {
+            if let Some(r) = &p.region
+                && r != &p.name
+            {
+                return Err(invalid(
+                    f("region"),
+                    format!(
+                        "a hub's region is its name: write region: {} or leave region out (not {r:?})",
+                        p.name
+                    ),
+                ));
+            }
+            check_region_name(&p.name).map_err(|e| {
+                invalid(
+                    f("name"),
+                    format!("a hub is named after the region it serves: {e}"),
+                )
+            })?;
+            Ok(Some(p.name.clone()))
+        }
+        ParticipantType::Server if p.region.is_some() => Err(invalid(
+            f("region"),
+            "the server has no region: it serves the whole federation (give regions to hubs, sites and admins)",
+        )),
+        ParticipantType::Relay if p.region.is_some() => Err(invalid(
+            f("region"),
+            "relays in a region are not supported yet (a region's hub relays for it)",
+        )),
+        _ => match &p.region {
+            Some(r) => {
+                check_region_name(r).map_err(|e| invalid(f("region"), e.to_string()))?;
+                Ok(Some(r.clone()))
+            }
+            None => Ok(None),
+        },
+    }
+}
+
+/// The names seen so far: unique per region, and the server's and hubs' in the whole
+/// project (they are members upward and servers downward).
+#[derive(Default)]
+struct Names {
+    /// Every name (lowercase) and where it first appears.
+    all: HashMap<String, usize>,
+    /// Server and hub names (lowercase) and where.
+    global: HashMap<String, usize>,
+    /// (region, lowercase name) pairs.
+    per_region: HashSet<(Option<String>, String)>,
+}
+
+impl Names {
+    fn add(
+        &mut self,
+        i: usize,
+        name: &str,
+        region: Option<&str>,
+        kind: ParticipantType,
+    ) -> Result<(), ProjectError> {
+        let field = format!("participants[{i}].name");
+        let key = name.to_ascii_lowercase();
+        let global = matches!(kind, ParticipantType::Server | ParticipantType::Hub);
+        let clash = if global {
+            self.all.get(&key)
+        } else {
+            self.global.get(&key)
+        };
+        if let Some(j) = clash {
+            return Err(invalid(
+                field,
+                format!(
+                    "{name:?} is also participants[{j}]; the server's and hubs' names are unique in the whole project"
+                ),
+            ));
+        }
+        let regional = (region.map(str::to_string), key.clone());
+        if !self.per_region.insert(regional) {
+            return Err(ProjectError::DuplicateName {
+                field,
+                name: name.to_string(),
+            });
+        }
+        self.all.entry(key.clone()).or_insert(i);
+        if global {
+            self.global.insert(key, i);
+        }
+        Ok(())
+    }
+}
+
+/// Every region named by a site, an admin or a nested hub has a hub.
+fn check_hubs_exist(participants: &[Participant]) -> Result<(), ProjectError> {
+    let hubs: HashSet<&str> = participants
+        .iter()
+        .filter(|p| p.role == Role::Hub)
+        .filter_map(|p| p.region.as_deref())
+        .collect();
+    for (i, p) in participants.iter().enumerate() {
+        match (p.role, p.region.as_deref()) {
+            (Role::Hub, Some(r)) => {
+                if let Some(parent) = region_parent(r)
+                    && !hubs.contains(parent)
+                {
+                    return Err(invalid(
+                        format!("participants[{i}].name"),
+                        format!(
+                            "hub {r:?} serves a region inside {parent:?}, but no hub serves {parent:?} (add a participant of type hub named {parent})"
+                        ),
+                    ));
+                }
+            }
+            (_, Some(r)) if !hubs.contains(r) => {
+                return Err(invalid(
+                    format!("participants[{i}].region"),
+                    format!("no hub serves region {r:?} (add a participant of type hub named {r})"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// docker-compose service names (`<name>` or `<name>.<region>`) do not collide.
+fn check_service_names(participants: &[Participant]) -> Result<(), ProjectError> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, p) in participants.iter().enumerate() {
+        if matches!(p.role, Role::Admin(_)) {
+            continue;
+        }
+        let service = p.service_name().to_ascii_lowercase();
+        if let Some(j) = seen.insert(service.clone(), i) {
+            return Err(invalid(
+                format!("participants[{i}].name"),
+                format!(
+                    "its docker-compose service name {service:?} is taken by participants[{j}]; rename one"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn parse_builders(list: Vec<RawBuilder>) -> Result<Builders, ProjectError> {
@@ -676,6 +929,220 @@ mod tests {
             assert!(err.to_string().starts_with(err.field()), "{err}");
         }
         Project::parse(base).unwrap();
+    }
+
+    /// The sample's commented hub example, uncommented, is a valid tiered project.
+    #[test]
+    fn sample_hub_example_parses() {
+        let mut inside = false;
+        let mut text = String::new();
+        for line in SAMPLE_PROJECT_YML.lines() {
+            if line.contains("--- hub example ---") {
+                inside = true;
+            } else if line.contains("--- end of hub example ---") {
+                inside = false;
+            } else if inside {
+                text.push_str("  ");
+                text.push_str(line.trim_start().trim_start_matches("# "));
+                text.push('\n');
+                continue;
+            }
+            text.push_str(line);
+            text.push('\n');
+        }
+        let p = Project::parse(&text).unwrap();
+        assert_eq!(p.participants.len(), 7);
+        let hub = p.hub("eu").unwrap();
+        assert_eq!((hub.port, hub.admin_port), (8102, Some(8103)));
+        assert_eq!(hub.kit_dir(), Path::new("eu/eu"));
+        // site-1 exists twice: without a region and in eu.
+        let eu_site = &p.participants[5];
+        assert_eq!(eu_site.name, "site-1");
+        assert_eq!(eu_site.region.as_deref(), Some("eu"));
+        assert_eq!(eu_site.kit_dir(), Path::new("eu/site-1"));
+        assert_eq!(p.upstream(eu_site).unwrap().name, "eu");
+        assert_eq!(p.upstream(hub).unwrap().name, "server1");
+        assert_eq!(p.participants[6].role, Role::Admin(AdminRole::Lead));
+    }
+
+    const TIERED: &str =
+        "api_version: 3\nname: p\nparticipants:\n  - {name: s, type: server, org: o}\n";
+
+    /// A tiered project: the base above plus these participant lines.
+    fn tiered(lines: &[&str]) -> String {
+        let mut s = TIERED.to_string();
+        for l in lines {
+            s.push_str("  - ");
+            s.push_str(l);
+            s.push('\n');
+        }
+        s
+    }
+
+    #[test]
+    fn regions_hubs_and_names() {
+        let p = Project::parse(&tiered(&[
+            "{name: eu, type: hub, org: o, fed_learn_port: 9000, admin_port: 9001}",
+            "{name: us, type: hub, org: o, region: us}",
+            "{name: eu.de, type: hub, org: o}",
+            "{name: site-1, type: client, org: o}",
+            "{name: site-1, type: client, org: o, region: eu}",
+            "{name: site-1, type: client, org: o, region: us}",
+            "{name: site-1, type: client, org: o, region: eu.de}",
+            "{name: a@x, type: admin, org: o, role: lead, region: eu}",
+            "{name: a@x, type: admin, org: o, role: lead}",
+        ]))
+        .unwrap();
+        let by = |i: usize| &p.participants[i];
+        assert_eq!(by(1).role, Role::Hub);
+        assert_eq!(by(1).region.as_deref(), Some("eu"));
+        assert_eq!((by(1).port, by(1).admin_port), (9000, Some(9001)));
+        assert_eq!((by(2).port, by(2).admin_port), (8002, Some(8003)));
+        assert_eq!(by(2).host_names, ["us"]);
+        assert_eq!(by(3).kit_dir(), Path::new("eu.de/eu.de"));
+        assert_eq!(by(4).kit_dir(), Path::new("site-1"));
+        assert_eq!(by(5).kit_dir(), Path::new("eu/site-1"));
+        assert_eq!(by(5).service_name(), "site-1.eu");
+        assert_eq!(by(1).service_name(), "eu");
+        assert_eq!(by(5).zip_path(), Path::new("eu/site-1.zip"));
+        let up = |i: usize| p.upstream(by(i)).map(|u| u.name.as_str());
+        assert_eq!(up(0), None);
+        assert_eq!(up(1), Some("s"));
+        assert_eq!(up(3), Some("eu"));
+        assert_eq!(up(4), Some("s"));
+        assert_eq!(up(5), Some("eu"));
+        assert_eq!(up(6), Some("us"));
+        assert_eq!(up(7), Some("eu.de"));
+        assert_eq!(up(8), Some("eu"));
+        assert_eq!(up(9), Some("s"));
+    }
+
+    /// Each broken tiered project names the field at fault and says what is wrong.
+    #[test]
+    fn invalid_tiered_projects_name_the_field() {
+        let cases: &[(&[&str], &str, &str)] = &[
+            (
+                &["{name: c, type: client, org: o, region: eu}"],
+                "participants[1].region",
+                "no hub serves region \"eu\"",
+            ),
+            (
+                &["{name: c, type: client, org: o, region: EU}"],
+                "participants[1].region",
+                "only a-z",
+            ),
+            (
+                &[
+                    "{name: eu, type: hub, org: o}",
+                    "{name: c, type: client, org: o, region: 'eu..x'}",
+                ],
+                "participants[2].region",
+                "1 to 32 bytes",
+            ),
+            (
+                &["{name: a@x, type: admin, org: o, role: lead, region: ''}"],
+                "participants[1].region",
+                "bad region",
+            ),
+            (
+                &["{name: eu, type: hub, org: o, region: us}"],
+                "participants[1].region",
+                "a hub's region is its name",
+            ),
+            (
+                &["{name: EU, type: hub, org: o}"],
+                "participants[1].name",
+                "named after the region",
+            ),
+            (
+                &["{name: eu.de, type: hub, org: o}"],
+                "participants[1].name",
+                "no hub serves \"eu\"",
+            ),
+            (
+                &[
+                    "{name: eu, type: hub, org: o}",
+                    "{name: c, type: client, org: o, region: eu}",
+                    "{name: c, type: client, org: o, region: eu}",
+                ],
+                "participants[3].name",
+                "duplicate participant name",
+            ),
+            (
+                &[
+                    "{name: c, type: client, org: o}",
+                    "{name: c, type: hub, org: o}",
+                ],
+                "participants[2].name",
+                "unique in the whole project",
+            ),
+            (
+                &[
+                    "{name: eu, type: hub, org: o}",
+                    "{name: eu, type: client, org: o}",
+                ],
+                "participants[2].name",
+                "unique in the whole project",
+            ),
+            (
+                &[
+                    "{name: eu, type: hub, org: o}",
+                    "{name: s, type: client, org: o, region: eu}",
+                ],
+                "participants[2].name",
+                "unique in the whole project",
+            ),
+            (
+                &[
+                    "{name: eu, type: hub, org: o}",
+                    "{name: eu, type: hub, org: o}",
+                ],
+                "participants[2].name",
+                "unique in the whole project",
+            ),
+            (
+                &["{name: r, type: relay, org: o, port: 9, region: eu}"],
+                "participants[1].region",
+                "not supported yet",
+            ),
+            (
+                &["{name: eu, type: hub, org: o, fed_learn_port: 0}"],
+                "participants[1].fed_learn_port",
+                "fixed port",
+            ),
+            (
+                &[
+                    "{name: eu, type: hub, org: o}",
+                    "{name: c.eu, type: client, org: o}",
+                    "{name: c, type: client, org: o, region: eu}",
+                ],
+                "participants[3].name",
+                "docker-compose service name",
+            ),
+            (
+                &["{name: c, type: client, org: o, admin_port: 9}"],
+                "participants[1].admin_port",
+                "server and hubs",
+            ),
+            (
+                &["{name: x.zip, type: client, org: o}"],
+                "participants[1].name",
+                "reserved",
+            ),
+        ];
+        for (lines, field, says) in cases {
+            let yml = tiered(lines);
+            let err = Project::parse(&yml).expect_err(&yml);
+            assert_eq!(err.field(), *field, "{err} for\n{yml}");
+            assert!(err.to_string().contains(says), "{err} for\n{yml}");
+        }
+        let server_region = "api_version: 3\nname: p\nparticipants:\n  - {name: s, type: server, org: o, region: eu}\n";
+        let err = Project::parse(server_region).unwrap_err();
+        assert_eq!(err.field(), "participants[0].region", "{err}");
+        assert!(
+            err.to_string().contains("the server has no region"),
+            "{err}"
+        );
     }
 
     #[test]
