@@ -233,7 +233,13 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match (&cli.kit, &cli.command) {
-        (Some(kit), None) => return exit(flare_node::roles::run_node(kit)),
+        (Some(kit), None) => {
+            let dir = kit.clone();
+            let hub: flare_node::roles::ExternalRole = Box::new(move |shutdown| {
+                Box::pin(async move { flare_hub::role::run(&dir, shutdown).await })
+            });
+            return exit(flare_node::roles::run_node_with(kit, Some(hub)));
+        }
         (Some(_), Some(_)) => {
             eprintln!(
                 "error: --kit runs a node; give it alone (admin commands take `admin --kit`)"

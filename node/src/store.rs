@@ -228,6 +228,9 @@ pub enum StoreError {
     /// No job has this id.
     #[error("no job {0}")]
     NotFound(String),
+    /// A job with this id exists already.
+    #[error("job {0} exists already")]
+    Exists(String),
     /// The job is dispatched or running, so it cannot be deleted.
     #[error("job {id} is {state}; abort it first")]
     Active {
@@ -423,8 +426,46 @@ impl JobStore {
         admin_key: &SigningPublicKey,
         now_ms: u64,
     ) -> Result<JobRecord, StoreError> {
+        self.submit_with(None, bundle, submitter, admin_key, now_ms)
+    }
+
+    /// Like [`JobStore::submit`] under a given id: a job a hub runs in its region keeps tier
+    /// 1's id. A job that exists already is refused.
+    pub fn submit_as(
+        &self,
+        id: &str,
+        bundle: &JobBundle,
+        submitter: &str,
+        admin_key: &SigningPublicKey,
+        now_ms: u64,
+    ) -> Result<JobRecord, StoreError> {
+        self.submit_with(Some(id), bundle, submitter, admin_key, now_ms)
+    }
+
+    fn submit_with(
+        &self,
+        given: Option<&str>,
+        bundle: &JobBundle,
+        submitter: &str,
+        admin_key: &SigningPublicKey,
+        now_ms: u64,
+    ) -> Result<JobRecord, StoreError> {
         let mut records = self.lock();
-        let (id, partial) = self.reserve(&records, now_ms)?;
+        let (id, partial) = match given {
+            None => self.reserve(&records, now_ms)?,
+            Some(id) => {
+                let id = check_id(id)?.to_owned();
+                if records.contains_key(&id) || self.dir(&id).exists() {
+                    return Err(StoreError::Exists(id));
+                }
+                let partial = self.jobs_dir.join(format!(".{id}.partial"));
+                if partial.exists() {
+                    fs::remove_dir_all(&partial).map_err(io(&partial))?;
+                }
+                fs::create_dir(&partial).map_err(io(&partial))?;
+                (id, partial)
+            }
+        };
         let done = (|| {
             let job_dir = partial.join(JOB_DIR);
             unpack_verified(bundle, &job_dir, admin_key)?;

@@ -93,6 +93,10 @@ pub enum ControlRequest {
         /// Where the site listens (from its kit), so the server can tell other sites.
         #[serde(default)]
         listen: Vec<String>,
+        /// A hub's region sites per tiered job it runs: site → state, for `status` at tier
+        /// 1 (`region.site`). Empty for other sites.
+        #[serde(default)]
+        regions: BTreeMap<String, BTreeMap<String, String>>,
     },
     /// Configure a client-controlled workflow on a site (server → client).
     Configure {
@@ -134,6 +138,10 @@ pub enum ControlRequest {
         site_index: u32,
         /// How many sites the job was deployed to.
         num_sites: u32,
+        /// A job a hub runs in its region: its signed derivation record
+        /// (`roles::tier`); absent for every other job.
+        #[serde(default)]
+        derivation: Option<crate::roles::tier::SignedDerivation>,
     },
     /// Stop a job on a site (server → client).
     AbortJob {

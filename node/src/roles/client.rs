@@ -63,7 +63,33 @@ struct WorkflowTask {
     takes_initial_model: bool,
 }
 
+/// What a hub adds to the client role it runs towards tier 1.
+#[derive(Debug, Default)]
+pub struct ClientOptions {
+    /// Builds the learner of a tiered job instead of the app's: the hub's region learner,
+    /// which runs each global task in the region.
+    pub tiered: Option<Arc<dyn TieredDeploy>>,
+}
+
+/// Takes a tiered job deployed to a hub and gives the learner that answers tier 1's tasks.
+pub trait TieredDeploy: Send + Sync + std::fmt::Debug {
+    /// `job` as loaded from `dir`, `bundle` and `submitter_cert` as tier 1 sent them.
+    fn learner(
+        &self,
+        job_id: &str,
+        job: &Job,
+        bundle: &crate::net::protocol::JobBundle,
+        submitter_cert: &[u8],
+    ) -> Result<Box<dyn Learner>, String>;
+
+    /// The region's sites and their states, per tiered job, for the heartbeat.
+    fn region_sites(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        BTreeMap::new()
+    }
+}
+
 struct Site {
+    tiered: Option<Arc<dyn TieredDeploy>>,
     kit: Kit,
     dir: PathBuf,
     net: NetHandle,
@@ -75,7 +101,16 @@ struct Site {
 }
 
 /// Runs a client site until `shutdown` turns true.
-pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(kit: Kit, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    run_with(kit, shutdown, ClientOptions::default()).await
+}
+
+/// [`run`] with a hub's additions (see [`ClientOptions`]).
+pub async fn run_with(
+    kit: Kit,
+    mut shutdown: watch::Receiver<bool>,
+    opts: ClientOptions,
+) -> anyhow::Result<()> {
     let dir = kit
         .participant_dir()
         .context("the kit folder has no parent")?
@@ -85,6 +120,7 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
     let sealing = Sealing::new(net.local, kit.identity.sealing.clone());
     let spool = Arc::new(Spool::new(dir.join("jobs").join(".spool")));
     let site = Arc::new(Site {
+        tiered: opts.tiered,
         kit,
         dir,
         net: net.clone(),
@@ -175,11 +211,25 @@ impl Site {
                 .map(|j| j.iter().map(|(k, v)| (k.clone(), v.round)).collect())
                 .unwrap_or_default();
             let listen = self.kit.config.listen.clone();
+            let regions = self
+                .tiered
+                .as_ref()
+                .map(|t| t.region_sites())
+                .unwrap_or_default();
+            // A hub beats faster: its region's state is what tier 1 shows.
+            let every = if self.tiered.is_some() { 3 } else { 10 };
             let _ = self
                 .net
-                .request(self.server, ControlRequest::Heartbeat { jobs, listen })
+                .request(
+                    self.server,
+                    ControlRequest::Heartbeat {
+                        jobs,
+                        listen,
+                        regions,
+                    },
+                )
                 .await;
-            tokio::time::sleep(Duration::from_secs(10)).await;
+            tokio::time::sleep(Duration::from_secs(every)).await;
         }
     }
 
@@ -196,7 +246,15 @@ impl Site {
                 submitter_cert,
                 site_index,
                 num_sites,
-            } => match self.deploy(&job, &bundle, &submitter_cert, site_index, num_sites) {
+                derivation,
+            } => match self.deploy(
+                &job,
+                &bundle,
+                &submitter_cert,
+                site_index,
+                num_sites,
+                derivation.as_ref(),
+            ) {
                 Ok(()) => ControlResponse::Ok,
                 Err(Refusal::Policy(reason)) => {
                     tracing::warn!(%job, %reason, "job refused by local policy");
@@ -253,7 +311,24 @@ impl Site {
         submitter_cert: &[u8],
         site_index: u32,
         num_sites: u32,
+        derivation: Option<&super::tier::SignedDerivation>,
     ) -> Result<(), Refusal> {
+        // A job a hub derived for this site's region: the hub's record must verify before
+        // anything is written.
+        let derived = derivation
+            .map(|d| {
+                super::tier::verify(
+                    d,
+                    &self.kit.root_ca,
+                    self.kit.cert.region.as_deref(),
+                    &self.kit.config.server.name,
+                    job_id,
+                    bundle,
+                    SystemTime::now(),
+                )
+            })
+            .transpose()
+            .map_err(|e| Refusal::Policy(e.to_string()))?;
         let submitter = self
             .kit
             .root_ca
@@ -285,7 +360,16 @@ impl Site {
                 other => Refusal::Policy(other.to_string()),
             }
         })?;
-        let job = Job::load(&dest).map_err(|e| Refusal::Error(e.into()))?;
+        let mut job = Job::load(&dest).map_err(|e| Refusal::Error(e.into()))?;
+        match &derived {
+            Some(d) => super::tier::apply(&mut job, d),
+            None => {
+                if let Err(e) = super::tier::refuse_flags(&dest) {
+                    let _ = std::fs::remove_dir_all(&dest);
+                    return Err(Refusal::Policy(e.to_string()));
+                }
+            }
+        }
         let running = self.jobs.lock().map(|j| j.len()).unwrap_or(0);
         let policy =
             SitePolicy::load(&self.dir.join("local")).map_err(|e| Refusal::Error(e.into()))?;
@@ -298,6 +382,17 @@ impl Site {
                 running,
             )
             .map_err(Refusal::Policy)?;
+        // A hub answers tier 1's tasks with its region.
+        if job.server.tiered.is_some()
+            && let Some(hook) = &self.tiered
+        {
+            let learner = hook
+                .learner(job_id, &job, bundle, submitter_cert)
+                .map_err(Refusal::Policy)?;
+            self.hold(job_id, learner, FilterChains::default());
+            tracing::info!(job = %job_id, name = %job.meta.name, "tiered job taken for the region");
+            return Ok(());
+        }
         let app = job.app_for(self.kit.name()).ok_or_else(|| {
             Refusal::Policy(format!("the job deploys no app to {}", self.kit.name()))
         })?;
@@ -314,6 +409,13 @@ impl Site {
         let learner = app
             .make_learner(site_index as usize, num_sites.max(1) as usize, site)
             .map_err(|e| Refusal::Error(e.into()))?;
+        self.hold(job_id, learner, app.filters.clone());
+        tracing::info!(job = %job_id, name = %job.meta.name, site_index, num_sites, "job deployed");
+        Ok(())
+    }
+
+    /// Holds a deployed job's learner in its slot.
+    fn hold(&self, job_id: &str, learner: Box<dyn Learner>, filters: FilterChains) {
         let abort = learner.abort_handle();
         if let Ok(mut jobs) = self.jobs.lock() {
             jobs.insert(
@@ -323,12 +425,10 @@ impl Site {
                     abort,
                     round: 0,
                     workflow: None,
-                    filters: Arc::new(app.filters.clone()),
+                    filters: Arc::new(filters),
                 },
             );
         }
-        tracing::info!(job = %job_id, name = %job.meta.name, site_index, num_sites, "job deployed");
-        Ok(())
     }
 
     /// A file-system failure while taking a job, labelled as the disk's (a full one named as

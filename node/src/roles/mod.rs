@@ -9,6 +9,7 @@ pub mod admin;
 pub mod client;
 pub mod policy;
 pub mod server;
+pub mod tier;
 pub mod workflow;
 
 use std::fs::File;
@@ -339,9 +340,23 @@ pub fn lock_workspace(dir: &Path) -> Result<File, WorkspaceLockError> {
 ///
 /// The kit's signature is verified first; a changed, added or removed file is named. Then the
 /// participant's folder is locked ([`lock_workspace`]) for as long as the node runs. A hub
-/// kit is refused (after the lock, as for a server): the hub role lives in the hub crate,
-/// and the binary dispatches hub kits there before calling this.
+/// kit is refused: the hub role lives in the hub crate, which runs it through
+/// [`run_node_with`].
 pub fn run_node(kit_dir: &std::path::Path) -> anyhow::Result<()> {
+    run_node_with(kit_dir, None)
+}
+
+/// A role run from outside this crate: given the shutdown switch, the role's future.
+pub type ExternalRole = Box<
+    dyn FnOnce(
+        tokio::sync::watch::Receiver<bool>,
+    )
+        -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>,
+>;
+
+/// [`run_node`], with `hub` to run a hub kit (the hub crate's role), under the same kit check,
+/// workspace lock, runtime and signal handling.
+pub fn run_node_with(kit_dir: &std::path::Path, hub: Option<ExternalRole>) -> anyhow::Result<()> {
     let kit = flare_provision::kit::load_kit(kit_dir, SystemTime::now())
         .with_context(|| format!("startup kit {}", kit_dir.display()))?;
     // One identity runs once: a second start on this participant's folder stops here.
@@ -389,10 +404,13 @@ pub fn run_node(kit_dir: &std::path::Path) -> anyhow::Result<()> {
                 )
             }
             flare_crypto::RoleKind::Relay => anyhow::bail!("relay nodes are not supported yet"),
-            flare_crypto::RoleKind::Hub => anyhow::bail!(
-                "{} is a hub kit: the hub role runs in flare-node built with the hub crate",
-                kit.name()
-            ),
+            flare_crypto::RoleKind::Hub => match hub {
+                Some(run) => run(rx).await,
+                None => anyhow::bail!(
+                    "{} is a hub kit: the hub role runs in flare-node built with the hub crate",
+                    kit.name()
+                ),
+            },
         }
     })
 }

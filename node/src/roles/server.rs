@@ -71,7 +71,39 @@ struct Counters {
     relay_circuits_closed: AtomicU64,
 }
 
+/// What a hub adds to the server role it runs for its region.
+#[derive(Debug, Default)]
+pub struct ServerOptions {
+    /// Jobs the hub derived from tier 1's, to store under tier 1's id and run here.
+    pub derived: Option<mpsc::Receiver<DerivedJob>>,
+    /// The hub's upward learners' links to this server's region runners.
+    pub links: Option<super::tier::RegionLinks>,
+}
+
+/// A job a hub derived from tier 1's, for its region's server to store and run.
+#[derive(Debug)]
+pub struct DerivedJob {
+    /// Tier 1's job id.
+    pub id: String,
+    /// The job as tier 1's submitter signed it.
+    pub bundle: crate::net::protocol::JobBundle,
+    /// The submitter's certificate (DER), already checked by the hub.
+    pub submitter_cert: Vec<u8>,
+    /// The hub's signed record of what it changed.
+    pub derivation: super::tier::SignedDerivation,
+    /// Stored, or why not.
+    pub reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// Sites of one region a hub's heartbeat may name for one job.
+const MAX_REGION_SITES: usize = 1000;
+
+/// The file beside a derived job's folder that holds its signed derivation record (CBOR).
+const DERIVATION_FILE: &str = "derivation.cbor";
+
 struct Server {
+    /// Links to the hub's upward learners (a hub's region server only).
+    links: Option<super::tier::RegionLinks>,
     kit: Kit,
     net: NetHandle,
     sealing: Sealing,
@@ -84,7 +116,17 @@ struct Server {
 }
 
 /// Runs the server until `shutdown` turns true.
-pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(kit: Kit, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    run_with(kit, shutdown, ServerOptions::default()).await
+}
+
+/// [`run`] with a hub's additions: derived jobs to take in, and links to its upward learners.
+pub async fn run_with(
+    kit: Kit,
+    mut shutdown: watch::Receiver<bool>,
+    opts: ServerOptions,
+) -> anyhow::Result<()> {
+    let ServerOptions { mut derived, links } = opts;
     let dir: PathBuf = kit
         .participant_dir()
         .context("the kit folder has no parent")?
@@ -96,7 +138,7 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
     let mut resume = Vec::new();
     for rec in store.list() {
         match rec.state {
-            JobState::Running => match Job::load(&store.job_dir(&rec.id)) {
+            JobState::Running => match load_job(&store, &rec.id) {
                 Ok(job) => {
                     // The sites that took the job (not those that refused it).
                     let sites: Vec<String> = rec
@@ -131,6 +173,7 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
     let sealing = Sealing::new(net.local, kit.identity.sealing.clone());
     tracing::info!(peer = %net.local, listen = ?kit.config.listen, "server starting");
     let server = Arc::new(Server {
+        links,
         kit,
         net: net.clone(),
         sealing,
@@ -199,6 +242,10 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
                 None => break,
             },
             _ = tick.tick() => Arc::clone(&server).schedule().await,
+            Some(d) = async { match derived.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
+                let r = server.take_derived(&d).map_err(|e| format!("{e:#}"));
+                let _ = d.reply.send(r);
+            }
             _ = shutdown.changed() => break,
         }
     }
@@ -215,6 +262,41 @@ pub async fn run(kit: Kit, mut shutdown: watch::Receiver<bool>) -> anyhow::Resul
     }
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// What a deploy sends: the stored bundle, the submitter's certificate, and a derived job's
+/// signed record.
+type DeployParts = (
+    crate::net::protocol::JobBundle,
+    Vec<u8>,
+    Option<super::tier::SignedDerivation>,
+);
+
+/// A derived job's signed record, if `id` is one.
+fn read_derivation(
+    store: &JobStore,
+    id: &str,
+) -> anyhow::Result<Option<super::tier::SignedDerivation>> {
+    let path = store.job_dir(id).with_file_name(DERIVATION_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(
+            flare_protocols::codec::decode(&bytes, 1 << 20)
+                .with_context(|| path.display().to_string())?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::Error::new(e).context(path.display().to_string())),
+    }
+}
+
+/// Loads a stored job; a derived one with its hub's changes in place.
+fn load_job(store: &JobStore, id: &str) -> anyhow::Result<Job> {
+    let mut job = Job::load(&store.job_dir(id))?;
+    if let Some(signed) = read_derivation(store, id)? {
+        let d: super::tier::Derivation =
+            serde_json::from_slice(&signed.record).context("the job's derivation record")?;
+        super::tier::apply(&mut job, &d);
+    }
+    Ok(job)
 }
 
 fn admin_json(v: serde_json::Value) -> ControlResponse {
@@ -258,7 +340,14 @@ impl Server {
         request: ControlRequest,
     ) -> ControlResponse {
         match request {
-            ControlRequest::Heartbeat { jobs, listen } => {
+            ControlRequest::Heartbeat {
+                jobs,
+                listen,
+                regions,
+            } => {
+                if from.cert.role.kind() == RoleKind::Hub {
+                    self.record_region_sites(&from.cert.name, &jobs, regions);
+                }
                 let stale = self.stale_jobs(jobs.keys());
                 if let Ok(mut h) = self.heartbeats.lock() {
                     h.insert(from.cert.name.clone(), (now_ms(), jobs, listen));
@@ -435,6 +524,33 @@ impl Server {
         }
     }
 
+    /// A hub's region sites in the record of each tiered job it runs, as `region.site`; a
+    /// record is rewritten only when a state changed.
+    fn record_region_sites(
+        &self,
+        hub: &str,
+        held: &BTreeMap<String, u32>,
+        regions: super::tier::RegionSites,
+    ) {
+        for (job, sites) in regions {
+            if !held.contains_key(&job) || !self.store.state(&job).is_ok_and(|s| s.is_active()) {
+                continue;
+            }
+            let named: BTreeMap<String, String> = sites
+                .into_iter()
+                .take(MAX_REGION_SITES)
+                .map(|(site, state)| (format!("{hub}.{site}"), state))
+                .collect();
+            let changed = self
+                .store
+                .get(&job)
+                .is_ok_and(|r| named.iter().any(|(k, v)| r.sites.get(k) != Some(v)));
+            if changed {
+                let _ = self.store.update(&job, |r| r.sites.extend(named.clone()));
+            }
+        }
+    }
+
     fn sites_json(&self) -> Vec<serde_json::Value> {
         let beats = self
             .heartbeats
@@ -530,11 +646,48 @@ impl Server {
     }
 
     /// What a deploy sends: the stored job bundle and the submitting admin's certificate.
-    fn deploy_parts(&self, id: &str) -> anyhow::Result<(crate::net::protocol::JobBundle, Vec<u8>)> {
+    fn deploy_parts(&self, id: &str) -> anyhow::Result<DeployParts> {
         let bundle = self.store.read_bundle_for_deploy(id)?;
         let cert_path = self.store.job_dir(id).with_file_name("submitter.der");
         let cert = std::fs::read(&cert_path).with_context(|| cert_path.display().to_string())?;
-        Ok((bundle, cert))
+        Ok((bundle, cert, read_derivation(&self.store, id)?))
+    }
+
+    /// Stores a job the hub derived from tier 1's under tier 1's id, with its submitter's
+    /// certificate and the hub's signed record; the scheduler deploys it like any job.
+    fn take_derived(&self, d: &DerivedJob) -> anyhow::Result<()> {
+        // A hub that restarted takes the job again from tier 1: the region still runs it.
+        if let Ok(state) = self.store.state(&d.id) {
+            if state.is_active() {
+                return Ok(());
+            }
+            anyhow::bail!("the region's job {} is {state}", d.id);
+        }
+        let submitter = self
+            .kit
+            .root_ca
+            .verify(&d.submitter_cert, std::time::SystemTime::now())
+            .context("the tier-1 submitter's certificate")?;
+        let rec = self.store.submit_as(
+            &d.id,
+            &d.bundle,
+            &submitter.name,
+            &submitter.signing_public,
+            now_ms(),
+        )?;
+        let dir = self.store.job_dir(&rec.id);
+        std::fs::write(dir.with_file_name("submitter.der"), &d.submitter_cert)?;
+        let bytes = flare_protocols::codec::encode(&d.derivation, 1 << 20)?;
+        std::fs::write(dir.with_file_name(DERIVATION_FILE), bytes)?;
+        self.note(
+            &rec.id,
+            format!(
+                "derived from tier 1's job by {} for its region",
+                self.kit.name()
+            ),
+        );
+        tracing::info!(job = %rec.id, name = %rec.name, by = %submitter.name, "derived job stored");
+        Ok(())
     }
 
     /// Writes a finished job's `metrics.json` into its result folder.
@@ -619,7 +772,7 @@ impl Server {
     }
 
     async fn try_deploy(self: Arc<Self>, id: &str) -> anyhow::Result<()> {
-        let job = Job::load(&self.store.job_dir(id))?;
+        let job = load_job(&self.store, id)?;
         let connected = self.connected_sites();
         let all = job
             .meta
@@ -664,7 +817,7 @@ impl Server {
             &format!("deploying to {}", names.join(", ")),
             now_ms(),
         )?;
-        let (bundle, submitter_cert) = self.deploy_parts(id)?;
+        let (bundle, submitter_cert, derivation) = self.deploy_parts(id)?;
         let n = targets.len() as u32;
         let mut asks = Vec::new();
         for (i, p) in targets.iter().enumerate() {
@@ -674,6 +827,7 @@ impl Server {
                 submitter_cert: ByteBuf::from(submitter_cert.clone()),
                 site_index: i as u32,
                 num_sites: n,
+                derivation: derivation.clone(),
             };
             let net = self.net.clone();
             let peer = p.peer;
@@ -837,13 +991,14 @@ impl Server {
             .peers
             .by_name(name)
             .with_context(|| format!("{name} is not connected"))?;
-        let (bundle, submitter_cert) = self.deploy_parts(id)?;
+        let (bundle, submitter_cert, derivation) = self.deploy_parts(id)?;
         let req = ControlRequest::Deploy {
             job: id.to_string(),
             bundle,
             submitter_cert: ByteBuf::from(submitter_cert),
             site_index: index as u32,
             num_sites: num_sites as u32,
+            derivation,
         };
         match self.net.request(p.peer, req).await? {
             ControlResponse::Ok => Ok(()),

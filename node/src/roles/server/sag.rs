@@ -24,6 +24,9 @@ use crate::store::JobState;
 const RESUME_WAIT: Duration = Duration::from_secs(30);
 /// How much longer it waits for the others once `min_clients` sites are back.
 const RESUME_GRACE: Duration = Duration::from_secs(5);
+/// How long tier 1 waits for a disconnected hub before it counts the region as failed for the
+/// round.
+const REGION_AWAY: Duration = Duration::from_secs(20);
 
 impl Server {
     /// Drives one job's controller until it finishes, aborts, or an admin stops it; with
@@ -156,10 +159,148 @@ impl Server {
         let result_dir = self.store.result_dir(id);
         std::fs::create_dir_all(result_dir.join("models"))
             .with_context(|| result_dir.display().to_string())?;
-        let mut ctrl = tokio::select! {
+        if job.server.tiered.is_some()
+            && let Some(links) = self.links.clone()
+            && self.is_derived(id)
+        {
+            return self
+                .drive_region(id, job, sites, &links, results, abort, took_part)
+                .await;
+        }
+        let ctrl = tokio::select! {
             c = self.controller(id, job, sites, resume) => c?,
             _ = abort.changed() => return Ok((JobState::Aborted, "aborted by an admin".into())),
         };
+        self.drive_controller(
+            id,
+            job,
+            ctrl,
+            &mut results,
+            &mut abort,
+            took_part,
+            &mut |_| {},
+        )
+        .await
+    }
+
+    /// Whether `id` is a job a hub derived for its region.
+    fn is_derived(&self, id: &str) -> bool {
+        self.store
+            .job_dir(id)
+            .with_file_name(super::DERIVATION_FILE)
+            .exists()
+    }
+
+    /// A hub's region runner: waits for each global task tier 1 sends the hub, runs it among
+    /// the region's sites (`local_rounds` rounds, or the final validation) with the same
+    /// `ScatterGather` and `RegionRound` machines as the tiered simulator, and answers with the
+    /// region's partial. It ends when tier 1's job ends (the link closes) or after the
+    /// validation; a region round that fails is answered with the reason and the region waits
+    /// for the next global round.
+    #[allow(clippy::too_many_arguments)]
+    async fn drive_region(
+        self: &Arc<Self>,
+        id: &str,
+        job: &Job,
+        sites: Vec<String>,
+        links: &super::super::tier::RegionLinks,
+        mut results: mpsc::Receiver<(String, TaskResult, Option<ModelRef>)>,
+        mut abort: watch::Receiver<bool>,
+        took_part: &mut BTreeMap<String, (u32, bool, String)>,
+    ) -> anyhow::Result<(JobState, String)> {
+        use flare_protocols::workflows::tiered::RegionRound;
+        let Some(args) = job.server.tiered.clone() else {
+            anyhow::bail!("not a tiered job");
+        };
+        // After a restart the link comes back when tier 1 deploys to the hub again.
+        let deadline = Instant::now() + RESUME_WAIT.max(args.top_config().task_timeout);
+        let mut link = loop {
+            if let Some(l) = links.take(id) {
+                break l;
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!("tier 1 sent this region no task for the job");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = abort.changed() => return Ok((JobState::Aborted, "aborted by an admin".into())),
+            }
+        };
+        let mut weight = 1.0;
+        loop {
+            let task = tokio::select! {
+                t = link.recv() => t,
+                _ = abort.changed() => return Ok((JobState::Aborted, "aborted by an admin".into())),
+            };
+            let Some(task) = task else {
+                return Ok((JobState::Aborted, "tier 1 ended the job".into()));
+            };
+            let ctrl = if task.validate {
+                let (cfg, next) = args.region_validation(task.round, sites.len());
+                ScatterGather::resume(cfg, sites.clone(), task.model, next)?
+            } else {
+                let cfg = args.region_config(task.round, sites.len());
+                ScatterGather::new(cfg, sites.clone(), task.model)?
+            };
+            tracing::info!(job = %id, round = task.round, validate = task.validate, "global task for the region");
+            let mut watch = RegionRound::new(&args, weight);
+            let (state, note) = self
+                .drive_controller(
+                    id,
+                    job,
+                    ctrl,
+                    &mut results,
+                    &mut abort,
+                    took_part,
+                    &mut |e| watch.observe(e),
+                )
+                .await?;
+            if state == JobState::Aborted {
+                return Ok((state, note));
+            }
+            if let Some(w) = watch.weight() {
+                weight = w;
+            }
+            links.publish(
+                id,
+                took_part
+                    .iter()
+                    .map(|(s, (r, _, what))| (s.clone(), format!("round {r}: {what}")))
+                    .collect(),
+            );
+            let answer = tokio::task::block_in_place(|| {
+                if task.validate {
+                    watch.into_validation()
+                } else {
+                    watch.into_partial()
+                }
+            })
+            .map_err(|e| e.to_string());
+            if let Err(e) = &answer {
+                self.note(id, format!("global round {}: {e}", task.round));
+            }
+            let _ = task.reply.send(answer);
+            let last = task.round + 1 >= args.num_rounds;
+            if task.validate || (last && !args.validate_final) {
+                return Ok((JobState::Finished, "finished".into()));
+            }
+        }
+    }
+
+    /// Drives one controller to its end: tasks out, results in, events recorded (and shown to
+    /// `observe`), until it finishes or aborts, or an admin aborts the job.
+    #[allow(clippy::too_many_arguments)]
+    async fn drive_controller(
+        self: &Arc<Self>,
+        id: &str,
+        job: &Job,
+        mut ctrl: ScatterGather,
+        results: &mut mpsc::Receiver<(String, TaskResult, Option<ModelRef>)>,
+        abort: &mut watch::Receiver<bool>,
+        took_part: &mut BTreeMap<String, (u32, bool, String)>,
+        observe: &mut (dyn FnMut(&Event) + Send),
+    ) -> anyhow::Result<(JobState, String)> {
+        let result_dir = self.store.result_dir(id);
         // The global model is kept on disk from the start: tasks are sent from the file.
         if ctrl.global().in_memory().is_some() {
             let path = self.initial_path(id);
@@ -174,6 +315,12 @@ impl Server {
         let mut asked: BTreeMap<String, (u64, String)> = BTreeMap::new();
         // The last task model filtered, so one round's sends filter the global model once.
         let mut filtered = TaskDataOnce::default();
+        // Tier 1 of a tiered job counts a hub that stays disconnected as a failed region for
+        // the round, and deploys the job again to a hub that restarted without it.
+        let tier1 = job.server.tiered.is_some() && !self.is_derived(id);
+        let since_ms = super::now_ms();
+        let mut away: BTreeMap<String, Instant> = BTreeMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         ctrl.start(now());
         loop {
             while let Some(out) = ctrl.poll_output() {
@@ -203,12 +350,24 @@ impl Server {
                         let s = Arc::clone(self);
                         let id = id.to_string();
                         tokio::spawn(async move {
+                            if tier1 && s.lost_job(&id, &to, since_ms) {
+                                s.note(
+                                    &id,
+                                    format!(
+                                        "{to} came back without the job; it is deployed to it again"
+                                    ),
+                                );
+                                if let Err(e) = s.redeploy(&id, &to, 0, 1).await {
+                                    tracing::warn!(job = %id, hub = %to, error = %format!("{e:#}"), "redeploy failed");
+                                }
+                            }
                             if let Err(e) = s.send_task(&id, &to, task, model).await {
                                 tracing::warn!(job = %id, site = %to, error = %format!("{e:#}"), "task not delivered");
                             }
                         });
                     }
                     Output::Event(ev) => {
+                        observe(&ev);
                         let aggregated = match &ev {
                             Event::RoundAggregated { round, .. } => Some(*round),
                             _ => None,
@@ -251,9 +410,39 @@ impl Server {
                     None => return Ok((JobState::Failed, "result channel closed".into())),
                 },
                 _ = tokio::time::sleep(wait) => ctrl.handle_timeout(now()),
+                _ = tick.tick(), if tier1 => {
+                    for (hub, (task_id, _)) in &asked {
+                        if self.net.peers.by_name(hub).is_some() {
+                            away.remove(hub);
+                            continue;
+                        }
+                        let since = *away.entry(hub.clone()).or_insert_with(Instant::now);
+                        if since.elapsed() >= REGION_AWAY {
+                            // An answer already in makes this a dropped duplicate.
+                            let gone = TaskResult {
+                                task_id: flare_protocols::shareable::TaskId(*task_id),
+                                round: ctrl.round(),
+                                data: Shareable::error(
+                                    ReturnCode::ExecutionException,
+                                    format!("region {hub} is away: its hub has been disconnected for {REGION_AWAY:?}"),
+                                ),
+                            };
+                            ctrl.handle_result_ref(now(), hub, gone, None);
+                        }
+                    }
+                }
                 _ = abort.changed() => return Ok((JobState::Aborted, "aborted by an admin".into())),
             }
         }
+    }
+
+    /// Whether `site` has heartbeated since `since_ms` without holding job `id`: it restarted
+    /// and lost it.
+    fn lost_job(&self, id: &str, site: &str, since_ms: u64) -> bool {
+        self.heartbeats.lock().is_ok_and(|h| {
+            h.get(site)
+                .is_some_and(|(at, jobs, _)| *at > since_ms && !jobs.contains_key(id))
+        })
     }
 
     /// Records what the controller reports (`took_part`: each site's last round, whether its

@@ -1,0 +1,325 @@
+//! The hub role: one process that is a client of the tier-1 server upward and the server of
+//! its region downward, both over libp2p (no shared file system, no file pipe).
+//!
+//! - **Upward** it runs the node library's client role (`roles::client::run_with`) on its own
+//!   network endpoint, living in the region above (the tier-1 server admits it as a hub of a
+//!   region below it). When tier 1 deploys a `TieredScatterAndGather` job, [`HubDeploy`]
+//!   derives the region's job and gives the client role a [`RegionLearner`] in place of an
+//!   app's learner.
+//! - **Downward** it runs the node library's server role (`roles::server::run_with`) for its
+//!   region, with its own job store: the derived job is stored there under tier 1's id, the
+//!   region's admins see it in their `list`, its scheduler deploys it to the region's sites,
+//!   and its scatter-and-gather runner answers each global task (`drive_region`).
+//!
+//! The derived job is the tier-1 submitter's job, files and signature unchanged, plus a
+//! derivation record (`roles::tier::Derivation`) that the hub signs: the original signature's
+//! hash and the values it set for the region (its sites in the deploy map, `min_clients`).
+//! The region's sites check both signatures before they take it.
+//!
+//! Between the halves, one channel per job carries a global task down and the region's
+//! partial back (`roles::tier::RegionLinks`). A task aborted or ended at tier 1 closes it, and
+//! the region's job ends too.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use flare_node::job::Job;
+use flare_node::learner::{AbortHandle, Learner, LearnerError};
+use flare_node::net::protocol::JobBundle;
+use flare_node::roles::client::{self, ClientOptions, TieredDeploy};
+use flare_node::roles::server::{self, DerivedJob, ServerOptions};
+use flare_node::roles::tier::{self, Derivation, DerivedChanges, RegionLinks, RegionTask};
+use flare_protocols::model::FLModel;
+use flare_protocols::shareable::{ReturnCode, Shareable, Task, TaskResult, task_names};
+use flare_protocols::stored::ModelRef;
+use flare_provision::config::PeerAddr;
+use flare_provision::kit::Kit;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Runs the hub of the kit in `kit_dir` until `shutdown` turns true: its region's server and
+/// its client towards tier 1, in this process (each half gets its own copy of the verified
+/// kit, with the endpoint it needs).
+pub async fn run(kit_dir: &std::path::Path, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let load = || {
+        flare_provision::kit::load_kit(kit_dir, SystemTime::now())
+            .with_context(|| format!("startup kit {}", kit_dir.display()))
+    };
+    let kit = load()?;
+    let region = kit
+        .cert
+        .region
+        .clone()
+        .with_context(|| format!("{}: a hub's certificate names its region", kit.name()))?;
+    let links = RegionLinks::default();
+    let (derived_tx, derived_rx) = mpsc::channel(8);
+    let deploy = Arc::new(HubDeploy {
+        kit: load()?,
+        region: region.clone(),
+        links: links.clone(),
+        derived: derived_tx,
+    });
+
+    // Downward: the region's server, reached at the hub's own addresses.
+    let mut down = load()?;
+    let listen = down.config.listen.clone();
+    down.config.server = PeerAddr {
+        name: kit.name().to_string(),
+        peer_id: kit.cert.peer_id.to_string(),
+        addrs: listen.clone(),
+    };
+    let server = server::run_with(
+        down,
+        shutdown.clone(),
+        ServerOptions {
+            derived: Some(derived_rx),
+            links: Some(links),
+        },
+    );
+    // Upward: a client of tier 1, living in the region above this one.
+    let mut up = kit;
+    up.config.region = region.rsplit_once('.').map(|(p, _)| p.to_string());
+    up.config.listen = Vec::new();
+    let client = client::run_with(
+        up,
+        shutdown,
+        ClientOptions {
+            tiered: Some(deploy),
+        },
+    );
+    tracing::info!(%region, "hub starting");
+    tokio::try_join!(server, client)?;
+    Ok(())
+}
+
+/// Derives a tiered job for the region and hands back the learner that runs tier 1's tasks.
+#[derive(Debug)]
+struct HubDeploy {
+    kit: Kit,
+    region: String,
+    links: RegionLinks,
+    derived: mpsc::Sender<DerivedJob>,
+}
+
+/// The region's part of tier 1's deploy map: entries that name the region (`eu`, every site)
+/// or one of its sites (`eu.site-2`), in the region's own names; `@ALL` stays.
+pub fn region_deploy_map(
+    map: &BTreeMap<String, Vec<String>>,
+    region: &str,
+) -> BTreeMap<String, Vec<String>> {
+    let inside = format!("{region}.");
+    map.iter()
+        .filter_map(|(app, names)| {
+            let mut mine: Vec<String> = names
+                .iter()
+                .filter_map(|n| {
+                    if n == "@ALL" || n == region {
+                        Some("@ALL".to_string())
+                    } else {
+                        n.strip_prefix(&inside).map(str::to_string)
+                    }
+                })
+                .collect();
+            mine.sort();
+            mine.dedup();
+            (!mine.is_empty()).then(|| (app.clone(), mine))
+        })
+        .collect()
+}
+
+impl TieredDeploy for HubDeploy {
+    fn learner(
+        &self,
+        job_id: &str,
+        job: &Job,
+        bundle: &JobBundle,
+        submitter_cert: &[u8],
+    ) -> Result<Box<dyn Learner>, String> {
+        let args = job
+            .server
+            .tiered
+            .clone()
+            .ok_or("not a TieredScatterAndGather job")?;
+        let submitter = self
+            .kit
+            .root_ca
+            .verify(submitter_cert, SystemTime::now())
+            .map_err(|e| format!("the tier-1 submitter's certificate: {e}"))?;
+        let deploy_map = region_deploy_map(&job.meta.deploy_map, &self.region);
+        if deploy_map.is_empty() {
+            return Err(format!(
+                "the job's deploy_map names no site of region {}",
+                self.region
+            ));
+        }
+        let record = Derivation {
+            job_id: job_id.to_string(),
+            hub: self.kit.name().to_string(),
+            region: self.region.clone(),
+            submitter: submitter.name.clone(),
+            original_signature_sha256: tier::original_hash(bundle),
+            changes: DerivedChanges {
+                deploy_map,
+                min_clients: args.min_clients,
+            },
+        };
+        let signed = tier::sign(&record, &self.kit.identity.signing, &self.kit.cert.der)?;
+        let link = self.links.open(job_id);
+        let (reply, stored) = oneshot::channel();
+        self.derived
+            .try_send(DerivedJob {
+                id: job_id.to_string(),
+                bundle: bundle.clone(),
+                submitter_cert: submitter_cert.to_vec(),
+                derivation: signed,
+                reply,
+            })
+            .map_err(|e| format!("the region's server does not take the job: {e}"))?;
+        let refused = Arc::new(Mutex::new(None));
+        let r2 = Arc::clone(&refused);
+        let id = job_id.to_string();
+        tokio::spawn(async move {
+            let why = match stored.await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e,
+                Err(_) => "the region's server stopped".to_string(),
+            };
+            tracing::error!(job = %id, error = %why, "the region could not take the job");
+            if let Ok(mut r) = r2.lock() {
+                *r = Some(why);
+            }
+        });
+        let timeout = args.top_config().task_timeout;
+        let link = Arc::new(Mutex::new(Some(link)));
+        let l2 = Arc::clone(&link);
+        let abort = AbortHandle::with_hook(Arc::new(move || {
+            // Closing the link ends the region's job.
+            if let Ok(mut l) = l2.lock() {
+                l.take();
+            }
+        }));
+        Ok(Box::new(RegionLearner {
+            link,
+            refused,
+            timeout,
+            abort,
+        }))
+    }
+
+    fn region_sites(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        self.links.sites()
+    }
+}
+
+/// The hub's learner towards tier 1: each task runs in the region, and its answer is the
+/// region's partial (or its validation metrics).
+#[derive(Debug)]
+struct RegionLearner {
+    link: Arc<Mutex<Option<mpsc::Sender<RegionTask>>>>,
+    /// Why the region could not take the job, once known.
+    refused: Arc<Mutex<Option<String>>>,
+    timeout: Duration,
+    abort: AbortHandle,
+}
+
+impl RegionLearner {
+    fn run(&self, task: &Task) -> Result<FLModel, String> {
+        if let Some(why) = self.refused.lock().ok().and_then(|r| r.clone()) {
+            return Err(format!("the region did not take the job: {why}"));
+        }
+        let model = task
+            .data
+            .model
+            .clone()
+            .ok_or("the task carries no global model")?;
+        let sender = self
+            .link
+            .lock()
+            .ok()
+            .and_then(|l| l.clone())
+            .ok_or("the job was stopped at this hub")?;
+        let (reply, answer) = oneshot::channel();
+        let region_task = RegionTask {
+            round: task.round,
+            validate: task.name == task_names::VALIDATE,
+            model: ModelRef::Memory(model),
+            reply,
+        };
+        let handle = tokio::runtime::Handle::current();
+        handle.block_on(async {
+            tokio::time::timeout(self.timeout, async {
+                sender
+                    .send(region_task)
+                    .await
+                    .map_err(|_| "the region's run has ended".to_string())?;
+                answer
+                    .await
+                    .map_err(|_| "the region's run ended without an answer".to_string())?
+            })
+            .await
+            .map_err(|_| format!("the region gave no answer within {:?}", self.timeout))?
+        })
+    }
+}
+
+impl Learner for RegionLearner {
+    fn train(&mut self, _: &FLModel, _: u32) -> Result<FLModel, LearnerError> {
+        Err(LearnerError::Backend(
+            "a hub trains through its region".into(),
+        ))
+    }
+
+    fn validate(&mut self, _: &FLModel) -> Result<BTreeMap<String, f64>, LearnerError> {
+        Err(LearnerError::Backend(
+            "a hub validates through its region".into(),
+        ))
+    }
+
+    fn execute_task(&mut self, task: Task) -> TaskResult {
+        let data = if self.abort.is_aborted() {
+            Shareable::error(ReturnCode::TaskAborted, "the job was stopped at this hub")
+        } else {
+            match self.run(&task) {
+                Ok(m) => Shareable::with_model(m),
+                Err(e) => Shareable::error(ReturnCode::ExecutionException, e),
+            }
+        };
+        TaskResult {
+            task_id: task.id,
+            round: task.round,
+            data,
+        }
+    }
+
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        Some(self.abort.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_region_takes_the_entries_that_name_it_or_its_sites() {
+        let map = BTreeMap::from([
+            (
+                "app".to_string(),
+                vec!["eu.site-2".to_string(), "us".to_string()],
+            ),
+            ("other".to_string(), vec!["eu".to_string()]),
+            ("all".to_string(), vec!["@ALL".to_string()]),
+        ]);
+        let eu = region_deploy_map(&map, "eu");
+        assert_eq!(eu["app"], vec!["site-2"]);
+        assert_eq!(eu["other"], vec!["@ALL"]);
+        assert_eq!(eu["all"], vec!["@ALL"]);
+        let us = region_deploy_map(&map, "us");
+        assert_eq!(us["app"], vec!["@ALL"]);
+        assert!(!us.contains_key("other"));
+        // `eu-west` is not inside `eu`.
+        let map = BTreeMap::from([("app".to_string(), vec!["eu-west.site-1".to_string()])]);
+        assert!(region_deploy_map(&map, "eu").is_empty());
+    }
+}
