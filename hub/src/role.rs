@@ -63,12 +63,17 @@ pub async fn run(kit_dir: &std::path::Path, shutdown: watch::Receiver<bool>) -> 
 
     // Downward: the region's server, reached at the hub's own addresses.
     let mut down = load()?;
-    let listen = down.config.listen.clone();
+    let addrs = if down.config.advertise.is_empty() {
+        down.config.listen.clone()
+    } else {
+        down.config.advertise.clone()
+    };
     down.config.server = PeerAddr {
         name: kit.name().to_string(),
         peer_id: kit.cert.peer_id.to_string(),
-        addrs: listen.clone(),
+        addrs,
     };
+    down.config.relays.clear();
     let server = server::run_with(
         down,
         shutdown.clone(),
@@ -193,17 +198,21 @@ impl TieredDeploy for HubDeploy {
         let timeout = args.top_config().task_timeout;
         let link = Arc::new(Mutex::new(Some(link)));
         let l2 = Arc::clone(&link);
+        let (stop_tx, stop) = watch::channel(false);
         let abort = AbortHandle::with_hook(Arc::new(move || {
-            // Closing the link ends the region's job.
+            // Closing the link ends the region's job; a task waiting on the region returns at
+            // once, and its dropped answer stops the region's running round.
             if let Ok(mut l) = l2.lock() {
                 l.take();
             }
+            let _ = stop_tx.send(true);
         }));
         Ok(Box::new(RegionLearner {
             link,
             refused,
             timeout,
             abort,
+            stop,
         }))
     }
 
@@ -221,6 +230,8 @@ struct RegionLearner {
     refused: Arc<Mutex<Option<String>>>,
     timeout: Duration,
     abort: AbortHandle,
+    /// Turns true when the job is stopped at this hub.
+    stop: watch::Receiver<bool>,
 }
 
 impl RegionLearner {
@@ -246,19 +257,23 @@ impl RegionLearner {
             model: ModelRef::Memory(model),
             reply,
         };
+        let mut stop = self.stop.clone();
         let handle = tokio::runtime::Handle::current();
         handle.block_on(async {
-            tokio::time::timeout(self.timeout, async {
+            let ask = tokio::time::timeout(self.timeout, async {
                 sender
                     .send(region_task)
                     .await
                     .map_err(|_| "the region's run has ended".to_string())?;
+                drop(sender);
                 answer
                     .await
                     .map_err(|_| "the region's run ended without an answer".to_string())?
-            })
-            .await
-            .map_err(|_| format!("the region gave no answer within {:?}", self.timeout))?
+            });
+            tokio::select! {
+                r = ask => r.map_err(|_| format!("the region gave no answer within {:?}", self.timeout))?,
+                _ = stop.wait_for(|s| *s) => Err("the job was stopped at this hub".to_string()),
+            }
         })
     }
 }

@@ -244,17 +244,21 @@ impl Server {
             };
             tracing::info!(job = %id, round = task.round, validate = task.validate, "global task for the region");
             let mut watch = RegionRound::new(&args, weight);
-            let (state, note) = self
-                .drive_controller(
+            let mut reply = task.reply;
+            // Tier 1 stopping the job drops the hub's wait for this answer: the round stops.
+            let mut observe = |e: &Event| watch.observe(e);
+            let (state, note) = tokio::select! {
+                r = self.drive_controller(
                     id,
                     job,
                     ctrl,
                     &mut results,
                     &mut abort,
                     took_part,
-                    &mut |e| watch.observe(e),
-                )
-                .await?;
+                    &mut observe,
+                ) => r?,
+                _ = reply.closed() => (JobState::Aborted, "tier 1 ended the job".to_string()),
+            };
             if state == JobState::Aborted {
                 return Ok((state, note));
             }
@@ -279,7 +283,7 @@ impl Server {
             if let Err(e) = &answer {
                 self.note(id, format!("global round {}: {e}", task.round));
             }
-            let _ = task.reply.send(answer);
+            let _ = reply.send(answer);
             let last = task.round + 1 >= args.num_rounds;
             if task.validate || (last && !args.validate_final) {
                 return Ok((JobState::Finished, "finished".into()));
