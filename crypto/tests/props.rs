@@ -179,6 +179,16 @@ proptest! {
         prop_assert!(root.verify(&t, now()).is_err());
     }
 
+    /// The same for a hub's certificate, whose region extension is one more field to break.
+    #[test]
+    fn hub_cert_mutations_rejected(idx: usize, x in 1u8..) {
+        let (_, root, der) = fixed_hub();
+        let mut t = der.clone();
+        let i = idx % t.len();
+        t[i] ^= x;
+        prop_assert!(root.verify(&t, now()).is_err());
+    }
+
     #[test]
     fn replay_window_matches_a_model(seqs in proptest::collection::vec(0u64..400, 1..200)) {
         let (a, _) = peers();
@@ -213,6 +223,35 @@ fn fixed_ca() -> &'static (flare_crypto::CertificateAuthority, RootCa, Vec<u8>) 
         let c = ca("proj");
         let root = RootCa::from_pem(&c.cert().pem, now()).unwrap();
         let der = issue(&c, &identity(), "site-1", Role::Client, -1, 30).der;
+        (c, root, der)
+    })
+}
+
+fn fixed_hub() -> &'static (flare_crypto::CertificateAuthority, RootCa, Vec<u8>) {
+    use std::sync::OnceLock;
+    static C: OnceLock<(flare_crypto::CertificateAuthority, RootCa, Vec<u8>)> = OnceLock::new();
+    C.get_or_init(|| {
+        let c = ca("proj");
+        let root = RootCa::from_pem(&c.cert().pem, now()).unwrap();
+        let id = identity();
+        let der = c
+            .issue(&flare_crypto::ParticipantCertParams {
+                name: "eu".into(),
+                org: "org-a".into(),
+                role: Role::Hub,
+                region: Some("eu".into()),
+                signing_public: id.signing.public().unwrap(),
+                sealing_public: id.sealing.public(),
+                not_before: at(-1),
+                not_after: at(30),
+                serial: [3; 16],
+            })
+            .unwrap()
+            .der;
+        assert_eq!(
+            root.verify(&der, now()).unwrap().region.as_deref(),
+            Some("eu")
+        );
         (c, root, der)
     })
 }

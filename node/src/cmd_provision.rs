@@ -25,11 +25,16 @@ pub struct ProvisionArgs {
 /// `flare-node poc ...`: a local proof-of-concept project.
 #[derive(Subcommand, Debug, Clone)]
 pub enum PocCommand {
-    /// Provision a local project: a server, site-1..site-N and an admin on 127.0.0.1.
+    /// Provision a local project: a server, site-1..site-N and an admin on 127.0.0.1; with
+    /// --regions R, a tiered one: the server and its admin, hubs region-1..region-R, each with
+    /// site-1..site-N and an admin@region-K (kits in prod_NN/region-K/).
     Prepare {
-        /// The number of sites.
+        /// The number of sites (per region with --regions).
         #[arg(short = 'n', long = "number-of-clients", default_value_t = 2)]
         clients: usize,
+        /// Make a tiered project with this many regions, each with a hub.
+        #[arg(long)]
+        regions: Option<usize>,
         /// The POC folder.
         #[arg(short = 'w', long = "workspace", default_value = DEFAULT_POC_DIR)]
         workspace: PathBuf,
@@ -38,8 +43,8 @@ pub enum PocCommand {
         #[arg(long)]
         base_port: Option<u16>,
     },
-    /// Start the server, then every site, in the background (logs in each participant's
-    /// log.txt, pids in node.pid).
+    /// Start the server, then the hubs, then every site, in the background (logs in each
+    /// participant's log.txt, pids in node.pid).
     Start {
         /// The POC folder.
         #[arg(short = 'w', long = "workspace", default_value = DEFAULT_POC_DIR)]
@@ -115,14 +120,19 @@ pub fn run_poc(cmd: &PocCommand) -> anyhow::Result<()> {
     match cmd {
         PocCommand::Prepare {
             clients,
+            regions,
             workspace,
             base_port,
         } => {
-            let out = poc::prepare_now(&PocOptions {
+            let opts = PocOptions {
                 workspace: workspace.clone(),
                 clients: *clients,
                 base_port: *base_port,
-            })?;
+            };
+            let out = match regions {
+                Some(r) => poc::prepare_tiered_now(&opts, *r)?,
+                None => poc::prepare_now(&opts)?,
+            };
             println!(
                 "POC project written to {} (ports from {})",
                 out.project_file.display(),

@@ -6,6 +6,11 @@
 //! `<participant>/node.pid`, the same files the kit's `start.sh`/`stop.sh` use. Before a
 //! signal is sent, `/proc/<pid>/cmdline` must show that kit's `--kit` argument, so a pid that
 //! the OS handed to an unrelated process is never signalled.
+//!
+//! Kits are `prod_NN/<name>/` and, in a tiered POC, `prod_NN/<region>/<name>/` (a region's
+//! hub, sites and admins); a participant is named by that path relative to `prod_NN`
+//! (`server`, `region-1/region-1`, `region-1/site-2`). The server starts first, then the
+//! hubs, then everyone else.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -97,6 +102,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PocRunError + '_ {
 /// One participant folder of a provisioned POC that runs a node (not an admin).
 #[derive(Debug, Clone)]
 struct Participant {
+    /// Its folder relative to `prod_NN`, unique where names repeat across regions.
     name: String,
     dir: PathBuf,
     kind: RoleKind,
@@ -140,39 +146,61 @@ fn prod_dirs(poc_dir: &Path) -> Result<Vec<PathBuf>, PocRunError> {
     Ok(prods.into_iter().map(|(_, p)| p).collect())
 }
 
-/// The participants of one `prod_NN` that run a node: the server first, then the others by
-/// name; admins are left out.
+/// The participants of one `prod_NN` that run a node: the server first, then the hubs, then
+/// the others, each group by folder; admins are left out. Looks in `prod_NN/<name>/` and in
+/// the region folders `prod_NN/<region>/<name>/`.
 fn participants(prod: &Path) -> Result<Vec<Participant>, PocRunError> {
     let mut out = Vec::new();
     for entry in fs::read_dir(prod).map_err(io(prod))? {
         let entry = entry.map_err(io(prod))?;
-        let config = entry.path().join("startup").join(NODE_CONFIG_FILE);
-        if !config.is_file() {
+        let dir = entry.path();
+        if !dir.is_dir() {
             continue;
         }
-        let text = fs::read(&config).map_err(io(&config))?;
-        let node: NodeConfig =
-            serde_json::from_slice(&text).map_err(|source| PocRunError::Config {
-                path: config.clone(),
-                source,
-            })?;
-        let kind = node.role.kind();
-        if kind != RoleKind::Admin {
-            out.push(Participant {
-                name: node.name,
-                dir: entry.path(),
-                kind,
-            });
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(p) = participant(&dir, name.clone())? {
+            out.extend(p);
+            continue;
+        }
+        // A region folder: its hub's, sites' and admins' kits.
+        for inner in fs::read_dir(&dir).map_err(io(&dir))? {
+            let inner = inner.map_err(io(&dir))?;
+            let label = format!("{name}/{}", inner.file_name().to_string_lossy());
+            if let Some(p) = participant(&inner.path(), label)? {
+                out.extend(p);
+            }
         }
     }
-    out.sort_by(|a, b| {
-        (a.kind != RoleKind::Server, &a.name).cmp(&(b.kind != RoleKind::Server, &b.name))
-    });
+    let rank = |k: RoleKind| match k {
+        RoleKind::Server => 0,
+        RoleKind::Hub => 1,
+        _ => 2,
+    };
+    out.sort_by(|a, b| (rank(a.kind), &a.name).cmp(&(rank(b.kind), &b.name)));
     Ok(out)
 }
 
-/// Starts the server, then every other non-admin participant of the newest `prod_NN` under
-/// `poc_dir`, as `<bin> --kit <participant>/startup` in the background. Refuses (starting
+/// The participant whose kit is in `dir`, if `dir` holds a kit: `Some(None)` for an admin's.
+fn participant(dir: &Path, name: String) -> Result<Option<Option<Participant>>, PocRunError> {
+    let config = dir.join("startup").join(NODE_CONFIG_FILE);
+    if !config.is_file() {
+        return Ok(None);
+    }
+    let text = fs::read(&config).map_err(io(&config))?;
+    let node: NodeConfig = serde_json::from_slice(&text).map_err(|source| PocRunError::Config {
+        path: config.clone(),
+        source,
+    })?;
+    let kind = node.role.kind();
+    Ok(Some((kind != RoleKind::Admin).then(|| Participant {
+        name,
+        dir: dir.to_path_buf(),
+        kind,
+    })))
+}
+
+/// Starts the server, then the hubs, then every other non-admin participant of the newest
+/// `prod_NN` under `poc_dir`, as `<bin> --kit <participant>/startup` in the background. Refuses (starting
 /// nothing) if one already runs. Returns the names and pids, in start order.
 pub fn start(poc_dir: &Path, bin: &Path) -> Result<Vec<(String, u32)>, PocRunError> {
     let poc_dir = fs::canonicalize(poc_dir).map_err(io(poc_dir))?;
@@ -541,6 +569,53 @@ mod tests {
         fs::write(site2.join(PID_FILE), site2_pid.to_string()).unwrap();
         assert_eq!(stop(&poc.dir).unwrap(), [("site-2".to_owned(), site2_pid)]);
         assert!(!is_alive(site2_pid));
+    }
+
+    /// A tiered POC: the server, then both hubs, then the regions' sites, each as `--kit`
+    /// of its own folder; admins are not started; `stop` ends them all.
+    #[test]
+    fn tiered_start_runs_server_then_hubs_then_sites() {
+        let mut poc = poc(false);
+        // The same fake node, over a tiered workspace instead.
+        let tiered = poc._tmp.path().join("tiered");
+        flare_provision::poc::prepare_tiered_now(
+            &PocOptions {
+                workspace: tiered.clone(),
+                clients: 2,
+                base_port: None,
+            },
+            2,
+        )
+        .unwrap();
+        poc.dir = tiered;
+        let started = start(&poc.dir, &poc.bin).unwrap();
+        let names: Vec<&str> = started.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "server",
+                "region-1/region-1",
+                "region-2/region-2",
+                "region-1/site-1",
+                "region-1/site-2",
+                "region-2/site-1",
+                "region-2/site-2",
+            ]
+        );
+        for (name, pid) in &started {
+            let kit = prod(&poc).join(name).join("startup");
+            assert!(runs_kit(*pid, &kit), "{name}");
+            assert!(prod(&poc).join(name).join(PID_FILE).is_file(), "{name}");
+        }
+        for admin in ["admin@nvidia.com", "region-1/admin@region-1"] {
+            assert!(!prod(&poc).join(admin).join(PID_FILE).exists(), "{admin}");
+        }
+        wait_started(&poc, &started);
+        let report = stop_detailed(&poc.dir, Duration::from_secs(5)).unwrap();
+        assert_eq!(report.stopped, started);
+        for (_, pid) in &started {
+            assert!(!is_alive(*pid), "{pid}");
+        }
     }
 
     #[test]

@@ -86,3 +86,39 @@ fn poc_prepare_and_clean() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(!ws.exists());
 }
+
+#[test]
+fn poc_prepare_with_regions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ws = dir.path().join("poc");
+    let ws_s = ws.to_str().expect("utf-8 path");
+    let o = flare(
+        &["poc", "prepare", "--regions", "2", "-n", "3", "-w", ws_s],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let prod = ws.join("example_project/prod_00");
+    let mut kits = vec!["server".to_string(), "admin@nvidia.com".to_string()];
+    for r in ["region-1", "region-2"] {
+        kits.push(format!("{r}/{r}"));
+        kits.push(format!("{r}/admin@{r}"));
+        for i in 1..=3 {
+            kits.push(format!("{r}/site-{i}"));
+        }
+    }
+    for rel in &kits {
+        let kit = load_kit(&prod.join(rel).join("startup"), SystemTime::now()).expect(rel);
+        assert!(
+            text(&o).contains(&prod.join(rel).display().to_string()),
+            "{rel}"
+        );
+        let region = rel.split_once('/').map(|(r, _)| r);
+        assert_eq!(kit.config.region.as_deref(), region, "{rel}");
+    }
+    let o = flare(
+        &["poc", "prepare", "--regions", "0", "-w", "other"],
+        dir.path(),
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("1 to 10 regions"), "{}", text(&o));
+}

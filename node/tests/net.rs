@@ -389,3 +389,106 @@ async fn a_transfer_cut_mid_way_resumes_from_what_arrived() {
         "{attempts:?} for {model_bytes}"
     );
 }
+
+/// Kits of a tiered POC (`poc prepare --regions 2 -n 1`), by folder under `prod_NN`.
+fn tiered_poc(dir: &Path) -> Vec<(String, Kit)> {
+    let out = flare_provision::poc::prepare_tiered_now(
+        &PocOptions {
+            workspace: dir.to_path_buf(),
+            clients: 1,
+            base_port: None,
+        },
+        2,
+    )
+    .unwrap();
+    let prod = out.provisioned.prod_dir.clone();
+    out.provisioned
+        .kits
+        .iter()
+        .map(|(_, p)| {
+            let rel = p.strip_prefix(&prod).unwrap().display().to_string();
+            (
+                rel,
+                load_kit(&p.join("startup"), SystemTime::now()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn at<'a>(kits: &'a [(String, Kit)], rel: &str) -> &'a Kit {
+    &kits.iter().find(|(r, _)| r == rel).unwrap().1
+}
+
+/// An endpoint of `k` on a free loopback port (or none), in `region`, through the node's own
+/// `start_net_in`.
+fn start_in(k: &Kit, region: Option<&str>, listen: bool) -> (NetHandle, mpsc::Receiver<NetEvent>) {
+    let endpoint = flare_node::roles::Endpoint {
+        region: region.map(str::to_string),
+        listen: if listen {
+            vec!["/ip4/127.0.0.1/tcp/0".into()]
+        } else {
+            vec![]
+        },
+        relay_server: false,
+        external: vec![],
+    };
+    flare_node::roles::start_net_in(k, &endpoint).unwrap()
+}
+
+/// A hub's certificate is scoped to its region: a site of region-2 refuses hub region-1 (even
+/// one whose own endpoint would admit it), tells it why, and admits its own hub; the tier-1
+/// server admits a hub and refuses a region's site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_admits_only_its_own_regions_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let kits = tiered_poc(dir.path());
+    let site = at(&kits, "region-2/site-1");
+    let other_hub = at(&kits, "region-1/region-1");
+    let own_hub = at(&kits, "region-2/region-2");
+    assert_eq!(site.config.region.as_deref(), Some("region-2"));
+    let (s, mut srx) = start_in(site, site.config.region.as_deref(), true);
+
+    // Hub region-1 dials it from an endpoint that claims region-2: only the site's check
+    // stands between them.
+    let (h1, mut h1rx) = start_in(other_hub, Some("region-2"), false);
+    h1.dial(listen_addr(&s).await).await.unwrap();
+    let reason = refused(&mut srx).await;
+    assert!(
+        reason
+            .contains("region-1 (hub, region \"region-1\") is not admitted in region \"region-2\""),
+        "{reason}"
+    );
+    let told = refused(&mut h1rx).await;
+    assert!(
+        told.starts_with("refused by the peer") && told.contains("not admitted in region"),
+        "{told}"
+    );
+    assert!(!s.peers.is_admitted(&h1.local));
+
+    // Its own hub, from the hub's downward endpoint (region-2), is admitted both ways.
+    let down = flare_node::roles::Endpoint::hub_downward(own_hub);
+    assert_eq!(down.region.as_deref(), Some("region-2"));
+    let (h2, _h2rx) = start_in(own_hub, down.region.as_deref(), false);
+    let (on_hub, on_site) = admitted_pair(&s, &h2).await;
+    assert_eq!(on_site.cert.role, flare_crypto::Role::Hub);
+    assert_eq!(on_site.cert.region.as_deref(), Some("region-2"));
+    assert_eq!(on_hub.cert.name, "site-1");
+
+    // The tier-1 server (region none) admits hub region-1 from its upward endpoint ...
+    let server = at(&kits, "server");
+    let (t1, mut t1rx) = start_in(server, None, true);
+    let up = flare_node::roles::Endpoint::hub_upward(other_hub);
+    assert_eq!(up.region, None);
+    let (hu, _hurx) = start_in(other_hub, up.region.as_deref(), false);
+    let (_, hub_on_server) = admitted_pair(&t1, &hu).await;
+    assert_eq!(hub_on_server.cert.role, flare_crypto::Role::Hub);
+    // ... and refuses region-1's site, even from an endpoint that would admit the server.
+    let (rs, _rsrx) = start_in(at(&kits, "region-1/site-1"), None, false);
+    rs.dial(listen_addr(&t1).await).await.unwrap();
+    let reason = refused(&mut t1rx).await;
+    assert!(
+        reason.contains("site-1 (client, region \"region-1\") is not admitted in region none"),
+        "{reason}"
+    );
+    assert!(!t1.peers.is_admitted(&rs.local));
+}

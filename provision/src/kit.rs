@@ -126,6 +126,10 @@ impl Kit {
     pub fn role(&self) -> Role {
         self.cert.role
     }
+    /// The participant's region (a hub: the region it serves); `None`: tier 1.
+    pub fn region(&self) -> Option<&str> {
+        self.cert.region.as_deref()
+    }
     /// The participant's PeerId.
     pub fn peer_id(&self) -> PeerId {
         self.cert.peer_id

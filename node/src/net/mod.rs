@@ -12,6 +12,11 @@
 //! refusal (ours or the peer's) and failed dial is noted in [`PeerNotes`], so a dialer says why
 //! it could not get in instead of timing out.
 //!
+//! Regions (tiered federations): an endpoint lives in one region ([`NetConfig::region`],
+//! `None` for tier 1) and admits, after the certificate checks, only the peers that
+//! [`flare_crypto::check_region`] lets in: its region's members and the hubs of the regions
+//! directly below. A hub process runs two endpoints, one in each region it joins.
+//!
 //! One identity, one process: each process draws a random instance id ([`NetConfig::instance`])
 //! and sends it in `Hello`. A copy of a kit has the same key, hence the same PeerId, so libp2p
 //! sees its connection as a second connection of the admitted peer. A `Hello` from an admitted
@@ -102,6 +107,9 @@ pub struct NetConfig {
     /// This process's instance id, drawn at start from the OS random source by the node: a
     /// second process with the same kit (same PeerId) has another one.
     pub instance: u64,
+    /// The region this endpoint lives in (`None`: tier 1, the tier-1 server's federation).
+    /// Peers are admitted by [`flare_crypto::check_region`] against it.
+    pub region: Option<String>,
 }
 
 impl Default for NetConfig {
@@ -116,6 +124,7 @@ impl Default for NetConfig {
             request_timeout: Duration::from_secs(60),
             hole_punching: true,
             instance: 0,
+            region: None,
         }
     }
 }
@@ -885,6 +894,7 @@ impl Driver {
             flare_crypto::RoleKind::Client,
             flare_crypto::RoleKind::Admin,
             flare_crypto::RoleKind::Relay,
+            flare_crypto::RoleKind::Hub,
         ];
         match self
             .creds
@@ -892,6 +902,9 @@ impl Driver {
             .verify_peer(cert_der, SystemTime::now(), &peer, &roles)
         {
             Ok(cert) => {
+                // A hub's certificate is good only in its region and the one above it.
+                flare_crypto::check_region(self.cfg.region.as_deref(), &cert)
+                    .map_err(|e| Refusal::Peer(e.to_string()))?;
                 if let Some(other) = self.peers.by_name(&cert.name)
                     && other.peer != peer
                 {

@@ -33,25 +33,93 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Starts the network for a kit: listening where its config says, relay server on servers.
+/// Starts the network for a kit: listening where its config says, relay server on servers,
+/// in the kit's region (`node.json`'s `region`). [`start_net_in`] with [`Endpoint::of_kit`].
 pub fn start_net(
     kit: &Kit,
     relay_server: bool,
 ) -> anyhow::Result<(NetHandle, mpsc::Receiver<NetEvent>)> {
-    let listen: Vec<Multiaddr> = kit
-        .config
+    start_net_in(kit, &Endpoint::of_kit(kit, relay_server))
+}
+
+/// One network endpoint of a kit's identity: where it listens and which region it lives in.
+///
+/// A node has one, from its kit ([`Endpoint::of_kit`]). A hub process runs two with the same
+/// key: [`Endpoint::hub_upward`] in the parent region, a member of the server above, and
+/// [`Endpoint::hub_downward`] in its own region, the server and relay of its sites.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The region peers are admitted in ([`flare_crypto::check_region`]); `None`: tier 1.
+    pub region: Option<String>,
+    /// Multiaddrs to listen on, as in `node.json` (`/ip4/0.0.0.0/tcp/8002`).
+    pub listen: Vec<String>,
+    /// Run the circuit relay server here.
+    pub relay_server: bool,
+    /// Besides `listen`, the addresses announced as confirmed external ones (what peers are
+    /// given to dial); the relay needs one. Used only with `relay_server`.
+    pub external: Vec<String>,
+}
+
+impl Endpoint {
+    /// The kit's own endpoint: its `listen` addresses in its region. A relay server announces
+    /// the addresses its clients are given: `server.addrs` (the server's own entry), or a
+    /// hub's `advertise`.
+    pub fn of_kit(kit: &Kit, relay_server: bool) -> Self {
+        let external = match (relay_server, kit.role()) {
+            (false, _) => Vec::new(),
+            (true, flare_crypto::Role::Hub) => kit.config.advertise.clone(),
+            (true, _) => kit.config.server.addrs.clone(),
+        };
+        Endpoint {
+            region: kit.config.region.clone(),
+            listen: kit.config.listen.clone(),
+            relay_server,
+            external,
+        }
+    }
+
+    /// A hub's upward endpoint: a member of the parent region (`None` for `eu`, `eu` for
+    /// `eu.de`), dialing the server in `node.json`'s `server`; it listens nowhere.
+    pub fn hub_upward(kit: &Kit) -> Self {
+        Endpoint {
+            region: kit
+                .config
+                .region
+                .as_deref()
+                .and_then(flare_crypto::region_parent)
+                .map(str::to_string),
+            listen: Vec::new(),
+            relay_server: false,
+            external: Vec::new(),
+        }
+    }
+
+    /// A hub's downward endpoint: the server and relay of its own region, on its `listen`
+    /// addresses, announcing its `advertise` ones.
+    pub fn hub_downward(kit: &Kit) -> Self {
+        Endpoint::of_kit(kit, true)
+    }
+}
+
+/// Starts one network endpoint for a kit's identity (see [`Endpoint`]).
+pub fn start_net_in(
+    kit: &Kit,
+    endpoint: &Endpoint,
+) -> anyhow::Result<(NetHandle, mpsc::Receiver<NetEvent>)> {
+    let parse = |field: &str, a: &String| {
+        a.parse::<Multiaddr>()
+            .with_context(|| format!("node.json: {field}: bad address {a:?}"))
+    };
+    let listen: Vec<Multiaddr> = endpoint
         .listen
         .iter()
-        .map(|a| {
-            a.parse()
-                .with_context(|| format!("node.json: listen: bad address {a:?}"))
-        })
+        .map(|a| parse("listen", a))
         .collect::<anyhow::Result<_>>()?;
     // The relay needs a confirmed external address: the listen addresses, plus the addresses
     // clients are given (host_names), which is what counts when listening on 0.0.0.0.
-    let external = if relay_server {
+    let external = if endpoint.relay_server {
         let mut ext = listen.clone();
-        for a in &kit.config.server.addrs {
+        for a in &endpoint.external {
             if let Ok(m) = a.parse::<Multiaddr>()
                 && !ext.contains(&m)
             {
@@ -65,9 +133,10 @@ pub fn start_net(
     let cfg = NetConfig {
         external,
         listen,
-        relay_server,
+        relay_server: endpoint.relay_server,
         project: kit.config.project.clone(),
         instance: instance_id()?,
+        region: endpoint.region.clone(),
         ..NetConfig::default()
     };
     let keypair = kit.identity.signing.to_libp2p()?;
@@ -413,4 +482,58 @@ pub fn run_node_with(kit_dir: &std::path::Path, hub: Option<ExternalRole>) -> an
             },
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flare_provision::poc::{PocOptions, prepare_tiered_now};
+
+    /// A hub kit is refused with a pointer to the hub crate, after its folder was locked (so
+    /// a second process on it would be refused like a server's); its endpoints are in its
+    /// region (downward) and the parent region (upward).
+    #[test]
+    fn a_hub_kit_is_locked_then_refused_and_has_two_endpoints() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = prepare_tiered_now(
+            &PocOptions {
+                workspace: tmp.path().join("poc"),
+                clients: 1,
+                base_port: None,
+            },
+            1,
+        )
+        .unwrap();
+        let hub_dir = out.provisioned.prod_dir.join("region-1/region-1");
+        let err = run_node(&hub_dir.join("startup")).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "region-1 is a hub kit: the hub role runs in flare-node built with the hub crate"
+        );
+        assert!(hub_dir.join(LOCK_FILE).is_file());
+
+        let kit = flare_provision::load_kit(&hub_dir.join("startup"), SystemTime::now()).unwrap();
+        let down = Endpoint::hub_downward(&kit);
+        assert_eq!(down.region.as_deref(), Some("region-1"));
+        assert!(down.relay_server);
+        assert_eq!(down.listen, kit.config.listen);
+        assert_eq!(down.external, kit.config.advertise);
+        assert!(!down.external.is_empty());
+        let up = Endpoint::hub_upward(&kit);
+        assert_eq!(up.region, None);
+        assert!(!up.relay_server && up.listen.is_empty());
+        // A region's site lives in its region; the tier-1 server in none, announcing its own
+        // entry for the relay.
+        let site = out.provisioned.prod_dir.join("region-1/site-1/startup");
+        let site = flare_provision::load_kit(&site, SystemTime::now()).unwrap();
+        assert_eq!(
+            Endpoint::of_kit(&site, false).region.as_deref(),
+            Some("region-1")
+        );
+        let server = out.provisioned.prod_dir.join("server/startup");
+        let server = flare_provision::load_kit(&server, SystemTime::now()).unwrap();
+        let ep = Endpoint::of_kit(&server, true);
+        assert_eq!(ep.region, None);
+        assert_eq!(ep.external, server.config.server.addrs);
+    }
 }

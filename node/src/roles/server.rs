@@ -312,6 +312,16 @@ fn err(reason: impl Into<String>) -> ControlResponse {
     }
 }
 
+/// The roles that take part as sites of this server: clients, and in a tiered federation the
+/// hubs of the regions below, which the tier-1 server schedules, deploys to and hears from
+/// (heartbeats, results) like sites.
+const SITE_KINDS: [RoleKind; 2] = [RoleKind::Client, RoleKind::Hub];
+
+/// Whether a peer of `role` is one of this server's sites ([`SITE_KINDS`]).
+fn is_site(role: Role) -> bool {
+    SITE_KINDS.contains(&role.kind())
+}
+
 impl Server {
     fn connected_sites(&self) -> Vec<PeerInfo> {
         let mut v: Vec<PeerInfo> = self
@@ -319,7 +329,7 @@ impl Server {
             .peers
             .all()
             .into_iter()
-            .filter(|p| p.cert.role.kind() == RoleKind::Client)
+            .filter(|p| is_site(p.cert.role))
             .collect();
         v.sort_by(|a, b| a.cert.name.cmp(&b.cert.name));
         v
@@ -612,16 +622,21 @@ impl Server {
         }))
     }
 
-    /// The admitted peer behind a `what` stream, if its role is `kind`.
-    fn admitted_as(&self, peer: PeerId, kind: RoleKind, what: &str) -> anyhow::Result<PeerInfo> {
+    /// The admitted peer behind a `what` stream, if its role is one of `kinds`.
+    fn admitted_as(
+        &self,
+        peer: PeerId,
+        kinds: &[RoleKind],
+        what: &str,
+    ) -> anyhow::Result<PeerInfo> {
         let from = self
             .net
             .peers
             .get(&peer)
             .with_context(|| format!("{what} stream from {peer}, which is not admitted"))?;
-        if from.cert.role.kind() != kind {
+        if !kinds.contains(&from.cert.role.kind()) {
             anyhow::bail!(
-                "{what} stream from {} ({}), not {kind:?}",
+                "{what} stream from {} ({}), not {kinds:?}",
                 from.cert.name,
                 from.cert.role
             );
@@ -635,7 +650,7 @@ impl Server {
         peer: PeerId,
         mut stream: libp2p::Stream,
     ) -> anyhow::Result<()> {
-        let from = self.admitted_as(peer, RoleKind::Admin, "download")?;
+        let from = self.admitted_as(peer, &[RoleKind::Admin], "download")?;
         let req = download::read_request(&mut stream).await?;
         let files = self
             .result_files(&req.job)
@@ -1074,7 +1089,7 @@ impl Server {
         peer: PeerId,
         mut stream: libp2p::Stream,
     ) -> anyhow::Result<()> {
-        let from = self.admitted_as(peer, RoleKind::Client, "bulk")?;
+        let from = self.admitted_as(peer, &SITE_KINDS, "bulk")?;
         // Results and uploads go to disk as they arrive: the server never holds one whole.
         let spool = self.store.spool_file()?;
         let got =
@@ -1200,6 +1215,21 @@ mod tests {
         p.relayed = relayed;
         p.addr = addr.parse().unwrap();
         p
+    }
+
+    /// A hub of a region below counts as a site of the tier-1 server; nothing else new does.
+    #[test]
+    fn hubs_are_sites_of_the_server_above() {
+        use flare_crypto::AdminRole;
+        assert!(is_site(Role::Client));
+        assert!(is_site(Role::Hub));
+        for other in [
+            Role::Server,
+            Role::Relay,
+            Role::Admin(AdminRole::ProjectAdmin),
+        ] {
+            assert!(!is_site(other), "{other}");
+        }
     }
 
     #[test]
