@@ -208,6 +208,8 @@ impl TieredDeploy for HubDeploy {
             let _ = stop_tx.send(true);
         }));
         Ok(Box::new(RegionLearner {
+            job: job_id.to_string(),
+            links: self.links.clone(),
             link,
             refused,
             timeout,
@@ -225,6 +227,9 @@ impl TieredDeploy for HubDeploy {
 /// region's partial (or its validation metrics).
 #[derive(Debug)]
 struct RegionLearner {
+    job: String,
+    /// Where the region's runner publishes its sites' states.
+    links: RegionLinks,
     link: Arc<Mutex<Option<mpsc::Sender<RegionTask>>>>,
     /// Why the region could not take the job, once known.
     refused: Arc<Mutex<Option<String>>>,
@@ -300,6 +305,16 @@ impl Learner for RegionLearner {
                 Err(e) => Shareable::error(ReturnCode::ExecutionException, e),
             }
         };
+        let mut data = data;
+        // The region's sites and their states go up with every answer.
+        if let Some(sites) = self.links.sites().remove(&self.job)
+            && let Ok(json) = serde_json::to_string(&sites)
+        {
+            data.headers.insert(
+                tier::REGION_SITES_HEADER.to_string(),
+                flare_protocols::MetaValue::Text(json),
+            );
+        }
         TaskResult {
             task_id: task.id,
             round: task.round,

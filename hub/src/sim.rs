@@ -394,11 +394,8 @@ impl Sim<'_> {
             let (cfg, next) = self.args.region_validation(task.round, n);
             ScatterGather::resume(cfg, sites.clone(), global, next)?
         } else {
-            ScatterGather::new(
-                self.args.region_config(task.round, n),
-                sites.clone(),
-                global,
-            )?
+            let (cfg, next) = self.args.region_config(task.round, n);
+            ScatterGather::resume(cfg, sites.clone(), global, next)?
         };
         let mut folded = 0;
         c.start(self.now());

@@ -294,8 +294,10 @@ fn a_killed_hub_leaves_its_rounds_to_the_other_region_and_rejoins_after_a_restar
     let tmp = tempfile::tempdir().unwrap();
     let job = hub_job(
         tmp.path(),
-        serde_json::json!({"num_rounds": 8, "local_rounds": 1, "min_regions": 1,
-            "min_clients": 3, "wait_time_after_min_received": 1, "task_timeout": 60}),
+        // A long wait after the quorum: a round waits for the killed hub until tier 1 declares
+        // its region away.
+        serde_json::json!({"num_rounds": 20, "local_rounds": 1, "min_regions": 1,
+            "min_clients": 3, "wait_time_after_min_received": 60, "task_timeout": 120}),
     );
     let submitted = t.admin_json(TIER1_ADMIN, &["submit", job.to_str().unwrap()]);
     let id = submitted["job_id"].as_str().unwrap().to_string();

@@ -536,7 +536,7 @@ impl Server {
 
     /// A hub's region sites in the record of each tiered job it runs, as `region.site`; a
     /// record is rewritten only when a state changed.
-    fn record_region_sites(
+    pub(super) fn record_region_sites(
         &self,
         hub: &str,
         held: &BTreeMap<String, u32>,

@@ -225,6 +225,10 @@ pub struct RegionTask {
     pub reply: oneshot::Sender<Result<FLModel, String>>,
 }
 
+/// The result header in which a hub's answer names its region's sites and their states (JSON
+/// of site → state), for tier 1's record (`region.site`).
+pub const REGION_SITES_HEADER: &str = "flare.region_sites";
+
 /// A region's sites and their states, per job.
 pub type RegionSites = BTreeMap<String, BTreeMap<String, String>>;
 

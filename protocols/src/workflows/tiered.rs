@@ -199,27 +199,32 @@ impl TieredArgs {
         }
     }
 
-    /// A region's controller settings for global round `global_round`: `local_rounds` rounds
-    /// numbered `global_round × local_rounds …`, so every region's rounds carry the numbers a
-    /// flat run's would. `min_clients` is capped at the region's size.
-    pub fn region_config(&self, global_round: u32, sites: usize) -> SagConfig {
-        SagConfig {
-            num_rounds: self.local_rounds,
-            start_round: global_round.saturating_mul(self.local_rounds),
+    /// A region's controller for global round `global_round`: settings and the round to
+    /// resume at, for `ScatterGather::resume`. It runs the `local_rounds` rounds numbered
+    /// `global_round × local_rounds …` and stops, so every region's rounds, and the versions
+    /// of its models and metrics, carry the numbers a flat run of all its rounds would give
+    /// them. `min_clients` is capped at the region's size.
+    pub fn region_config(&self, global_round: u32, sites: usize) -> (SagConfig, u32) {
+        let next = global_round.saturating_mul(self.local_rounds);
+        let cfg = SagConfig {
+            num_rounds: next.saturating_add(self.local_rounds),
+            start_round: 0,
             min_clients: self.min_clients.min(sites.max(1)),
             wait_time_after_min_received: self.wait(),
             task_timeout: Duration::try_from_secs_f64(self.task_timeout).unwrap_or(Duration::MAX),
             validate_final: false,
-        }
+        };
+        (cfg, next)
     }
 
-    /// The settings of a region's final validation: the same rounds as `region_config`,
-    /// resumed past the last one so the controller goes straight to `validate`.
-    pub fn region_validation(&self, global_round: u32, sites: usize) -> (SagConfig, u32) {
-        let mut cfg = self.region_config(global_round, sites);
+    /// The settings of a region's final validation after `global_rounds` global rounds:
+    /// resumed past the last round, so the controller goes straight to `validate`.
+    pub fn region_validation(&self, global_rounds: u32, sites: usize) -> (SagConfig, u32) {
+        let (mut cfg, _) = self.region_config(global_rounds, sites);
+        let next = global_rounds.saturating_mul(self.local_rounds);
+        cfg.num_rounds = next.max(1);
         cfg.validate_final = true;
-        let next = cfg.start_round.saturating_add(cfg.num_rounds);
-        (cfg, next)
+        (cfg, next.max(1))
     }
 }
 
@@ -427,8 +432,8 @@ mod tests {
                     let (cfg, next) = a.region_validation(g, sites.len());
                     ScatterGather::resume(cfg, site_names, global.clone(), next).unwrap()
                 } else {
-                    let cfg = a.region_config(g, sites.len());
-                    ScatterGather::new(cfg, site_names, global.clone()).unwrap()
+                    let (cfg, next) = a.region_config(g, sites.len());
+                    ScatterGather::resume(cfg, site_names, global.clone(), next).unwrap()
                 };
                 drive(
                     c,
@@ -540,8 +545,8 @@ mod tests {
     #[test]
     fn local_rounds_run_within_the_region_and_number_like_a_flat_run() {
         let a = args(r#"{"num_rounds": 2, "local_rounds": 3, "min_regions": 2}"#);
-        assert_eq!(a.region_config(1, 3).start_round, 3);
-        assert_eq!(a.region_config(1, 3).num_rounds, 3);
+        let (cfg, next) = a.region_config(1, 3);
+        assert_eq!((cfg.start_round, cfg.num_rounds, next), (0, 6, 3));
         assert_eq!(a.top_config().task_timeout, Duration::from_secs(1860));
         // One region alone with k local rounds is k flat rounds.
         let one = args(r#"{"num_rounds": 2, "local_rounds": 3, "min_regions": 1}"#);

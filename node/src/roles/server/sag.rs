@@ -239,8 +239,8 @@ impl Server {
                 let (cfg, next) = args.region_validation(task.round, sites.len());
                 ScatterGather::resume(cfg, sites.clone(), task.model, next)?
             } else {
-                let cfg = args.region_config(task.round, sites.len());
-                ScatterGather::new(cfg, sites.clone(), task.model)?
+                let (cfg, next) = args.region_config(task.round, sites.len());
+                ScatterGather::resume(cfg, sites.clone(), task.model, next)?
             };
             tracing::info!(job = %id, round = task.round, validate = task.validate, "global task for the region");
             let mut watch = RegionRound::new(&args, weight);
@@ -405,6 +405,9 @@ impl Server {
                             .get(&site)
                             .filter(|(t, _)| *t == result.task_id.0)
                             .map(|(_, name)| name.as_str());
+                        if tier1 {
+                            self.record_region_answer(id, &site, &result);
+                        }
                         let (result, model) = filter_result(filters, task, &site, result, model);
                         if result.data.return_code != ReturnCode::Ok {
                             tracing::debug!(job = %id, %site, reason = ?result.data.error_reason(), "failed result");
@@ -438,6 +441,24 @@ impl Server {
                 _ = abort.changed() => return Ok((JobState::Aborted, "aborted by an admin".into())),
             }
         }
+    }
+
+    /// The region sites' states a hub's answer names (`tier::REGION_SITES_HEADER`), into the
+    /// job's record as `region.site`.
+    fn record_region_answer(&self, id: &str, hub: &str, result: &TaskResult) {
+        let Some(flare_protocols::MetaValue::Text(json)) = result
+            .data
+            .headers
+            .get(super::super::tier::REGION_SITES_HEADER)
+        else {
+            return;
+        };
+        let Ok(sites) = serde_json::from_str::<BTreeMap<String, String>>(json) else {
+            tracing::warn!(job = %id, %hub, "unreadable region site states");
+            return;
+        };
+        let held = BTreeMap::from([(id.to_string(), 0)]);
+        self.record_region_sites(hub, &held, BTreeMap::from([(id.to_string(), sites)]));
     }
 
     /// Whether `site` has heartbeated since `since_ms` without holding job `id`: it restarted
