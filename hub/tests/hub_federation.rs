@@ -340,3 +340,48 @@ fn a_killed_hub_leaves_its_rounds_to_the_other_region_and_rejoins_after_a_restar
     // The restarted hub answered the last round again: its region took part to the end.
     assert_eq!(st["sites"]["region-2"], "finished", "{st}");
 }
+
+#[test]
+fn abort_at_tier_1_stops_every_tier_within_ten_seconds() {
+    let t = Tiered::running(2, 2, 23_200);
+    let tmp = tempfile::tempdir().unwrap();
+    // Many rounds, so the job is mid-way when it is aborted.
+    let job = hub_job(
+        tmp.path(),
+        serde_json::json!({"num_rounds": 50, "local_rounds": 2, "min_regions": 2,
+            "min_clients": 2, "wait_time_after_min_received": 1, "task_timeout": 120}),
+    );
+    let submitted = t.admin_json(TIER1_ADMIN, &["submit", job.to_str().unwrap()]);
+    let id = submitted["job_id"].as_str().unwrap().to_string();
+    t.wait_status(
+        &id,
+        "round 1 did not start",
+        Duration::from_secs(120),
+        |st| st["round"].as_u64().is_some_and(|r| r >= 1),
+    );
+    let asked = Instant::now();
+    t.admin_json(TIER1_ADMIN, &["abort", &id]);
+    // Tier 1 and both regions' jobs end aborted. A region's job reads as ended only after
+    // its server told each of its sites to free the job and they answered.
+    loop {
+        let top = t.admin_json(TIER1_ADMIN, &["status", &id]);
+        let regions: Vec<Value> = (1..=2)
+            .map(|r| t.admin_json(&format!("region-{r}/admin@region-{r}"), &["status", &id]))
+            .collect();
+        if top["state"] == "aborted" && regions.iter().all(|r| r["state"] == "aborted") {
+            break;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "not every tier stopped within 10 s: tier 1 {}, regions {:?}\n{}",
+            top["state"],
+            regions
+                .iter()
+                .map(|r| r["state"].clone())
+                .collect::<Vec<_>>(),
+            t.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("every tier stopped {:?} after the abort", asked.elapsed());
+}

@@ -158,16 +158,16 @@ fn participants(prod: &Path) -> Result<Vec<Participant>, PocRunError> {
             continue;
         }
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(p) = participant(&dir, name.clone())? {
-            out.extend(p);
+        if holds_kit(&dir) {
+            out.extend(node_participant(&dir, name)?);
             continue;
         }
         // A region folder: its hub's, sites' and admins' kits.
         for inner in fs::read_dir(&dir).map_err(io(&dir))? {
             let inner = inner.map_err(io(&dir))?;
-            let label = format!("{name}/{}", inner.file_name().to_string_lossy());
-            if let Some(p) = participant(&inner.path(), label)? {
-                out.extend(p);
+            if holds_kit(&inner.path()) {
+                let label = format!("{name}/{}", inner.file_name().to_string_lossy());
+                out.extend(node_participant(&inner.path(), label)?);
             }
         }
     }
@@ -180,28 +180,31 @@ fn participants(prod: &Path) -> Result<Vec<Participant>, PocRunError> {
     Ok(out)
 }
 
-/// The participant whose kit is in `dir`, if `dir` holds a kit: `Some(None)` for an admin's.
-fn participant(dir: &Path, name: String) -> Result<Option<Option<Participant>>, PocRunError> {
+/// Whether `dir` is a participant folder (it holds `startup/node.json`).
+fn holds_kit(dir: &Path) -> bool {
+    dir.join("startup").join(NODE_CONFIG_FILE).is_file()
+}
+
+/// The participant whose kit is in `dir`, named `name`, unless it is an admin's.
+fn node_participant(dir: &Path, name: String) -> Result<Option<Participant>, PocRunError> {
     let config = dir.join("startup").join(NODE_CONFIG_FILE);
-    if !config.is_file() {
-        return Ok(None);
-    }
     let text = fs::read(&config).map_err(io(&config))?;
     let node: NodeConfig = serde_json::from_slice(&text).map_err(|source| PocRunError::Config {
         path: config.clone(),
         source,
     })?;
     let kind = node.role.kind();
-    Ok(Some((kind != RoleKind::Admin).then(|| Participant {
+    Ok((kind != RoleKind::Admin).then(|| Participant {
         name,
         dir: dir.to_path_buf(),
         kind,
-    })))
+    }))
 }
 
 /// Starts the server, then the hubs, then every other non-admin participant of the newest
-/// `prod_NN` under `poc_dir`, as `<bin> --kit <participant>/startup` in the background. Refuses (starting
-/// nothing) if one already runs. Returns the names and pids, in start order.
+/// `prod_NN` under `poc_dir`, as `<bin> --kit <participant>/startup` in the background.
+/// Refuses (starting nothing) if one already runs. Returns the names (folders relative to
+/// `prod_NN`) and pids, in start order.
 pub fn start(poc_dir: &Path, bin: &Path) -> Result<Vec<(String, u32)>, PocRunError> {
     let poc_dir = fs::canonicalize(poc_dir).map_err(io(poc_dir))?;
     let prods = prod_dirs(&poc_dir)?;

@@ -320,7 +320,8 @@ impl Site {
                 super::tier::verify(
                     d,
                     &self.kit.root_ca,
-                    self.kit.cert.region.as_deref(),
+                    // The region this endpoint lives in: a site's own, a nested hub's parent.
+                    self.kit.config.region.as_deref(),
                     &self.kit.config.server.name,
                     job_id,
                     bundle,
