@@ -4,196 +4,54 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../node/tests/common/mod.rs"]
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Federation, ended, history_notes, root};
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
+/// A tiered POC of `regions` regions with `sites` sites each, every node started (the server,
+/// the hubs, then the sites; kits `server`, `region-1/region-1`, `region-1/site-2`) and
+/// connected.
+fn running(regions: usize, sites: usize, port: u16) -> Federation {
+    let (r, n) = (regions.to_string(), sites.to_string());
+    let mut t = Federation::prepare_with(&["--regions", &r, "-n", &n], port);
+    t.start("server");
+    for r in 1..=regions {
+        t.start(&format!("region-{r}/region-{r}"));
+    }
+    for r in 1..=regions {
+        for s in 1..=sites {
+            t.start(&format!("region-{r}/site-{s}"));
+        }
+    }
+    t.wait_sites(regions);
+    for r in 1..=regions {
+        t.wait_sites_as(&region_admin(r), sites);
+    }
+    t
 }
 
-struct Tiered {
-    _dir: tempfile::TempDir,
-    prod: PathBuf,
-    nodes: Vec<(String, Child)>,
+fn region_admin(r: usize) -> String {
+    format!("region-{r}/admin@region-{r}")
 }
 
-impl Drop for Tiered {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.nodes {
-            let _ = c.kill();
-            let _ = c.wait();
+/// The last lines of every node's log, for a failure message.
+fn logs(t: &Federation) -> String {
+    let mut s = String::new();
+    for (kit, _) in &t.nodes {
+        let log = t.log(kit);
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        s.push_str(&format!("--- {kit}\n"));
+        for l in tail.into_iter().rev() {
+            s.push_str(l);
+            s.push('\n');
         }
     }
-}
-
-const TIER1_ADMIN: &str = "admin@nvidia.com";
-
-impl Tiered {
-    fn prepare(regions: usize, sites: usize, base_port: u16) -> Tiered {
-        let dir = tempfile::tempdir().unwrap();
-        let ws = dir.path().join("poc");
-        let out = Command::new(flare_node::node_bin())
-            .args(["poc", "prepare", "--regions", &regions.to_string()])
-            .args([
-                "-n",
-                &sites.to_string(),
-                "--base-port",
-                &base_port.to_string(),
-            ])
-            .arg("-w")
-            .arg(&ws)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let prod = std::fs::read_dir(&ws)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path().join("prod_00"))
-            .find(|p| p.is_dir())
-            .unwrap();
-        Tiered {
-            _dir: dir,
-            prod,
-            nodes: Vec::new(),
-        }
-    }
-
-    /// Starts the node whose kit is `prod_00/<kit>` (`server`, `region-1/region-1`,
-    /// `region-1/site-2`).
-    fn start(&mut self, kit: &str) {
-        let dir = self.prod.join(kit);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("log.txt"))
-            .unwrap();
-        let child = Command::new(flare_node::node_bin())
-            .arg("--kit")
-            .arg(dir.join("startup"))
-            .current_dir(root())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.nodes.push((kit.to_string(), child));
-    }
-
-    fn kill(&mut self, kit: &str) {
-        let i = self.nodes.iter().position(|(n, _)| n == kit).unwrap();
-        let (_, mut c) = self.nodes.remove(i);
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-
-    fn log(&self, kit: &str) -> String {
-        std::fs::read_to_string(self.prod.join(kit).join("log.txt")).unwrap_or_default()
-    }
-
-    fn logs(&self) -> String {
-        let mut s = String::new();
-        for (kit, _) in &self.nodes {
-            let log = self.log(kit);
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            s.push_str(&format!("--- {kit}\n"));
-            for l in tail.into_iter().rev() {
-                s.push_str(l);
-                s.push('\n');
-            }
-        }
-        s
-    }
-
-    /// `admin --json <args>` with the admin kit `prod_00/<kit>`.
-    fn admin(&self, kit: &str, args: &[&str]) -> Output {
-        Command::new(flare_node::node_bin())
-            .arg("admin")
-            .arg("--kit")
-            .arg(self.prod.join(kit).join("startup"))
-            .arg("--json")
-            .args(args)
-            .current_dir(root())
-            .output()
-            .unwrap()
-    }
-
-    fn admin_json(&self, kit: &str, args: &[&str]) -> Value {
-        let out = self.admin(kit, args);
-        assert!(
-            out.status.success(),
-            "admin {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn wait_sites(&self, admin: &str, n: usize) {
-        let start = Instant::now();
-        loop {
-            let out = self.admin(admin, &["sites"]);
-            if out.status.success() {
-                let sites: Value = serde_json::from_slice(&out.stdout).unwrap();
-                if sites.as_array().is_some_and(|a| a.len() >= n) {
-                    return;
-                }
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "{admin}: sites did not connect\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-
-    fn wait_status(
-        &self,
-        job: &str,
-        what: &str,
-        timeout: Duration,
-        ok: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let started = Instant::now();
-        loop {
-            let st = self.admin_json(TIER1_ADMIN, &["status", job]);
-            if ok(&st) {
-                return st;
-            }
-            assert!(started.elapsed() < timeout, "{what}: {st}\n{}", self.logs());
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-
-    /// Starts the server, the hubs and their sites, and waits until every one is connected.
-    fn running(regions: usize, sites: usize, port: u16) -> Tiered {
-        let mut t = Tiered::prepare(regions, sites, port);
-        t.start("server");
-        for r in 1..=regions {
-            t.start(&format!("region-{r}/region-{r}"));
-        }
-        for r in 1..=regions {
-            for s in 1..=sites {
-                t.start(&format!("region-{r}/site-{s}"));
-            }
-        }
-        t.wait_sites(TIER1_ADMIN, regions);
-        for r in 1..=regions {
-            t.wait_sites(&format!("region-{r}/admin@region-{r}"), sites);
-        }
-        t
-    }
+    s
 }
 
 /// examples/hub-mnist with `args` replaced in its workflow.
@@ -220,23 +78,16 @@ fn hub_job(dir: &Path, args: Value) -> PathBuf {
     job
 }
 
-fn ended(st: &Value) -> bool {
-    matches!(
-        st["state"].as_str(),
-        Some("finished" | "failed" | "aborted")
-    )
-}
-
 #[test]
 fn one_submit_at_tier_1_runs_the_job_in_every_region() {
-    let t = Tiered::running(2, 3, 23_000);
+    let t = running(2, 3, 23_000);
     let tmp = tempfile::tempdir().unwrap();
     let job = hub_job(
         tmp.path(),
         serde_json::json!({"num_rounds": 2, "local_rounds": 2, "min_regions": 2,
             "min_clients": 3, "wait_time_after_min_received": 1, "task_timeout": 120}),
     );
-    let submitted = t.admin_json(TIER1_ADMIN, &["submit", job.to_str().unwrap()]);
+    let submitted = t.admin_json(&["submit", job.to_str().unwrap()]);
     let id = submitted["job_id"].as_str().unwrap().to_string();
     let st = t.wait_status(
         &id,
@@ -244,7 +95,7 @@ fn one_submit_at_tier_1_runs_the_job_in_every_region() {
         Duration::from_secs(240),
         ended,
     );
-    assert_eq!(st["state"], "finished", "{st}\n{}", t.logs());
+    assert_eq!(st["state"], "finished", "{st}\n{}", logs(&t));
     // Every site of every region shows at tier 1 as region.site.
     let sites = st["sites"].as_object().unwrap();
     for r in 1..=2 {
@@ -259,7 +110,7 @@ fn one_submit_at_tier_1_runs_the_job_in_every_region() {
     assert!(last > 0.85, "final accuracy {last}: {st}");
     // The region's own admins see the derived job, under tier 1's id.
     for r in 1..=2 {
-        let list = t.admin_json(&format!("region-{r}/admin@region-{r}"), &["list"]);
+        let list = t.admin_as_json(&region_admin(r), &["list"]);
         let mine = list
             .as_array()
             .unwrap()
@@ -270,27 +121,13 @@ fn one_submit_at_tier_1_runs_the_job_in_every_region() {
     }
     // And tier 1's result downloads.
     let out = tmp.path().join("download");
-    let dl = t.admin_json(
-        TIER1_ADMIN,
-        &["download", &id, "--output", out.to_str().unwrap()],
-    );
+    let dl = t.admin_json(&["download", &id, "--output", out.to_str().unwrap()]);
     assert!(dl.to_string().contains("global_final.safetensors"), "{dl}");
-}
-
-fn notes(st: &Value) -> Vec<String> {
-    st["history"]
-        .as_array()
-        .map(|h| {
-            h.iter()
-                .filter_map(|e| e["note"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]
 fn a_killed_hub_leaves_its_rounds_to_the_other_region_and_rejoins_after_a_restart() {
-    let mut t = Tiered::running(2, 3, 23_100);
+    let mut t = running(2, 3, 23_100);
     let tmp = tempfile::tempdir().unwrap();
     let job = hub_job(
         tmp.path(),
@@ -299,7 +136,7 @@ fn a_killed_hub_leaves_its_rounds_to_the_other_region_and_rejoins_after_a_restar
         serde_json::json!({"num_rounds": 20, "local_rounds": 1, "min_regions": 1,
             "min_clients": 3, "wait_time_after_min_received": 60, "task_timeout": 120}),
     );
-    let submitted = t.admin_json(TIER1_ADMIN, &["submit", job.to_str().unwrap()]);
+    let submitted = t.admin_json(&["submit", job.to_str().unwrap()]);
     let id = submitted["job_id"].as_str().unwrap().to_string();
     t.wait_status(
         &id,
@@ -315,7 +152,7 @@ fn a_killed_hub_leaves_its_rounds_to_the_other_region_and_rejoins_after_a_restar
         "region-2 was not declared away",
         Duration::from_secs(60),
         |st| {
-            notes(st)
+            history_notes(st)
                 .iter()
                 .any(|n| n.contains("region region-2 is away"))
                 || ended(st)
@@ -329,8 +166,8 @@ fn a_killed_hub_leaves_its_rounds_to_the_other_region_and_rejoins_after_a_restar
     );
     t.start("region-2/region-2");
     let st = t.wait_status(&id, "the job did not end", Duration::from_secs(300), ended);
-    assert_eq!(st["state"], "finished", "{st}\n{}", t.logs());
-    let history = notes(&st);
+    assert_eq!(st["state"], "finished", "{st}\n{}", logs(&t));
+    let history = history_notes(&st);
     assert!(
         history
             .iter()
@@ -343,7 +180,7 @@ fn a_killed_hub_leaves_its_rounds_to_the_other_region_and_rejoins_after_a_restar
 
 #[test]
 fn abort_at_tier_1_stops_every_tier_within_ten_seconds() {
-    let t = Tiered::running(2, 2, 23_200);
+    let t = running(2, 2, 23_200);
     let tmp = tempfile::tempdir().unwrap();
     // Many rounds, so the job is mid-way when it is aborted.
     let job = hub_job(
@@ -351,7 +188,7 @@ fn abort_at_tier_1_stops_every_tier_within_ten_seconds() {
         serde_json::json!({"num_rounds": 50, "local_rounds": 2, "min_regions": 2,
             "min_clients": 2, "wait_time_after_min_received": 1, "task_timeout": 120}),
     );
-    let submitted = t.admin_json(TIER1_ADMIN, &["submit", job.to_str().unwrap()]);
+    let submitted = t.admin_json(&["submit", job.to_str().unwrap()]);
     let id = submitted["job_id"].as_str().unwrap().to_string();
     t.wait_status(
         &id,
@@ -360,13 +197,13 @@ fn abort_at_tier_1_stops_every_tier_within_ten_seconds() {
         |st| st["round"].as_u64().is_some_and(|r| r >= 1),
     );
     let asked = Instant::now();
-    t.admin_json(TIER1_ADMIN, &["abort", &id]);
+    t.admin_json(&["abort", &id]);
     // Tier 1 and both regions' jobs end aborted. A region's job reads as ended only after
     // its server told each of its sites to free the job and they answered.
     loop {
-        let top = t.admin_json(TIER1_ADMIN, &["status", &id]);
+        let top = t.admin_json(&["status", &id]);
         let regions: Vec<Value> = (1..=2)
-            .map(|r| t.admin_json(&format!("region-{r}/admin@region-{r}"), &["status", &id]))
+            .map(|r| t.admin_as_json(&region_admin(r), &["status", &id]))
             .collect();
         if top["state"] == "aborted" && regions.iter().all(|r| r["state"] == "aborted") {
             break;
@@ -379,7 +216,7 @@ fn abort_at_tier_1_stops_every_tier_within_ten_seconds() {
                 .iter()
                 .map(|r| r["state"].clone())
                 .collect::<Vec<_>>(),
-            t.logs()
+            logs(&t)
         );
         std::thread::sleep(Duration::from_millis(250));
     }

@@ -41,18 +41,17 @@ impl Drop for Federation {
 impl Federation {
     /// Tests run in parallel: each federation gets its own port range.
     pub(crate) fn prepare(clients: usize, base_port: u16) -> Federation {
+        Federation::prepare_with(&["-n", &clients.to_string()], base_port)
+    }
+
+    /// `poc prepare <args>` (`--regions 2 -n 3`, say) on its own port range.
+    pub(crate) fn prepare_with(args: &[&str], base_port: u16) -> Federation {
         let dir = tempfile::tempdir().unwrap();
         let ws = dir.path().join("poc");
         let out = Command::new(bin())
-            .args([
-                "poc",
-                "prepare",
-                "-n",
-                &clients.to_string(),
-                "--base-port",
-                &base_port.to_string(),
-                "-w",
-            ])
+            .args(["poc", "prepare"])
+            .args(args)
+            .args(["--base-port", &base_port.to_string(), "-w"])
             .arg(&ws)
             .output()
             .unwrap();
@@ -125,10 +124,15 @@ impl Federation {
     }
 
     pub(crate) fn admin(&self, args: &[&str]) -> Output {
+        self.admin_as("admin@nvidia.com", args)
+    }
+
+    /// `admin --json <args>` with the admin kit `prod_00/<kit>` (a region's admin, say).
+    pub(crate) fn admin_as(&self, kit: &str, args: &[&str]) -> Output {
         Command::new(bin())
             .arg("admin")
             .arg("--kit")
-            .arg(self.prod.join("admin@nvidia.com/startup"))
+            .arg(self.prod.join(kit).join("startup"))
             .arg("--json")
             .args(args)
             .current_dir(root())
@@ -137,7 +141,12 @@ impl Federation {
     }
 
     pub(crate) fn admin_json(&self, args: &[&str]) -> Value {
-        let out = self.admin(args);
+        self.admin_as_json("admin@nvidia.com", args)
+    }
+
+    /// [`Federation::admin_as`], its output parsed; fails with the server's log.
+    pub(crate) fn admin_as_json(&self, kit: &str, args: &[&str]) -> Value {
+        let out = self.admin_as(kit, args);
         assert!(
             out.status.success(),
             "admin {args:?} failed: {}\nserver log:\n{}",
@@ -148,9 +157,14 @@ impl Federation {
     }
 
     pub(crate) fn wait_sites(&self, n: usize) {
+        self.wait_sites_as("admin@nvidia.com", n);
+    }
+
+    /// Waits until the server that the admin kit `prod_00/<kit>` reaches has `n` sites.
+    pub(crate) fn wait_sites_as(&self, kit: &str, n: usize) {
         let start = Instant::now();
         loop {
-            let sites = self.admin_json(&["sites"]);
+            let sites = self.admin_as_json(kit, &["sites"]);
             if sites.as_array().unwrap().len() >= n {
                 return;
             }
