@@ -390,13 +390,9 @@ impl Sim<'_> {
         let sites: Vec<String> = self.names[first..first + n].to_vec();
         let validate = task.name == flare_protocols::shareable::task_names::VALIDATE;
         let mut watch = RegionRound::new(self.args, self.weights[r]);
-        let mut c = if validate {
-            let (cfg, next) = self.args.region_validation(task.round, n);
-            ScatterGather::resume(cfg, sites.clone(), global, next)?
-        } else {
-            let (cfg, next) = self.args.region_config(task.round, n);
-            ScatterGather::resume(cfg, sites.clone(), global, next)?
-        };
+        let mut c = self
+            .args
+            .region_controller(task.round, validate, sites.clone(), global)?;
         let mut folded = 0;
         c.start(self.now());
         loop {

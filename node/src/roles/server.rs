@@ -100,6 +100,13 @@ const MAX_REGION_SITES: usize = 1000;
 
 /// The file beside a derived job's folder that holds its signed derivation record (CBOR).
 const DERIVATION_FILE: &str = "derivation.cbor";
+/// The largest derivation record file read or written.
+const MAX_DERIVATION_BYTES: usize = 1 << 20;
+
+/// Where a derived job's signed record is kept (beside its folder).
+fn derivation_path(store: &JobStore, id: &str) -> PathBuf {
+    store.job_dir(id).with_file_name(DERIVATION_FILE)
+}
 
 struct Server {
     /// Links to the hub's upward learners (a hub's region server only).
@@ -277,10 +284,10 @@ fn read_derivation(
     store: &JobStore,
     id: &str,
 ) -> anyhow::Result<Option<super::tier::SignedDerivation>> {
-    let path = store.job_dir(id).with_file_name(DERIVATION_FILE);
+    let path = derivation_path(store, id);
     match std::fs::read(&path) {
         Ok(bytes) => Ok(Some(
-            flare_protocols::codec::decode(&bytes, 1 << 20)
+            flare_protocols::codec::decode(&bytes, MAX_DERIVATION_BYTES)
                 .with_context(|| path.display().to_string())?,
         )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -536,28 +543,36 @@ impl Server {
 
     /// A hub's region sites in the record of each tiered job it runs, as `region.site`; a
     /// record is rewritten only when a state changed.
-    pub(super) fn record_region_sites(
+    fn record_region_sites(
         &self,
         hub: &str,
         held: &BTreeMap<String, u32>,
         regions: super::tier::RegionSites,
     ) {
         for (job, sites) in regions {
-            if !held.contains_key(&job) || !self.store.state(&job).is_ok_and(|s| s.is_active()) {
-                continue;
+            if held.contains_key(&job) {
+                self.record_region_job(hub, &job, sites);
             }
-            let named: BTreeMap<String, String> = sites
-                .into_iter()
-                .take(MAX_REGION_SITES)
-                .map(|(site, state)| (format!("{hub}.{site}"), state))
-                .collect();
-            let changed = self
-                .store
-                .get(&job)
-                .is_ok_and(|r| named.iter().any(|(k, v)| r.sites.get(k) != Some(v)));
-            if changed {
-                let _ = self.store.update(&job, |r| r.sites.extend(named.clone()));
-            }
+        }
+    }
+
+    /// One tiered job's region sites (a hub's heartbeat or answer) into its record while it
+    /// runs.
+    fn record_region_job(&self, hub: &str, job: &str, sites: BTreeMap<String, String>) {
+        if !self.store.state(job).is_ok_and(|s| s.is_active()) {
+            return;
+        }
+        let named: BTreeMap<String, String> = sites
+            .into_iter()
+            .take(MAX_REGION_SITES)
+            .map(|(site, state)| (format!("{hub}.{site}"), state))
+            .collect();
+        let changed = self
+            .store
+            .get(job)
+            .is_ok_and(|r| named.iter().any(|(k, v)| r.sites.get(k) != Some(v)));
+        if changed {
+            let _ = self.store.update(job, |r| r.sites.extend(named.clone()));
         }
     }
 
@@ -692,8 +707,8 @@ impl Server {
         )?;
         let dir = self.store.job_dir(&rec.id);
         std::fs::write(dir.with_file_name("submitter.der"), &d.submitter_cert)?;
-        let bytes = flare_protocols::codec::encode(&d.derivation, 1 << 20)?;
-        std::fs::write(dir.with_file_name(DERIVATION_FILE), bytes)?;
+        let bytes = flare_protocols::codec::encode(&d.derivation, MAX_DERIVATION_BYTES)?;
+        std::fs::write(derivation_path(&self.store, &rec.id), bytes)?;
         self.note(
             &rec.id,
             format!(

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::scatter_gather::{Event, SagConfig};
+use super::scatter_gather::{Event, SagConfig, SagConfigError, ScatterGather};
 use crate::aggregate::{PartialError, to_partial};
 use crate::model::{FLModel, META_NUM_SAMPLES, MetaValue};
 use crate::stored::{LoadError, ModelRef};
@@ -215,6 +215,25 @@ impl TieredArgs {
             validate_final: false,
         };
         (cfg, next)
+    }
+
+    /// The region's controller for one global task: `local_rounds` rounds from `model` in
+    /// global round `global_round` ([`TieredArgs::region_config`]), or with `validate` the
+    /// final validation of `model` ([`TieredArgs::region_validation`]). The tiered simulator
+    /// and the hub's region runner both start their region rounds here.
+    pub fn region_controller(
+        &self,
+        global_round: u32,
+        validate: bool,
+        sites: Vec<String>,
+        model: impl Into<ModelRef>,
+    ) -> Result<ScatterGather, SagConfigError> {
+        let (cfg, next) = if validate {
+            self.region_validation(global_round, sites.len())
+        } else {
+            self.region_config(global_round, sites.len())
+        };
+        ScatterGather::resume(cfg, sites, model, next)
     }
 
     /// The settings of a region's final validation after `global_rounds` global rounds:
@@ -428,13 +447,9 @@ mod tests {
                 let g = task.round;
                 let mut watch = RegionRound::new(a, weights[r]);
                 let validate = task.name == "validate";
-                let c = if validate {
-                    let (cfg, next) = a.region_validation(g, sites.len());
-                    ScatterGather::resume(cfg, site_names, global.clone(), next).unwrap()
-                } else {
-                    let (cfg, next) = a.region_config(g, sites.len());
-                    ScatterGather::resume(cfg, site_names, global.clone(), next).unwrap()
-                };
+                let c = a
+                    .region_controller(g, validate, site_names, global.clone())
+                    .unwrap();
                 drive(
                     c,
                     |s, _, m| {

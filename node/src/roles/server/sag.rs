@@ -185,10 +185,7 @@ impl Server {
 
     /// Whether `id` is a job a hub derived for its region.
     fn is_derived(&self, id: &str) -> bool {
-        self.store
-            .job_dir(id)
-            .with_file_name(super::DERIVATION_FILE)
-            .exists()
+        super::derivation_path(&self.store, id).exists()
     }
 
     /// A hub's region runner: waits for each global task tier 1 sends the hub, runs it among
@@ -235,13 +232,8 @@ impl Server {
             let Some(task) = task else {
                 return Ok((JobState::Aborted, "tier 1 ended the job".into()));
             };
-            let ctrl = if task.validate {
-                let (cfg, next) = args.region_validation(task.round, sites.len());
-                ScatterGather::resume(cfg, sites.clone(), task.model, next)?
-            } else {
-                let (cfg, next) = args.region_config(task.round, sites.len());
-                ScatterGather::resume(cfg, sites.clone(), task.model, next)?
-            };
+            let ctrl =
+                args.region_controller(task.round, task.validate, sites.clone(), task.model)?;
             tracing::info!(job = %id, round = task.round, validate = task.validate, "global task for the region");
             let mut watch = RegionRound::new(&args, weight);
             let mut reply = task.reply;
@@ -457,8 +449,7 @@ impl Server {
             tracing::warn!(job = %id, %hub, "unreadable region site states");
             return;
         };
-        let held = BTreeMap::from([(id.to_string(), 0)]);
-        self.record_region_sites(hub, &held, BTreeMap::from([(id.to_string(), sites)]));
+        self.record_region_job(hub, id, sites);
     }
 
     /// Whether `site` has heartbeated since `since_ms` without holding job `id`: it restarted
