@@ -200,3 +200,34 @@ fn a_hub_flag_in_meta_alone_is_refused() {
         "{e}"
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Whatever bytes a derivation carries, a site's check answers with an error, never a
+    /// panic: random records (signed by the real hub, so parsing is reached), random
+    /// certificates and random signatures.
+    #[test]
+    fn random_bytes_in_a_derivation_never_panic_the_check(
+        record in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        cert in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        signature in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+    ) {
+        let kits = KITS.get_or_init(Kits::new);
+        let hub = kits.kit("region-1/region-1");
+        let site = kits.kit("region-1/site-1");
+        let bundle = JobBundle { files: Default::default(), signature: serde_bytes::ByteBuf::from(b"sig".to_vec()) };
+        let msg = [b"flare/hub-derivation/v1\0".as_slice(), &record].concat();
+        let signed_by_hub = tier::SignedDerivation {
+            record: record.clone(),
+            signature: hub.identity.signing.sign(&msg).unwrap().to_vec(),
+            hub_cert: hub.cert.der.clone(),
+        };
+        proptest::prop_assert!(check(&site, &signed_by_hub, "0123456789ab-cdef", &bundle).is_err());
+        let garbage = tier::SignedDerivation { record, signature, hub_cert: cert };
+        proptest::prop_assert!(check(&site, &garbage, "0123456789ab-cdef", &bundle).is_err());
+    }
+}
+
+/// One tiered POC's kits for every property case.
+static KITS: std::sync::OnceLock<Kits> = std::sync::OnceLock::new();
