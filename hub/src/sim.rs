@@ -12,7 +12,7 @@
 //! Memory: the learners of every site (their data), the tier-1 global model, the region's
 //! model and at most `threads` models in training; results are folded as they arrive.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -24,7 +24,11 @@ use flare_node::learner::{Learner, execute};
 use flare_protocols::shareable::{ReturnCode, Shareable, Task, TaskResult};
 use flare_protocols::stored::ModelRef;
 use flare_protocols::time::Time;
+use flare_protocols::workflows::ccwf::{
+    Action, ClientWorkflow, Epoch, Input, ModelSlot, ReportEvent,
+};
 use flare_protocols::workflows::scatter_gather::{Event, Output, ScatterGather};
+use flare_protocols::workflows::swarm::{SwarmClient, SwarmMsg};
 use flare_protocols::workflows::tiered::{RegionRound, TieredArgs};
 use serde::Serialize;
 
@@ -390,6 +394,10 @@ impl Sim<'_> {
         let sites: Vec<String> = self.names[first..first + n].to_vec();
         let validate = task.name == flare_protocols::shareable::task_names::VALIDATE;
         let mut watch = RegionRound::new(self.args, self.weights[r]);
+        if self.args.region_swarm() && !validate {
+            let folded = self.region_swarm(first, &sites, task.round, global, &mut watch)?;
+            return Ok((self.answer(r, &task, validate, watch), folded));
+        }
         let mut c = self
             .args
             .region_controller(task.round, validate, sites.clone(), global)?;
@@ -438,6 +446,11 @@ impl Sim<'_> {
                 }
             }
         }
+        Ok((self.answer(r, &task, validate, watch), folded))
+    }
+
+    /// Region `r`'s answer to `task` from what its run showed `watch`.
+    fn answer(&mut self, r: usize, task: &Task, validate: bool, watch: RegionRound) -> TaskResult {
         if let Some(w) = watch.weight() {
             self.weights[r] = w;
         }
@@ -450,14 +463,153 @@ impl Sim<'_> {
             Ok(m) => Shareable::with_model(m),
             Err(e) => Shareable::error(ReturnCode::ExecutionException, e.to_string()),
         };
-        Ok((
-            TaskResult {
-                task_id: task.id,
-                round: task.round,
-                data,
+        TaskResult {
+            task_id: task.id,
+            round: task.round,
+            data,
+        }
+    }
+
+    /// A swarm region's global round: one `SwarmClient` per site of the region (sites
+    /// `first..`), as the sites run them, started on the round's first aggregator with
+    /// `global` as the hub starts it; messages are delivered in order, each site's tasks
+    /// run one at a time on the workers, and the reports and the first final model a result
+    /// site persists go to `watch`, as they reach the hub. Returns how many results the
+    /// swarm's last round folded.
+    fn region_swarm(
+        &mut self,
+        first: usize,
+        sites: &[String],
+        global_round: u32,
+        global: ModelRef,
+        watch: &mut RegionRound,
+    ) -> anyhow::Result<usize> {
+        let seed = flare_node::simulator::seed_of("simulate_job");
+        let cfg = self.args.region_swarm_config(global_round, sites, seed)?;
+        let index = |name: &str| sites.iter().position(|s| s == name);
+        let mut clients: Vec<SwarmClient> = sites
+            .iter()
+            .map(|s| SwarmClient::new(cfg.clone(), s.clone()))
+            .collect::<Result<_, _>>()?;
+        let mut inbox: VecDeque<(usize, Input<SwarmMsg>)> = VecDeque::new();
+        let mut tasks: Vec<VecDeque<(Task, Option<ModelRef>)>> = vec![VecDeque::new(); sites.len()];
+        let mut busy = vec![false; sites.len()];
+        let starter = index(cfg.aggregator(Epoch::new(cfg.start_round, 0))).unwrap_or(0);
+        self.bytes_regions += tensor_bytes(&global);
+        inbox.push_back((
+            starter,
+            Input::Message {
+                from: "hub".into(),
+                msg: SwarmMsg::Start,
+                model: Some(global),
             },
-            folded,
-        ))
+        ));
+        let last_round = cfg.start_round + cfg.num_rounds - 1;
+        let mut folded = 0;
+        let mut have_final = false;
+        loop {
+            let now = self.now();
+            // Deliver what is queued and carry out what it asks, until both are empty.
+            loop {
+                while let Some((i, input)) = inbox.pop_front() {
+                    clients[i].handle(now, input);
+                }
+                let mut acted = false;
+                for i in 0..clients.len() {
+                    while let Some(action) = clients[i].poll_action() {
+                        acted = true;
+                        match action {
+                            Action::Send { to, msg, model } => {
+                                let j = index(&to).with_context(|| {
+                                    format!("a message to {to}, not in the region")
+                                })?;
+                                if let Some(m) = &model {
+                                    self.bytes_regions += tensor_bytes(m);
+                                }
+                                let from = sites[i].clone();
+                                inbox.push_back((j, Input::Message { from, msg, model }));
+                            }
+                            Action::RunTask { task, model } => tasks[i].push_back((task, model)),
+                            Action::Report(report) => {
+                                if let ReportEvent::Aggregated {
+                                    accepted, version, ..
+                                } = &report.event
+                                    && *version < cfg.num_rounds
+                                {
+                                    folded = accepted.len();
+                                }
+                                watch.observe_report(&report);
+                            }
+                            Action::Persist { slot, model } => {
+                                if slot == ModelSlot::Final
+                                    && !have_final
+                                    && cfg.result_clients.contains(&sites[i])
+                                {
+                                    let m = model.load()?;
+                                    if m.current_round == Some(last_round) {
+                                        have_final = true;
+                                        watch.finished(model);
+                                    }
+                                }
+                            }
+                            Action::Finished(_) => {}
+                        }
+                    }
+                }
+                if !acted && inbox.is_empty() {
+                    break;
+                }
+            }
+            for i in 0..sites.len() {
+                if !busy[i]
+                    && let Some((task, model)) = tasks[i].pop_front()
+                {
+                    let model = model.context("a swarm task without its model")?;
+                    busy[i] = true;
+                    self.work
+                        .send((first + i, task, model))
+                        .context("the workers stopped")?;
+                }
+            }
+            if (have_final && watch.swarm_done()) || watch.swarm_failed() {
+                return Ok(folded);
+            }
+            if clients.iter().all(|c| c.is_done()) {
+                bail!("the region's swarm ended without a final model");
+            }
+            let wait = clients
+                .iter()
+                .filter_map(|c| c.poll_timeout())
+                .min()
+                .map(|at| at.saturating_since(self.now()))
+                .unwrap_or(std::time::Duration::from_secs(1));
+            match self.done.recv_timeout(wait) {
+                Ok((g, result)) => {
+                    let i = g - first;
+                    busy[i] = false;
+                    if let Some(m) = &result.data.model {
+                        self.bytes_regions += m
+                            .params
+                            .values()
+                            .map(|t| t.bytes().len() as u64)
+                            .sum::<u64>();
+                    }
+                    inbox.push_back((i, Input::TaskDone(result, None)));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let now = self.now();
+                    // What they ask is carried out at the top of the loop.
+                    for c in &mut clients {
+                        if c.poll_timeout().is_some_and(|t| t <= now) {
+                            c.handle_timeout(now);
+                        }
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("the workers stopped")
+                }
+            }
+        }
     }
 }
 

@@ -61,13 +61,14 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
 
 /// The largest difference between the tiered and the flat final model after `rounds` rounds,
 /// relative to each tensor's largest value.
-fn tiered_against_flat(rounds: u32) -> f64 {
+fn tiered_against_flat(rounds: u32, region_workflow: &str) -> f64 {
     let tmp = tempfile::tempdir().unwrap();
     let (tiered_job, flat_job) = (tmp.path().join("tiered"), tmp.path().join("flat"));
     job(
         &tiered_job,
         json!({"name": "TieredScatterAndGather", "args": {
-            "num_rounds": rounds, "local_rounds": 1, "min_regions": 2, "min_clients": 3}}),
+            "num_rounds": rounds, "local_rounds": 1, "min_regions": 2, "min_clients": 3,
+            "region_workflow": region_workflow}}),
         unequal(),
     );
     job(
@@ -109,7 +110,7 @@ fn tiered_against_flat(rounds: u32) -> f64 {
         }
     }
     eprintln!(
-        "{rounds} round(s): tiered vs flat differ by at most {worst:.2e} of the tensor's largest value"
+        "{rounds} round(s), {region_workflow} in each region: tiered vs flat differ by at most {worst:.2e} of the tensor's largest value"
     );
     // The sites measured the same models.
     for (v, m) in &flat.metrics {
@@ -126,16 +127,27 @@ fn tiered_against_flat(rounds: u32) -> f64 {
 fn one_local_round_equals_flat_fedavg_over_every_site() {
     // One aggregation: the partials' sums and the flat running mean differ only by f32
     // rounding.
-    let one = tiered_against_flat(1);
+    let one = tiered_against_flat(1, "ScatterAndGather");
     assert!(
         one < 1e-6,
         "after one round tiered and flat differ by {one:e} (relative)"
     );
     // Training amplifies those last bits round by round; three rounds stay within 1e-5.
-    let three = tiered_against_flat(3);
+    let three = tiered_against_flat(3, "ScatterAndGather");
     assert!(
         three < 1e-5,
         "after three rounds tiered and flat differ by {three:e}"
+    );
+}
+
+#[test]
+fn a_swarm_in_each_region_equals_flat_fedavg_over_every_site_too() {
+    // Each region's sites run a swarm (peer to peer, a different aggregator each round), the
+    // hub hands its result up weighted by the swarm's last round: still flat FedAvg.
+    let one = tiered_against_flat(1, "Swarm");
+    assert!(
+        one < 1e-6,
+        "after one round tiered (swarm regions) and flat differ by {one:e} (relative)"
     );
 }
 

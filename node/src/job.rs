@@ -513,7 +513,7 @@ impl WorkflowSpec {
     pub fn wire_name(&self) -> &'static str {
         match self {
             WorkflowSpec::ScatterAndGather => "scatter_and_gather",
-            WorkflowSpec::Swarm(_) => "swarm",
+            WorkflowSpec::Swarm(_) => SWARM_WIRE_NAME,
             WorkflowSpec::Cyclic(_) => "cyclic",
         }
     }
@@ -526,6 +526,9 @@ impl WorkflowSpec {
 
 /// The workflow name a cross-site evaluation binds into sealed transfers.
 pub const CSE_WIRE_NAME: &str = "cross_site_eval";
+/// The wire name of a swarm, bound into its sealed peer messages (also a tiered job's region
+/// swarm).
+pub const SWARM_WIRE_NAME: &str = "swarm";
 
 /// The server side of an app: the workflow and its components.
 #[derive(Debug, Clone, PartialEq)]

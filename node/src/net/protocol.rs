@@ -112,6 +112,11 @@ pub enum ControlRequest {
         /// instead of the training workflow.
         #[serde(default)]
         evaluation: Option<EvaluationStage>,
+        /// A tiered job whose regions run a swarm: the region's swarm for this global round
+        /// (hub → its sites), configured from the job's tiered arguments; the hub then starts
+        /// it with a sealed start message carrying the global model.
+        #[serde(default)]
+        region_round: Option<u32>,
     },
     /// Start a configured client-controlled workflow on its starting client (server → client).
     StartWorkflow {

@@ -17,7 +17,7 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, watch};
 
 use super::workflow::{self, Inbound};
-use crate::job::{CSE_WIRE_NAME, WorkflowSpec};
+use crate::job::{CSE_WIRE_NAME, SWARM_WIRE_NAME, WorkflowSpec};
 use crate::net::protocol::{EvaluationStage, PeerEntry};
 use flare_protocols::stored::ModelRef;
 use flare_protocols::workflows::ccwf::{Input, ModelSlot};
@@ -61,6 +61,8 @@ struct WorkflowTask {
     /// Whether its start takes the job's initial model (swarm; cyclic's starting client
     /// takes it when configured, and a cross-site evaluation needs none).
     takes_initial_model: bool,
+    /// The global round of a tiered job's region swarm (its hub starts it with the model).
+    region_round: Option<u32>,
 }
 
 /// What a hub adds to the client role it runs towards tier 1.
@@ -273,7 +275,8 @@ impl Site {
                 seed,
                 rejoin,
                 evaluation,
-            } => match self.configure(&job, peers, seed, rejoin, evaluation) {
+                region_round,
+            } => match self.configure(&job, peers, seed, rejoin, evaluation, region_round) {
                 Ok(()) => ControlResponse::Ok,
                 Err(e) => {
                     tracing::warn!(%job, error = %format!("{e:#}"), "configure failed");
@@ -636,7 +639,8 @@ impl Site {
 
     /// Starts a deployed job's client-controlled workflow among `peers`: its training
     /// workflow, or with `evaluation` its cross-site evaluation (which replaces the training
-    /// workflow's task).
+    /// workflow's task), or with `region_round` a tiered job's region swarm for that global
+    /// round (which replaces the previous round's).
     fn configure(
         &self,
         job_id: &str,
@@ -644,18 +648,33 @@ impl Site {
         seed: u64,
         rejoin: bool,
         evaluation: Option<EvaluationStage>,
+        region_round: Option<u32>,
     ) -> anyhow::Result<()> {
         let dir = self.dir.join("jobs").join(job_id);
         let job = Job::load(&dir)?;
-        let stage = match evaluation {
-            Some(_) => CSE_WIRE_NAME,
-            None => job.server.workflow.wire_name(),
-        };
         let mut names: Vec<String> = peers.iter().map(|p| p.name.clone()).collect();
         names.sort();
         names.dedup();
+        let region_swarm = match (region_round, &job.server.tiered) {
+            (None, _) => None,
+            (Some(g), Some(args)) if args.region_swarm() && evaluation.is_none() => {
+                Some(args.region_swarm_config(g, &names, seed)?)
+            }
+            (Some(g), _) => anyhow::bail!(
+                "job {job_id} is not a tiered job whose regions run a swarm, so it has no region swarm for global round {g}"
+            ),
+        };
+        let stage = match (&evaluation, &region_swarm) {
+            (Some(_), _) => CSE_WIRE_NAME,
+            (None, Some(_)) => SWARM_WIRE_NAME,
+            (None, None) => job.server.workflow.wire_name(),
+        };
         let me = self.kit.name().to_string();
-        let configured = |slot: &JobSlot| slot.workflow.as_ref().is_some_and(|w| w.stage == stage);
+        let configured = |slot: &JobSlot| {
+            slot.workflow
+                .as_ref()
+                .is_some_and(|w| w.stage == stage && w.region_round == region_round)
+        };
         let (learner, filters, already) = self.with_slot(job_id, |slot| {
             (
                 Arc::clone(&slot.learner),
@@ -692,8 +711,14 @@ impl Site {
             })
         };
         let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-            match (&evaluation, &job.server.workflow) {
-                (Some(ev), _) => {
+            match (&evaluation, &job.server.workflow, region_swarm) {
+                // The hub starts it with a sealed start message that carries the global model.
+                (None, _, Some(cfg)) => {
+                    let wf = SwarmClient::new(cfg.clone(), me.clone())?;
+                    let c = ctx(cfg.result_clients.clone());
+                    Box::pin(workflow::run(c, wf, swarm_start, rx, stop_rx))
+                }
+                (Some(ev), _, _) => {
                     let args =
                         job.server.evaluation.as_ref().with_context(|| {
                             format!("job {job_id} has no CrossSiteEval workflow")
@@ -726,24 +751,17 @@ impl Site {
                     }
                     Box::pin(workflow::run(ctx(Vec::new()), wf, start, rx, stop_rx))
                 }
-                (None, WorkflowSpec::Swarm(args)) => {
+                (None, WorkflowSpec::Swarm(args), None) => {
                     let cfg = args.to_config(&names, seed)?;
                     let wf = if rejoin {
                         SwarmClient::joining(cfg.clone(), me.clone())?
                     } else {
                         SwarmClient::new(cfg.clone(), me.clone())?
                     };
-                    fn start(model: Option<ModelRef>) -> Input<SwarmMsg> {
-                        Input::Message {
-                            from: "server".into(),
-                            msg: SwarmMsg::Start,
-                            model,
-                        }
-                    }
                     let c = ctx(cfg.result_clients.clone());
-                    Box::pin(workflow::run(c, wf, start, rx, stop_rx))
+                    Box::pin(workflow::run(c, wf, swarm_start, rx, stop_rx))
                 }
-                (None, WorkflowSpec::Cyclic(args)) => {
+                (None, WorkflowSpec::Cyclic(args), None) => {
                     let cfg = args.to_config(&names, seed)?;
                     let starting = cfg.starting_client.as_ref().unwrap_or(&names[0]);
                     let wf = if rejoin {
@@ -770,7 +788,7 @@ impl Site {
                     };
                     Box::pin(workflow::run(ctx(result_clients), wf, start, rx, stop_rx))
                 }
-                (None, WorkflowSpec::ScatterAndGather) => anyhow::bail!(
+                (None, WorkflowSpec::ScatterAndGather, None) => anyhow::bail!(
                     "job {job_id} runs {}, not a client-controlled workflow",
                     job.server.workflow.wire_name()
                 ),
@@ -791,6 +809,7 @@ impl Site {
                 stage,
                 takes_initial_model: evaluation.is_none()
                     && matches!(job.server.workflow, WorkflowSpec::Swarm(_)),
+                region_round,
             });
             true
         })?;
@@ -831,6 +850,15 @@ impl Site {
             .map_err(|_| anyhow::anyhow!("the workflow of job {job_id} is not accepting input"))?;
         tracing::info!(job = %job_id, "workflow started here");
         Ok(())
+    }
+}
+
+/// The server's start of a swarm, with the model it starts from.
+fn swarm_start(model: Option<ModelRef>) -> Input<SwarmMsg> {
+    Input::Message {
+        from: "server".into(),
+        msg: SwarmMsg::Start,
+        model,
     }
 }
 

@@ -20,6 +20,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
 mod ccwf;
+mod region;
 mod sag;
 
 use super::{now_ms, start_net};
@@ -933,7 +934,17 @@ impl Server {
             let outcome = match job.server.workflow {
                 WorkflowSpec::ScatterAndGather => {
                     Arc::clone(&s)
-                        .run_job(&id, job, accepted.clone(), resume, results_rx, abort_rx)
+                        .run_job(
+                            &id,
+                            job,
+                            accepted.clone(),
+                            resume,
+                            region::Channels {
+                                results: results_rx,
+                                reports: reports_rx,
+                                abort: abort_rx,
+                            },
+                        )
                         .await
                 }
                 WorkflowSpec::Swarm(_) | WorkflowSpec::Cyclic(_) => {

@@ -165,6 +165,10 @@ pub enum ReportEvent {
         metrics: BTreeMap<String, f64>,
         /// The best model after this round.
         best: Option<Best>,
+        /// The total weight (sample count) of the results folded into the model; 0 when the
+        /// epoch only validated. A hub hands it up with a region's swarm result.
+        #[serde(default)]
+        weight: f64,
     },
     /// The aggregator of the epoch was replaced (it died or went silent).
     Reelected {

@@ -612,6 +612,7 @@ impl CyclicClient {
             version: h.hop,
             metrics,
             best: None,
+            weight: 0.0,
         });
         self.forward(now, h.hop, model, h.pred);
     }

@@ -1113,6 +1113,11 @@ impl SwarmClient {
             return;
         }
         let version = g.epoch.round.saturating_sub(self.cfg.start_round);
+        let weight = if self.validate_only {
+            0.0
+        } else {
+            g.fedavg.total_weight()
+        };
         let (metrics, next) = if self.validate_only {
             let m: BTreeMap<String, f64> = g
                 .metric_sums
@@ -1160,6 +1165,7 @@ impl SwarmClient {
                 version,
                 metrics,
                 best: self.best.clone(),
+                weight,
             },
         );
         let next_epoch = Epoch::new(g.epoch.round + 1, g.epoch.attempt);

@@ -20,6 +20,13 @@
 //! - a region run that aborts answers with the reason, and tier 1 counts the region as a failed
 //!   client for that round (it goes on while `min_regions` answered).
 //!
+//! With `region_workflow: Swarm` a region's sites run each global task as a swarm instead
+//! ([`TieredArgs::region_swarm_config`]): `local_rounds` swarm rounds from the global model,
+//! the hub starting the run on one site with the model and only watching the sites' reports
+//! ([`RegionRound::observe_report`]); the final model a result site uploads
+//! ([`RegionRound::finished`]), weighted by the total weight of the swarm's last round, is
+//! the partial. The final validation is a scatter-and-gather `validate` in either case.
+//!
 //! The hub node (`hub/`) and the tiered simulator drive the same machines.
 
 use std::collections::BTreeMap;
@@ -28,13 +35,19 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::ccwf::{Outcome, Report, ReportEvent};
 use super::scatter_gather::{Event, SagConfig, SagConfigError, ScatterGather};
+use super::swarm::{SwarmConfig, SwarmConfigError};
 use crate::aggregate::{PartialError, to_partial};
 use crate::model::{FLModel, META_NUM_SAMPLES, MetaValue};
 use crate::stored::{LoadError, ModelRef};
 
 /// The workflow name of a tiered job in `config_fed_server.json`.
 pub const WORKFLOW_NAME: &str = "TieredScatterAndGather";
+/// `region_workflow`: scatter-and-gather among a region's sites (the default).
+pub const SAG_REGION: &str = "ScatterAndGather";
+/// `region_workflow`: a swarm among a region's sites.
+pub const SWARM_REGION: &str = "Swarm";
 
 /// A tiered scatter-and-gather job's arguments (durations in seconds).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -110,7 +123,7 @@ fn default_task_timeout() -> f64 {
     600.0
 }
 fn sag_name() -> String {
-    "ScatterAndGather".into()
+    SAG_REGION.into()
 }
 
 /// Why tiered arguments were refused; each names its key.
@@ -128,7 +141,7 @@ pub enum TieredArgsError {
         value: String,
     },
     /// `region_workflow` names a workflow regions cannot run.
-    #[error("region_workflow {0:?} is not supported (known: ScatterAndGather)")]
+    #[error("region_workflow {0:?} is not supported (known: ScatterAndGather, Swarm)")]
     RegionWorkflow(String),
 }
 
@@ -165,7 +178,7 @@ impl TieredArgs {
         if let Some(r) = self.region_timeout {
             secs("region_timeout", r, true)?;
         }
-        if self.region_workflow != "ScatterAndGather" {
+        if !matches!(self.region_workflow.as_str(), SAG_REGION | SWARM_REGION) {
             return Err(TieredArgsError::RegionWorkflow(
                 self.region_workflow.clone(),
             ));
@@ -236,6 +249,50 @@ impl TieredArgs {
         ScatterGather::resume(cfg, sites, model, next)
     }
 
+    /// Whether a region's sites run each global task as a swarm.
+    pub fn region_swarm(&self) -> bool {
+        self.region_workflow == SWARM_REGION
+    }
+
+    /// The swarm a region's `sites` run for global round `global_round`: `local_rounds`
+    /// rounds, every site training and aggregating, the first two (by name) handing the
+    /// result to the hub, a round made by
+    /// `min_clients` results (capped at the region's size) and `wait_time_after_min_received`,
+    /// `task_timeout` per round. Its rounds start at `global_round × (local_rounds + 1)`: a
+    /// swarm ends with one more epoch that validates its final model, so the runs of two
+    /// global rounds never share an epoch, and a late message of one is stale to the next.
+    pub fn region_swarm_config(
+        &self,
+        global_round: u32,
+        sites: &[String],
+        seed: u64,
+    ) -> Result<SwarmConfig, SwarmConfigError> {
+        let mut sites = sites.to_vec();
+        sites.sort();
+        let min = self.min_clients.min(sites.len().max(1));
+        let cfg = SwarmConfig {
+            num_rounds: self.local_rounds,
+            start_round: global_round.saturating_mul(self.local_rounds.saturating_add(1)),
+            train_clients: sites.clone(),
+            aggr_clients: sites.clone(),
+            // Two sites upload the result to the hub: one more in case one dies.
+            result_clients: sites.iter().take(2).cloned().collect(),
+            clients: sites,
+            min_clients: min,
+            learn_task_timeout: Duration::try_from_secs_f64(self.task_timeout)
+                .unwrap_or(Duration::MAX),
+            min_responses_required: min,
+            wait_time_after_min_resps_received: self.wait(),
+            max_concurrent_submissions: 1,
+            max_status_report_interval: Duration::from_secs(30),
+            resend_interval: Duration::from_secs(2),
+            key_metric: "accuracy".into(),
+            seed,
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
     /// The settings of a region's final validation after `global_rounds` global rounds:
     /// resumed past the last round, so the controller goes straight to `validate`.
     pub fn region_validation(&self, global_rounds: u32, sites: usize) -> (SagConfig, u32) {
@@ -283,6 +340,7 @@ pub enum RegionError {
 #[derive(Debug)]
 pub struct RegionRound {
     min_sites: usize,
+    local_rounds: u32,
     /// The first (global-model) evaluation seen: what the sites measured on the incoming model.
     metrics: Option<BTreeMap<String, f64>>,
     last: Option<(usize, f64)>,
@@ -290,6 +348,8 @@ pub struct RegionRound {
     weight_hint: f64,
     model: Option<ModelRef>,
     aborted: Option<(u32, String)>,
+    /// The latest training round of a region swarm that reported its aggregation.
+    swarm_version: Option<u32>,
 }
 
 impl RegionRound {
@@ -298,11 +358,13 @@ impl RegionRound {
     pub fn new(args: &TieredArgs, weight_hint: f64) -> Self {
         RegionRound {
             min_sites: args.min_sites_per_partial,
+            local_rounds: args.local_rounds,
             metrics: None,
             last: None,
             weight_hint,
             model: None,
             aborted: None,
+            swarm_version: None,
         }
     }
 
@@ -319,6 +381,54 @@ impl RegionRound {
             Event::Aborted { round, reason } => self.aborted = Some((*round, reason.clone())),
             _ => {}
         }
+    }
+
+    /// Takes one report of a region's swarm site ([`TieredArgs::region_swarm_config`]): the
+    /// first round's aggregation carries the metrics the sites measured on the incoming
+    /// global model, each training round's its folded results and weight (the last one
+    /// counts), and a site whose run failed fails the region's answer.
+    pub fn observe_report(&mut self, report: &Report) {
+        match &report.event {
+            ReportEvent::Aggregated {
+                accepted,
+                version,
+                metrics,
+                weight,
+                ..
+            } if *version < self.local_rounds => {
+                if *version == 0 && self.metrics.is_none() && !metrics.is_empty() {
+                    self.metrics = Some(metrics.clone());
+                }
+                if self.swarm_version.is_none_or(|v| *version >= v) {
+                    self.swarm_version = Some(*version);
+                    self.last = Some((accepted.len(), *weight));
+                }
+            }
+            ReportEvent::Finished(Outcome::Failed { reason }) if self.aborted.is_none() => {
+                self.aborted = Some((report.epoch.round, reason.clone()));
+            }
+            _ => {}
+        }
+    }
+
+    /// The region swarm's final model (uploaded by a result site).
+    pub fn finished(&mut self, model: ModelRef) {
+        self.model = Some(model);
+    }
+
+    /// Whether the region's swarm has aggregated its last round, or failed.
+    pub fn swarm_done(&self) -> bool {
+        self.aborted.is_some() || self.swarm_version == Some(self.local_rounds.saturating_sub(1))
+    }
+
+    /// How many results the region swarm's latest reported round folded.
+    pub fn swarm_sites(&self) -> Option<usize> {
+        self.swarm_version.and(self.last.map(|(n, _)| n))
+    }
+
+    /// Whether the region's swarm failed.
+    pub fn swarm_failed(&self) -> bool {
+        self.aborted.is_some()
     }
 
     /// The total weight of the region's last training round.
@@ -447,6 +557,11 @@ mod tests {
                 let g = task.round;
                 let mut watch = RegionRound::new(a, weights[r]);
                 let validate = task.name == "validate";
+                if a.region_swarm() && !validate {
+                    swarm(a, g, sites, global.clone(), &mut watch);
+                    weights[r] = watch.weight().unwrap_or(1.0);
+                    return watch.into_partial().map_err(|e| e.to_string());
+                }
                 let c = a
                     .region_controller(g, validate, site_names, global.clone())
                     .unwrap();
@@ -471,6 +586,85 @@ mod tests {
             },
         );
         last.unwrap()
+    }
+
+    /// One region's swarm for global round `g` from `global`, every site's state machine
+    /// driven in turn, messages delivered in order, tasks answered at once; the reports and
+    /// the first final model a site persists go to `watch`.
+    fn swarm(a: &TieredArgs, g: u32, sites: &[Site], global: ModelRef, watch: &mut RegionRound) {
+        use crate::workflows::ccwf::{Action, ClientWorkflow, Input, ModelSlot};
+        use crate::workflows::swarm::{SwarmClient, SwarmMsg};
+        let names: Vec<String> = (0..sites.len()).map(|i| format!("s{i}")).collect();
+        let cfg = a.region_swarm_config(g, &names, 7).unwrap();
+        let mut clients: Vec<SwarmClient> = names
+            .iter()
+            .map(|n| SwarmClient::new(cfg.clone(), n.clone()).unwrap())
+            .collect();
+        let mut now = Time::ZERO;
+        clients[0].handle(
+            now,
+            Input::Message {
+                from: "hub".into(),
+                msg: SwarmMsg::Start,
+                model: Some(global),
+            },
+        );
+        let mut have_final = false;
+        for _ in 0..100_000 {
+            let mut acted = false;
+            for i in 0..clients.len() {
+                while let Some(action) = clients[i].poll_action() {
+                    acted = true;
+                    match action {
+                        Action::Send { to, msg, model } => {
+                            let j = names.iter().position(|n| *n == to).unwrap();
+                            let from = names[i].clone();
+                            clients[j].handle(now, Input::Message { from, msg, model });
+                        }
+                        Action::RunTask { task, model } => {
+                            let (off, n) = sites[i];
+                            let base = model.unwrap().load().unwrap();
+                            let mut out = train(&base, off, n);
+                            if task.name == "validate" {
+                                out.params.clear();
+                            }
+                            let result = TaskResult {
+                                task_id: task.id,
+                                round: task.round,
+                                data: Shareable::with_model(out),
+                            };
+                            clients[i].handle(now, Input::TaskDone(result, None));
+                        }
+                        Action::Report(r) => watch.observe_report(&r),
+                        Action::Persist { slot, model } => {
+                            if slot == ModelSlot::Final && !have_final {
+                                have_final = true;
+                                watch.finished(model);
+                            }
+                        }
+                        Action::Finished(_) => {}
+                    }
+                }
+            }
+            if !acted && clients.iter().all(|c| c.is_done()) {
+                assert!(watch.swarm_done());
+                return;
+            }
+            if !acted {
+                let next = clients
+                    .iter()
+                    .filter_map(|c| c.poll_timeout())
+                    .min()
+                    .unwrap();
+                now = next.max(now);
+                for c in &mut clients {
+                    if c.poll_timeout().is_some_and(|t| t <= now) {
+                        c.handle_timeout(now);
+                    }
+                }
+            }
+        }
+        panic!("the region's swarm did not end");
     }
 
     /// The same sites in one flat run.
@@ -523,6 +717,64 @@ mod tests {
         let one_to_one = (mean_of(&regions[0]) + mean_of(&regions[1])) / 2.0;
         let weighted = mean_of(&all);
         assert!((one_to_one - weighted).abs() > 0.5);
+    }
+
+    #[test]
+    fn a_swarm_in_each_region_with_one_local_round_equals_flat_fedavg_too() {
+        let regions = vec![
+            vec![(1.0, 10), (2.0, 100), (3.0, 1000)],
+            vec![(-4.0, 20), (0.5, 200), (8.0, 30)],
+        ];
+        let a = args(
+            r#"{"num_rounds": 3, "min_regions": 2, "min_clients": 3, "region_workflow": "Swarm"}"#,
+        );
+        let t = tiered(&a, &regions);
+        let f = flat(3, &regions.concat());
+        for (x, y) in t.params["w"]
+            .to_f32_vec()
+            .iter()
+            .zip(f.params["w"].to_f32_vec())
+        {
+            assert!(((x - y) / y).abs() < 1e-6, "{x} vs {y}");
+        }
+        // Local rounds run inside the swarm: 2 per global round give the flat run of 2 × 3.
+        let a = args(
+            r#"{"num_rounds": 3, "local_rounds": 2, "min_regions": 2, "min_clients": 3, "region_workflow": "Swarm"}"#,
+        );
+        let one = vec![regions[0].clone()];
+        let t = tiered(
+            &args(
+                r#"{"num_rounds": 3, "local_rounds": 2, "min_regions": 1, "min_clients": 3, "region_workflow": "Swarm"}"#,
+            ),
+            &one,
+        );
+        let f = flat(6, &regions[0]);
+        for (x, y) in t.params["w"]
+            .to_f32_vec()
+            .iter()
+            .zip(f.params["w"].to_f32_vec())
+        {
+            assert!(((x - y) / y).abs() < 1e-5, "{x} vs {y}");
+        }
+        // Two global rounds' swarms never share an epoch (each ends with a validation one).
+        let sites: Vec<String> = vec!["s0".into(), "s1".into()];
+        let c0 = a.region_swarm_config(0, &sites, 1).unwrap();
+        let c1 = a.region_swarm_config(1, &sites, 1).unwrap();
+        assert!(c0.start_round + c0.num_rounds < c1.start_round);
+    }
+
+    #[test]
+    fn a_failed_region_swarm_sends_its_reason_up() {
+        let a = args(r#"{"num_rounds": 1, "region_workflow": "Swarm"}"#);
+        let mut w = RegionRound::new(&a, 1.0);
+        w.observe_report(&Report {
+            epoch: crate::workflows::ccwf::Epoch::new(0, 0),
+            event: ReportEvent::Finished(Outcome::Failed {
+                reason: "round 0: 1 result(s), min_clients 2".into(),
+            }),
+        });
+        assert!(w.swarm_done() && w.swarm_failed());
+        assert!(matches!(w.into_partial(), Err(RegionError::Aborted { .. })));
     }
 
     #[test]
@@ -589,6 +841,9 @@ mod tests {
                 ..
             })
         ));
+        let a = args(r#"{"num_rounds": 1, "region_workflow": "Swarm"}"#);
+        assert_eq!(a.validate(), Ok(()));
+        assert!(a.region_swarm());
         let a = args(r#"{"num_rounds": 1, "region_workflow": "Cyclic"}"#);
         assert!(matches!(
             a.validate(),

@@ -43,6 +43,7 @@ impl Server {
                 seed,
                 rejoin: false,
                 evaluation: evaluation.cloned(),
+                region_round: None,
             };
             let net = self.net.clone();
             let name = name.clone();
@@ -382,6 +383,7 @@ impl Server {
                 version,
                 metrics,
                 best,
+                ..
             } => {
                 tracing::info!(job = %id, %site, epoch = %r.epoch, ?metrics, "round aggregated");
                 let round = r.epoch.round;
@@ -526,6 +528,7 @@ impl Server {
                     seed,
                     rejoin: true,
                     evaluation: evaluation.cloned(),
+                    region_round: None,
                 };
                 match self.net.request(p.peer, req).await? {
                     ControlResponse::Ok => Ok(()),

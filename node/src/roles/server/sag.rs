@@ -14,6 +14,7 @@ use flare_protocols::time::Time;
 use flare_protocols::workflows::scatter_gather::{Event, Output, ScatterGather};
 use tokio::sync::{mpsc, watch};
 
+use super::region::Channels;
 use super::{Server, WORKFLOW};
 use crate::filters::{FilterChains, TaskDataOnce};
 use crate::job::Job;
@@ -38,12 +39,11 @@ impl Server {
         job: Job,
         sites: Vec<String>,
         resume: bool,
-        results: mpsc::Receiver<(String, TaskResult, Option<ModelRef>)>,
-        abort: watch::Receiver<bool>,
+        ch: Channels,
     ) -> anyhow::Result<(JobState, String)> {
         let mut took_part = BTreeMap::new();
         let outcome = self
-            .drive(id, &job, sites, resume, results, abort, &mut took_part)
+            .drive(id, &job, sites, resume, ch, &mut took_part)
             .await;
         let end = job.server.sag.start_round + job.server.sag.num_rounds;
         let state = match &outcome {
@@ -152,8 +152,7 @@ impl Server {
         job: &Job,
         sites: Vec<String>,
         resume: bool,
-        mut results: mpsc::Receiver<(String, TaskResult, Option<ModelRef>)>,
-        mut abort: watch::Receiver<bool>,
+        ch: Channels,
         took_part: &mut BTreeMap<String, (u32, bool, String)>,
     ) -> anyhow::Result<(JobState, String)> {
         let result_dir = self.store.result_dir(id);
@@ -164,9 +163,14 @@ impl Server {
             && self.is_derived(id)
         {
             return self
-                .drive_region(id, job, sites, &links, results, abort, took_part)
+                .drive_region(id, job, sites, &links, ch, took_part)
                 .await;
         }
+        let Channels {
+            mut results,
+            mut abort,
+            ..
+        } = ch;
         let ctrl = tokio::select! {
             c = self.controller(id, job, sites, resume) => c?,
             _ = abort.changed() => return Ok((JobState::Aborted, "aborted by an admin".into())),
@@ -184,109 +188,14 @@ impl Server {
     }
 
     /// Whether `id` is a job a hub derived for its region.
-    fn is_derived(&self, id: &str) -> bool {
+    pub(super) fn is_derived(&self, id: &str) -> bool {
         super::derivation_path(&self.store, id).exists()
-    }
-
-    /// A hub's region runner: waits for each global task tier 1 sends the hub, runs it among
-    /// the region's sites (`local_rounds` rounds, or the final validation) with the same
-    /// `ScatterGather` and `RegionRound` machines as the tiered simulator, and answers with the
-    /// region's partial. It ends when tier 1's job ends (the link closes) or after the
-    /// validation; a region round that fails is answered with the reason and the region waits
-    /// for the next global round.
-    #[allow(clippy::too_many_arguments)]
-    async fn drive_region(
-        self: &Arc<Self>,
-        id: &str,
-        job: &Job,
-        sites: Vec<String>,
-        links: &super::super::tier::RegionLinks,
-        mut results: mpsc::Receiver<(String, TaskResult, Option<ModelRef>)>,
-        mut abort: watch::Receiver<bool>,
-        took_part: &mut BTreeMap<String, (u32, bool, String)>,
-    ) -> anyhow::Result<(JobState, String)> {
-        use flare_protocols::workflows::tiered::RegionRound;
-        let Some(args) = job.server.tiered.clone() else {
-            anyhow::bail!("not a tiered job");
-        };
-        // After a restart the link comes back when tier 1 deploys to the hub again.
-        let deadline = Instant::now() + RESUME_WAIT.max(args.top_config().task_timeout);
-        let mut link = loop {
-            if let Some(l) = links.take(id) {
-                break l;
-            }
-            if Instant::now() >= deadline {
-                anyhow::bail!("tier 1 sent this region no task for the job");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                _ = abort.changed() => return Ok((JobState::Aborted, "aborted by an admin".into())),
-            }
-        };
-        let mut weight = 1.0;
-        loop {
-            let task = tokio::select! {
-                t = link.recv() => t,
-                _ = abort.changed() => return Ok((JobState::Aborted, "aborted by an admin".into())),
-            };
-            let Some(task) = task else {
-                return Ok((JobState::Aborted, "tier 1 ended the job".into()));
-            };
-            let ctrl =
-                args.region_controller(task.round, task.validate, sites.clone(), task.model)?;
-            tracing::info!(job = %id, round = task.round, validate = task.validate, "global task for the region");
-            let mut watch = RegionRound::new(&args, weight);
-            let mut reply = task.reply;
-            // Tier 1 stopping the job drops the hub's wait for this answer: the round stops.
-            let mut observe = |e: &Event| watch.observe(e);
-            let (state, note) = tokio::select! {
-                r = self.drive_controller(
-                    id,
-                    job,
-                    ctrl,
-                    &mut results,
-                    &mut abort,
-                    took_part,
-                    &mut observe,
-                ) => r?,
-                _ = reply.closed() => (JobState::Aborted, "tier 1 ended the job".to_string()),
-            };
-            if state == JobState::Aborted {
-                return Ok((state, note));
-            }
-            if let Some(w) = watch.weight() {
-                weight = w;
-            }
-            links.publish(
-                id,
-                took_part
-                    .iter()
-                    .map(|(s, (r, _, what))| (s.clone(), format!("round {r}: {what}")))
-                    .collect(),
-            );
-            let answer = tokio::task::block_in_place(|| {
-                if task.validate {
-                    watch.into_validation()
-                } else {
-                    watch.into_partial()
-                }
-            })
-            .map_err(|e| e.to_string());
-            if let Err(e) = &answer {
-                self.note(id, format!("global round {}: {e}", task.round));
-            }
-            let _ = reply.send(answer);
-            let last = task.round + 1 >= args.num_rounds;
-            if task.validate || (last && !args.validate_final) {
-                return Ok((JobState::Finished, "finished".into()));
-            }
-        }
     }
 
     /// Drives one controller to its end: tasks out, results in, events recorded (and shown to
     /// `observe`), until it finishes or aborts, or an admin aborts the job.
     #[allow(clippy::too_many_arguments)]
-    async fn drive_controller(
+    pub(super) async fn drive_controller(
         self: &Arc<Self>,
         id: &str,
         job: &Job,
