@@ -245,6 +245,13 @@ struct Sim<'a> {
     bytes_regions: u64,
 }
 
+/// Tensor bytes of a result's model (0 without one).
+fn result_bytes(result: &TaskResult) -> u64 {
+    result.data.model.as_ref().map_or(0, |m| {
+        m.params.values().map(|t| t.bytes().len() as u64).sum()
+    })
+}
+
 fn tensor_bytes(m: &ModelRef) -> u64 {
     m.tensors()
         .iter()
@@ -327,13 +334,7 @@ impl Sim<'_> {
                 let r = hubs.iter().position(|h| *h == hub).unwrap_or(0);
                 self.bytes_tier1 += tensor_bytes(&model);
                 let (result, sites) = self.region(r, task, model)?;
-                if let Some(m) = &result.data.model {
-                    self.bytes_tier1 += m
-                        .params
-                        .values()
-                        .map(|t| t.bytes().len() as u64)
-                        .sum::<u64>();
-                }
+                self.bytes_tier1 += result_bytes(&result);
                 sites_in_round += sites;
                 top.handle_result(self.now(), &hub, result);
             }
@@ -431,13 +432,7 @@ impl Sim<'_> {
                 .unwrap_or(std::time::Duration::from_secs(1));
             match self.done.recv_timeout(wait) {
                 Ok((i, result)) => {
-                    if let Some(m) = &result.data.model {
-                        self.bytes_regions += m
-                            .params
-                            .values()
-                            .map(|t| t.bytes().len() as u64)
-                            .sum::<u64>();
-                    }
+                    self.bytes_regions += result_bytes(&result);
                     c.handle_result(self.now(), &self.names[i], result);
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => c.handle_timeout(self.now()),
@@ -587,13 +582,7 @@ impl Sim<'_> {
                 Ok((g, result)) => {
                     let i = g - first;
                     busy[i] = false;
-                    if let Some(m) = &result.data.model {
-                        self.bytes_regions += m
-                            .params
-                            .values()
-                            .map(|t| t.bytes().len() as u64)
-                            .sum::<u64>();
-                    }
+                    self.bytes_regions += result_bytes(&result);
                     inbox.push_back((i, Input::TaskDone(result, None)));
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {

@@ -159,6 +159,22 @@ async fn send_to(
             connect_peer(&ctx.net, peer, &addrs, circuit.as_ref(), CONNECT_TIMEOUT).await?
         }
     };
+    let (route, meta) = message_transfer(&ctx.job, ctx.workflow, body);
+    bulk::deliver_body(
+        &ctx.net,
+        &ctx.sealing,
+        &info,
+        &route,
+        &meta,
+        model.as_ref().map(Body::of),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The route and header of a sealed workflow message (`body`, CBOR) of job `job`'s stage
+/// `stage`, between sites or from the server (a hub's start of a region swarm).
+pub(crate) fn message_transfer(job: &str, stage: &str, body: Vec<u8>) -> (Route, TransferMeta) {
     let meta = TransferMeta {
         task_id: 0,
         task_name: "ccwf".into(),
@@ -170,21 +186,12 @@ async fn send_to(
         resume: None,
     };
     let route = Route {
-        job: ctx.job.clone(),
-        workflow: ctx.workflow.into(),
+        job: job.to_string(),
+        workflow: stage.into(),
         round: 0,
         kind: "ccwf".into(),
     };
-    bulk::deliver_body(
-        &ctx.net,
-        &ctx.sealing,
-        &info,
-        &route,
-        &meta,
-        model.as_ref().map(Body::of),
-    )
-    .await?;
-    Ok(())
+    (route, meta)
 }
 
 /// Uploads a final or best model to the server's job store.

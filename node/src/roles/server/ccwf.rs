@@ -34,32 +34,7 @@ impl Server {
         starters: &[String],
         all: bool,
     ) -> Result<(), String> {
-        let peers = self.peer_entries(sites);
-        let asks = sites.iter().filter_map(|name| {
-            let p = self.net.peers.by_name(name)?;
-            let req = ControlRequest::Configure {
-                job: id.to_string(),
-                peers: peers.clone(),
-                seed,
-                rejoin: false,
-                evaluation: evaluation.cloned(),
-                region_round: None,
-            };
-            let net = self.net.clone();
-            let name = name.clone();
-            Some(async move { (name, net.request(p.peer, req).await) })
-        });
-        let answers = futures::future::join_all(asks).await;
-        let configured: Vec<String> = answers
-            .into_iter()
-            .filter_map(|(n, a)| match a {
-                Ok(ControlResponse::Ok) => Some(n),
-                other => {
-                    tracing::warn!(job = %id, site = %n, answer = ?other, "site not configured");
-                    None
-                }
-            })
-            .collect();
+        let configured = self.configure_on(id, sites, seed, evaluation, None).await;
         if configured.len() < configure_min {
             return Err(format!(
                 "{} of {} sites configured, configure_min_clients is {configure_min}",
@@ -96,6 +71,45 @@ impl Server {
         }
         self.note(id, format!("{what} started on {}", started.join(", ")));
         Ok(())
+    }
+
+    /// Configures a client-controlled workflow of job `id` on every connected one of `sites`
+    /// (its training workflow, its cross-site `evaluation`, or a tiered job's region swarm for
+    /// global round `region_round`); returns the sites that took it.
+    pub(super) async fn configure_on(
+        &self,
+        id: &str,
+        sites: &[String],
+        seed: u64,
+        evaluation: Option<&EvaluationStage>,
+        region_round: Option<u32>,
+    ) -> Vec<String> {
+        let peers = self.peer_entries(sites);
+        let asks = sites.iter().filter_map(|name| {
+            let p = self.net.peers.by_name(name)?;
+            let req = ControlRequest::Configure {
+                job: id.to_string(),
+                peers: peers.clone(),
+                seed,
+                rejoin: false,
+                evaluation: evaluation.cloned(),
+                region_round,
+            };
+            let net = self.net.clone();
+            let name = name.clone();
+            Some(async move { (name, net.request(p.peer, req).await) })
+        });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter_map(|(n, a)| match a {
+                Ok(ControlResponse::Ok) => Some(n),
+                other => {
+                    tracing::warn!(job = %id, site = %n, answer = ?other, "site not configured");
+                    None
+                }
+            })
+            .collect()
     }
 
     /// Runs a client-controlled job: configures and starts its workflow on its sites (unless

@@ -20,19 +20,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flare_protocols::shareable::{ReturnCode, TaskResult};
+use flare_protocols::shareable::TaskResult;
 use flare_protocols::stored::ModelRef;
 use flare_protocols::workflows::ccwf::{Epoch, ModelSlot, ReportEvent};
 use flare_protocols::workflows::scatter_gather::Event;
 use flare_protocols::workflows::swarm::SwarmMsg;
 use flare_protocols::workflows::tiered::{RegionRound, TieredArgs};
-use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, watch};
 
 use super::{Server, WfEvent};
 use crate::job::{Job, SWARM_WIRE_NAME};
-use crate::net::bulk::{self, Route, TransferMeta};
-use crate::net::protocol::{ControlRequest, ControlResponse};
+use crate::net::bulk;
 use crate::roles::tier::RegionLinks;
 use crate::store::JobState;
 
@@ -187,32 +185,9 @@ impl Server {
             Err(e) => return fail(watch, format!("the region's swarm: {e}")),
         };
         // Every connected site takes part; the swarm itself prunes one that falls silent.
-        let peers = self.peer_entries(&connected);
-        let asks = connected.iter().filter_map(|name| {
-            let p = self.net.peers.by_name(name)?;
-            let req = ControlRequest::Configure {
-                job: id.to_string(),
-                peers: peers.clone(),
-                seed,
-                rejoin: false,
-                evaluation: None,
-                region_round: Some(global_round),
-            };
-            let net = self.net.clone();
-            let name = name.clone();
-            Some(async move { (name, net.request(p.peer, req).await) })
-        });
-        let configured: Vec<String> = futures::future::join_all(asks)
-            .await
-            .into_iter()
-            .filter_map(|(n, a)| match a {
-                Ok(ControlResponse::Ok) => Some(n),
-                other => {
-                    tracing::warn!(job = %id, site = %n, answer = ?other, "site not configured for the region swarm");
-                    None
-                }
-            })
-            .collect();
+        let configured = self
+            .configure_on(id, &connected, seed, None, Some(global_round))
+            .await;
         if configured.len() < cfg.min_clients {
             return fail(
                 watch,
@@ -319,22 +294,7 @@ impl Server {
             &SwarmMsg::Start,
             crate::roles::workflow::MAX_WORKFLOW_MSG,
         )?;
-        let meta = TransferMeta {
-            task_id: 0,
-            task_name: "ccwf".into(),
-            round: 0,
-            return_code: ReturnCode::Ok,
-            headers: Default::default(),
-            skeleton: None,
-            body: Some(ByteBuf::from(body)),
-            resume: None,
-        };
-        let route = Route {
-            job: id.to_string(),
-            workflow: SWARM_WIRE_NAME.into(),
-            round: 0,
-            kind: "ccwf".into(),
-        };
+        let (route, meta) = crate::roles::workflow::message_transfer(id, SWARM_WIRE_NAME, body);
         bulk::deliver_body(
             &self.net,
             &self.sealing,
