@@ -7,10 +7,9 @@
 #[path = "../../node/tests/common/mod.rs"]
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Federation, ended, history_notes, root};
+use common::{Federation, ended, history_notes, hub_job};
 use serde_json::Value;
 
 /// A tiered POC of `regions` regions with `sites` sites each, every node started (the server,
@@ -54,36 +53,13 @@ fn logs(t: &Federation) -> String {
     s
 }
 
-/// examples/hub-mnist with `args` replaced in its workflow.
-fn hub_job(dir: &Path, args: Value) -> PathBuf {
-    let src = root().join("examples/hub-mnist");
-    let job = dir.join("hub-mnist");
-    std::fs::create_dir_all(job.join("app/config")).unwrap();
-    std::fs::copy(src.join("meta.json"), job.join("meta.json")).unwrap();
-    std::fs::copy(
-        src.join("app/config/config_fed_client.json"),
-        job.join("app/config/config_fed_client.json"),
-    )
-    .unwrap();
-    let mut server: Value = serde_json::from_slice(
-        &std::fs::read(src.join("app/config/config_fed_server.json")).unwrap(),
-    )
-    .unwrap();
-    server["workflows"][0]["args"] = args;
-    std::fs::write(
-        job.join("app/config/config_fed_server.json"),
-        serde_json::to_vec_pretty(&server).unwrap(),
-    )
-    .unwrap();
-    job
-}
-
 #[test]
 fn one_submit_at_tier_1_runs_the_job_in_every_region() {
     let t = running(2, 3, 23_000);
     let tmp = tempfile::tempdir().unwrap();
     let job = hub_job(
         tmp.path(),
+        "hub-mnist",
         serde_json::json!({"num_rounds": 2, "local_rounds": 2, "min_regions": 2,
             "min_clients": 3, "wait_time_after_min_received": 1, "task_timeout": 120}),
     );
@@ -131,6 +107,7 @@ fn each_region_can_run_its_rounds_as_a_swarm() {
     let tmp = tempfile::tempdir().unwrap();
     let job = hub_job(
         tmp.path(),
+        "hub-mnist",
         serde_json::json!({"num_rounds": 2, "local_rounds": 2, "min_regions": 2,
             "min_clients": 3, "wait_time_after_min_received": 1, "task_timeout": 120,
             "region_workflow": "Swarm"}),
@@ -187,6 +164,7 @@ fn a_killed_hub_leaves_its_rounds_to_the_other_region_and_rejoins_after_a_restar
     let tmp = tempfile::tempdir().unwrap();
     let job = hub_job(
         tmp.path(),
+        "hub-mnist",
         // A long wait after the quorum: a round waits for the killed hub until tier 1 declares
         // its region away.
         serde_json::json!({"num_rounds": 20, "local_rounds": 1, "min_regions": 1,
@@ -241,6 +219,7 @@ fn abort_at_tier_1_stops_every_tier_within_ten_seconds() {
     // Many rounds, so the job is mid-way when it is aborted.
     let job = hub_job(
         tmp.path(),
+        "hub-mnist",
         serde_json::json!({"num_rounds": 50, "local_rounds": 2, "min_regions": 2,
             "min_clients": 2, "wait_time_after_min_received": 1, "task_timeout": 120}),
     );

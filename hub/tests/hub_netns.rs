@@ -39,7 +39,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ended, held_out_accuracy, history_notes, root};
+use common::netns::{must, sh, skip_reason};
+use common::{ended, held_out_accuracy, history_notes, hub_job, root};
 use serde_json::Value;
 
 /// Regions (hubs) and sites per region.
@@ -51,44 +52,6 @@ const SERVER_ADMIN_PORT: u16 = 8003;
 const HUB_PORT: u16 = 8102;
 const HUB_ADMIN_PORT: u16 = 8103;
 const TIER1_ADMIN: &str = "admin@nvidia.com";
-
-fn sh(args: &[&str]) -> Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn must(args: &[&str]) {
-    let out = sh(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Why the test cannot run here, if it cannot.
-fn skip_reason() -> Option<String> {
-    match Command::new("id").arg("-u").output() {
-        Ok(o) if String::from_utf8_lossy(&o.stdout).trim() == "0" => {}
-        Ok(o) => {
-            return Some(format!(
-                "not root (uid {})",
-                String::from_utf8_lossy(&o.stdout).trim()
-            ));
-        }
-        Err(e) => return Some(format!("cannot run `id -u`: {e}")),
-    }
-    match Command::new("ip").args(["netns", "list"]).output() {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(format!(
-            "`ip netns` is unavailable: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-        Err(e) => Some(format!("`ip` is unavailable: {e}")),
-    }
-}
 
 /// The namespaces, the kits and the node processes; Drop kills the processes, then deletes
 /// the namespaces (which removes the veth pairs too).
@@ -451,30 +414,6 @@ fn check_probes(probes: Vec<(String, bool, Child)>, port: u16) {
             "TCP connect {what}:{port}: connected {connected}, expected {want}"
         );
     }
-}
-
-/// examples/hub-mnist with `args` in its workflow.
-fn hub_job(dir: &Path, name: &str, args: Value) -> PathBuf {
-    let src = root().join("examples/hub-mnist");
-    let job = dir.join(name);
-    std::fs::create_dir_all(job.join("app/config")).unwrap();
-    std::fs::copy(src.join("meta.json"), job.join("meta.json")).unwrap();
-    std::fs::copy(
-        src.join("app/config/config_fed_client.json"),
-        job.join("app/config/config_fed_client.json"),
-    )
-    .unwrap();
-    let mut server: Value = serde_json::from_slice(
-        &std::fs::read(src.join("app/config/config_fed_server.json")).unwrap(),
-    )
-    .unwrap();
-    server["workflows"][0]["args"] = args;
-    std::fs::write(
-        job.join("app/config/config_fed_server.json"),
-        serde_json::to_vec_pretty(&server).unwrap(),
-    )
-    .unwrap();
-    job
 }
 
 /// Every file under `dir` named `name`.

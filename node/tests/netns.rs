@@ -24,50 +24,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::netns::{must, sh, skip_reason};
 use serde_json::Value;
 
 const MIB: u64 = 16;
 
 fn bin() -> PathBuf {
     flare_node::node_bin()
-}
-
-fn sh(args: &[&str]) -> std::process::Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn must(args: &[&str]) {
-    let out = sh(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Why the test cannot run here, if it cannot.
-fn skip_reason() -> Option<String> {
-    match Command::new("id").arg("-u").output() {
-        Ok(o) if String::from_utf8_lossy(&o.stdout).trim() == "0" => {}
-        Ok(o) => {
-            return Some(format!(
-                "not root (uid {})",
-                String::from_utf8_lossy(&o.stdout).trim()
-            ));
-        }
-        Err(e) => return Some(format!("cannot run `id -u`: {e}")),
-    }
-    match Command::new("ip").args(["netns", "list"]).output() {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(format!(
-            "`ip netns` is unavailable: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-        Err(e) => Some(format!("`ip` is unavailable: {e}")),
-    }
 }
 
 /// One lab at a time: each test runs a server and several sites on a 2-core machine.

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, dead_code)]
 
+pub(crate) mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -215,6 +217,31 @@ pub(crate) fn job_copy(dir: &Path, rounds: u32, wait_s: u32) -> PathBuf {
             &format!("\"wait_time_after_min_received\": {wait_s}"),
         );
     std::fs::write(job.join("app/config/config_fed_server.json"), server).unwrap();
+    job
+}
+
+/// A copy of examples/hub-mnist (a tiered job) named `name`, with `args` as its workflow's
+/// arguments.
+pub(crate) fn hub_job(dir: &Path, name: &str, args: Value) -> PathBuf {
+    let src = root().join("examples/hub-mnist");
+    let job = dir.join(name);
+    std::fs::create_dir_all(job.join("app/config")).unwrap();
+    std::fs::copy(src.join("meta.json"), job.join("meta.json")).unwrap();
+    std::fs::copy(
+        src.join("app/config/config_fed_client.json"),
+        job.join("app/config/config_fed_client.json"),
+    )
+    .unwrap();
+    let mut server: Value = serde_json::from_slice(
+        &std::fs::read(src.join("app/config/config_fed_server.json")).unwrap(),
+    )
+    .unwrap();
+    server["workflows"][0]["args"] = args;
+    std::fs::write(
+        job.join("app/config/config_fed_server.json"),
+        serde_json::to_vec_pretty(&server).unwrap(),
+    )
+    .unwrap();
     job
 }
 
