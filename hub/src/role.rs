@@ -16,6 +16,18 @@
 //! hash and the values it set for the region (its sites in the deploy map, `min_clients`).
 //! The region's sites check both signatures before they take it.
 //!
+//! # Nested hubs
+//!
+//! Tiers nest: hub `eu.de` is a member of region `eu` (its upward endpoint lives in `eu`, its
+//! `server` is hub `eu`), and hub `eu` schedules it like one of its sites. A tier-1 job then
+//! comes to `eu.de` with `eu`'s signed step; `eu.de` signs its own step *below* it
+//! (`tier::sign_below`: linked to `eu`'s record by hash, carrying it), so that its sites can
+//! check every step from tier 1 down (the rule is in `roles::tier`'s module doc). Its deploy
+//! map comes from the submitter's own (`region_deploy_map` over global names), and its record
+//! sets `num_rounds` to the rounds of `eu` (one task each). Site states go up the same way as
+//! one tier: `eu`'s server records `eu.de`'s sites as `eu.de.site-1` and reports them up with
+//! its own (`RegionLinks::publish_nested`), so every tier shows a site under one full name.
+//!
 //! Between the halves, one channel per job carries a global task down and the region's
 //! partial back (`roles::tier::RegionLinks`). A task aborted or ended at tier 1 closes it, and
 //! the region's job ends too.
@@ -30,7 +42,9 @@ use flare_node::learner::{AbortHandle, Learner, LearnerError};
 use flare_node::net::protocol::JobBundle;
 use flare_node::roles::client::{self, ClientOptions, TieredDeploy};
 use flare_node::roles::server::{self, DerivedJob, ServerOptions};
-use flare_node::roles::tier::{self, Derivation, DerivedChanges, RegionLinks, RegionTask};
+use flare_node::roles::tier::{
+    self, Derivation, DerivedChanges, RegionLinks, RegionTask, SignedDerivation,
+};
 use flare_protocols::model::FLModel;
 use flare_protocols::shareable::{ReturnCode, Shareable, Task, TaskResult, task_names};
 use flare_protocols::stored::ModelRef;
@@ -107,8 +121,15 @@ struct HubDeploy {
     derived: mpsc::Sender<DerivedJob>,
 }
 
-/// The region's part of tier 1's deploy map: entries that name the region (`eu`, every site)
-/// or one of its sites (`eu.site-2`), in the region's own names; `@ALL` stays.
+/// The region's part of the submitter's deploy map (names as the submitter's server shows
+/// them: `eu`, `eu.site-2`, `eu.de.site-1`), in the names the region's server knows its
+/// members by:
+/// - `@ALL`, the region itself or a region around it (`eu` for region `eu.de`): `@ALL`;
+/// - a name inside the region, `eu.<rest>`: the site `<rest>`, and the hub of the nested
+///   region `eu.<first component of rest>` (`eu.de` for `eu.de.site-1` or `eu.de`), should
+///   there be one (a hub is named after its region; a site of `eu` literally named `eu.de`
+///   would be taken too);
+/// - anything else: nothing.
 pub fn region_deploy_map(
     map: &BTreeMap<String, Vec<String>>,
     region: &str,
@@ -116,16 +137,16 @@ pub fn region_deploy_map(
     let inside = format!("{region}.");
     map.iter()
         .filter_map(|(app, names)| {
-            let mut mine: Vec<String> = names
-                .iter()
-                .filter_map(|n| {
-                    if n == "@ALL" || n == region {
-                        Some("@ALL".to_string())
-                    } else {
-                        n.strip_prefix(&inside).map(str::to_string)
-                    }
-                })
-                .collect();
+            let mut mine: Vec<String> = Vec::new();
+            for n in names {
+                if n == "@ALL" || n == region || region.starts_with(&format!("{n}.")) {
+                    mine.push("@ALL".to_string());
+                } else if let Some(rest) = n.strip_prefix(&inside) {
+                    mine.push(rest.to_string());
+                    let first = rest.split('.').next().unwrap_or(rest);
+                    mine.push(format!("{inside}{first}"));
+                }
+            }
             mine.sort();
             mine.dedup();
             (!mine.is_empty()).then(|| (app.clone(), mine))
@@ -140,7 +161,10 @@ impl TieredDeploy for HubDeploy {
         job: &Job,
         bundle: &JobBundle,
         submitter_cert: &[u8],
+        derivation: Option<&SignedDerivation>,
     ) -> Result<Box<dyn Learner>, String> {
+        // `job` has the changes of the hub above in place (a nested hub's); its tiered
+        // arguments count that hub's rounds.
         let args = job
             .server
             .tiered
@@ -150,8 +174,11 @@ impl TieredDeploy for HubDeploy {
             .kit
             .root_ca
             .verify(submitter_cert, SystemTime::now())
-            .map_err(|e| format!("the tier-1 submitter's certificate: {e}"))?;
-        let deploy_map = region_deploy_map(&job.meta.deploy_map, &self.region);
+            .map_err(|e| format!("the submitter's certificate: {e}"))?;
+        // The region's sites come from the submitter's own deploy map (global names), not
+        // from the one the hub above derived for its region.
+        let original = Job::load(&job.dir).map_err(|e| format!("the job as submitted: {e}"))?;
+        let deploy_map = region_deploy_map(&original.meta.deploy_map, &self.region);
         if deploy_map.is_empty() {
             return Err(format!(
                 "the job's deploy_map names no site of region {}",
@@ -164,12 +191,20 @@ impl TieredDeploy for HubDeploy {
             region: self.region.clone(),
             submitter: submitter.name.clone(),
             original_signature_sha256: tier::original_hash(bundle),
+            parent_record_sha256: None,
             changes: DerivedChanges {
                 deploy_map,
                 min_clients: args.min_clients,
+                // Below another hub, one task comes per round of that hub's.
+                num_rounds: derivation.map(|_| args.num_rounds.saturating_mul(args.local_rounds)),
             },
         };
-        let signed = tier::sign(&record, &self.kit.identity.signing, &self.kit.cert.der)?;
+        // Below another hub's step, this one is linked to it and carries the chain.
+        let (key, cert) = (&self.kit.identity.signing, &self.kit.cert.der);
+        let signed = match derivation {
+            Some(parent) => tier::sign_below(parent, record, key, cert)?,
+            None => tier::sign(&record, key, cert)?,
+        };
         let link = self.links.open(job_id);
         let (reply, stored) = oneshot::channel();
         self.derived
@@ -342,7 +377,8 @@ mod tests {
             ("all".to_string(), vec!["@ALL".to_string()]),
         ]);
         let eu = region_deploy_map(&map, "eu");
-        assert_eq!(eu["app"], vec!["site-2"]);
+        // The site, and the hub of a nested region of that name should there be one.
+        assert_eq!(eu["app"], vec!["eu.site-2", "site-2"]);
         assert_eq!(eu["other"], vec!["@ALL"]);
         assert_eq!(eu["all"], vec!["@ALL"]);
         let us = region_deploy_map(&map, "us");
@@ -351,5 +387,30 @@ mod tests {
         // `eu-west` is not inside `eu`.
         let map = BTreeMap::from([("app".to_string(), vec!["eu-west.site-1".to_string()])]);
         assert!(region_deploy_map(&map, "eu").is_empty());
+    }
+
+    #[test]
+    fn a_nested_region_is_reached_through_its_hub_in_the_region_around_it() {
+        let map = BTreeMap::from([
+            ("a".to_string(), vec!["eu.de.site-1".to_string()]),
+            ("b".to_string(), vec!["eu.de".to_string()]),
+            ("c".to_string(), vec!["eu".to_string()]),
+            ("d".to_string(), vec!["eu.site-1".to_string()]),
+        ]);
+        // Hub `eu` passes `a` and `b` to the hub of `eu.de`.
+        let eu = region_deploy_map(&map, "eu");
+        assert!(eu["a"].contains(&"eu.de".to_string()), "{eu:?}");
+        assert!(eu["b"].contains(&"eu.de".to_string()), "{eu:?}");
+        assert_eq!(eu["c"], vec!["@ALL"]);
+        // Hub `eu.de` runs `a` on its site-1, `b` and `c` on all its sites, and not `d`.
+        let de = region_deploy_map(&map, "eu.de");
+        // (and the hub of a region `eu.de.site-1`, should there be one).
+        assert_eq!(de["a"], vec!["eu.de.site-1", "site-1"]);
+        assert_eq!(de["b"], vec!["@ALL"]);
+        assert_eq!(de["c"], vec!["@ALL"]);
+        assert!(!de.contains_key("d"), "{de:?}");
+        // `eu.dex` is neither `eu.de` nor inside it.
+        let map = BTreeMap::from([("x".to_string(), vec!["eu.dex.site-1".to_string()])]);
+        assert!(region_deploy_map(&map, "eu.de").is_empty());
     }
 }

@@ -143,10 +143,11 @@ pub enum ControlRequest {
         site_index: u32,
         /// How many sites the job was deployed to.
         num_sites: u32,
-        /// A job a hub runs in its region: its signed derivation record
-        /// (`roles::tier`); absent for every other job.
+        /// A job a hub runs in its region: its signed derivation record, with the steps of
+        /// the hubs above (`roles::tier`); absent for every other job. Boxed: the chain is
+        /// the largest part of a request.
         #[serde(default)]
-        derivation: Option<crate::roles::tier::SignedDerivation>,
+        derivation: Option<Box<crate::roles::tier::SignedDerivation>>,
     },
     /// Stop a job on a site (server → client).
     AbortJob {

@@ -75,13 +75,16 @@ pub struct ClientOptions {
 
 /// Takes a tiered job deployed to a hub and gives the learner that answers tier 1's tasks.
 pub trait TieredDeploy: Send + Sync + std::fmt::Debug {
-    /// `job` as loaded from `dir`, `bundle` and `submitter_cert` as tier 1 sent them.
+    /// `job` as loaded from `dir` (with `derivation`'s changes in place), `bundle`,
+    /// `submitter_cert` and `derivation` (checked: the steps of the hubs above, for a nested
+    /// hub) as the tier above sent them.
     fn learner(
         &self,
         job_id: &str,
         job: &Job,
         bundle: &crate::net::protocol::JobBundle,
         submitter_cert: &[u8],
+        derivation: Option<&super::tier::SignedDerivation>,
     ) -> Result<Box<dyn Learner>, String>;
 
     /// The region's sites and their states, per tiered job, for the heartbeat.
@@ -255,7 +258,7 @@ impl Site {
                 &submitter_cert,
                 site_index,
                 num_sites,
-                derivation.as_ref(),
+                derivation.as_deref(),
             ) {
                 Ok(()) => ControlResponse::Ok,
                 Err(Refusal::Policy(reason)) => {
@@ -316,23 +319,6 @@ impl Site {
         num_sites: u32,
         derivation: Option<&super::tier::SignedDerivation>,
     ) -> Result<(), Refusal> {
-        // A job a hub derived for this site's region: the hub's record must verify before
-        // anything is written.
-        let derived = derivation
-            .map(|d| {
-                super::tier::verify(
-                    d,
-                    &self.kit.root_ca,
-                    // The region this endpoint lives in: a site's own, a nested hub's parent.
-                    self.kit.config.region.as_deref(),
-                    &self.kit.config.server.name,
-                    job_id,
-                    bundle,
-                    SystemTime::now(),
-                )
-            })
-            .transpose()
-            .map_err(|e| Refusal::Policy(e.to_string()))?;
         let submitter = self
             .kit
             .root_ca
@@ -341,6 +327,22 @@ impl Site {
         submitter
             .check_role(&[RoleKind::Admin])
             .map_err(|e| Refusal::Policy(e.to_string()))?;
+        // A job from a region above this one: every hub's step down to this site's must
+        // verify before anything is written (`tier`'s module doc has the rule).
+        let derived = super::tier::check_deploy(
+            &super::tier::DeployCheck {
+                root: &self.kit.root_ca,
+                // The region this endpoint lives in: a site's own, a nested hub's parent.
+                region: self.kit.config.region.as_deref(),
+                server: &self.kit.config.server.name,
+                submitter: &submitter,
+                job_id,
+                bundle,
+                now: SystemTime::now(),
+            },
+            derivation,
+        )
+        .map_err(|e| Refusal::Policy(format!("from {}: {e}", self.kit.config.server.name)))?;
         if job_id.is_empty()
             || !job_id
                 .chars()
@@ -391,15 +393,21 @@ impl Site {
             && let Some(hook) = &self.tiered
         {
             let learner = hook
-                .learner(job_id, &job, bundle, submitter_cert)
+                .learner(job_id, &job, bundle, submitter_cert, derivation)
                 .map_err(Refusal::Policy)?;
             self.hold(job_id, learner, FilterChains::default());
             tracing::info!(job = %job_id, name = %job.meta.name, "tiered job taken for the region");
             return Ok(());
         }
-        let app = job.app_for(self.kit.name()).ok_or_else(|| {
-            Refusal::Policy(format!("the job deploys no app to {}", self.kit.name()))
-        })?;
+        // A derived job's deploy map names this site as the submitter's server does: by
+        // region path (`eu.de.site-1`).
+        let me = match (&derived, self.kit.config.region.as_deref()) {
+            (Some(_), Some(region)) => format!("{region}.{}", self.kit.name()),
+            _ => self.kit.name().to_string(),
+        };
+        let app = job
+            .app_for(&me)
+            .ok_or_else(|| Refusal::Policy(format!("the job deploys no app to {me}")))?;
         if app.runs_custom_code() {
             policy
                 .check_custom_code(self.kit.name(), self.kit.org(), &submitter)

@@ -277,7 +277,7 @@ pub async fn run_with(
 type DeployParts = (
     crate::net::protocol::JobBundle,
     Vec<u8>,
-    Option<super::tier::SignedDerivation>,
+    Option<Box<super::tier::SignedDerivation>>,
 );
 
 /// A derived job's signed record, if `id` is one.
@@ -542,8 +542,9 @@ impl Server {
         }
     }
 
-    /// A hub's region sites in the record of each tiered job it runs, as `region.site`; a
-    /// record is rewritten only when a state changed.
+    /// A hub's region sites in the record of each tiered job it runs, as `region.site` (a
+    /// nested region's, which the hub reports under their full names, as they are); a record
+    /// is rewritten only when a state changed.
     fn record_region_sites(
         &self,
         hub: &str,
@@ -560,14 +561,33 @@ impl Server {
     /// One tiered job's region sites (a hub's heartbeat or answer) into its record while it
     /// runs.
     fn record_region_job(&self, hub: &str, job: &str, sites: BTreeMap<String, String>) {
-        if !self.store.state(job).is_ok_and(|s| s.is_active()) {
+        if !self.store.state(job).is_ok_and(|s| s.is_active())
+            || !self
+                .net
+                .peers
+                .by_name(hub)
+                .is_some_and(|p| p.cert.role.kind() == RoleKind::Hub)
+        {
             return;
         }
+        // A hub's own sites get its region's name in front; those of regions nested in it
+        // (`eu.de`, `eu.de.site-1` from hub `eu`) come named in full already.
+        let inside = format!("{hub}.");
         let named: BTreeMap<String, String> = sites
             .into_iter()
             .take(MAX_REGION_SITES)
-            .map(|(site, state)| (format!("{hub}.{site}"), state))
+            .map(|(site, state)| {
+                if site.starts_with(&inside) {
+                    (site, state)
+                } else {
+                    (format!("{inside}{site}"), state)
+                }
+            })
             .collect();
+        // A hub's region server reports them further up.
+        if let Some(links) = &self.links {
+            links.publish_nested(job, &named);
+        }
         let changed = self
             .store
             .get(job)
@@ -681,7 +701,11 @@ impl Server {
         let bundle = self.store.read_bundle_for_deploy(id)?;
         let cert_path = self.store.job_dir(id).with_file_name("submitter.der");
         let cert = std::fs::read(&cert_path).with_context(|| cert_path.display().to_string())?;
-        Ok((bundle, cert, read_derivation(&self.store, id)?))
+        Ok((
+            bundle,
+            cert,
+            read_derivation(&self.store, id)?.map(Box::new),
+        ))
     }
 
     /// Stores a job the hub derived from tier 1's under tier 1's id, with its submitter's

@@ -306,7 +306,7 @@ impl Server {
                             .get(&site)
                             .filter(|(t, _)| *t == result.task_id.0)
                             .map(|(_, name)| name.as_str());
-                        if tier1 {
+                        if job.server.tiered.is_some() {
                             self.record_region_answer(id, &site, &result);
                         }
                         let (result, model) = filter_result(filters, task, &site, result, model);
