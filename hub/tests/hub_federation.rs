@@ -38,21 +38,6 @@ fn region_admin(r: usize) -> String {
     format!("region-{r}/admin@region-{r}")
 }
 
-/// The last lines of every node's log, for a failure message.
-fn logs(t: &Federation) -> String {
-    let mut s = String::new();
-    for (kit, _) in &t.nodes {
-        let log = t.log(kit);
-        let tail: Vec<&str> = log.lines().rev().take(30).collect();
-        s.push_str(&format!("--- {kit}\n"));
-        for l in tail.into_iter().rev() {
-            s.push_str(l);
-            s.push('\n');
-        }
-    }
-    s
-}
-
 #[test]
 fn one_submit_at_tier_1_runs_the_job_in_every_region() {
     let t = running(2, 3, 23_000);
@@ -71,7 +56,7 @@ fn one_submit_at_tier_1_runs_the_job_in_every_region() {
         Duration::from_secs(240),
         ended,
     );
-    assert_eq!(st["state"], "finished", "{st}\n{}", logs(&t));
+    assert_eq!(st["state"], "finished", "{st}\n{}", t.log_tails(30));
     // Every site of every region shows at tier 1 as region.site.
     let sites = st["sites"].as_object().unwrap();
     for r in 1..=2 {
@@ -120,7 +105,7 @@ fn each_region_can_run_its_rounds_as_a_swarm() {
         Duration::from_secs(240),
         ended,
     );
-    assert_eq!(st["state"], "finished", "{st}\n{}", logs(&t));
+    assert_eq!(st["state"], "finished", "{st}\n{}", t.log_tails(30));
     // Every global round folded both regions' swarm results, and the global model learned.
     let metrics = st["metrics"].as_object().unwrap();
     let last = metrics["2"]["accuracy"].as_f64().unwrap();
@@ -200,7 +185,7 @@ fn a_killed_hub_leaves_its_rounds_to_the_other_region_and_rejoins_after_a_restar
     );
     t.start("region-2/region-2");
     let st = t.wait_status(&id, "the job did not end", Duration::from_secs(300), ended);
-    assert_eq!(st["state"], "finished", "{st}\n{}", logs(&t));
+    assert_eq!(st["state"], "finished", "{st}\n{}", t.log_tails(30));
     let history = history_notes(&st);
     assert!(
         history
@@ -251,7 +236,7 @@ fn abort_at_tier_1_stops_every_tier_within_ten_seconds() {
                 .iter()
                 .map(|r| r["state"].clone())
                 .collect::<Vec<_>>(),
-            logs(&t)
+            t.log_tails(30)
         );
         std::thread::sleep(Duration::from_millis(250));
     }

@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Federation, ended, root};
+use common::{Federation, ended, hub_job};
 use serde_json::Value;
 
 /// The ports of this test (no other test uses 23_300..23_400).
@@ -78,47 +78,15 @@ fn running() -> Federation {
     t
 }
 
-/// The last lines of every node's log, for a failure message.
-fn logs(t: &Federation) -> String {
-    let mut s = String::new();
-    for (kit, _) in &t.nodes {
-        let log = t.log(kit);
-        let tail: Vec<&str> = log.lines().rev().take(25).collect();
-        s.push_str(&format!("--- {kit}\n"));
-        for l in tail.into_iter().rev() {
-            s.push_str(l);
-            s.push('\n');
-        }
-    }
-    s
-}
-
 /// examples/hub-mnist with `args` in its workflow and `deploy_map` in its meta.
-fn hub_job(dir: &Path, args: Value, deploy_map: Value) -> PathBuf {
-    let src = root().join("examples/hub-mnist");
-    let job = dir.join("hub-mnist");
-    std::fs::create_dir_all(job.join("app/config")).unwrap();
+fn nested_job(dir: &Path, args: Value, deploy_map: Value) -> PathBuf {
+    let job = hub_job(dir, "hub-mnist", args);
     let mut meta: Value =
-        serde_json::from_slice(&std::fs::read(src.join("meta.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(job.join("meta.json")).unwrap()).unwrap();
     meta["deploy_map"] = deploy_map;
     // Tier 1 has one member, hub `eu`.
     meta["min_clients"] = serde_json::json!(1);
     std::fs::write(job.join("meta.json"), meta.to_string()).unwrap();
-    std::fs::copy(
-        src.join("app/config/config_fed_client.json"),
-        job.join("app/config/config_fed_client.json"),
-    )
-    .unwrap();
-    let mut server: Value = serde_json::from_slice(
-        &std::fs::read(src.join("app/config/config_fed_server.json")).unwrap(),
-    )
-    .unwrap();
-    server["workflows"][0]["args"] = args;
-    std::fs::write(
-        job.join("app/config/config_fed_server.json"),
-        serde_json::to_vec_pretty(&server).unwrap(),
-    )
-    .unwrap();
     job
 }
 
@@ -129,7 +97,7 @@ fn a_job_submitted_at_tier_1_runs_through_a_nested_hub_to_its_sites() {
     eprintln!("three tiers connected after {:?}", started.elapsed());
     let tmp = tempfile::tempdir().unwrap();
     // The deploy map names region `eu` only: `eu.de` is inside it, so its sites take part.
-    let job = hub_job(
+    let job = nested_job(
         tmp.path(),
         serde_json::json!({"num_rounds": 2, "local_rounds": 1, "min_regions": 1,
             "min_clients": 2, "wait_time_after_min_received": 1, "task_timeout": 60}),
@@ -143,7 +111,7 @@ fn a_job_submitted_at_tier_1_runs_through_a_nested_hub_to_its_sites() {
         ended,
     );
     eprintln!("job ended after {:?}", started.elapsed());
-    assert_eq!(st["state"], "finished", "{st}\n{}", logs(&t));
+    assert_eq!(st["state"], "finished", "{st}\n{}", t.log_tails(25));
     eprintln!("tier 1's sites: {}", st["sites"]);
 
     // Tier 1 shows the hubs and every leaf under its full name, and each leaf trained.
@@ -203,7 +171,7 @@ fn a_job_submitted_at_tier_1_runs_through_a_nested_hub_to_its_sites() {
     // global round (4), the nested hub gets one task per round of `eu`'s and runs 2 rounds for
     // each (8), and its run ends with `eu`'s last round, not after tier 1's `num_rounds` tasks.
     let tmp = tempfile::tempdir().unwrap();
-    let job = hub_job(
+    let job = nested_job(
         tmp.path(),
         serde_json::json!({"num_rounds": 2, "local_rounds": 2, "min_regions": 1,
             "min_clients": 2, "wait_time_after_min_received": 1, "task_timeout": 60,
@@ -218,7 +186,7 @@ fn a_job_submitted_at_tier_1_runs_through_a_nested_hub_to_its_sites() {
         ended,
     );
     eprintln!("second job ended after {:?}", started.elapsed());
-    assert_eq!(st["state"], "finished", "{st}\n{}", logs(&t));
+    assert_eq!(st["state"], "finished", "{st}\n{}", t.log_tails(25));
     let version_1 = st["metrics"]["1"]["accuracy"].as_f64().unwrap();
     assert!(version_1 > 0.8, "accuracy of version 1: {st}");
     let eu = t.admin_as_json("eu/admin@eu", &["status", &id]);

@@ -125,6 +125,21 @@ impl Federation {
         std::fs::read_to_string(self.prod.join(name).join("log.txt")).unwrap_or_default()
     }
 
+    /// The last `lines` lines of every node's log, for a failure message.
+    pub(crate) fn log_tails(&self, lines: usize) -> String {
+        let mut s = String::new();
+        for (kit, _) in &self.nodes {
+            let log = self.log(kit);
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+            s.push_str(&format!("--- {kit}\n"));
+            for l in tail.into_iter().rev() {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        s
+    }
+
     pub(crate) fn admin(&self, args: &[&str]) -> Output {
         self.admin_as("admin@nvidia.com", args)
     }
