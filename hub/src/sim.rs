@@ -499,7 +499,7 @@ impl Sim<'_> {
                 model: Some(global),
             },
         ));
-        let last_round = cfg.start_round + cfg.num_rounds - 1;
+        let last_round = cfg.end_round().saturating_sub(1);
         let mut folded = 0;
         let mut have_final = false;
         loop {

@@ -211,7 +211,7 @@ impl Server {
                 format!("the region's swarm could not start on {starter}: {e:#}"),
             );
         }
-        let last_round = cfg.start_round + cfg.num_rounds - 1;
+        let last_round = cfg.end_round().saturating_sub(1);
         let deadline = Instant::now() + args.top_config().task_timeout;
         let final_path = self
             .store
