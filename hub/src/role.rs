@@ -129,21 +129,25 @@ struct HubDeploy {
 ///   region `eu.<first component of rest>` (`eu.de` for `eu.de.site-1` or `eu.de`), should
 ///   there be one (a hub is named after its region; a site of `eu` literally named `eu.de`
 ///   would be taken too);
+/// - `server`: `server`, on an app that the region takes, so that the region's server runs
+///   the submitter's server app;
 /// - anything else: nothing.
-pub fn region_deploy_map(
-    map: &BTreeMap<String, Vec<String>>,
-    region: &str,
-) -> BTreeMap<String, Vec<String>> {
+pub fn region_deploy_map(map: &BTreeMap<String, Vec<String>>, region: &str) -> RegionDeploy {
     let inside = format!("{region}.");
-    map.iter()
+    let mut all = false;
+    let mut members: Vec<&str> = Vec::new();
+    let mut deploy_map: BTreeMap<String, Vec<String>> = map
+        .iter()
         .filter_map(|(app, names)| {
             let mut mine: Vec<String> = Vec::new();
             for n in names {
                 if n == "@ALL" || n == region || region.starts_with(&format!("{n}.")) {
+                    all = true;
                     mine.push("@ALL".to_string());
                 } else if let Some(rest) = n.strip_prefix(&inside) {
                     mine.push(rest.to_string());
                     let first = rest.split('.').next().unwrap_or(rest);
+                    members.push(first);
                     mine.push(format!("{inside}{first}"));
                 }
             }
@@ -151,7 +155,45 @@ pub fn region_deploy_map(
             mine.dedup();
             (!mine.is_empty()).then(|| (app.clone(), mine))
         })
-        .collect()
+        .collect();
+    // The server's app, where it is not `@ALL` already.
+    if let Some((app, _)) = map
+        .iter()
+        .find(|(_, names)| names.iter().any(|n| n == "server"))
+    {
+        let names = deploy_map.entry(app.clone()).or_default();
+        if !names.iter().any(|n| n == "@ALL") {
+            names.push("server".to_string());
+        }
+    }
+    members.sort_unstable();
+    members.dedup();
+    let members = (!all).then_some(members.len());
+    if members == Some(0) {
+        deploy_map.clear();
+    }
+    RegionDeploy {
+        deploy_map,
+        members,
+    }
+}
+
+/// What a region takes of a job's deploy map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionDeploy {
+    /// The region's deploy map, in its members' names; empty where the job names no site of
+    /// the region.
+    pub deploy_map: BTreeMap<String, Vec<String>>,
+    /// How many of the region's members (sites, or hubs of nested regions) the map names, or
+    /// `None` where it takes them all (`@ALL`, the region or a region around it).
+    pub members: Option<usize>,
+}
+
+impl RegionDeploy {
+    /// The region's `min_clients`: the job's, but never more than the members it names.
+    pub fn min_clients(&self, asked: usize) -> usize {
+        self.members.map_or(asked, |m| asked.min(m)).max(1)
+    }
 }
 
 impl TieredDeploy for HubDeploy {
@@ -178,8 +220,8 @@ impl TieredDeploy for HubDeploy {
         // The region's sites come from the submitter's own deploy map (global names), not
         // from the one the hub above derived for its region.
         let original = Job::load(&job.dir).map_err(|e| format!("the job as submitted: {e}"))?;
-        let deploy_map = region_deploy_map(&original.meta.deploy_map, &self.region);
-        if deploy_map.is_empty() {
+        let region = region_deploy_map(&original.meta.deploy_map, &self.region);
+        if region.deploy_map.is_empty() {
             return Err(format!(
                 "the job's deploy_map names no site of region {}",
                 self.region
@@ -193,8 +235,8 @@ impl TieredDeploy for HubDeploy {
             original_signature_sha256: tier::original_hash(bundle),
             parent_record_sha256: None,
             changes: DerivedChanges {
-                deploy_map,
-                min_clients: args.min_clients,
+                min_clients: region.min_clients(args.min_clients),
+                deploy_map: region.deploy_map,
                 // Below another hub, one task comes per round of that hub's.
                 num_rounds: derivation.map(|_| args.num_rounds.saturating_mul(args.local_rounds)),
             },
@@ -376,17 +418,17 @@ mod tests {
             ("other".to_string(), vec!["eu".to_string()]),
             ("all".to_string(), vec!["@ALL".to_string()]),
         ]);
-        let eu = region_deploy_map(&map, "eu");
+        let eu = region_deploy_map(&map, "eu").deploy_map;
         // The site, and the hub of a nested region of that name should there be one.
         assert_eq!(eu["app"], vec!["eu.site-2", "site-2"]);
         assert_eq!(eu["other"], vec!["@ALL"]);
         assert_eq!(eu["all"], vec!["@ALL"]);
-        let us = region_deploy_map(&map, "us");
+        let us = region_deploy_map(&map, "us").deploy_map;
         assert_eq!(us["app"], vec!["@ALL"]);
         assert!(!us.contains_key("other"));
         // `eu-west` is not inside `eu`.
         let map = BTreeMap::from([("app".to_string(), vec!["eu-west.site-1".to_string()])]);
-        assert!(region_deploy_map(&map, "eu").is_empty());
+        assert!(region_deploy_map(&map, "eu").deploy_map.is_empty());
     }
 
     #[test]
@@ -398,12 +440,12 @@ mod tests {
             ("d".to_string(), vec!["eu.site-1".to_string()]),
         ]);
         // Hub `eu` passes `a` and `b` to the hub of `eu.de`.
-        let eu = region_deploy_map(&map, "eu");
+        let eu = region_deploy_map(&map, "eu").deploy_map;
         assert!(eu["a"].contains(&"eu.de".to_string()), "{eu:?}");
         assert!(eu["b"].contains(&"eu.de".to_string()), "{eu:?}");
         assert_eq!(eu["c"], vec!["@ALL"]);
         // Hub `eu.de` runs `a` on its site-1, `b` and `c` on all its sites, and not `d`.
-        let de = region_deploy_map(&map, "eu.de");
+        let de = region_deploy_map(&map, "eu.de").deploy_map;
         // (and the hub of a region `eu.de.site-1`, should there be one).
         assert_eq!(de["a"], vec!["eu.de.site-1", "site-1"]);
         assert_eq!(de["b"], vec!["@ALL"]);
@@ -411,6 +453,44 @@ mod tests {
         assert!(!de.contains_key("d"), "{de:?}");
         // `eu.dex` is neither `eu.de` nor inside it.
         let map = BTreeMap::from([("x".to_string(), vec!["eu.dex.site-1".to_string()])]);
-        assert!(region_deploy_map(&map, "eu.de").is_empty());
+        assert!(region_deploy_map(&map, "eu.de").deploy_map.is_empty());
+    }
+
+    #[test]
+    fn a_region_named_in_part_runs_the_server_app_and_waits_for_only_its_named_sites() {
+        let map = BTreeMap::from([
+            (
+                "app".to_string(),
+                vec![
+                    "server".to_string(),
+                    "us".to_string(),
+                    "eu.site-1".to_string(),
+                    "eu.site-2".to_string(),
+                    "eu.de.site-1".to_string(),
+                    "eu.de.site-2".to_string(),
+                ],
+            ),
+            ("other".to_string(), vec!["eu.site-1".to_string()]),
+        ]);
+        let eu = region_deploy_map(&map, "eu");
+        // The region's server runs the server app; the sites named, and hub `eu.de`.
+        assert!(
+            eu.deploy_map["app"].contains(&"server".to_string()),
+            "{eu:?}"
+        );
+        assert!(!eu.deploy_map["other"].contains(&"server".to_string()));
+        assert_eq!(eu.members, Some(3), "site-1, site-2 and eu.de: {eu:?}");
+        assert_eq!(eu.min_clients(5), 3);
+        assert_eq!(eu.min_clients(2), 2);
+        // A whole region: every member, min_clients as asked, `@ALL` serves the server.
+        let us = region_deploy_map(&map, "us");
+        assert_eq!(us.members, None);
+        assert_eq!(us.min_clients(5), 5);
+        assert_eq!(us.deploy_map["app"], vec!["@ALL"]);
+        // Only the server named: the region takes nothing.
+        let map = BTreeMap::from([("app".to_string(), vec!["server".to_string()])]);
+        let asia = region_deploy_map(&map, "asia");
+        assert!(asia.deploy_map.is_empty(), "{asia:?}");
+        assert_eq!(asia.members, Some(0));
     }
 }

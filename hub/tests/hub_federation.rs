@@ -144,6 +144,64 @@ fn each_region_can_run_its_rounds_as_a_swarm() {
 }
 
 #[test]
+fn a_deploy_map_that_names_some_sites_of_a_region_runs_the_region_on_just_those() {
+    let t = running(2, 3, 23_700);
+    let tmp = tempfile::tempdir().unwrap();
+    let job = hub_job(
+        tmp.path(),
+        "hub-mnist",
+        serde_json::json!({"num_rounds": 2, "local_rounds": 1, "min_regions": 2,
+            "min_clients": 3, "wait_time_after_min_received": 1, "task_timeout": 120,
+            "region_workflow": "Swarm"}),
+    );
+    // region-1 is named whole, region-2 by two of its three sites.
+    let meta = job.join("meta.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    m["deploy_map"] = serde_json::json!({
+        "app": ["server", "region-1", "region-2.site-1", "region-2.site-2"]
+    });
+    std::fs::write(&meta, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let submitted = t.admin_json(&["submit", job.to_str().unwrap()]);
+    let id = submitted["job_id"].as_str().unwrap().to_string();
+    let st = t.wait_status(
+        &id,
+        "the tiered job with a partial deploy map did not end",
+        Duration::from_secs(240),
+        ended,
+    );
+    assert_eq!(st["state"], "finished", "{st}\n{}", t.log_tails(30));
+    let sites = st["sites"].as_object().unwrap();
+    for name in [
+        "region-1.site-1",
+        "region-1.site-2",
+        "region-1.site-3",
+        "region-2.site-1",
+        "region-2.site-2",
+    ] {
+        assert!(sites.contains_key(name), "{name} missing from {st}");
+    }
+    assert!(
+        !sites.contains_key("region-2.site-3"),
+        "region-2.site-3 is not in the deploy map but took part: {st}"
+    );
+    // Each region's swarm was the sites the map gives it, and neither waited for more.
+    for (r, n) in [(1, 3), (2, 2)] {
+        let region = t.admin_as_json(&region_admin(r), &["status", &id]);
+        let history = history_notes(&region);
+        assert_eq!(region["state"], "finished", "region-{r}: {region}");
+        for g in 0..2 {
+            let line = format!(
+                "global round {g}: the region's swarm of {n} sites ended ({n} in its last round)"
+            );
+            assert!(
+                history.iter().any(|h| h.contains(&line)),
+                "region-{r} has no {line:?}: {history:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_killed_hub_leaves_its_rounds_to_the_other_region_and_rejoins_after_a_restart() {
     let mut t = running(2, 3, 23_100);
     let tmp = tempfile::tempdir().unwrap();

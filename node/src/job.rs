@@ -1423,6 +1423,29 @@ impl Job {
             .and_then(|(_, app)| self.client_apps.get(app))
             .or_else(|| by("@ALL"))
     }
+
+    /// Replaces the deploy map (a hub's derived one, in its region's names) and what
+    /// [`Job::app_for`] reads from it. Entries naming an app the job has no client app for
+    /// are dropped: a derived map only narrows the submitted one.
+    pub fn set_deploy_map(&mut self, map: BTreeMap<String, Vec<String>>) {
+        self.deploy = map
+            .iter()
+            .filter(|(app, _)| self.client_apps.contains_key(*app))
+            .flat_map(|(app, sites)| {
+                sites
+                    .iter()
+                    .filter(|s| *s != "server")
+                    .map(move |s| (s.clone(), app.clone()))
+            })
+            .collect();
+        self.meta.deploy_map = map;
+    }
+
+    /// Whether the job deploys to `site` (a site, or a region's hub that [`Job::app_for`]
+    /// reaches through an entry inside its region).
+    pub fn deploys_to(&self, site: &str) -> bool {
+        self.app_for(site).is_some()
+    }
 }
 
 #[cfg(test)]
@@ -1685,6 +1708,50 @@ mod tests {
             .unwrap()
             .make_learner(0, 2, test_site(&f));
         assert!(l.is_ok());
+    }
+
+    #[test]
+    fn a_deploy_map_entry_inside_a_region_reaches_its_hub() {
+        let f = Fixture::new();
+        f.write(
+            "meta.json",
+            r#"{"name": "t", "deploy_map": {"app": ["server", "us", "eu.site-2"]}}"#,
+        );
+        let job = Job::load(f.dir.path()).unwrap();
+        // The named site, the hub of its region, and every site of a named region.
+        for who in ["eu.site-2", "eu", "us", "us.site-1"] {
+            assert!(job.deploys_to(who), "{who}");
+        }
+        // Not a sibling site, a region whose name only starts alike, or a plain site.
+        for who in ["eu.site-1", "eu-west", "e", "site-2"] {
+            assert!(!job.deploys_to(who), "{who}");
+        }
+    }
+
+    #[test]
+    fn a_replaced_deploy_map_is_the_one_app_for_reads() {
+        let f = Fixture::new();
+        f.write(
+            "meta.json",
+            r#"{"name": "t", "deploy_map": {"app": ["server", "eu.site-1", "eu.site-2"]}}"#,
+        );
+        let mut job = Job::load(f.dir.path()).unwrap();
+        assert!(!job.deploys_to("site-1"));
+        // A hub of `eu` names its sites without the region.
+        job.set_deploy_map(BTreeMap::from([(
+            "app".to_string(),
+            vec!["server".to_string(), "site-1".to_string()],
+        )]));
+        assert!(job.deploys_to("site-1"));
+        assert!(!job.deploys_to("site-2"));
+        assert!(!job.deploys_to("eu.site-1"), "the submitted map is gone");
+        assert!(!job.deploys_to("server"));
+        // An app the job does not have deploys nowhere.
+        job.set_deploy_map(BTreeMap::from([(
+            "other".to_string(),
+            vec!["site-2".to_string()],
+        )]));
+        assert!(!job.deploys_to("site-2"));
     }
 
     #[test]

@@ -500,7 +500,7 @@ pub fn refuse_flags(job_dir: &std::path::Path) -> Result<(), DerivationError> {
 
 /// Puts a derivation's changes in place on a loaded job.
 pub fn apply(job: &mut Job, d: &Derivation) {
-    job.meta.deploy_map = d.changes.deploy_map.clone();
+    job.set_deploy_map(d.changes.deploy_map.clone());
     job.meta.min_clients = d.changes.min_clients;
     job.meta.mandatory_clients.clear();
     if let Some(args) = &mut job.server.tiered {
@@ -508,6 +508,8 @@ pub fn apply(job: &mut Job, d: &Derivation) {
         if let Some(n) = d.changes.num_rounds {
             args.num_rounds = n;
         }
+        // The region's `min_clients`: the hub capped it at the sites the deploy map names.
+        args.min_clients = d.changes.min_clients;
         // The region's own rounds: `local_rounds` per task from above.
         job.server.sag.min_clients = args.min_clients.max(1);
         job.server.sag.num_rounds = args.num_rounds.saturating_mul(args.local_rounds);
