@@ -156,10 +156,11 @@ pub fn region_deploy_map(map: &BTreeMap<String, Vec<String>>, region: &str) -> R
             (!mine.is_empty()).then(|| (app.clone(), mine))
         })
         .collect();
-    // The server's app, where it is not `@ALL` already.
+    // The server's app, where the region takes any and it is not `@ALL` already.
     if let Some((app, _)) = map
         .iter()
         .find(|(_, names)| names.iter().any(|n| n == "server"))
+        .filter(|_| !deploy_map.is_empty())
     {
         let names = deploy_map.entry(app.clone()).or_default();
         if !names.iter().any(|n| n == "@ALL") {
@@ -168,13 +169,9 @@ pub fn region_deploy_map(map: &BTreeMap<String, Vec<String>>, region: &str) -> R
     }
     members.sort_unstable();
     members.dedup();
-    let members = (!all).then_some(members.len());
-    if members == Some(0) {
-        deploy_map.clear();
-    }
     RegionDeploy {
         deploy_map,
-        members,
+        members: (!all).then_some(members.len()),
     }
 }
 

@@ -48,8 +48,7 @@ fn one_submit_at_tier_1_runs_the_job_in_every_region() {
         serde_json::json!({"num_rounds": 2, "local_rounds": 2, "min_regions": 2,
             "min_clients": 3, "wait_time_after_min_received": 1, "task_timeout": 120}),
     );
-    let submitted = t.admin_json(&["submit", job.to_str().unwrap()]);
-    let id = submitted["job_id"].as_str().unwrap().to_string();
+    let id = t.submit(job.to_str().unwrap());
     let st = t.wait_status(
         &id,
         "the tiered job did not end",
@@ -97,8 +96,7 @@ fn each_region_can_run_its_rounds_as_a_swarm() {
             "min_clients": 3, "wait_time_after_min_received": 1, "task_timeout": 120,
             "region_workflow": "Swarm"}),
     );
-    let submitted = t.admin_json(&["submit", job.to_str().unwrap()]);
-    let id = submitted["job_id"].as_str().unwrap().to_string();
+    let id = t.submit(job.to_str().unwrap());
     let st = t.wait_status(
         &id,
         "the tiered swarm job did not end",
@@ -161,8 +159,7 @@ fn a_deploy_map_that_names_some_sites_of_a_region_runs_the_region_on_just_those(
         "app": ["server", "region-1", "region-2.site-1", "region-2.site-2"]
     });
     std::fs::write(&meta, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-    let submitted = t.admin_json(&["submit", job.to_str().unwrap()]);
-    let id = submitted["job_id"].as_str().unwrap().to_string();
+    let id = t.submit(job.to_str().unwrap());
     let st = t.wait_status(
         &id,
         "the tiered job with a partial deploy map did not end",
@@ -213,8 +210,7 @@ fn a_killed_hub_leaves_its_rounds_to_the_other_region_and_rejoins_after_a_restar
         serde_json::json!({"num_rounds": 20, "local_rounds": 1, "min_regions": 1,
             "min_clients": 3, "wait_time_after_min_received": 60, "task_timeout": 120}),
     );
-    let submitted = t.admin_json(&["submit", job.to_str().unwrap()]);
-    let id = submitted["job_id"].as_str().unwrap().to_string();
+    let id = t.submit(job.to_str().unwrap());
     t.wait_status(
         &id,
         "round 1 did not start",
@@ -266,8 +262,7 @@ fn abort_at_tier_1_stops_every_tier_within_ten_seconds() {
         serde_json::json!({"num_rounds": 50, "local_rounds": 2, "min_regions": 2,
             "min_clients": 2, "wait_time_after_min_received": 1, "task_timeout": 120}),
     );
-    let submitted = t.admin_json(&["submit", job.to_str().unwrap()]);
-    let id = submitted["job_id"].as_str().unwrap().to_string();
+    let id = t.submit(job.to_str().unwrap());
     t.wait_status(
         &id,
         "round 1 did not start",

@@ -1342,7 +1342,6 @@ impl Job {
         }
         let mut server = None;
         let mut client_apps = BTreeMap::new();
-        let mut deploy = Vec::new();
         for (app, sites) in &meta.deploy_map {
             let app_dir = dir.join(app);
             if !app_dir.is_dir() {
@@ -1363,11 +1362,8 @@ impl Job {
                     }
                     server = Some(ServerApp::load(&app_dir)?);
                 }
-                if site != "server" {
-                    if !client_apps.contains_key(app) {
-                        client_apps.insert(app.clone(), ClientApp::load(&app_dir)?);
-                    }
-                    deploy.push((site.clone(), app.clone()));
+                if site != "server" && !client_apps.contains_key(app) {
+                    client_apps.insert(app.clone(), ClientApp::load(&app_dir)?);
                 }
             }
         }
@@ -1385,6 +1381,7 @@ impl Job {
                 "no app is deployed to any client",
             ));
         }
+        let deploy = deploy_entries(&meta.deploy_map, &client_apps);
         Ok(Job {
             dir: dir.to_path_buf(),
             meta,
@@ -1428,16 +1425,7 @@ impl Job {
     /// [`Job::app_for`] reads from it. Entries naming an app the job has no client app for
     /// are dropped: a derived map only narrows the submitted one.
     pub fn set_deploy_map(&mut self, map: BTreeMap<String, Vec<String>>) {
-        self.deploy = map
-            .iter()
-            .filter(|(app, _)| self.client_apps.contains_key(*app))
-            .flat_map(|(app, sites)| {
-                sites
-                    .iter()
-                    .filter(|s| *s != "server")
-                    .map(move |s| (s.clone(), app.clone()))
-            })
-            .collect();
+        self.deploy = deploy_entries(&map, &self.client_apps);
         self.meta.deploy_map = map;
     }
 
@@ -1446,6 +1434,23 @@ impl Job {
     pub fn deploys_to(&self, site: &str) -> bool {
         self.app_for(site).is_some()
     }
+}
+
+/// The app folder for each client entry of `map` (`@ALL` or a site name; not `server`), in
+/// the map's order, for the apps in `client_apps`.
+fn deploy_entries(
+    map: &BTreeMap<String, Vec<String>>,
+    client_apps: &BTreeMap<String, ClientApp>,
+) -> Vec<(String, String)> {
+    map.iter()
+        .filter(|(app, _)| client_apps.contains_key(*app))
+        .flat_map(|(app, sites)| {
+            sites
+                .iter()
+                .filter(|s| *s != "server")
+                .map(move |s| (s.clone(), app.clone()))
+        })
+        .collect()
 }
 
 #[cfg(test)]

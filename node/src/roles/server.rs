@@ -836,7 +836,7 @@ impl Server {
             .any(|s| s.iter().any(|x| x == "@ALL"));
         let targets: Vec<PeerInfo> = connected
             .into_iter()
-            .filter(|p| all || job.deploys_to(&p.cert.name))
+            .filter(|p| job.deploys_to(&p.cert.name))
             .collect();
         let names: Vec<&str> = targets.iter().map(|p| p.cert.name.as_str()).collect();
         let mandatory_ok = job
