@@ -97,10 +97,12 @@ fn a_dead_site_and_a_server_restart_lose_nothing() {
         "{st}"
     );
 
-    // A second job; the server dies in the middle of it and comes back.
-    let job2 = f.submit(job_copy(tmp.path(), 20, 1).to_str().unwrap());
-    f.wait_round(&job2, 1);
+    // A second job; the server dies in the middle of it and comes back. A round takes tens
+    // of milliseconds here, so the job has enough rounds that it is still running when the
+    // kill lands (20 rounds once finished in the gap between the poll and the kill).
+    let job2 = f.submit(job_copy(tmp.path(), 100, 1).to_str().unwrap());
     let before = f.admin_json(&["list"]);
+    f.wait_round(&job2, 1);
     f.kill("server");
     f.start("server");
     f.wait_sites(2);
