@@ -192,6 +192,45 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         epochs: usize,
     },
+    /// A learning-quality study of the aggregation algorithms on MNIST: FedAvg across
+    /// Dirichlet label skews and FedProx, FedOpt, FedAdam and Scaffold at the strongest, with a
+    /// centralized reference; writes table.md, results.json and accuracy.svg (~5 min).
+    Algorithms {
+        /// Rounds per run [default: 50; 10 with --quick].
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Local epochs per round.
+        #[arg(long, default_value_t = 4)]
+        epochs: usize,
+        /// Seeds per configuration [default: 3; 1 with --quick].
+        #[arg(long)]
+        seeds: Option<u64>,
+        /// Simulated sites.
+        #[arg(long, default_value_t = 8)]
+        sites: usize,
+        /// Where table.md, results.json and accuracy.svg go.
+        #[arg(long, default_value = "bench/results/algorithms")]
+        out: PathBuf,
+        /// A smoke run: 10 rounds, one seed (explicit --rounds and --seeds still win).
+        #[arg(long)]
+        quick: bool,
+        /// Accuracy whose first crossing is counted in rounds [default: 0.93 for the MLP,
+        /// 0.97 for the CNN].
+        #[arg(long)]
+        target: Option<f64>,
+        /// The sites' learner: mlp (built in) or cnn (needs a `--features torch` build).
+        #[arg(long, default_value = "mlp")]
+        learner: String,
+        /// Only the configurations of these aggregators, comma-separated (e.g. FedAvg,Scaffold).
+        #[arg(long, value_delimiter = ',')]
+        algorithms: Vec<String>,
+        /// Folder with the MNIST IDX files.
+        #[arg(long, default_value = "data/mnist")]
+        data_dir: PathBuf,
+        /// Worker threads [default: the number of CPUs].
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Time one training step of the LibTorch CNN (compare with `bench/torch_step.py`).
     #[cfg(feature = "torch")]
     TorchStep {
@@ -448,6 +487,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Centralized { data_dir, epochs }) => {
             let r = flare_node::bench::run_centralized(&data_dir, epochs)?;
             println!("{}", serde_json::to_string(&r)?);
+        }
+        Command::Bench(BenchCommand::Algorithms {
+            rounds,
+            epochs,
+            seeds,
+            sites,
+            out,
+            quick,
+            target,
+            learner,
+            algorithms,
+            data_dir,
+            threads,
+        }) => {
+            use flare_node::bench_algorithms::{self as ba, LearnerKind};
+            let learner: LearnerKind = learner.parse().map_err(anyhow::Error::msg)?;
+            let mut configs = ba::default_configs();
+            if !algorithms.is_empty() {
+                configs.retain(|c| {
+                    algorithms
+                        .iter()
+                        .any(|a| a.eq_ignore_ascii_case(&c.aggregator))
+                });
+                if configs.is_empty() {
+                    anyhow::bail!("--algorithms {algorithms:?} matches no configuration");
+                }
+            }
+            let r = ba::run_study(&ba::AlgorithmsBench {
+                rounds: rounds.unwrap_or(if quick { 10 } else { 50 }),
+                epochs,
+                seeds: seeds.unwrap_or(if quick { 1 } else { 3 }),
+                sites,
+                target: target.unwrap_or_else(|| learner.default_target()),
+                learner,
+                hidden: 64,
+                data_dir,
+                out: out.clone(),
+                configs,
+                threads: threads.unwrap_or_else(cpus),
+                progress: true,
+            })?;
+            print!("{}", ba::format_table(&r));
+            println!(
+                "\n{:.0} s; table, curves and plot in {}",
+                r.seconds,
+                out.display()
+            );
         }
         #[cfg(feature = "torch")]
         Command::Bench(BenchCommand::TorchStep {

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use flare_protocols::aggregators::AggregatorSpec;
 use flare_protocols::model::FLModel;
 use flare_protocols::workflows::cse::CseArgs;
 use flare_protocols::workflows::cyclic::CyclicArgs;
@@ -550,6 +551,8 @@ pub struct ServerApp {
     /// Filters on tasks going out and results coming in (`task_data_filters`,
     /// `task_result_filters`).
     pub filters: FilterChains,
+    /// The aggregation algorithm (the `aggregator` component, [`crate::aggregators`]).
+    pub aggregator: AggregatorSpec,
 }
 
 /// The clients a workflow's arguments can be checked against before deploy: the ones they
@@ -776,14 +779,26 @@ impl ServerApp {
             }
         };
         let (ai, agg) = find(&a.aggregator_id, "aggregator_id")?;
-        if agg.name != "FedAvg" {
-            return Err(invalid(
-                &file,
-                format!("components[{ai}].name"),
-                format!("unknown aggregator {:?} (known: FedAvg)", agg.name),
-            ));
+        let key = format!("components[{ai}]");
+        let aggregator =
+            crate::aggregators::parse(&file, &key, &agg.name, agg.args.clone(), sag.num_rounds)?;
+        let refuse = |why: String| Err(invalid(&file, format!("{key}.name"), why));
+        match &workflow {
+            _ if aggregator == AggregatorSpec::default() => {}
+            WorkflowSpec::Cyclic(_) => {
+                return refuse(format!(
+                    "{} aggregates, and a Cyclic run has nothing to aggregate (the model goes site to site): use FedAvg",
+                    agg.name
+                ));
+            }
+            _ if tiered.is_some() => {
+                return refuse(format!(
+                    "{} is not supported in a TieredScatterAndGather job yet (regions send partial sums, which only FedAvg combines): use FedAvg",
+                    agg.name
+                ));
+            }
+            _ => {}
         }
-        let _: EmptyArgs = parse_args(&file, &format!("components[{ai}]"), agg.args.clone())?;
         let persistor = match seen.get(a.persistor_id.as_str()) {
             None => PersistorConfig::default(),
             Some(&pi) => {
@@ -825,6 +840,7 @@ impl ServerApp {
             model,
             persistor,
             filters,
+            aggregator,
         })
     }
 
@@ -838,10 +854,6 @@ impl ServerApp {
         })
     }
 }
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EmptyArgs {}
 
 /// Arguments of `MnistMlpLearner`: where the data is, how it is split and partitioned, and
 /// the training hyper-parameters.
@@ -976,6 +988,11 @@ pub struct LearnerSite<'a> {
     /// files under it).
     pub work_dir: &'a Path,
 }
+
+/// The file in a site's job folder (the simulator's: `<workspace>/<site>/`) that holds its
+/// label histogram; the simulator also writes every site's, as `label_histograms.json`, in
+/// its outputs.
+pub const LABEL_HISTOGRAM_FILE: &str = "label_histogram.json";
 
 /// The client side of an app: which tasks it serves, with which learner.
 #[derive(Debug)]
@@ -1126,6 +1143,65 @@ impl ClientApp {
         matches!(self.learner, LearnerSpec::Script(_)) || self.app_dir.join("custom").exists()
     }
 
+    /// Where the MNIST learners' data comes from (none for other learners).
+    fn data_args(&self) -> Option<DataArgs<'_>> {
+        let (data_dir, held_out, split_seed, partition, partition_seed) = match &self.learner {
+            LearnerSpec::MnistMlp(a) => (
+                &a.data_dir,
+                a.held_out,
+                a.split_seed,
+                &a.partition,
+                a.partition_seed,
+            ),
+            LearnerSpec::TorchCnn(a) => (
+                &a.data_dir,
+                a.held_out,
+                a.split_seed,
+                &a.partition,
+                a.partition_seed,
+            ),
+            _ => return None,
+        };
+        Some(DataArgs {
+            data_dir,
+            held_out,
+            split_seed,
+            partition,
+            partition_seed,
+        })
+    }
+
+    /// The label histogram (samples per class) of the training part of site number `index`
+    /// out of `num_sites`, for the learners that read MNIST; `None` for the others.
+    pub fn label_histogram(
+        &self,
+        index: usize,
+        num_sites: usize,
+    ) -> Option<Result<Vec<usize>, JobError>> {
+        let a = self.data_args()?;
+        Some(self.mnist(a, num_sites).map(|s| {
+            let part = s.parts[&num_sites]
+                .get(index)
+                .map_or(&[][..], Vec::as_slice);
+            crate::data::label_histogram(&s.train.labels, part, 10)
+        }))
+    }
+
+    /// Writes site `site`'s label histogram to `<work_dir>/label_histogram.json`
+    /// (`{"site-1": [count of class 0, …]}`); a failure to write is logged, not fatal.
+    fn write_label_histogram(&self, index: usize, num_sites: usize, site: &LearnerSite<'_>) {
+        let Some(Ok(h)) = self.label_histogram(index, num_sites) else {
+            return;
+        };
+        let one = crate::data::LabelHistograms(BTreeMap::from([(site.site.to_string(), h)]));
+        let path = site.work_dir.join(LABEL_HISTOGRAM_FILE);
+        let written = std::fs::create_dir_all(site.work_dir)
+            .and_then(|()| std::fs::write(&path, serde_json::to_vec(&one).unwrap_or_default()));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the label histogram");
+        }
+    }
+
     /// The learner of site number `index` (0-based) out of `num_sites`.
     pub fn make_learner(
         &self,
@@ -1133,6 +1209,7 @@ impl ClientApp {
         num_sites: usize,
         site: LearnerSite<'_>,
     ) -> Result<Box<dyn Learner>, JobError> {
+        self.write_label_histogram(index, num_sites, &site);
         Ok(match &self.learner {
             LearnerSpec::MnistMlp(a) => {
                 let s = self.mnist(
@@ -1779,8 +1856,8 @@ mod tests {
             ),
             (
                 "app/config/config_fed_server.json",
-                SERVER.replace("\"FedAvg\"", "\"FedProx\""),
-                "components[1].name: unknown aggregator \"FedProx\"",
+                SERVER.replace("\"FedAvg\"", "\"FedNova\""),
+                "components[1].name: unknown aggregator \"FedNova\"",
             ),
             (
                 "app/config/config_fed_server.json",

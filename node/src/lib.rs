@@ -2,7 +2,9 @@
 //! roles. The binary `flare-node` (built by the `flare-hub` crate, which adds the hub role) is
 //! a thin CLI over this library.
 
+pub mod aggregators;
 pub mod bench;
+pub mod bench_algorithms;
 pub mod bench_client_api;
 pub mod bench_net;
 pub mod cmd_provision;

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use flare_protocols::aggregators::Aggregator;
 use flare_protocols::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult, task_names};
 use flare_protocols::stored::ModelRef;
 use flare_protocols::time::Time;
@@ -127,6 +128,26 @@ struct CcwfRun {
     filter_task: &'static str,
 }
 
+/// Every site's label histogram (`{"site-1": [count of class 0, …], …}`), for the learners
+/// that read MNIST; nothing is written when no site has one.
+fn write_label_histograms(
+    apps: &[&ClientApp],
+    names: &[String],
+    path: &Path,
+) -> anyhow::Result<()> {
+    let mut all = BTreeMap::new();
+    for (i, (app, name)) in apps.iter().zip(names).enumerate() {
+        if let Some(h) = app.label_histogram(i, names.len()) {
+            all.insert(name.clone(), h?);
+        }
+    }
+    if all.is_empty() {
+        return Ok(());
+    }
+    let json = serde_json::to_vec_pretty(&crate::data::LabelHistograms(all))?;
+    std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// A run's seed for the clients' shared draws, from the job's name or id (FNV-1a).
 pub fn seed_of(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -210,10 +231,19 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
         })
         .collect::<anyhow::Result<_>>()?;
     let initial = job.server.initial_model()?;
+    crate::aggregators::check_clients(
+        &opts.job_dir,
+        "aggregator",
+        &job.server.aggregator,
+        opts.clients,
+    )?;
+    let aggregator = Aggregator::new(job.server.aggregator);
     let mut ctrl = match &job.server.workflow {
         WorkflowSpec::ScatterAndGather => Ctrl::Sag(Box::new(
             ScatterGather::new(job.server.sag.clone(), names.clone(), initial)
-                .with_context(|| format!("{}: workflow settings", opts.job_dir.display()))?,
+                .with_context(|| format!("{}: workflow settings", opts.job_dir.display()))?
+                .with_aggregator(aggregator.clone())
+                .with_context(|| format!("{}: the initial model", opts.job_dir.display()))?,
         )),
         WorkflowSpec::Swarm(args) => {
             let cfg = args
@@ -221,7 +251,10 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
                 .with_context(|| format!("{}: swarm settings", opts.job_dir.display()))?;
             let clients = names
                 .iter()
-                .map(|n| SwarmClient::new(cfg.clone(), n.as_str()))
+                .map(|n| {
+                    SwarmClient::new(cfg.clone(), n.as_str())
+                        .map(|c| c.with_aggregator(aggregator.clone()))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let first = args
                 .starting_client
@@ -254,6 +287,7 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
     let models_dir = out_dir.join("models");
     std::fs::create_dir_all(&models_dir)
         .with_context(|| format!("cannot create {}", models_dir.display()))?;
+    write_label_histograms(&apps, &names, &out_dir.join("label_histograms.json"))?;
 
     let threads = opts.threads.max(1);
     let (work_tx, work_rx) = sync_channel::<Work>(threads);

@@ -37,6 +37,12 @@ pub enum AggregateError {
     /// A tensor holds 8-bit quantization codes, which must be dequantized, not averaged.
     #[error("tensor {0:?} holds int8 quantization codes: dequantize the model before aggregating")]
     Quantized(String),
+    /// A robust rule was given a partial (a hub's weighted sum), whose median means nothing.
+    #[error("a robust aggregator cannot take a region's partial aggregate")]
+    PartialToRobust,
+    /// A robust rule cannot aggregate this round's results.
+    #[error(transparent)]
+    Robust(#[from] crate::aggregators::RobustError),
     /// `finish` was called before any result was added.
     #[error("no results to aggregate")]
     Empty,

@@ -4,6 +4,7 @@
 //! source. Time comes in as an argument ([`time::Time`]), randomness from a seed.
 
 pub mod aggregate;
+pub mod aggregators;
 pub mod codec;
 pub mod filters;
 pub mod model;

@@ -181,6 +181,67 @@ impl ModelRef {
         }
     }
 
+    /// A view of some of the tensors, renamed: `rename` maps a tensor's name to its name in
+    /// the view, or to `None` to leave it out; the view must keep name order (keeping names,
+    /// or stripping one common prefix, does). When every tensor is kept under its own name
+    /// the view is `self`. A stored model's view reads the same source; a memory model's
+    /// copies the tensors it keeps. `params_type` overrides the type of the view.
+    pub fn select(
+        &self,
+        rename: impl Fn(&str) -> Option<String>,
+        params_type: Option<ParamsType>,
+    ) -> Result<ModelRef, ModelError> {
+        let infos = self.tensors();
+        let kept: Vec<(usize, String)> = infos
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| rename(&t.name).map(|n| (i, n)))
+            .collect();
+        let same = kept.len() == infos.len() && kept.iter().all(|(i, n)| infos[*i].name == *n);
+        if same && params_type.is_none_or(|p| p == self.params_type()) {
+            return Ok(self.clone());
+        }
+        let params_type = params_type.unwrap_or(self.params_type());
+        match self {
+            ModelRef::Memory(m) => {
+                let mut params = BTreeMap::new();
+                for (i, name) in kept {
+                    if let Some(t) = m.params.get(&infos[i].name) {
+                        params.insert(name, t.clone());
+                    }
+                }
+                Ok(ModelRef::from(FLModel {
+                    params,
+                    params_type,
+                    metrics: m.metrics.clone(),
+                    meta: m.meta.clone(),
+                    current_round: m.current_round,
+                    total_rounds: m.total_rounds,
+                }))
+            }
+            ModelRef::Stored(s) => {
+                let tensors = kept
+                    .iter()
+                    .map(|(i, name)| TensorInfo {
+                        name: name.clone(),
+                        ..infos[*i].clone()
+                    })
+                    .collect();
+                let source = Arc::new(SubsetSource {
+                    inner: Arc::clone(&s.source),
+                    index: kept.iter().map(|(i, _)| *i).collect(),
+                });
+                let mut view = StoredModel::new(tensors, source)?;
+                view.params_type = params_type;
+                view.metrics = s.metrics.clone();
+                view.meta = s.meta.clone();
+                view.current_round = s.current_round;
+                view.total_rounds = s.total_rounds;
+                Ok(ModelRef::Stored(Arc::new(view)))
+            }
+        }
+    }
+
     /// The tensors' names, dtypes and shapes, in name order.
     pub fn tensors(&self) -> Vec<TensorInfo> {
         match self {
@@ -320,6 +381,22 @@ impl ModelRef {
             current_round: s.current_round,
             total_rounds: s.total_rounds,
         }))
+    }
+}
+
+/// Some tensors of another source, by their index there ([`ModelRef::select`]).
+#[derive(Debug)]
+struct SubsetSource {
+    inner: Arc<dyn TensorSource>,
+    index: Vec<usize>,
+}
+
+impl TensorSource for SubsetSource {
+    fn read_at(&self, index: usize, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        let Some(&i) = self.index.get(index) else {
+            return Err(format!("no tensor number {index} in the view"));
+        };
+        self.inner.read_at(i, offset, buf)
     }
 }
 

@@ -144,7 +144,8 @@ pub struct CnnHyper {
     /// Local epochs per round.
     pub epochs: usize,
     /// The optimizer; its state persists across rounds on a site, as in FLARE's PyTorch
-    /// examples.
+    /// examples. SCAFFOLD assumes [`OptimizerKind::Sgd`]; with the others its controls use
+    /// `lr` as if they were SGD (see the `torch` module).
     pub optimizer: OptimizerKind,
     /// Dropout after the pooling layer and after `fc1` while training.
     pub dropout: bool,

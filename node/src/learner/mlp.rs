@@ -4,11 +4,43 @@
 //! Parameters use PyTorch's `nn.Linear` names and layouts (`fc1.weight` is `[hidden, 784]`),
 //! so a model saved as safetensors loads into
 //! `nn.Sequential`-free `class Net: fc1 = Linear(784, h); fc2 = Linear(h, 10)` by name.
+//!
+//! # FedProx and SCAFFOLD
+//!
+//! The learner reads the server's algorithm from the global model it is given, as FLARE's
+//! learners do; the LibTorch learner (`super::torch`) honours both the same way, through the
+//! helpers at the end of this module.
+//!
+//! - **FedProx.** `meta["fedprox_mu"]` (`mu`, [`META_FEDPROX_MU`]) adds
+//!   `(mu/2)·Σ‖w − w_global‖²` to every batch's loss (FLARE's `PTFedProxLoss`), with
+//!   `w_global` the weights as received: each SGD step adds `mu·(w − w_global)` to the
+//!   gradient. `mu` absent or 0 trains by the very same arithmetic as plain SGD; a negative
+//!   or non-finite `mu` is refused. The reported `train_loss` is the cross-entropy alone
+//!   (FLARE's examples log the sum).
+//! - **SCAFFOLD** (option II of Karimireddy et al., FLARE's `PTScaffoldHelper`). Tensors
+//!   `scaffold_c_global.<p>` ([`SCAFFOLD_C_GLOBAL`]), one per parameter `<p>` with its shape,
+//!   are the server's control `c`. The [`MlpLearner`] keeps the site's control `c_i` (zeros
+//!   at first) between the rounds of its job. After each of the round's `K` SGD steps the
+//!   weights move by `−lr·(c − c_i)`; after the round `c_i⁺ = c_i − c + (w_global − w)/(K·lr)`.
+//!   The result carries the weights, `scaffold_c_diff.<p>` = `c_i⁺ − c_i`
+//!   ([`SCAFFOLD_C_DIFF`]) and `NUM_STEPS_CURRENT_ROUND` = `K`, and `c_i` becomes `c_i⁺`.
+//!   Without `scaffold_c_global.*` tensors nothing of this happens.
+//!
+//! Control tensors are not weights: loading a model, to train or to validate, skips every
+//! name under the two SCAFFOLD prefixes, while any other tensor the network lacks is still
+//! refused as the sign of a wrong model. A missing, extra, misshaped or non-finite control
+//! is refused naming the tensor, before anything (weights, `c_i`, the shuffle) changes.
+//!
+//! Where Flare differs from FLARE: FLARE ships `c` as a dict in the task's metadata, Flare
+//! as tensors beside the weights (see `flare_protocols::aggregators`); FLARE divides by the
+//! scheduler's current lr, Flare (which has no scheduler) by the configured one; `c_i` is
+//! kept in memory in both, so a restarted node starts again from zeros.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use flare_protocols::model::{DType, FLModel, ModelError, Tensor};
+use flare_protocols::aggregators::{META_FEDPROX_MU, SCAFFOLD_C_DIFF, SCAFFOLD_C_GLOBAL};
+use flare_protocols::model::{DType, FLModel, META_NUM_STEPS, MetaValue, ModelError, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -60,6 +92,12 @@ pub struct Mlp {
     b2: Vec<f32>,
 }
 
+/// The parameters' names, in the order of [`Mlp::params`] and [`Mlp::shapes`].
+const NAMES: [&str; 4] = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"];
+
+/// One value per element of each parameter, in [`NAMES`] order: SCAFFOLD's controls.
+type Controls = [Vec<f32>; 4];
+
 fn get(model: &FLModel, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
     let t = model
         .params
@@ -98,23 +136,25 @@ impl Mlp {
         }
     }
 
-    /// Reads the weights from a model, checking names, shapes and dtypes.
+    /// Reads the weights from a model, checking names, shapes and dtypes. SCAFFOLD's control
+    /// tensors (`scaffold_c_global.*`, `scaffold_c_diff.*`) are skipped; any other tensor
+    /// the network lacks is refused.
     pub fn from_model(model: &FLModel, hidden: usize) -> Result<Mlp, ModelError> {
+        let [s1, s2, s3, s4] = Mlp::shapes(hidden);
         let m = Mlp {
             hidden,
-            w1: get(model, "fc1.weight", &[hidden, PIXELS])?,
-            b1: get(model, "fc1.bias", &[hidden])?,
-            w2: get(model, "fc2.weight", &[CLASSES, hidden])?,
-            b2: get(model, "fc2.bias", &[CLASSES])?,
+            w1: get(model, NAMES[0], &s1)?,
+            b1: get(model, NAMES[1], &s2)?,
+            w2: get(model, NAMES[2], &s3)?,
+            b2: get(model, NAMES[3], &s4)?,
         };
-        if model.params.len() != 4 {
+        if let Some(extra) = model
+            .params
+            .keys()
+            .find(|k| !NAMES.contains(&k.as_str()) && !is_control(k))
+        {
             return Err(ModelError::Incompatible {
-                name: model
-                    .params
-                    .keys()
-                    .find(|k| !k.starts_with("fc1.") && !k.starts_with("fc2."))
-                    .cloned()
-                    .unwrap_or_default(),
+                name: extra.clone(),
                 reason: "unexpected tensor".into(),
             });
         }
@@ -123,21 +163,36 @@ impl Mlp {
 
     /// The weights as a model with full parameters.
     pub fn to_model(&self) -> FLModel {
-        let t = |shape: Vec<usize>, v: &[f32]| {
-            Tensor::from_f32(shape, v).expect("shapes are built from the same sizes")
-        };
-        FLModel::from_params(BTreeMap::from([
-            (
-                "fc1.weight".to_string(),
-                t(vec![self.hidden, PIXELS], &self.w1),
-            ),
-            ("fc1.bias".to_string(), t(vec![self.hidden], &self.b1)),
-            (
-                "fc2.weight".to_string(),
-                t(vec![CLASSES, self.hidden], &self.w2),
-            ),
-            ("fc2.bias".to_string(), t(vec![CLASSES], &self.b2)),
-        ]))
+        let params = NAMES
+            .iter()
+            .zip(Mlp::shapes(self.hidden))
+            .zip(self.params())
+            .map(|((name, shape), v)| {
+                let t = Tensor::from_f32(shape, v).expect("shapes are built from the same sizes");
+                (name.to_string(), t)
+            })
+            .collect();
+        FLModel::from_params(params)
+    }
+
+    /// The parameters' shapes for `hidden` units, in [`NAMES`] order.
+    fn shapes(hidden: usize) -> [Vec<usize>; 4] {
+        [
+            vec![hidden, PIXELS],
+            vec![hidden],
+            vec![CLASSES, hidden],
+            vec![CLASSES],
+        ]
+    }
+
+    /// The parameters' values, in [`NAMES`] order.
+    fn params(&self) -> [&[f32]; 4] {
+        [&self.w1, &self.b1, &self.w2, &self.b2]
+    }
+
+    /// The parameters' values to update, in [`NAMES`] order.
+    fn params_mut(&mut self) -> [&mut [f32]; 4] {
+        [&mut self.w1, &mut self.b1, &mut self.w2, &mut self.b2]
     }
 
     /// Forward pass of `b` normalized images `x` (`b × 784`): returns hidden pre-activations
@@ -181,8 +236,9 @@ impl Mlp {
         (pre, z)
     }
 
-    /// One SGD step on a batch; returns the batch's summed cross-entropy loss.
-    fn step(&mut self, x: &[f32], y: &[u8], lr: f32) -> f32 {
+    /// One SGD step on a batch, with FedProx's term when `prox` is given; returns the
+    /// batch's summed cross-entropy loss (without the proximal term).
+    fn step(&mut self, x: &[f32], y: &[u8], lr: f32, prox: Option<&Prox<'_>>) -> f32 {
         let b = y.len();
         let h = self.hidden;
         let (pre, mut p) = self.forward(x, b);
@@ -209,6 +265,16 @@ impl Mlp {
         for (d, p) in dh.iter_mut().zip(&pre) {
             if *p <= 0.0 {
                 *d = 0.0;
+            }
+        }
+        // FedProx: the gradient of (mu/2)·‖w − w_global‖² is mu·(w − w_global), taken at the
+        // weights the batch's gradient was taken at (every gradient is computed by now).
+        if let Some(prox) = prox {
+            let k = lr * prox.mu;
+            for (w, g) in self.params_mut().into_iter().zip(prox.global.params()) {
+                for (w, g) in w.iter_mut().zip(g) {
+                    *w -= k * (*w - g);
+                }
             }
         }
         // W2 -= lr · dZᵀ · A ; b2 -= lr · Σ dZ
@@ -279,6 +345,20 @@ impl Mlp {
         hyper: &MlpHyper,
         rng: &mut ChaCha8Rng,
     ) -> Result<f64, LearnerError> {
+        self.train_with(data, indices, hyper, rng, &RoundTerms::default())
+            .map(|(loss, _)| loss)
+    }
+
+    /// [`Mlp::train`] with what the round's FL algorithm adds; returns the mean loss of the
+    /// last epoch and the number of SGD steps taken.
+    fn train_with(
+        &mut self,
+        data: &Dataset,
+        indices: &[usize],
+        hyper: &MlpHyper,
+        rng: &mut ChaCha8Rng,
+        terms: &RoundTerms<'_>,
+    ) -> Result<(f64, usize), LearnerError> {
         if indices.is_empty() {
             return Err(LearnerError::NoData);
         }
@@ -286,6 +366,7 @@ impl Mlp {
         let mut x = Vec::new();
         let mut y = Vec::new();
         let mut last = 0.0;
+        let mut steps = 0;
         for _ in 0..hyper.epochs.max(1) {
             order.shuffle(rng);
             let mut total = 0.0f64;
@@ -293,14 +374,190 @@ impl Mlp {
                 normalize_into(data, batch, &mut x);
                 y.clear();
                 y.extend(batch.iter().map(|&i| data.labels[i]));
-                total += f64::from(self.step(&x, &y, hyper.lr));
+                total += f64::from(self.step(&x, &y, hyper.lr, terms.prox.as_ref()));
+                if let Some(correction) = terms.scaffold {
+                    for (w, d) in self.params_mut().into_iter().zip(correction) {
+                        for (w, d) in w.iter_mut().zip(d) {
+                            *w -= d;
+                        }
+                    }
+                }
+                steps += 1;
             }
             last = total / order.len() as f64;
             if !last.is_finite() {
                 return Err(LearnerError::Diverged(format!("loss is {last}")));
             }
         }
-        Ok(last)
+        Ok((last, steps))
+    }
+}
+
+/// FedProx's proximal term in a round: its weight and the weights it pulls towards.
+#[derive(Debug)]
+struct Prox<'a> {
+    /// `mu` (positive).
+    mu: f32,
+    /// The global model as received, frozen for the round.
+    global: &'a Mlp,
+}
+
+/// What an FL algorithm adds to a round of local SGD; the default adds nothing.
+#[derive(Debug, Default)]
+struct RoundTerms<'a> {
+    /// FedProx's pull towards the global weights.
+    prox: Option<Prox<'a>>,
+    /// SCAFFOLD's correction `lr·(c − c_i)`, subtracted from the weights after every step
+    /// (constant over the round, so computed once).
+    scaffold: Option<&'a Controls>,
+}
+
+/// SCAFFOLD's global control for the MLP's parameters, `None` without SCAFFOLD.
+fn read_c_global(
+    global: &FLModel,
+    hidden: usize,
+    lr: f32,
+) -> Result<Option<Controls>, LearnerError> {
+    let shapes = Mlp::shapes(hidden);
+    let params: Vec<(&str, &[usize])> = NAMES
+        .iter()
+        .zip(&shapes)
+        .map(|(n, s)| (*n, s.as_slice()))
+        .collect();
+    let Some(tensors) = scaffold_c_global(global, &params)? else {
+        return Ok(None);
+    };
+    check_scaffold_lr(f64::from(lr))?;
+    let mut c = Controls::default();
+    for (c, t) in c.iter_mut().zip(tensors) {
+        *c = t.to_f32_vec();
+    }
+    Ok(Some(c))
+}
+
+/// Whether `name` is one of SCAFFOLD's control tensors (`scaffold_c_global.*`,
+/// `scaffold_c_diff.*`), which ride along with a model's weights but are none of them.
+pub(crate) fn is_control(name: &str) -> bool {
+    name.starts_with(SCAFFOLD_C_GLOBAL) || name.starts_with(SCAFFOLD_C_DIFF)
+}
+
+/// FedProx's `mu` from the global model's metadata: `None` when absent or 0 (plain
+/// training), an error naming the key when it is not a finite number ≥ 0.
+pub(crate) fn fedprox_mu(global: &FLModel) -> Result<Option<f64>, LearnerError> {
+    let mu = match global.meta.get(META_FEDPROX_MU) {
+        None => return Ok(None),
+        Some(MetaValue::Float(mu)) => *mu,
+        Some(MetaValue::Int(mu)) => *mu as f64,
+        Some(other) => {
+            return Err(LearnerError::Backend(format!(
+                "FedProx: meta {META_FEDPROX_MU:?} must be a number, got {other:?}"
+            )));
+        }
+    };
+    if !(mu.is_finite() && mu >= 0.0) {
+        return Err(LearnerError::Backend(format!(
+            "FedProx: meta {META_FEDPROX_MU:?} must be finite and >= 0, got {mu}"
+        )));
+    }
+    Ok((mu > 0.0).then_some(mu))
+}
+
+/// SCAFFOLD's global control from the global model: `None` when it holds no
+/// `scaffold_c_global.*` tensor (no SCAFFOLD), else one checked tensor per parameter of
+/// `params` (`(name, shape)`), in that order. A missing, extra, non-F32, misshaped or
+/// non-finite control is an error naming it.
+pub(crate) fn scaffold_c_global<'m>(
+    global: &'m FLModel,
+    params: &[(&str, &[usize])],
+) -> Result<Option<Vec<&'m Tensor>>, LearnerError> {
+    let refuse = |name: &str, reason: String| {
+        LearnerError::Incompatible(ModelError::Incompatible {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    let mut any = false;
+    for name in global.params.keys() {
+        if let Some(p) = name.strip_prefix(SCAFFOLD_C_GLOBAL) {
+            any = true;
+            if !params.iter().any(|(n, _)| *n == p) {
+                return Err(refuse(
+                    name,
+                    "unexpected SCAFFOLD control: the network has no such parameter".into(),
+                ));
+            }
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(params.len());
+    for (p, shape) in params {
+        let name = format!("{SCAFFOLD_C_GLOBAL}{p}");
+        let Some(t) = global.params.get(&name) else {
+            return Err(refuse(&name, "missing SCAFFOLD control".into()));
+        };
+        if t.dtype() != DType::F32 || t.shape() != *shape {
+            return Err(refuse(
+                &name,
+                format!(
+                    "SCAFFOLD control: expected F32 {shape:?}, got {:?} {:?}",
+                    t.dtype(),
+                    t.shape()
+                ),
+            ));
+        }
+        let finite = t
+            .bytes()
+            .chunks_exact(4)
+            .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite());
+        if !finite {
+            return Err(refuse(
+                &name,
+                "SCAFFOLD control holds a non-finite value".into(),
+            ));
+        }
+        out.push(t);
+    }
+    Ok(Some(out))
+}
+
+/// Refuses SCAFFOLD with a learning rate its control update cannot divide by.
+pub(crate) fn check_scaffold_lr(lr: f64) -> Result<(), LearnerError> {
+    if lr.is_finite() && lr > 0.0 {
+        Ok(())
+    } else {
+        Err(LearnerError::Backend(format!(
+            "SCAFFOLD needs a positive finite learning rate, got {lr}"
+        )))
+    }
+}
+
+/// SCAFFOLD's new local control of one parameter, option II:
+/// `c_i⁺ = c_i − c + (w_global − w)/(K·lr)`, in f64 and rounded to f32 once. A non-finite
+/// result (a round that moved too far) is an error naming the parameter.
+pub(crate) fn scaffold_c_new(
+    name: &str,
+    c_local: &[f32],
+    c_global: &[f32],
+    w_global: &[f32],
+    w: &[f32],
+    k_lr: f64,
+) -> Result<Vec<f32>, LearnerError> {
+    let new: Vec<f32> = c_local
+        .iter()
+        .zip(c_global)
+        .zip(w_global.iter().zip(w))
+        .map(|((&cl, &cg), (&wg, &w))| {
+            (f64::from(cl) - f64::from(cg) + (f64::from(wg) - f64::from(w)) / k_lr) as f32
+        })
+        .collect();
+    if new.iter().all(|v| v.is_finite()) {
+        Ok(new)
+    } else {
+        Err(LearnerError::Diverged(format!(
+            "SCAFFOLD control of {name:?} is not finite"
+        )))
     }
 }
 
@@ -324,6 +581,10 @@ pub struct MlpLearner {
     indices: Vec<usize>,
     validation: Arc<Dataset>,
     rng: ChaCha8Rng,
+    /// SCAFFOLD's local control `c_i`, in [`NAMES`] order: `None` (zeros) until a SCAFFOLD
+    /// round succeeds, then what the last one left. It lives as long as the learner, which is
+    /// the rounds of one job at this site.
+    c_local: Option<Controls>,
 }
 
 impl MlpLearner {
@@ -342,6 +603,7 @@ impl MlpLearner {
             indices,
             validation,
             rng,
+            c_local: None,
         }
     }
 
@@ -353,15 +615,72 @@ impl MlpLearner {
 
 impl Learner for MlpLearner {
     fn train(&mut self, global: &FLModel, _round: u32) -> Result<FLModel, LearnerError> {
-        let mut net = Mlp::from_model(global, self.hyper.hidden)?;
-        let loss = net.train(&self.train, &self.indices, &self.hyper, &mut self.rng)?;
+        let (hidden, lr) = (self.hyper.hidden, self.hyper.lr);
+        let mut net = Mlp::from_model(global, hidden)?;
+        let mu = fedprox_mu(global)?;
+        let c_global = read_c_global(global, hidden, lr)?;
+        let zeros;
+        let c_local = match (&c_global, &self.c_local) {
+            (None, _) => None,
+            (Some(_), Some(c)) => Some(c),
+            (Some(_), None) => {
+                zeros = Mlp::shapes(hidden).map(|s| vec![0.0; s.iter().product()]);
+                Some(&zeros)
+            }
+        };
+        // SCAFFOLD's per-step correction lr·(c − c_i), computed as FLARE's helper does.
+        let correction = c_global.as_ref().zip(c_local).map(|(cg, cl)| {
+            let mut d = Controls::default();
+            for ((d, cg), cl) in d.iter_mut().zip(cg).zip(cl) {
+                *d = cg.iter().zip(cl).map(|(g, l)| lr * (g - l)).collect();
+            }
+            d
+        });
+        let start = (mu.is_some() || c_global.is_some()).then(|| net.clone());
+        let terms = RoundTerms {
+            prox: mu.zip(start.as_ref()).map(|(mu, global)| Prox {
+                mu: mu as f32,
+                global,
+            }),
+            scaffold: correction.as_ref(),
+        };
+        let (loss, steps) = net.train_with(
+            &self.train,
+            &self.indices,
+            &self.hyper,
+            &mut self.rng,
+            &terms,
+        )?;
         let mut out = net.to_model();
+        if let (Some(cg), Some(cl), Some(start)) = (&c_global, c_local, &start) {
+            let k_lr = steps as f64 * f64::from(lr);
+            let mut c_new = Controls::default();
+            for (p, name) in NAMES.iter().enumerate() {
+                c_new[p] = scaffold_c_new(
+                    name,
+                    &cl[p],
+                    &cg[p],
+                    start.params()[p],
+                    net.params()[p],
+                    k_lr,
+                )?;
+            }
+            for ((name, shape), (new, old)) in NAMES
+                .iter()
+                .zip(Mlp::shapes(hidden))
+                .zip(c_new.iter().zip(cl))
+            {
+                let diff: Vec<f32> = new.iter().zip(old).map(|(n, o)| n - o).collect();
+                let t = Tensor::from_f32(shape, &diff).map_err(LearnerError::Incompatible)?;
+                out.params.insert(format!("{SCAFFOLD_C_DIFF}{name}"), t);
+            }
+            out.meta
+                .insert(META_NUM_STEPS.into(), MetaValue::Int(steps as i64));
+            self.c_local = Some(c_new);
+        }
         let (k, v) = samples_meta(self.indices.len());
         out.meta.insert(k, v);
-        out.meta.insert(
-            "train_loss".into(),
-            flare_protocols::model::MetaValue::Float(loss),
-        );
+        out.meta.insert("train_loss".into(), MetaValue::Float(loss));
         Ok(out)
     }
 
@@ -401,54 +720,420 @@ mod tests {
         );
     }
 
-    #[test]
-    fn gradient_matches_finite_differences() {
-        // Check one weight of each layer against a numeric derivative of the batch loss.
+    /// FedProx's term by its definition, `(mu/2)·Σ‖w − w_global‖²`, in f64.
+    fn prox_term(net: &Mlp, global: &Mlp, mu: f64) -> f64 {
+        let sq: f64 = net
+            .params()
+            .iter()
+            .zip(global.params())
+            .flat_map(|(w, g)| w.iter().zip(g))
+            .map(|(w, g)| (f64::from(*w) - f64::from(*g)).powi(2))
+            .sum();
+        mu / 2.0 * sq
+    }
+
+    /// Checks one weight of each layer of `net`'s SGD step against a numeric derivative of
+    /// the batch's mean loss, plus FedProx's term when `prox` is given.
+    fn check_gradient(net: &Mlp, prox: Option<&Prox<'_>>) {
         let (train, _) = mnist();
-        let net = Mlp::init(6, 3);
         let idx: Vec<usize> = (0..4).collect();
         let mut x = Vec::new();
         normalize_into(&train, &idx, &mut x);
         let y: Vec<u8> = idx.iter().map(|&i| train.labels[i]).collect();
         let loss = |n: &Mlp| -> f64 {
             let (_, p) = n.forward(&x, 4);
-            p.chunks_exact(CLASSES)
+            let ce = p
+                .chunks_exact(CLASSES)
                 .zip(&y)
                 .map(|(r, &l)| -f64::from(r[usize::from(l)]).ln())
                 .sum::<f64>()
-                / 4.0
+                / 4.0;
+            ce + prox.map_or(0.0, |p| prox_term(n, p.global, f64::from(p.mu)))
         };
         let lr = 1e-3;
         let mut stepped = net.clone();
-        stepped.step(&x, &y, lr);
-        for (which, i) in [("w1", 300usize), ("w2", 7), ("b1", 2), ("b2", 5)] {
-            let grad_analytic = |a: &Mlp, b: &Mlp| -> f32 {
-                let (va, vb) = match which {
-                    "w1" => (a.w1[i], b.w1[i]),
-                    "w2" => (a.w2[i], b.w2[i]),
-                    "b1" => (a.b1[i], b.b1[i]),
-                    _ => (a.b2[i], b.b2[i]),
-                };
-                (va - vb) / lr
-            };
-            let g = grad_analytic(&net, &stepped);
+        stepped.step(&x, &y, lr, prox);
+        for (which, i) in [(0, 300usize), (2, 7), (1, 2), (3, 5)] {
+            let g = (net.params()[which][i] - stepped.params()[which][i]) / lr;
             let eps = 1e-2;
             let mut plus = net.clone();
             let mut minus = net.clone();
-            let (p, m) = match which {
-                "w1" => (&mut plus.w1[i], &mut minus.w1[i]),
-                "w2" => (&mut plus.w2[i], &mut minus.w2[i]),
-                "b1" => (&mut plus.b1[i], &mut minus.b1[i]),
-                _ => (&mut plus.b2[i], &mut minus.b2[i]),
-            };
-            *p += eps;
-            *m -= eps;
+            plus.params_mut()[which][i] += eps;
+            minus.params_mut()[which][i] -= eps;
             let numeric = (loss(&plus) - loss(&minus)) / (2.0 * f64::from(eps));
             assert!(
                 (f64::from(g) - numeric).abs() < 2e-3 + 0.05 * numeric.abs(),
-                "{which}[{i}]: analytic {g}, numeric {numeric}"
+                "{}[{i}]: analytic {g}, numeric {numeric}",
+                NAMES[which]
             );
         }
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        check_gradient(&Mlp::init(6, 3), None);
+    }
+
+    #[test]
+    fn fedprox_term_and_gradient_match_hand_and_finite_differences() {
+        let net = Mlp::init(6, 3);
+        // The reference term, by hand: two weights off by 0.5 and 1.
+        let mut near = net.clone();
+        near.w1[10] += 0.5;
+        near.b2[3] -= 1.0;
+        let term = prox_term(&net, &near, 0.4);
+        assert!((term - 0.2 * (0.25 + 1.0)).abs() < 1e-6, "{term}");
+        // The step's gradient against the numeric one of cross-entropy + term, with a global
+        // model far enough away that the term dominates some of the four checked weights.
+        let far = Mlp::init(6, 4);
+        let prox = Prox {
+            mu: 0.7,
+            global: &far,
+        };
+        check_gradient(&net, Some(&prox));
+        // And the step really added mu·(w − w_global): compare with the plain step.
+        let (train, _) = mnist();
+        let idx: Vec<usize> = (0..4).collect();
+        let mut x = Vec::new();
+        normalize_into(&train, &idx, &mut x);
+        let y: Vec<u8> = idx.iter().map(|&i| train.labels[i]).collect();
+        let (mut plain, mut proxed) = (net.clone(), net.clone());
+        plain.step(&x, &y, 1e-2, None);
+        proxed.step(&x, &y, 1e-2, Some(&prox));
+        for (p, name) in NAMES.iter().enumerate() {
+            let (w, g) = (net.params()[p], far.params()[p]);
+            let (a, b) = (plain.params()[p], proxed.params()[p]);
+            for i in 0..w.len() {
+                let want = 1e-2 * 0.7 * (w[i] - g[i]);
+                let got = a[i] - b[i];
+                assert!((got - want).abs() < 1e-6, "{name}[{i}]: {got} != {want}");
+            }
+        }
+    }
+
+    /// A small site: 320 training examples, 16 hidden units, 10 SGD steps a round.
+    fn small_site(train: &Arc<Dataset>, test: &Arc<Dataset>) -> MlpLearner {
+        let hyper = MlpHyper {
+            hidden: 16,
+            lr: 0.1,
+            batch_size: 32,
+            epochs: 1,
+            seed: 7,
+        };
+        MlpLearner::new(
+            hyper,
+            Arc::clone(train),
+            (0..320).collect(),
+            Arc::clone(test),
+            1,
+        )
+    }
+
+    fn small_data() -> (Arc<Dataset>, Arc<Dataset>) {
+        let (train, test) = mnist();
+        (Arc::new(train), Arc::new(test))
+    }
+
+    fn with_meta(model: &FLModel, key: &str, v: MetaValue) -> FLModel {
+        let mut m = model.clone();
+        m.meta.insert(key.into(), v);
+        m
+    }
+
+    /// The L2 distance between the weights of two models.
+    fn distance(a: &FLModel, b: &FLModel) -> f64 {
+        NAMES
+            .iter()
+            .flat_map(|n| {
+                a.params[*n]
+                    .to_f32_vec()
+                    .into_iter()
+                    .zip(b.params[*n].to_f32_vec())
+            })
+            .map(|(x, y)| (f64::from(x) - f64::from(y)).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    #[test]
+    fn fedprox_mu_zero_or_absent_trains_exactly_as_plain_sgd() {
+        let (train, test) = small_data();
+        let global = Mlp::init(16, 0).to_model();
+        let fresh = small_site(&train, &test);
+        let mut net = Mlp::init(16, 0);
+        net.train(&train, &fresh.indices, &fresh.hyper, &mut fresh.rng.clone())
+            .unwrap();
+        let plain = small_site(&train, &test).train(&global, 0).unwrap();
+        assert_eq!(plain.params, net.to_model().params);
+        for mu in [MetaValue::Float(0.0), MetaValue::Int(0)] {
+            let g = with_meta(&global, META_FEDPROX_MU, mu.clone());
+            let out = small_site(&train, &test).train(&g, 0).unwrap();
+            assert_eq!(out.params, plain.params, "{mu:?}");
+            assert_eq!(out.meta, plain.meta, "{mu:?}");
+        }
+    }
+
+    #[test]
+    fn fedprox_keeps_the_model_closer_to_the_global_one() {
+        let (train, test) = small_data();
+        let global = Mlp::init(16, 0).to_model();
+        let plain = small_site(&train, &test).train(&global, 0).unwrap();
+        let g = with_meta(&global, META_FEDPROX_MU, MetaValue::Float(1.0));
+        let prox = small_site(&train, &test).train(&g, 0).unwrap();
+        let (d_plain, d_prox) = (distance(&plain, &global), distance(&prox, &global));
+        assert!(
+            d_prox > 0.0 && d_prox < 0.95 * d_plain,
+            "mu 1: {d_prox}, mu 0: {d_plain}"
+        );
+    }
+
+    #[test]
+    fn fedprox_refuses_a_negative_or_non_finite_mu() {
+        let (train, test) = small_data();
+        let global = Mlp::init(16, 0).to_model();
+        for mu in [
+            MetaValue::Float(-0.1),
+            MetaValue::Int(-1),
+            MetaValue::Float(f64::NAN),
+            MetaValue::Float(f64::INFINITY),
+            MetaValue::Text("0.1".into()),
+        ] {
+            let mut site = small_site(&train, &test);
+            let err = site
+                .train(&with_meta(&global, META_FEDPROX_MU, mu.clone()), 0)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("\"fedprox_mu\""), "{mu:?}: {err}");
+        }
+    }
+
+    /// `model` with SCAFFOLD's global control `c` (in [`NAMES`] order) added.
+    fn with_c_global(model: &FLModel, c: &Controls) -> FLModel {
+        let mut m = model.clone();
+        let hidden = m.params["fc1.bias"].shape()[0];
+        for ((name, shape), v) in NAMES.iter().zip(Mlp::shapes(hidden)).zip(c) {
+            m.params.insert(
+                format!("{SCAFFOLD_C_GLOBAL}{name}"),
+                Tensor::from_f32(shape, v).unwrap(),
+            );
+        }
+        m
+    }
+
+    fn zero_controls(hidden: usize) -> Controls {
+        Mlp::shapes(hidden).map(|s| vec![0.0; s.iter().product()])
+    }
+
+    /// Asserts `got ≈ want` element-wise, relative to the magnitude of `want`.
+    fn assert_close(what: &str, got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (f64::from(*g) - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "{what}[{i}]: {g} != {w}"
+            );
+        }
+    }
+
+    /// `(w_global − w)/(K·lr)` of parameter `p`, the first-round control in f64.
+    fn drift(start: &Mlp, end: &Mlp, p: usize, k_lr: f64) -> Vec<f64> {
+        start.params()[p]
+            .iter()
+            .zip(end.params()[p])
+            .map(|(s, e)| (f64::from(*s) - f64::from(*e)) / k_lr)
+            .collect()
+    }
+
+    #[test]
+    fn scaffold_first_round_trains_as_plain_and_reports_the_drift() {
+        let (train, test) = small_data();
+        let global = Mlp::init(16, 0).to_model();
+        let plain = small_site(&train, &test).train(&global, 0).unwrap();
+        let mut site = small_site(&train, &test);
+        let out = site
+            .train(&with_c_global(&global, &zero_controls(16)), 0)
+            .unwrap();
+        let names: Vec<String> = out.params.keys().cloned().collect();
+        let mut want: Vec<String> = NAMES
+            .iter()
+            .flat_map(|n| [n.to_string(), format!("{SCAFFOLD_C_DIFF}{n}")])
+            .collect();
+        want.sort();
+        assert_eq!(names, want, "weights and c_diff, no c_global");
+        for n in NAMES {
+            assert_eq!(out.params[n], plain.params[n], "{n}");
+        }
+        assert_eq!(out.meta.get(META_NUM_STEPS), Some(&MetaValue::Int(10)));
+        assert_eq!(plain.meta.get(META_NUM_STEPS), None);
+        let (start, end) = (Mlp::init(16, 0), Mlp::from_model(&out, 16).unwrap());
+        let c_local = site.c_local.as_ref().unwrap();
+        for (p, n) in NAMES.iter().enumerate() {
+            let diff = out.params[&format!("{SCAFFOLD_C_DIFF}{n}")].to_f32_vec();
+            let want = drift(&start, &end, p, 10.0 * 0.1);
+            assert!(want.iter().any(|v| v.abs() > 1e-3), "{n} did not move");
+            assert_close(n, &diff, &want);
+            assert_eq!(c_local[p], diff, "c_local = 0 + c_diff for {n}");
+        }
+    }
+
+    #[test]
+    fn scaffold_second_round_uses_the_stored_local_control() {
+        let (train, test) = small_data();
+        let mut site = small_site(&train, &test);
+        let first = site
+            .train(
+                &with_c_global(&Mlp::init(16, 0).to_model(), &zero_controls(16)),
+                0,
+            )
+            .unwrap();
+        let c1 = site.c_local.clone().unwrap();
+        let start = Mlp::from_model(&first, 16).unwrap();
+        let c_global: Controls = Mlp::shapes(16).map(|s| {
+            (0..s.iter().product())
+                .map(|i| ((i % 7) as f32 - 3.0) * 0.01)
+                .collect()
+        });
+        let rng = site.rng.clone();
+        let out = site
+            .train(&with_c_global(&start.to_model(), &c_global), 1)
+            .unwrap();
+        let end = Mlp::from_model(&out, 16).unwrap();
+        // The same round by hand, with the correction lr·(c − c_i) of the stored c_i ...
+        let by_hand = |c_local: &Controls| {
+            let mut correction = Controls::default();
+            for ((d, g), l) in correction.iter_mut().zip(&c_global).zip(c_local) {
+                *d = g.iter().zip(l).map(|(g, l)| 0.1 * (g - l)).collect();
+            }
+            let terms = RoundTerms {
+                prox: None,
+                scaffold: Some(&correction),
+            };
+            let mut net = start.clone();
+            let (_, k) = net
+                .train_with(&train, &site.indices, &site.hyper, &mut rng.clone(), &terms)
+                .unwrap();
+            assert_eq!(k, 10);
+            net
+        };
+        assert_eq!(end, by_hand(&c1));
+        // ... which a learner that forgot c_i would not have matched.
+        assert_ne!(end, by_hand(&zero_controls(16)));
+        // c_diff = c_i⁺ − c_i = −c + (w_global − w)/(K·lr): not the first round's formula.
+        let c2 = site.c_local.as_ref().unwrap();
+        for (p, n) in NAMES.iter().enumerate() {
+            let diff = out.params[&format!("{SCAFFOLD_C_DIFF}{n}")].to_f32_vec();
+            let first_formula = drift(&start, &end, p, 1.0);
+            let want: Vec<f64> = first_formula
+                .iter()
+                .zip(&c_global[p])
+                .map(|(d, g)| d - f64::from(*g))
+                .collect();
+            assert_close(n, &diff, &want);
+            let off = diff
+                .iter()
+                .zip(&first_formula)
+                .map(|(d, f)| (f64::from(*d) - f).abs())
+                .fold(0.0, f64::max);
+            assert!(off > 0.02, "{n}: c_diff ignores c_global ({off})");
+            let sum: Vec<f64> = c1[p]
+                .iter()
+                .zip(&diff)
+                .map(|(a, b)| f64::from(*a) + f64::from(*b))
+                .collect();
+            assert_close(n, &c2[p], &sum);
+        }
+    }
+
+    #[test]
+    fn scaffold_refuses_bad_controls_naming_them() {
+        let (train, test) = small_data();
+        let global = with_c_global(&Mlp::init(16, 0).to_model(), &zero_controls(16));
+        let edit = |f: &dyn Fn(&mut BTreeMap<String, Tensor>)| {
+            let mut m = global.clone();
+            f(&mut m.params);
+            m
+        };
+        let cases = [
+            (
+                edit(&|p| {
+                    p.remove("scaffold_c_global.fc2.bias");
+                }),
+                "\"scaffold_c_global.fc2.bias\": missing",
+            ),
+            (
+                edit(&|p| {
+                    p.insert(
+                        "scaffold_c_global.fc3.weight".into(),
+                        Tensor::zeros(DType::F32, vec![1]).unwrap(),
+                    );
+                }),
+                "\"scaffold_c_global.fc3.weight\": unexpected",
+            ),
+            (
+                edit(&|p| {
+                    p.insert(
+                        "scaffold_c_global.fc1.bias".into(),
+                        Tensor::zeros(DType::F32, vec![17]).unwrap(),
+                    );
+                }),
+                "\"scaffold_c_global.fc1.bias\": SCAFFOLD control: expected F32 [16], got F32 [17]",
+            ),
+            (
+                edit(&|p| {
+                    p.insert(
+                        "scaffold_c_global.fc2.bias".into(),
+                        Tensor::zeros(DType::F16, vec![10]).unwrap(),
+                    );
+                }),
+                "\"scaffold_c_global.fc2.bias\": SCAFFOLD control: expected F32 [10], got F16",
+            ),
+            (
+                edit(&|p| {
+                    let mut v = vec![0.0; 10];
+                    v[4] = f32::NAN;
+                    p.insert(
+                        "scaffold_c_global.fc2.bias".into(),
+                        Tensor::from_f32(vec![10], &v).unwrap(),
+                    );
+                }),
+                "\"scaffold_c_global.fc2.bias\": SCAFFOLD control holds a non-finite value",
+            ),
+        ];
+        for (bad, want) in cases {
+            let mut site = small_site(&train, &test);
+            let rng = site.rng.clone();
+            let err = site.train(&bad, 0).unwrap_err();
+            assert!(matches!(err, LearnerError::Incompatible(_)), "{err}");
+            assert!(err.to_string().contains(want), "{err} lacks {want}");
+            assert!(
+                site.c_local.is_none() && site.rng == rng,
+                "{want}: state moved"
+            );
+        }
+        let mut site = small_site(&train, &test);
+        site.hyper.lr = 0.0;
+        let err = site.train(&global, 0).unwrap_err().to_string();
+        assert!(err.contains("SCAFFOLD needs a positive"), "{err}");
+    }
+
+    #[test]
+    fn control_tensors_are_not_weights() {
+        let (train, test) = small_data();
+        let plain = Mlp::init(16, 0).to_model();
+        let mut both = with_c_global(&plain, &zero_controls(16));
+        both.params.insert(
+            format!("{SCAFFOLD_C_DIFF}fc1.bias"),
+            Tensor::zeros(DType::F32, vec![16]).unwrap(),
+        );
+        assert_eq!(
+            Mlp::from_model(&both, 16).unwrap(),
+            Mlp::from_model(&plain, 16).unwrap()
+        );
+        let mut site = small_site(&train, &test);
+        assert_eq!(
+            site.validate(&both).unwrap(),
+            site.validate(&plain).unwrap()
+        );
     }
 
     #[test]

@@ -145,7 +145,14 @@ fn run<L: Learner + ?Sized>(learner: &mut L, task: Task) -> Result<FLModel, (Ret
         task_names::TRAIN => {
             let metrics = learner.validate(&global).map_err(fail)?;
             // The task's model is this task's alone once it arrived: train in it.
-            let owned = Arc::try_unwrap(global).unwrap_or_else(|shared| (*shared).clone());
+            let mut owned = Arc::try_unwrap(global).unwrap_or_else(|shared| (*shared).clone());
+            // What the algorithm tells the learner (FedProx's `mu`) reaches it in the model's
+            // metadata, as FLARE's `FLModel.meta`.
+            for (k, v) in &task.data.headers {
+                if ALGORITHM_META.contains(&k.as_str()) {
+                    owned.meta.insert(k.clone(), v.clone());
+                }
+            }
             let mut out = learner.train_owned(owned, task.round).map_err(fail)?;
             out.metrics = metrics;
             out.current_round = Some(task.round);
@@ -168,6 +175,9 @@ fn run<L: Learner + ?Sized>(learner: &mut L, task: Task) -> Result<FLModel, (Ret
         )),
     }
 }
+
+/// Task headers that a learner reads in its model's metadata.
+const ALGORITHM_META: &[&str] = &[flare_protocols::aggregators::META_FEDPROX_MU];
 
 /// Shorthand for the sample-count metadata entry.
 pub(crate) fn samples_meta(n: usize) -> (String, MetaValue) {

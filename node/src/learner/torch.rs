@@ -10,13 +10,38 @@
 //! libraries because nothing references it directly, and LibTorch then reports no GPU.
 //! [`resolve_device`] loads it (once per process) from the directory of the
 //! `libtorch_cpu.so` this process was started with, before the first CUDA query.
+//!
+//! # FedProx and SCAFFOLD
+//!
+//! [`TorchCnnLearner`] honours both as the MLP learner does (see [`super::mlp`] for the
+//! contract and the shared checks), in LibTorch on the training device:
+//!
+//! - **FedProx**: `meta["fedprox_mu"]` > 0 adds `(mu/2)·Σ‖w − w_global‖²` to each batch's
+//!   loss before `backward`, exactly as FLARE's `PTFedProxLoss` does, with `w_global` a
+//!   detached copy of the weights as received. With any optimizer the gradient gains
+//!   `mu·(w − w_global)`; `mu` absent or 0 runs the unchanged step.
+//! - **SCAFFOLD**: with `scaffold_c_global.*` tensors the learner keeps `c_i` per variable on
+//!   the device between rounds (zeros at first), subtracts `lr·(c − c_i)` from the weights
+//!   after every optimizer step, and after the round's `K` steps returns
+//!   `scaffold_c_diff.<p>` = `c_i⁺ − c_i` with `c_i⁺ = c_i − c + (w_global − w)/(K·lr)` and
+//!   `NUM_STEPS_CURRENT_ROUND` = `K`. SCAFFOLD's option II assumes SGD, whose `K` steps of
+//!   size `lr` make `(w_global − w)/(K·lr)` the mean gradient. With Adam or Adadelta it
+//!   still runs, as FLARE's `PTScaffoldHelper` does with whatever optimizer it is given, with
+//!   the configured `lr` in both formulas (logged once as a warning); the controls then
+//!   estimate the mean step divided by `lr`, not a gradient. Optimizer state is not reset.
+//!
+//! Loading a model skips SCAFFOLD's control tensors; any other tensor the network lacks is
+//! refused.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use flare_protocols::model::{DType, FLModel, MetaValue, ModelError, Tensor as FlTensor};
+use flare_protocols::aggregators::SCAFFOLD_C_DIFF;
+use flare_protocols::model::{
+    DType, FLModel, META_NUM_STEPS, MetaValue, ModelError, Tensor as FlTensor,
+};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -24,6 +49,7 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use super::cnn::{CnnHyper, DeviceSpec, OptimizerKind};
+use super::mlp::{check_scaffold_lr, fedprox_mu, is_control, scaffold_c_global};
 use super::{Learner, LearnerError, samples_meta};
 use crate::data::Dataset;
 use crate::data::mnist::PIXELS;
@@ -91,10 +117,15 @@ impl CnnNet {
         self.vs.variables().into_iter().collect()
     }
 
-    /// Copies the weights of `model` in, checking names, shapes and dtypes.
+    /// Copies the weights of `model` in, checking names, shapes and dtypes. SCAFFOLD's
+    /// control tensors are skipped; any other tensor the network lacks is refused.
     pub fn load(&mut self, model: &FLModel) -> Result<(), LearnerError> {
         let vars = self.variables();
-        if let Some(extra) = model.params.keys().find(|k| !vars.contains_key(*k)) {
+        if let Some(extra) = model
+            .params
+            .keys()
+            .find(|k| !vars.contains_key(*k) && !is_control(k))
+        {
             return Err(ModelError::Incompatible {
                 name: extra.clone(),
                 reason: "unexpected tensor".into(),
@@ -296,12 +327,20 @@ impl CnnTrainer {
     /// One optimizer step on a batch; returns the batch's mean loss as a tensor on the
     /// device (reading it would wait for the GPU, so callers read it rarely).
     pub fn step(&mut self, x: &Tensor, y: &Tensor) -> Tensor {
+        self.step_with(x, y, None)
+    }
+
+    /// [`CnnTrainer::step`], with FedProx's term added to the loss that is differentiated
+    /// when `prox` is given; the returned loss is the cross-entropy alone.
+    fn step_with(&mut self, x: &Tensor, y: &Tensor, prox: Option<&Prox>) -> Tensor {
         let loss = self.net.forward_t(x, true).cross_entropy_for_logits(y);
+        let with_prox = prox.and_then(Prox::term).map(|t| &loss + t);
+        let objective = with_prox.as_ref().unwrap_or(&loss);
         match &mut self.opt {
-            Optim::Torch(o) => o.backward_step(&loss),
+            Optim::Torch(o) => o.backward_step(objective),
             Optim::Adadelta(o) => {
                 o.zero_grad();
-                loss.backward();
+                objective.backward();
                 o.step();
             }
         }
@@ -317,6 +356,20 @@ impl CnnTrainer {
         hyper: &CnnHyper,
         rng: &mut ChaCha8Rng,
     ) -> Result<f64, LearnerError> {
+        self.train_epochs_with(x, y, hyper, rng, &mut RoundTerms::default())
+            .map(|(loss, _)| loss)
+    }
+
+    /// [`CnnTrainer::train_epochs`] with what the round's FL algorithm adds; returns the
+    /// mean loss of the last epoch and the number of optimizer steps taken.
+    fn train_epochs_with(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        hyper: &CnnHyper,
+        rng: &mut ChaCha8Rng,
+        terms: &mut RoundTerms,
+    ) -> Result<(f64, usize), LearnerError> {
         let n = y.size().first().copied().unwrap_or(0);
         if n == 0 {
             return Err(LearnerError::NoData);
@@ -325,6 +378,7 @@ impl CnnTrainer {
         let bs = hyper.batch_size.max(1) as i64;
         let mut order: Vec<i64> = (0..n).collect();
         let mut last = 0.0;
+        let mut steps = 0;
         for _ in 0..hyper.epochs.max(1) {
             order.shuffle(rng);
             let perm = Tensor::from_slice(&order).to_device(device);
@@ -334,7 +388,20 @@ impl CnnTrainer {
             while start < n {
                 let len = bs.min(n - start);
                 let idx = perm.narrow(0, start, len);
-                let loss = self.step(&x.index_select(0, &idx), &y.index_select(0, &idx));
+                let loss = self.step_with(
+                    &x.index_select(0, &idx),
+                    &y.index_select(0, &idx),
+                    terms.prox.as_ref(),
+                );
+                if let Some(correction) = &mut terms.scaffold {
+                    tch::no_grad(|| {
+                        for (var, d) in correction.iter_mut() {
+                            let _ = var.f_sub_(d).map_err(backend)?;
+                        }
+                        Ok::<_, LearnerError>(())
+                    })?;
+                }
+                steps += 1;
                 total += loss * (len as f64);
                 start += len;
             }
@@ -343,8 +410,40 @@ impl CnnTrainer {
                 return Err(LearnerError::Diverged(format!("loss is {last}")));
             }
         }
-        Ok(last)
+        Ok((last, steps))
     }
+}
+
+/// FedProx's proximal term in a round.
+#[derive(Debug)]
+struct Prox {
+    /// `mu` (positive).
+    mu: f64,
+    /// Each variable (sharing its storage and gradient with the network) with its value
+    /// as received, detached and frozen for the round.
+    pairs: Vec<(Tensor, Tensor)>,
+}
+
+impl Prox {
+    /// `(mu/2)·Σ‖w − w_global‖²`, differentiable in the variables (FLARE's
+    /// `PTFedProxLoss`); `None` for a network without variables.
+    fn term(&self) -> Option<Tensor> {
+        self.pairs
+            .iter()
+            .map(|(w, g)| (w - g).square().sum(Kind::Float))
+            .reduce(|a, b| a + b)
+            .map(|sq| sq * (self.mu / 2.0))
+    }
+}
+
+/// What an FL algorithm adds to a round of local training; the default adds nothing.
+#[derive(Debug, Default)]
+struct RoundTerms {
+    /// FedProx's pull towards the global weights.
+    prox: Option<Prox>,
+    /// SCAFFOLD: each variable (sharing its storage with the network) with its correction
+    /// `lr·(c − c_i)`, subtracted after every optimizer step.
+    scaffold: Option<Vec<(Tensor, Tensor)>>,
 }
 
 /// Accuracy and mean loss of `net` on `(x, y)`.
@@ -506,6 +605,12 @@ pub struct TorchCnnLearner {
     validation: (Tensor, Tensor),
     rng: ChaCha8Rng,
     site: usize,
+    /// SCAFFOLD's local control `c_i` by variable name, on the training device: `None`
+    /// (zeros) until a SCAFFOLD round succeeds, then what the last one left. It lives as
+    /// long as the learner, which is the rounds of one job at this site.
+    c_local: Option<BTreeMap<String, Tensor>>,
+    /// Whether the warning that SCAFFOLD assumes SGD was logged already.
+    warned_scaffold_optimizer: bool,
     /// Seconds the last validation took; the `trained` log line reports it, so the time a
     /// site spends on a round beside the training step can be told from the time between
     /// sites.
@@ -536,6 +641,8 @@ impl TorchCnnLearner {
                 hyper,
                 trainer,
                 site,
+                c_local: None,
+                warned_scaffold_optimizer: false,
                 validate_s: 0.0,
             };
             tracing::info!(
@@ -587,13 +694,103 @@ impl Learner for TorchCnnLearner {
 impl TorchCnnLearner {
     fn train_round(&mut self, global: &FLModel, round: u32) -> Result<FLModel, LearnerError> {
         let started = Instant::now();
+        let mu = fedprox_mu(global)?;
+        let vars = self.trainer.net().variables();
+        let shapes: Vec<Vec<usize>> = vars
+            .values()
+            .map(|v| v.size().iter().map(|&d| d as usize).collect())
+            .collect();
+        let params: Vec<(&str, &[usize])> = vars
+            .keys()
+            .zip(&shapes)
+            .map(|(n, s)| (n.as_str(), s.as_slice()))
+            .collect();
+        let c_global = scaffold_c_global(global, &params)?;
+        if c_global.is_some() {
+            check_scaffold_lr(self.hyper.lr)?;
+            if self.hyper.optimizer != OptimizerKind::Sgd && !self.warned_scaffold_optimizer {
+                self.warned_scaffold_optimizer = true;
+                tracing::warn!(
+                    site = self.site + 1,
+                    optimizer = ?self.hyper.optimizer,
+                    "SCAFFOLD assumes SGD; its controls use the configured lr with this optimizer"
+                );
+            }
+        }
         self.trainer.net_mut().load(global)?;
+        let device = self.trainer.net().device();
+        // The weights as received, frozen for the round: FedProx's anchor, SCAFFOLD's w_global.
+        let w_global: Option<Vec<Tensor>> = (mu.is_some() || c_global.is_some())
+            .then(|| tch::no_grad(|| vars.values().map(|v| v.detach().copy()).collect()));
+        // SCAFFOLD's c on the device, c_i (zeros at first) and the correction lr·(c − c_i).
+        let controls = match c_global {
+            Some(tensors) => {
+                let mut c = Vec::with_capacity(tensors.len());
+                for ((name, var), t) in vars.iter().zip(tensors) {
+                    let cg = to_tch(t).map_err(backend)?.to_device(device);
+                    let cl = match self.c_local.as_ref().and_then(|c| c.get(name)) {
+                        Some(cl) => cl.shallow_clone(),
+                        None => tch::no_grad(|| var.detach().zeros_like()),
+                    };
+                    c.push((cg, cl));
+                }
+                Some(c)
+            }
+            None => None,
+        };
+        let mut terms = RoundTerms {
+            prox: mu.zip(w_global.as_ref()).map(|(mu, wg)| Prox {
+                mu,
+                pairs: vars
+                    .values()
+                    .zip(wg)
+                    .map(|(v, g)| (v.shallow_clone(), g.shallow_clone()))
+                    .collect(),
+            }),
+            scaffold: controls.as_ref().map(|c| {
+                tch::no_grad(|| {
+                    vars.values()
+                        .zip(c)
+                        .map(|(v, (cg, cl))| (v.shallow_clone(), (cg - cl) * self.hyper.lr))
+                        .collect()
+                })
+            }),
+        };
         let loaded = Instant::now();
-        let loss =
-            self.trainer
-                .train_epochs(&self.train.0, &self.train.1, &self.hyper, &mut self.rng)?;
+        let (loss, steps) = self.trainer.train_epochs_with(
+            &self.train.0,
+            &self.train.1,
+            &self.hyper,
+            &mut self.rng,
+            &mut terms,
+        )?;
+        // The corrections and handles are done with: free them on the device before export.
+        drop(terms);
         let trained = Instant::now();
         let mut out = self.trainer.net().to_model()?;
+        if let (Some(controls), Some(w_global)) = (&controls, &w_global) {
+            let k_lr = steps as f64 * self.hyper.lr;
+            let mut c_new = BTreeMap::new();
+            for (((name, var), (cg, cl)), wg) in vars.iter().zip(controls).zip(w_global) {
+                // c_i⁺ = c_i − c + (w_global − w)/(K·lr), as FLARE's helper computes it.
+                let (new, diff) = tch::no_grad(|| {
+                    let new = (cl - cg) + (wg - var.detach()) / k_lr;
+                    let diff = &new - cl;
+                    (new, diff)
+                });
+                let diff = from_tch(&diff).map_err(backend)?;
+                if !diff.to_f32_vec().iter().all(|v| v.is_finite()) {
+                    return Err(LearnerError::Diverged(format!(
+                        "SCAFFOLD control of {name:?} is not finite"
+                    )));
+                }
+                out.params.insert(format!("{SCAFFOLD_C_DIFF}{name}"), diff);
+                c_new.insert(name.clone(), new);
+            }
+            out.meta
+                .insert(META_NUM_STEPS.into(), MetaValue::Int(steps as i64));
+            self.c_local = Some(c_new);
+        }
         let n = self.num_samples();
         let train_s = (trained - loaded).as_secs_f64();
         let samples_per_s = (n * self.hyper.epochs.max(1)) as f64 / train_s.max(1e-9);
@@ -624,6 +821,8 @@ impl TorchCnnLearner {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    use flare_protocols::aggregators::{META_FEDPROX_MU, SCAFFOLD_C_GLOBAL};
 
     use super::super::cnn::{self, CNN_PARAMS};
     use super::*;
@@ -781,6 +980,272 @@ mod tests {
             ]));
             crate::model_io::write(&dir.join("heldout.safetensors"), &heldout).unwrap();
             std::fs::write(dir.join("accuracy.txt"), format!("{acc}")).unwrap();
+        }
+    }
+
+    /// A small CPU site for the algorithm tests: SGD without dropout (no LibTorch
+    /// randomness), 256 examples in batches of 64, so 4 steps a round.
+    fn small_site(train: &Dataset, held: &Arc<Dataset>) -> TorchCnnLearner {
+        let hyper = CnnHyper {
+            lr: 0.05,
+            batch_size: 64,
+            epochs: 1,
+            optimizer: OptimizerKind::Sgd,
+            dropout: false,
+            seed: 3,
+        };
+        let idx: Vec<usize> = (0..256).collect();
+        TorchCnnLearner::new(hyper, DeviceSpec::Cpu, train, &idx, held, 0).unwrap()
+    }
+
+    fn small_data() -> (Dataset, Arc<Dataset>) {
+        let (train, held) = mnist();
+        (train, Arc::new(held))
+    }
+
+    /// The weights of `m`, without control tensors.
+    fn weights(m: &FLModel) -> BTreeMap<String, FlTensor> {
+        m.params
+            .iter()
+            .filter(|(k, _)| !is_control(k))
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect()
+    }
+
+    /// `model` with SCAFFOLD's global control `c` (by parameter name) added.
+    fn with_c_global(model: &FLModel, c: &BTreeMap<String, FlTensor>) -> FLModel {
+        let mut m = model.clone();
+        for (name, t) in c {
+            m.params
+                .insert(format!("{SCAFFOLD_C_GLOBAL}{name}"), t.clone());
+        }
+        m
+    }
+
+    fn zero_controls() -> BTreeMap<String, FlTensor> {
+        CNN_PARAMS
+            .iter()
+            .map(|(n, s)| {
+                (
+                    n.to_string(),
+                    FlTensor::zeros(DType::F32, s.to_vec()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// `c_diff.<p> ≈ (w_global − w)/(K·lr) − offset.<p>` for every parameter.
+    fn assert_c_diff(
+        out: &FLModel,
+        start: &FLModel,
+        k_lr: f64,
+        offset: &BTreeMap<String, FlTensor>,
+    ) {
+        for (name, _) in CNN_PARAMS {
+            let diff = out.params[&format!("{SCAFFOLD_C_DIFF}{name}")].to_f32_vec();
+            let (wg, w) = (
+                start.params[name].to_f32_vec(),
+                out.params[name].to_f32_vec(),
+            );
+            let off = offset[name].to_f32_vec();
+            for i in 0..diff.len() {
+                let want = (f64::from(wg[i]) - f64::from(w[i])) / k_lr - f64::from(off[i]);
+                assert!(
+                    (f64::from(diff[i]) - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "{name}[{i}]: {} != {want}",
+                    diff[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fedprox_off_and_a_first_scaffold_round_train_exactly_as_plain() {
+        let (train, held) = small_data();
+        let global = cnn::init(0);
+        let plain = small_site(&train, &held).train(&global, 0).unwrap();
+        let mut zero_mu = global.clone();
+        zero_mu
+            .meta
+            .insert(META_FEDPROX_MU.into(), MetaValue::Float(0.0));
+        let out = small_site(&train, &held).train(&zero_mu, 0).unwrap();
+        assert_eq!(out.params, plain.params, "mu = 0");
+
+        let mut site = small_site(&train, &held);
+        let out = site
+            .train(&with_c_global(&global, &zero_controls()), 0)
+            .unwrap();
+        assert_eq!(weights(&out), plain.params, "SCAFFOLD with zero controls");
+        assert_eq!(out.params.len(), 2 * CNN_PARAMS.len());
+        assert!(out.params.keys().all(|k| !k.starts_with(SCAFFOLD_C_GLOBAL)));
+        assert_eq!(out.meta.get(META_NUM_STEPS), Some(&MetaValue::Int(4)));
+        assert_eq!(plain.meta.get(META_NUM_STEPS), None);
+        assert_c_diff(&out, &global, 4.0 * 0.05, &zero_controls());
+        let moved = out.params["scaffold_c_diff.fc1.weight"]
+            .to_f32_vec()
+            .iter()
+            .any(|v| v.abs() > 1e-3);
+        assert!(moved, "c_diff is all but zero");
+    }
+
+    #[test]
+    fn fedprox_adds_mu_times_the_drift_to_the_gradient() {
+        let (train, _) = mnist();
+        let hyper = CnnHyper {
+            lr: 0.01,
+            optimizer: OptimizerKind::Sgd,
+            dropout: false,
+            ..CnnHyper::default()
+        };
+        let idx: Vec<usize> = (0..16).collect();
+        let (x, y) = to_device(&train, &idx, Device::Cpu);
+        let trainer = || {
+            let mut t = CnnTrainer::new(Device::Cpu, &hyper).unwrap();
+            t.net_mut().load(&cnn::init(0)).unwrap();
+            t
+        };
+        let (mut plain, mut proxed) = (trainer(), trainer());
+        let far = cnn::init(1);
+        let mu = 0.5;
+        let prox = Prox {
+            mu,
+            pairs: proxed
+                .net()
+                .variables()
+                .into_iter()
+                .map(|(n, v)| (v, to_tch(&far.params[&n]).unwrap()))
+                .collect(),
+        };
+        // The term by hand, in f64.
+        let start = cnn::init(0);
+        let sq: f64 = CNN_PARAMS
+            .iter()
+            .flat_map(|(n, _)| {
+                start.params[*n]
+                    .to_f32_vec()
+                    .into_iter()
+                    .zip(far.params[*n].to_f32_vec())
+            })
+            .map(|(w, g)| (f64::from(w) - f64::from(g)).powi(2))
+            .sum();
+        let term = f64::try_from(prox.term().unwrap()).unwrap();
+        assert!(
+            (term - mu / 2.0 * sq).abs() < 1e-4 * term,
+            "{term} != {}",
+            mu / 2.0 * sq
+        );
+        // One step with the term moves each weight by a further −lr·mu·(w − w_global).
+        let _ = plain.step(&x, &y);
+        let _ = proxed.step_with(&x, &y, Some(&prox));
+        let (a, b) = (
+            plain.net().to_model().unwrap(),
+            proxed.net().to_model().unwrap(),
+        );
+        for (name, _) in CNN_PARAMS {
+            let (w0, g) = (
+                start.params[name].to_f32_vec(),
+                far.params[name].to_f32_vec(),
+            );
+            let (a, b) = (a.params[name].to_f32_vec(), b.params[name].to_f32_vec());
+            for i in 0..a.len() {
+                let want = 0.01 * mu as f32 * (w0[i] - g[i]);
+                assert!(
+                    (a[i] - b[i] - want).abs() < 1e-6,
+                    "{name}[{i}]: {} != {want}",
+                    a[i] - b[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fedprox_keeps_the_cnn_closer_to_the_global_one() {
+        let (train, held) = small_data();
+        let global = cnn::init(0);
+        let distance = |m: &FLModel| {
+            CNN_PARAMS
+                .iter()
+                .flat_map(|(n, _)| {
+                    m.params[*n]
+                        .to_f32_vec()
+                        .into_iter()
+                        .zip(global.params[*n].to_f32_vec())
+                })
+                .map(|(a, b)| (f64::from(a) - f64::from(b)).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        let plain = small_site(&train, &held).train(&global, 0).unwrap();
+        let mut g = global.clone();
+        g.meta.insert(META_FEDPROX_MU.into(), MetaValue::Float(5.0));
+        let prox = small_site(&train, &held).train(&g, 0).unwrap();
+        let (d_plain, d_prox) = (distance(&plain), distance(&prox));
+        assert!(
+            d_prox > 0.0 && d_prox < 0.9 * d_plain,
+            "mu 5: {d_prox}, mu 0: {d_plain}"
+        );
+    }
+
+    #[test]
+    fn scaffold_second_round_uses_the_stored_local_control() {
+        let (train, held) = small_data();
+        let global = cnn::init(0);
+        let mut site = small_site(&train, &held);
+        let first = site
+            .train(&with_c_global(&global, &zero_controls()), 0)
+            .unwrap();
+        let c1: BTreeMap<String, FlTensor> = site
+            .c_local
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|(n, t)| (n.clone(), from_tch(t).unwrap()))
+            .collect();
+        let start = FLModel::from_params(weights(&first));
+        // With c = c_i the correction lr·(c − c_i) vanishes: round 2 trains as plain SGD
+        // from the same state ...
+        let mut plain_site = small_site(&train, &held);
+        plain_site.train(&global, 0).unwrap();
+        let plain = plain_site.train(&start, 1).unwrap();
+        let out = site.train(&with_c_global(&start, &c1), 1).unwrap();
+        assert_eq!(weights(&out), plain.params);
+        // ... which a learner that forgot c_i (zeros) would not.
+        let mut forgot = small_site(&train, &held);
+        forgot.train(&global, 0).unwrap();
+        let moved = forgot.train(&with_c_global(&start, &c1), 1).unwrap();
+        assert_ne!(weights(&moved), plain.params);
+        // c_diff = −c + (w_global − w)/(K·lr), off the first round's formula by c_i here.
+        assert_c_diff(&out, &start, 4.0 * 0.05, &c1);
+    }
+
+    #[test]
+    fn scaffold_refuses_bad_controls_and_validation_skips_them() {
+        let (train, held) = small_data();
+        let global = cnn::init(0);
+        let good = with_c_global(&global, &zero_controls());
+        let mut site = small_site(&train, &held);
+        assert_eq!(
+            site.validate(&good).unwrap(),
+            site.validate(&global).unwrap()
+        );
+        let mut misshaped = good.clone();
+        misshaped.params.insert(
+            "scaffold_c_global.conv1.bias".into(),
+            FlTensor::zeros(DType::F32, vec![31]).unwrap(),
+        );
+        let mut missing = good.clone();
+        missing.params.remove("scaffold_c_global.fc2.weight");
+        for (bad, want) in [
+            (
+                misshaped,
+                "\"scaffold_c_global.conv1.bias\": SCAFFOLD control: expected F32 [32], got F32 [31]",
+            ),
+            (missing, "\"scaffold_c_global.fc2.weight\": missing"),
+        ] {
+            let err = site.train(&bad, 0).unwrap_err();
+            assert!(matches!(err, LearnerError::Incompatible(_)), "{err}");
+            assert!(err.to_string().contains(want), "{err} lacks {want}");
+            assert!(site.c_local.is_none());
         }
     }
 

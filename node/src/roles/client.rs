@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use flare_crypto::RoleKind;
+use flare_protocols::aggregators::Aggregator;
 use flare_protocols::shareable::{Shareable, Task, TaskId};
 use flare_provision::kit::Kit;
 use futures::StreamExt;
@@ -765,7 +766,8 @@ impl Site {
                         SwarmClient::joining(cfg.clone(), me.clone())?
                     } else {
                         SwarmClient::new(cfg.clone(), me.clone())?
-                    };
+                    }
+                    .with_aggregator(Aggregator::new(job.server.aggregator));
                     let c = ctx(cfg.result_clients.clone());
                     Box::pin(workflow::run(c, wf, swarm_start, rx, stop_rx))
                 }

@@ -11,6 +11,8 @@ pub mod swarm;
 pub mod tiered;
 
 #[cfg(test)]
+mod algorithm_sims;
+#[cfg(test)]
 mod cse_sims;
 #[cfg(test)]
 mod cyclic_sims;

@@ -25,7 +25,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::aggregate::{FedAvg, weight_of_ref};
+use crate::aggregate::{AggregateError, weight_of_ref};
+use crate::aggregators::{Aggregator, RoundAgg, task_view, weights};
 use crate::model::{FLModel, ModelError};
 use crate::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult, task_names};
 use crate::stored::ModelRef;
@@ -222,7 +223,10 @@ pub struct ScatterGather {
     /// Task sent to each client in the current phase.
     asked: BTreeMap<String, TaskId>,
     answered: BTreeSet<String>,
-    agg: FedAvg,
+    /// The run's algorithm and its state (a server optimizer's moments).
+    aggregator: Aggregator,
+    /// The current phase's accumulator.
+    agg: RoundAgg,
     /// When the current phase gives up on silent clients.
     deadline: Time,
     /// When to aggregate now that `min_clients` results are in.
@@ -262,7 +266,8 @@ impl ScatterGather {
             next_task: 0,
             asked: BTreeMap::new(),
             answered: BTreeSet::new(),
-            agg: FedAvg::new(),
+            aggregator: Aggregator::default(),
+            agg: RoundAgg::default(),
             deadline: Time::ZERO,
             aggregate_at: None,
             out: VecDeque::new(),
@@ -292,6 +297,24 @@ impl ScatterGather {
         let mut c = ScatterGather::new(cfg, clients, model)?;
         c.round = next_round;
         Ok(c)
+    }
+
+    /// The controller with `aggregator` in place of plain FedAvg, for this run's clients.
+    /// The algorithm's state travels in the global model, so a resumed run
+    /// ([`ScatterGather::resume`]) from a snapshot continues it where it stopped; a model
+    /// without it (the initial one) gets the state the algorithm starts from.
+    pub fn with_aggregator(mut self, aggregator: Aggregator) -> Result<Self, AggregateError> {
+        self.aggregator = aggregator.for_clients(self.clients.len());
+        self.global = self.aggregator.prepare(self.global)?;
+        if self.phase == Phase::Train {
+            self.agg = self.aggregator.round();
+        }
+        Ok(self)
+    }
+
+    /// The run's aggregator and its state.
+    pub fn aggregator(&self) -> &Aggregator {
+        &self.aggregator
     }
 
     /// Starts the first round (or, for a resumed run past its last round, the final
@@ -365,7 +388,10 @@ impl ScatterGather {
         self.phase = phase;
         self.asked.clear();
         self.answered.clear();
-        self.agg = FedAvg::new();
+        self.agg = match phase {
+            Phase::Train => self.aggregator.round(),
+            _ => RoundAgg::default(),
+        };
         self.aggregate_at = None;
         self.deadline = now + self.cfg.task_timeout;
         let name = match phase {
@@ -378,21 +404,27 @@ impl ScatterGather {
                 clients: self.clients.len(),
             });
         }
+        // A server optimizer's moments stay here; everything else of the global model goes.
+        let task_model = task_view(&self.global).unwrap_or_else(|_| self.global.clone());
         for client in self.clients.clone() {
             let id = TaskId(self.next_task);
             self.next_task += 1;
             self.asked.insert(client.clone(), id);
+            let mut data =
+                Shareable::default().with_total_rounds(self.cfg.start_round + self.cfg.num_rounds);
+            if phase == Phase::Train {
+                data.headers.extend(self.aggregator.task_meta());
+            }
             let task = Task {
                 id,
                 name: name.to_string(),
                 round: self.round,
-                data: Shareable::default()
-                    .with_total_rounds(self.cfg.start_round + self.cfg.num_rounds),
+                data,
             };
             self.out.push_back(Output::Send {
                 to: client,
                 task,
-                model: self.global.clone(),
+                model: task_model.clone(),
             });
         }
     }
@@ -540,7 +572,7 @@ impl ScatterGather {
         self.emit(Event::ModelEvaluated { version, metrics });
         let accepted = agg.count();
         let weight = agg.total_weight();
-        match agg.finish_ref(&self.global) {
+        match self.aggregator.finish(agg, &self.global) {
             Ok(mut model) => {
                 model.current_round = Some(self.round);
                 model.total_rounds = Some(self.cfg.start_round + self.cfg.num_rounds);
@@ -574,8 +606,8 @@ impl ScatterGather {
     fn finish(&mut self) {
         self.phase = Phase::Done;
         self.asked.clear();
-        self.emit(Event::Finished {
-            model: self.global.clone(),
-        });
+        // The run's result is the model alone, without the algorithm's state.
+        let model = weights(&self.global).unwrap_or_else(|_| self.global.clone());
+        self.emit(Event::Finished { model });
     }
 }

@@ -59,7 +59,8 @@ use super::ccwf::{
     Action, Best, ClientWorkflow, Epoch, Input, ModelSlot, Outcome, Report, ReportEvent, pick,
     replace_in, replace_in_actions, result_model,
 };
-use crate::aggregate::{FedAvg, weight_of_ref};
+use crate::aggregate::weight_of_ref;
+use crate::aggregators::{Aggregator, RoundAgg, task_view, weights};
 use crate::model::ParamsType;
 use crate::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult, task_names};
 use crate::stored::ModelRef;
@@ -405,7 +406,7 @@ struct Gather {
     epoch: Epoch,
     deadline: Time,
     quorum_at: Option<Time>,
-    fedavg: FedAvg,
+    fedavg: RoundAgg,
     /// Validation epoch: weighted metric sums.
     metric_sums: BTreeMap<String, (f64, f64)>,
     accepted: BTreeSet<String>,
@@ -448,6 +449,8 @@ pub struct SwarmClient {
     /// message that opens the round does. They are taken up once this client adopts that
     /// epoch, instead of waiting for the trainer's resend.
     early_ready: BTreeMap<String, Epoch>,
+    /// The run's aggregation algorithm (stateless: the aggregator changes every round).
+    aggregator: Aggregator,
 }
 
 impl SwarmClient {
@@ -488,7 +491,17 @@ impl SwarmClient {
             inbox: VecDeque::new(),
             actions: VecDeque::new(),
             early_ready: BTreeMap::new(),
+            aggregator: Aggregator::default(),
         })
+    }
+
+    /// The client with `aggregator` in place of plain FedAvg. Every client of a run must
+    /// use the same. The algorithm's state (a server optimizer's moments, SCAFFOLD's global
+    /// control) travels in the global model of each `Learn`, so each round's aggregator takes
+    /// the step where the last one left it, as one server would.
+    pub fn with_aggregator(mut self, aggregator: Aggregator) -> Self {
+        self.aggregator = aggregator.for_clients(self.cfg.train_clients.len());
+        self
     }
 
     /// Client `me` rejoining a run already under way (after a restart): it asks the others
@@ -627,7 +640,15 @@ impl SwarmClient {
                     && let Some(g) = model
                 {
                     self.members = self.cfg.train_clients.clone();
-                    self.open(Epoch::new(self.cfg.start_round, 0), g, false);
+                    // The initial model gets the state the algorithm starts from; a model
+                    // that cannot be read fails the run as a bad aggregate would.
+                    match self.aggregator.prepare(g) {
+                        Ok(g) => self.open(Epoch::new(self.cfg.start_round, 0), g, false),
+                        Err(e) => {
+                            let reason = format!("initial model: {e}");
+                            self.finish(now, Outcome::Failed { reason });
+                        }
+                    }
                 }
             }
             SwarmMsg::Learn {
@@ -762,6 +783,12 @@ impl SwarmClient {
     }
 
     fn persist(&mut self, now: Time, slot: ModelSlot, model: ModelRef) {
+        // The run's results are the model alone: an algorithm's state (optimizer moments,
+        // SCAFFOLD's control) stays in the round models it continues from.
+        let model = match slot {
+            ModelSlot::Final | ModelSlot::Best => weights(&model).unwrap_or(model),
+            _ => model,
+        };
         self.actions.push_back(Action::Persist {
             slot: slot.clone(),
             model,
@@ -851,7 +878,11 @@ impl SwarmClient {
                 epoch,
                 deadline: now + self.cfg.learn_task_timeout,
                 quorum_at: None,
-                fedavg: FedAvg::new(),
+                fedavg: if self.validate_only {
+                    RoundAgg::default()
+                } else {
+                    self.aggregator.round()
+                },
                 metric_sums: BTreeMap::new(),
                 accepted: BTreeSet::new(),
                 failed: BTreeSet::new(),
@@ -916,14 +947,18 @@ impl SwarmClient {
         } else {
             task_names::TRAIN
         };
+        let mut data = Shareable::default().with_total_rounds(self.cfg.end_round());
+        if !self.validate_only {
+            data.headers.extend(self.aggregator.task_meta());
+        }
         self.actions.push_back(Action::RunTask {
             task: Task {
                 id,
                 name: name.into(),
                 round,
-                data: Shareable::default().with_total_rounds(self.cfg.end_round()),
+                data,
             },
-            model: Some(global),
+            model: Some(task_view(&global).unwrap_or(global)),
         });
     }
 
@@ -1127,7 +1162,7 @@ impl SwarmClient {
             (m, None)
         } else {
             let metrics = g.fedavg.metrics();
-            match g.fedavg.finish_ref(&global) {
+            match self.aggregator.finish(g.fedavg, &global) {
                 Ok(mut m) => {
                     m.current_round = Some(g.epoch.round);
                     (metrics, Some(ModelRef::from(m)))
@@ -1187,6 +1222,7 @@ impl SwarmClient {
                 let best = self.best.clone();
                 // Every client gets the final model, so any of them can hand it to a result
                 // client that missed the end.
+                let global = weights(&global).unwrap_or(global);
                 for c in self.cfg.clients.clone() {
                     let model = Some(global.clone());
                     self.send(

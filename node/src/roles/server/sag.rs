@@ -3,11 +3,12 @@
 //! and persists the global model each round so that a restarted server resumes the run.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use flare_protocols::aggregators::Aggregator;
 use flare_protocols::shareable::{ReturnCode, Shareable, Task, TaskResult};
 use flare_protocols::stored::ModelRef;
 use flare_protocols::time::Time;
@@ -76,8 +77,16 @@ impl Server {
         resume: bool,
     ) -> anyhow::Result<ScatterGather> {
         let cfg = job.server.sag.clone();
+        let aggregator = Aggregator::new(job.server.aggregator);
+        crate::aggregators::check_clients(
+            Path::new("config_fed_server"),
+            "aggregator",
+            &job.server.aggregator,
+            sites.len(),
+        )?;
         if !resume {
-            return Ok(ScatterGather::new(cfg, sites, job.server.initial_model()?)?);
+            let c = ScatterGather::new(cfg, sites, job.server.initial_model()?)?;
+            return Ok(c.with_aggregator(aggregator)?);
         }
         let rec = self.store.get(id)?;
         let (next, model) = match rec.snapshot_round {
@@ -128,7 +137,7 @@ impl Server {
                 ready.join(", ")
             ),
         );
-        Ok(ScatterGather::resume(cfg, ready, model, next)?)
+        Ok(ScatterGather::resume(cfg, ready, model, next)?.with_aggregator(aggregator)?)
     }
 
     /// Where the global model after `round` is kept for a resume: the persistor's round file
