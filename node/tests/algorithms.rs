@@ -104,6 +104,62 @@ fn fedopt_and_scaffold_run_as_swarms_whose_state_crosses_aggregators() {
     }
 }
 
+/// The first file named `name` under `dir`, depth first.
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(found) = find_file(&p, name) {
+                return Some(found);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// Scatter-and-gather across the same kind of federation: the server keeps the state with
+/// its round models (what a restarted server resumes from), the result is the model alone.
+#[test]
+fn fedadam_fedprox_and_the_median_run_in_scatter_and_gather_across_processes() {
+    let f = Federation::running(3, 24_100);
+    for component in [
+        r#"{ "id": "aggregator", "name": "FedAdam", "args": { "eta": 0.01 } }"#,
+        r#"{ "id": "aggregator", "name": "FedProx", "args": { "mu": 0.1 } }"#,
+        r#"{ "id": "aggregator", "name": "FedMedian", "args": {} }"#,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let job_dir = with_aggregator(dir.path(), "hello-fedavg", component);
+        let job = f.submit(job_dir.to_str().unwrap());
+        let out = f.admin(&["wait", &job, "--timeout", "300"]);
+        assert!(
+            out.status.success(),
+            "{component}: job did not finish: {}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            f.log_tails(30)
+        );
+        let dl = f.admin_json(&["download", &job]);
+        let path = PathBuf::from(dl["dir"].as_str().unwrap()).join("global_final.safetensors");
+        let model = flare_node::model_io::read(&path).unwrap();
+        assert_eq!(
+            model.params.len(),
+            4,
+            "{component}: {:?}",
+            model.params.keys()
+        );
+        let acc = held_out_accuracy(&path);
+        assert!(acc >= 0.7, "{component}: accuracy {acc} after 2 rounds");
+        if component.contains("FedAdam") {
+            let last = find_file(&f.prod.join("server"), "round-001.safetensors")
+                .unwrap_or_else(|| panic!("the server kept no round model"));
+            let last = flare_node::model_io::read(&last).unwrap();
+            assert_eq!(last.params[FEDOPT_STEPS].to_f32_vec(), vec![2.0]);
+        }
+    }
+}
+
 /// A copy of `examples/<name>` with its aggregator line replaced by `component`.
 fn with_aggregator(dir: &Path, name: &str, component: &str) -> PathBuf {
     let job = example_copy(dir, name, if name == "cyclic-mnist" { 3 } else { 5 }, 2, 1);

@@ -328,3 +328,58 @@ fn losing_the_optimizer_state_each_round_changes_the_model() {
     let lost = g.load().unwrap();
     assert_ne!(tensor(&carried, "w"), tensor(&lost, "w"));
 }
+
+/// The server hands back each aggregated model stored; the next round's queued tasks then
+/// carry the stored model's view without the optimizer's moments, not a copy in memory.
+#[test]
+fn queued_tasks_follow_a_stored_global_and_leave_the_moments_out() {
+    let cfg = SagConfig {
+        num_rounds: 2,
+        min_clients: NAMES.len(),
+        ..SagConfig::default()
+    };
+    let mut c = ScatterGather::new(cfg, names(), initial())
+        .unwrap()
+        .with_aggregator(Aggregator::new(fedadam()))
+        .unwrap();
+    c.start(Time::ZERO);
+    let mut sends = Vec::new();
+    while let Some(out) = c.poll_output() {
+        if let Output::Send {
+            to,
+            mut task,
+            model,
+        } = out
+        {
+            task.data.model = Some(model.load().unwrap());
+            sends.push((to, task));
+        }
+    }
+    for (to, task) in sends {
+        let r = learner(&to, &task);
+        c.handle_result(Time::ZERO, &to, r);
+    }
+    // Round 0 aggregated, round 1's tasks queued: store the global as the node's server does.
+    let global = c.global().load().unwrap();
+    assert!(global.params.contains_key(FEDOPT_STEPS));
+    let stored = ModelRef::Stored(std::sync::Arc::new(
+        crate::stored::StoredModel::from_memory(&global),
+    ));
+    c.replace_global(stored).unwrap();
+    let mut queued = 0;
+    while let Some(out) = c.poll_output() {
+        if let Output::Send { model, .. } = out {
+            queued += 1;
+            assert!(model.in_memory().is_none(), "a task kept a copy in memory");
+            assert!(
+                model
+                    .tensors()
+                    .iter()
+                    .all(|t| !t.name.starts_with("fedopt")),
+                "{:?}",
+                model.tensors()
+            );
+        }
+    }
+    assert_eq!(queued, NAMES.len());
+}

@@ -227,6 +227,9 @@ pub struct ScatterGather {
     aggregator: Aggregator,
     /// The current phase's accumulator.
     agg: RoundAgg,
+    /// What the current phase's tasks carry: the global model, or its view without a server
+    /// optimizer's state ([`task_view`]).
+    task_model: ModelRef,
     /// When the current phase gives up on silent clients.
     deadline: Time,
     /// When to aggregate now that `min_clients` results are in.
@@ -268,6 +271,7 @@ impl ScatterGather {
             answered: BTreeSet::new(),
             aggregator: Aggregator::default(),
             agg: RoundAgg::default(),
+            task_model: ModelRef::from(FLModel::default()),
             deadline: Time::ZERO,
             aggregate_at: None,
             out: VecDeque::new(),
@@ -344,11 +348,17 @@ impl ScatterGather {
     pub fn replace_global(&mut self, model: ModelRef) -> Result<(), ModelError> {
         self.global.check_compatible(&model)?;
         let old = std::mem::replace(&mut self.global, model);
+        // Tasks carry the global model, or its view without a server optimizer's state:
+        // either is swapped for its counterpart of `model`.
+        let view = task_view(&self.global).unwrap_or_else(|_| self.global.clone());
+        let old_view = std::mem::replace(&mut self.task_model, view);
         for out in &mut self.out {
-            if let Output::Send { model: m, .. } = out
-                && m.same(&old)
-            {
-                *m = self.global.clone();
+            if let Output::Send { model: m, .. } = out {
+                if m.same(&old) {
+                    *m = self.global.clone();
+                } else if m.same(&old_view) {
+                    *m = self.task_model.clone();
+                }
             }
         }
         Ok(())
@@ -406,6 +416,7 @@ impl ScatterGather {
         }
         // A server optimizer's moments stay here; everything else of the global model goes.
         let task_model = task_view(&self.global).unwrap_or_else(|_| self.global.clone());
+        self.task_model = task_model.clone();
         for client in self.clients.clone() {
             let id = TaskId(self.next_task);
             self.next_task += 1;
