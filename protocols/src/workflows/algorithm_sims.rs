@@ -96,18 +96,22 @@ fn names() -> Vec<String> {
     NAMES.iter().map(|s| s.to_string()).collect()
 }
 
-/// Scatter-and-gather with every site answering at once: the final global model and the
-/// last round's (with the algorithm's state).
-fn run_sag(spec: AggregatorSpec, rounds: u32) -> (FLModel, FLModel) {
+/// A scatter-and-gather controller of the sites, with `spec`, from `initial`.
+fn controller(spec: AggregatorSpec, rounds: u32, initial: FLModel) -> ScatterGather {
     let cfg = SagConfig {
         num_rounds: rounds,
         min_clients: NAMES.len(),
         ..SagConfig::default()
     };
-    let mut c = ScatterGather::new(cfg, names(), initial())
+    ScatterGather::new(cfg, names(), initial)
         .unwrap()
         .with_aggregator(Aggregator::new(spec))
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs `c` with every site answering at once: the final global model and the last
+/// round's (with the algorithm's state).
+fn drive(mut c: ScatterGather) -> (Option<ModelRef>, Option<ModelRef>) {
     let mut now = Time::ZERO;
     c.start(now);
     let (mut end, mut last) = (None, None);
@@ -138,6 +142,12 @@ fn run_sag(spec: AggregatorSpec, rounds: u32) -> (FLModel, FLModel) {
             Output::Event(_) => {}
         }
     }
+    (end, last)
+}
+
+/// [`drive`] from the initial model, both models loaded.
+fn run_sag(spec: AggregatorSpec, rounds: u32) -> (FLModel, FLModel) {
+    let (end, last) = drive(controller(spec, rounds, initial()));
     let load = |m: Option<ModelRef>| (*m.expect("the run finished").load().unwrap()).clone();
     (load(end), load(last))
 }
@@ -298,32 +308,9 @@ fn losing_the_optimizer_state_each_round_changes_the_model() {
     // Round by round, each from a model stripped of its state.
     let mut g = ModelRef::from(initial());
     for _ in 0..ROUNDS {
-        let cfg = SagConfig {
-            num_rounds: 1,
-            min_clients: NAMES.len(),
-            ..SagConfig::default()
-        };
         let plain = crate::aggregators::weights(&g).unwrap();
-        let mut c = ScatterGather::new(cfg, names(), (*plain.load().unwrap()).clone())
-            .unwrap()
-            .with_aggregator(Aggregator::new(fedadam()))
-            .unwrap();
-        c.start(Time::ZERO);
-        while let Some(out) = c.poll_output() {
-            match out {
-                Output::Send {
-                    to,
-                    mut task,
-                    model,
-                } => {
-                    task.data.model = Some(model.load().unwrap());
-                    let r = learner(&to, &task);
-                    c.handle_result(Time::ZERO, &to, r);
-                }
-                Output::Event(Event::RoundAggregated { model, .. }) => g = model,
-                _ => {}
-            }
-        }
+        let c = controller(fedadam(), 1, (*plain.load().unwrap()).clone());
+        g = drive(c).1.expect("the round aggregated");
     }
     let lost = g.load().unwrap();
     assert_ne!(tensor(&carried, "w"), tensor(&lost, "w"));
@@ -333,15 +320,7 @@ fn losing_the_optimizer_state_each_round_changes_the_model() {
 /// carry the stored model's view without the optimizer's moments, not a copy in memory.
 #[test]
 fn queued_tasks_follow_a_stored_global_and_leave_the_moments_out() {
-    let cfg = SagConfig {
-        num_rounds: 2,
-        min_clients: NAMES.len(),
-        ..SagConfig::default()
-    };
-    let mut c = ScatterGather::new(cfg, names(), initial())
-        .unwrap()
-        .with_aggregator(Aggregator::new(fedadam()))
-        .unwrap();
+    let mut c = controller(fedadam(), 2, initial());
     c.start(Time::ZERO);
     let mut sends = Vec::new();
     while let Some(out) = c.poll_output() {
