@@ -259,3 +259,65 @@ fn an_algorithm_that_cannot_run_is_refused_with_the_file_and_key() {
     assert!(!out.status.success());
     assert!(err.contains("components[1].args.beta_1"), "{err}");
 }
+
+/// The largest difference between two models' tensors (they must have the same names).
+fn max_diff(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (
+        flare_node::model_io::read(a).unwrap(),
+        flare_node::model_io::read(b).unwrap(),
+    );
+    assert_eq!(
+        a.params.keys().collect::<Vec<_>>(),
+        b.params.keys().collect::<Vec<_>>()
+    );
+    a.params
+        .iter()
+        .flat_map(|(k, t)| {
+            let (x, y) = (t.to_f32_vec(), b.params[k].to_f32_vec());
+            x.into_iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+/// `flare-node simulate` of the same sites, data, seeds and algorithm gives the same model in
+/// a swarm (a different aggregator every round) as in scatter-and-gather (one server).
+#[test]
+fn a_simulated_swarm_ends_on_the_scatter_and_gather_model_under_fedopt_and_scaffold() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = std::cell::Cell::new(0);
+    let final_of = |example: &str, component: &str| -> PathBuf {
+        runs.set(runs.get() + 1);
+        let sub = dir.path().join(format!("run-{}", runs.get()));
+        let job = with_aggregator(&sub, example, component);
+        let ws = sub.join("ws");
+        let out = std::process::Command::new(bin())
+            .args(["simulate", "--quiet", "-n", "4", "-w"])
+            .arg(&ws)
+            .arg(&job)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{example} {component}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ws.join("server/simulate_job/global_final.safetensors")
+    };
+    let fedavg = final_of(
+        "hello-fedavg",
+        r#"{ "id": "aggregator", "name": "FedAvg", "args": {} }"#,
+    );
+    for component in [
+        r#"{ "id": "aggregator", "name": "FedOpt", "args": {} }"#,
+        r#"{ "id": "aggregator", "name": "Scaffold", "args": {} }"#,
+    ] {
+        let sag = final_of("hello-fedavg", component);
+        let swarm = final_of("swarm-mnist", component);
+        let d = max_diff(&sag, &swarm);
+        // The order results arrive in changes the last bits of an f32 mean, nothing more.
+        assert!(d < 1e-5, "{component}: swarm and SAG differ by {d}");
+        let from_fedavg = max_diff(&sag, &fedavg);
+        assert!(from_fedavg > 1e-3, "{component}: as FedAvg ({from_fedavg})");
+    }
+}
