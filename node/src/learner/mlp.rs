@@ -9,16 +9,16 @@
 //!
 //! The learner reads the server's algorithm from the global model it is given, as FLARE's
 //! learners do; the LibTorch learner (`super::torch`) honours both the same way, through the
-//! helpers at the end of this module.
+//! helpers of `super::algorithms`.
 //!
-//! - **FedProx.** `meta["fedprox_mu"]` (`mu`, [`META_FEDPROX_MU`]) adds
+//! - **FedProx.** `meta["fedprox_mu"]` (`mu`, [`META_FEDPROX_MU`](flare_protocols::aggregators::META_FEDPROX_MU)) adds
 //!   `(mu/2)·Σ‖w − w_global‖²` to every batch's loss (FLARE's `PTFedProxLoss`), with
 //!   `w_global` the weights as received: each SGD step adds `mu·(w − w_global)` to the
 //!   gradient. `mu` absent or 0 trains by the very same arithmetic as plain SGD; a negative
 //!   or non-finite `mu` is refused. The reported `train_loss` is the cross-entropy alone
 //!   (FLARE's examples log the sum).
 //! - **SCAFFOLD** (option II of Karimireddy et al., FLARE's `PTScaffoldHelper`). Tensors
-//!   `scaffold_c_global.<p>` ([`SCAFFOLD_C_GLOBAL`]), one per parameter `<p>` with its shape,
+//!   `scaffold_c_global.<p>` ([`SCAFFOLD_C_GLOBAL`](flare_protocols::aggregators::SCAFFOLD_C_GLOBAL)), one per parameter `<p>` with its shape,
 //!   are the server's control `c`. The [`MlpLearner`] keeps the site's control `c_i` (zeros
 //!   at first) between the rounds of its job. After each of the round's `K` SGD steps the
 //!   weights move by `−lr·(c − c_i)`; after the round `c_i⁺ = c_i − c + (w_global − w)/(K·lr)`.
@@ -39,13 +39,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use flare_protocols::aggregators::{META_FEDPROX_MU, SCAFFOLD_C_DIFF, SCAFFOLD_C_GLOBAL};
+use flare_protocols::aggregators::SCAFFOLD_C_DIFF;
 use flare_protocols::model::{DType, FLModel, META_NUM_STEPS, MetaValue, ModelError, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
+use super::algorithms::{
+    check_scaffold_lr, fedprox_mu, is_control, scaffold_c_global, scaffold_c_new,
+};
 use super::gemm::{Mat, sgemm};
 use super::{Learner, LearnerError, samples_meta};
 use crate::data::Dataset;
@@ -435,132 +438,6 @@ fn read_c_global(
     Ok(Some(c))
 }
 
-/// Whether `name` is one of SCAFFOLD's control tensors (`scaffold_c_global.*`,
-/// `scaffold_c_diff.*`), which ride along with a model's weights but are none of them.
-pub(crate) fn is_control(name: &str) -> bool {
-    name.starts_with(SCAFFOLD_C_GLOBAL) || name.starts_with(SCAFFOLD_C_DIFF)
-}
-
-/// FedProx's `mu` from the global model's metadata: `None` when absent or 0 (plain
-/// training), an error naming the key when it is not a finite number ≥ 0.
-pub(crate) fn fedprox_mu(global: &FLModel) -> Result<Option<f64>, LearnerError> {
-    let mu = match global.meta.get(META_FEDPROX_MU) {
-        None => return Ok(None),
-        Some(MetaValue::Float(mu)) => *mu,
-        Some(MetaValue::Int(mu)) => *mu as f64,
-        Some(other) => {
-            return Err(LearnerError::Backend(format!(
-                "FedProx: meta {META_FEDPROX_MU:?} must be a number, got {other:?}"
-            )));
-        }
-    };
-    if !(mu.is_finite() && mu >= 0.0) {
-        return Err(LearnerError::Backend(format!(
-            "FedProx: meta {META_FEDPROX_MU:?} must be finite and >= 0, got {mu}"
-        )));
-    }
-    Ok((mu > 0.0).then_some(mu))
-}
-
-/// SCAFFOLD's global control from the global model: `None` when it holds no
-/// `scaffold_c_global.*` tensor (no SCAFFOLD), else one checked tensor per parameter of
-/// `params` (`(name, shape)`), in that order. A missing, extra, non-F32, misshaped or
-/// non-finite control is an error naming it.
-pub(crate) fn scaffold_c_global<'m>(
-    global: &'m FLModel,
-    params: &[(&str, &[usize])],
-) -> Result<Option<Vec<&'m Tensor>>, LearnerError> {
-    let refuse = |name: &str, reason: String| {
-        LearnerError::Incompatible(ModelError::Incompatible {
-            name: name.to_string(),
-            reason,
-        })
-    };
-    let mut any = false;
-    for name in global.params.keys() {
-        if let Some(p) = name.strip_prefix(SCAFFOLD_C_GLOBAL) {
-            any = true;
-            if !params.iter().any(|(n, _)| *n == p) {
-                return Err(refuse(
-                    name,
-                    "unexpected SCAFFOLD control: the network has no such parameter".into(),
-                ));
-            }
-        }
-    }
-    if !any {
-        return Ok(None);
-    }
-    let mut out = Vec::with_capacity(params.len());
-    for (p, shape) in params {
-        let name = format!("{SCAFFOLD_C_GLOBAL}{p}");
-        let Some(t) = global.params.get(&name) else {
-            return Err(refuse(&name, "missing SCAFFOLD control".into()));
-        };
-        if t.dtype() != DType::F32 || t.shape() != *shape {
-            return Err(refuse(
-                &name,
-                format!(
-                    "SCAFFOLD control: expected F32 {shape:?}, got {:?} {:?}",
-                    t.dtype(),
-                    t.shape()
-                ),
-            ));
-        }
-        let finite = t
-            .bytes()
-            .chunks_exact(4)
-            .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite());
-        if !finite {
-            return Err(refuse(
-                &name,
-                "SCAFFOLD control holds a non-finite value".into(),
-            ));
-        }
-        out.push(t);
-    }
-    Ok(Some(out))
-}
-
-/// Refuses SCAFFOLD with a learning rate its control update cannot divide by.
-pub(crate) fn check_scaffold_lr(lr: f64) -> Result<(), LearnerError> {
-    if lr.is_finite() && lr > 0.0 {
-        Ok(())
-    } else {
-        Err(LearnerError::Backend(format!(
-            "SCAFFOLD needs a positive finite learning rate, got {lr}"
-        )))
-    }
-}
-
-/// SCAFFOLD's new local control of one parameter, option II:
-/// `c_i⁺ = c_i − c + (w_global − w)/(K·lr)`, in f64 and rounded to f32 once. A non-finite
-/// result (a round that moved too far) is an error naming the parameter.
-pub(crate) fn scaffold_c_new(
-    name: &str,
-    c_local: &[f32],
-    c_global: &[f32],
-    w_global: &[f32],
-    w: &[f32],
-    k_lr: f64,
-) -> Result<Vec<f32>, LearnerError> {
-    let new: Vec<f32> = c_local
-        .iter()
-        .zip(c_global)
-        .zip(w_global.iter().zip(w))
-        .map(|((&cl, &cg), (&wg, &w))| {
-            (f64::from(cl) - f64::from(cg) + (f64::from(wg) - f64::from(w)) / k_lr) as f32
-        })
-        .collect();
-    if new.iter().all(|v| v.is_finite()) {
-        Ok(new)
-    } else {
-        Err(LearnerError::Diverged(format!(
-            "SCAFFOLD control of {name:?} is not finite"
-        )))
-    }
-}
-
 /// Writes the normalized pixels of examples `idx` into `out` (`idx.len() × 784`).
 fn normalize_into(data: &Dataset, idx: &[usize], out: &mut Vec<f32>) {
     out.clear();
@@ -693,6 +570,8 @@ impl Learner for MlpLearner {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    use flare_protocols::aggregators::{META_FEDPROX_MU, SCAFFOLD_C_GLOBAL};
 
     use super::*;
 

@@ -6,6 +6,7 @@
 //! own program, an external process speaking the Client API ([`script`], the
 //! `ScriptExecutor`). [`synthetic`] is a model of any size for benchmarks.
 
+pub(crate) mod algorithms;
 pub mod cnn;
 pub mod gemm;
 pub mod mlp;

@@ -48,8 +48,8 @@ use rand_chacha::ChaCha8Rng;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
+use super::algorithms::{check_scaffold_lr, fedprox_mu, is_control, scaffold_c_global};
 use super::cnn::{CnnHyper, DeviceSpec, OptimizerKind};
-use super::mlp::{check_scaffold_lr, fedprox_mu, is_control, scaffold_c_global};
 use super::{Learner, LearnerError, samples_meta};
 use crate::data::Dataset;
 use crate::data::mnist::PIXELS;
