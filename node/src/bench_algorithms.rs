@@ -776,6 +776,8 @@ fn draw_panel(
         .configure_mesh()
         .x_desc("round")
         .y_desc("held-out accuracy")
+        // At most one label a round, so short runs show each round once.
+        .x_labels((r.rounds as usize).clamp(2, 11))
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.2}"))
         .label_style(("sans-serif", 14))
