@@ -51,8 +51,6 @@ pub fn write_synthetic_job(
     clients: usize,
     rounds: u32,
 ) -> anyhow::Result<()> {
-    let cfg = dir.join("app/config");
-    std::fs::create_dir_all(&cfg).with_context(|| format!("cannot create {}", cfg.display()))?;
     let meta =
         json!({"name": "bench-synthetic", "min_clients": clients, "deploy_map": {"app": ["@ALL"]}});
     let server = json!({
@@ -71,12 +69,25 @@ pub fn write_synthetic_job(
         "executors": [{"tasks": ["train", "validate"],
                        "executor": {"name": "SyntheticLearner", "args": {"num_params": params}}}]
     });
+    write_job_files(dir, &meta, &server, &client)
+}
+
+/// Writes a job folder's `meta.json` and its app's server and client configs into `dir`
+/// (`app/config/` made if missing).
+pub(crate) fn write_job_files(
+    dir: &Path,
+    meta: &serde_json::Value,
+    server: &serde_json::Value,
+    client: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let cfg = dir.join("app/config");
+    std::fs::create_dir_all(&cfg).with_context(|| format!("cannot create {}", cfg.display()))?;
     for (path, v) in [
         (dir.join("meta.json"), meta),
         (cfg.join("config_fed_server.json"), server),
         (cfg.join("config_fed_client.json"), client),
     ] {
-        std::fs::write(&path, serde_json::to_vec_pretty(&v)?)
+        std::fs::write(&path, serde_json::to_vec_pretty(v)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
@@ -121,13 +132,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    flare_protocols::aggregators::robust::median(&mut v)
 }
 
 /// The size of a synthetic model of `params` f32 parameters, in MiB.

@@ -335,8 +335,6 @@ const CNN_LR: f64 = 0.05;
 
 /// Writes the job folder of one run into `dir`.
 fn write_job(b: &AlgorithmsBench, spec: &JobSpec<'_>, dir: &Path) -> anyhow::Result<()> {
-    let cfg = dir.join("app/config");
-    std::fs::create_dir_all(&cfg).with_context(|| format!("cannot create {}", cfg.display()))?;
     let meta = json!({"name": "bench-algorithms", "min_clients": spec.sites,
                       "deploy_map": {"app": ["@ALL"]}});
     let (model, executor) = match b.learner {
@@ -373,15 +371,7 @@ fn write_job(b: &AlgorithmsBench, spec: &JobSpec<'_>, dir: &Path) -> anyhow::Res
         "format_version": 2,
         "executors": [{"tasks": ["train", "validate"], "executor": executor}]
     });
-    for (path, v) in [
-        (dir.join("meta.json"), meta),
-        (cfg.join("config_fed_server.json"), server),
-        (cfg.join("config_fed_client.json"), client),
-    ] {
-        std::fs::write(&path, serde_json::to_vec_pretty(&v)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    Ok(())
+    crate::bench::write_job_files(dir, &meta, &server, &client)
 }
 
 /// Runs one job in `scratch` and returns the global accuracy after each round.

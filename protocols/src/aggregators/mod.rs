@@ -399,13 +399,21 @@ impl RoundAgg {
         self.check().metrics()
     }
 
-    /// [`RoundAgg::add_ref`] for models in memory.
+    /// [`RoundAgg::add_ref`] for models in memory. A plain FedAvg round of models without
+    /// algorithm state folds them in place, as [`FedAvg::add`] does, without a copy.
     pub fn add(
         &mut self,
         reference: &FLModel,
         result: &FLModel,
         weight: f64,
     ) -> Result<(), AggregateError> {
+        let stateless = |m: &FLModel| !m.params.keys().any(|n| is_state(n));
+        if let (Combine::Mean(f), None) = (&mut self.combine, &self.controls)
+            && stateless(reference)
+            && stateless(result)
+        {
+            return f.add(reference, result, weight);
+        }
         self.add_ref(
             &ModelRef::from(reference.clone()),
             &ModelRef::from(result.clone()),

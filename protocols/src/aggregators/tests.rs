@@ -403,3 +403,37 @@ fn a_stored_global_with_state_aggregates_like_one_in_memory() {
         g1.load().unwrap().params["w"]
     );
 }
+
+/// The state in a global model comes from a peer in a swarm: bad state is an error, never a
+/// panic, and never a silently restarted optimizer.
+#[test]
+fn bad_state_in_the_global_model_is_refused() {
+    let spec = AggregatorSpec {
+        opt: Some(ServerOpt::Adam {
+            eta: 0.1,
+            beta_1: 0.9,
+            beta_2: 0.99,
+            tau: 1e-3,
+        }),
+        ..AggregatorSpec::default()
+    };
+    let with = |name: &str, t: Tensor| {
+        let mut m = (*model(&[0.5, -0.5], 1).load().unwrap()).clone();
+        m.params.insert(name.to_string(), t);
+        ModelRef::from(m)
+    };
+    let rs = [model(&[1.0, 1.0], 1)];
+    for (name, t) in [
+        (FEDOPT_STEPS, Tensor::from_i64(vec![1], &[-1]).unwrap()),
+        (FEDOPT_STEPS, Tensor::from_f32(vec![1], &[1.5]).unwrap()),
+        (FEDOPT_STEPS, Tensor::from_i64(vec![2], &[1, 1]).unwrap()),
+        (
+            &format!("{FEDOPT_M}w") as &str,
+            Tensor::from_f32(vec![3], &[0.0; 3]).unwrap(),
+        ),
+    ] {
+        let g = with(name, t);
+        let e = aggregate(&mut Aggregator::new(spec), &g, &rs);
+        assert!(e.is_err(), "{name}: {e:?}");
+    }
+}
