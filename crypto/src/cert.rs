@@ -123,7 +123,7 @@ pub enum Role {
 }
 
 /// The rights of an admin (FLARE's admin roles).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AdminRole {
     /// All rights in the project.
     ProjectAdmin,

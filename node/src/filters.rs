@@ -18,6 +18,35 @@
 //! `ModelQuantizer`, server result = `ModelDequantizer`: FedAvg accumulates in f32 and refuses
 //! a quantized result that reaches it unconverted.
 //!
+//! # Filters
+//!
+//! | name (last segment of `path`) | FLARE/Flower path | args (defaults) |
+//! |---|---|---|
+//! | `ModelQuantizer` | `nvflare.app_opt.pt.quantization.quantizer.ModelQuantizer` | `quantization_type` (`"float16"`), `block_size` (64, Flare's) |
+//! | `ModelDequantizer` | `nvflare.app_opt.pt.quantization.dequantizer.ModelDequantizer` | none |
+//! | `ExcludeVars` | `nvflare.app_common.filters.exclude_vars.ExcludeVars` | `exclude_vars` (null; a list of names or a regex string), `data_kinds` |
+//! | `PercentilePrivacy` | `nvflare.app_common.filters.percentile_privacy.PercentilePrivacy` | `percentile` (10), `gamma` (0.01), `data_kinds` |
+//! | `SVTPrivacy` | `nvflare.app_common.filters.svt_privacy.SVTPrivacy` | `fraction` (0.1), `epsilon` (0.1), `noise_var` (0.1), `gamma` (1e-5), `tau` (1e-6), `replace` (true), `epsilon_threshold`, `epsilon_query`, `epsilon_release` (null), `data_kinds` |
+//! | `LocalDpMod` | `flwr.client.mod.LocalDpMod` | `clipping_norm`, `sensitivity`, `epsilon`, `delta` (all required) |
+//!
+//! What the privacy filters compute is in [`flare_protocols::filters::privacy`]. Unknown
+//! args are refused, naming the key. `data_kinds` is FLARE's list of `"WEIGHTS"` and
+//! `"WEIGHT_DIFF"` (default: both). ExcludeVars honours it; PercentilePrivacy, SVTPrivacy
+//! and LocalDpMod filter `WEIGHT_DIFF` results only (full weights pass unchanged, see
+//! [`FilterChains::diff_only_results`]), so a `data_kinds` that names `"WEIGHTS"` is refused
+//! rather than silently not applied. SVTPrivacy and LocalDpMod draw their noise from a
+//! ChaCha20 stream whose seed the node takes from the OS when it builds the filter: one
+//! stream (and one SVT privacy ledger) per filter as written in the config, shared by clones
+//! of the [`FilterSpec`].
+//!
+//! # A site's privacy scope
+//!
+//! A site's privacy policy (FLARE's `local/privacy.json`) names filters of its own, in flat
+//! lists ([`parse_filter_list`]). [`FilterChains::with_site_scope`] puts them before the
+//! job's, for every task, as FLARE's `apply_filters` runs the scope's filters before the
+//! job's: a site's `PercentilePrivacy` sees the diff before a job's `ModelQuantizer` narrows
+//! it.
+//!
 //! Filters work on models in memory. A stored (file-backed) model passes through untouched
 //! when no filter applies to its task, and is loaded when one does: a filtered transfer holds
 //! the whole model in memory at the filter (the quantized copy and, while it is converted,
@@ -30,16 +59,18 @@ use std::path::Path;
 use std::sync::Arc;
 
 use flare_protocols::filters::{
-    Filter, FilterError, ModelDequantizer, ModelQuantizer, QuantizationType,
+    ExcludeVars, Filter, FilterError, LocalDp, LocalDpArgs, ModelDequantizer, ModelQuantizer,
+    PercentilePrivacy, QuantizationType, SvtArgs, SvtPrivacy,
 };
-use flare_protocols::model::FLModel;
+use flare_protocols::model::{FLModel, ParamsType};
 use flare_protocols::stored::{LoadError, ModelRef};
 use serde::Deserialize;
 
 use crate::job::{JobError, invalid, parse_args};
 
 /// The filter names this node knows, for error messages.
-const KNOWN: &str = "ModelQuantizer, ModelDequantizer";
+const KNOWN: &str =
+    "ModelQuantizer, ModelDequantizer, ExcludeVars, PercentilePrivacy, SVTPrivacy, LocalDpMod";
 
 /// One `{ "tasks": [...], "filters": [...] }` entry as written in a config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -87,13 +118,188 @@ fn block_size() -> usize {
 #[serde(deny_unknown_fields)]
 struct NoArgs {}
 
-/// A filter a job can name, with its checked arguments.
+/// `ExcludeVars`' args. `exclude_vars` is read by hand: null, a regex string, or a list of
+/// names, and anything else is refused (FLARE ignores it and excludes nothing).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExcludeVarsArgs {
+    #[serde(default)]
+    exclude_vars: serde_json::Value,
+    #[serde(default)]
+    data_kinds: Option<Vec<String>>,
+}
+
+/// `PercentilePrivacy`'s args, FLARE's defaults.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PercentileArgs {
+    #[serde(default = "percentile")]
+    percentile: f64,
+    #[serde(default = "percentile_gamma")]
+    gamma: f64,
+    #[serde(default)]
+    data_kinds: Option<Vec<String>>,
+}
+
+fn percentile() -> f64 {
+    PercentilePrivacy::DEFAULT_PERCENTILE
+}
+
+fn percentile_gamma() -> f64 {
+    PercentilePrivacy::DEFAULT_GAMMA
+}
+
+/// `SVTPrivacy`'s args; absent ones take FLARE's defaults ([`SvtArgs::default`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SvtConfig {
+    fraction: Option<f64>,
+    epsilon: Option<f64>,
+    noise_var: Option<f64>,
+    gamma: Option<f64>,
+    tau: Option<f64>,
+    replace: Option<bool>,
+    epsilon_threshold: Option<f64>,
+    epsilon_query: Option<f64>,
+    epsilon_release: Option<f64>,
+    data_kinds: Option<Vec<String>>,
+}
+
+/// `LocalDpMod`'s args: Flower gives none a default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalDpConfig {
+    clipping_norm: f64,
+    sensitivity: f64,
+    epsilon: f64,
+    delta: f64,
+}
+
+/// A filter's `data_kinds` (FLARE's `DataKind` strings): `None` for both kinds (also when
+/// absent or empty, FLARE's default), else the one kind listed.
+fn data_kinds(
+    file: &Path,
+    key: &str,
+    kinds: Option<Vec<String>>,
+) -> Result<Option<ParamsType>, JobError> {
+    let (mut weights, mut diff) = (false, false);
+    for (i, k) in kinds.iter().flatten().enumerate() {
+        match k.as_str() {
+            "WEIGHTS" => weights = true,
+            "WEIGHT_DIFF" => diff = true,
+            other => {
+                return Err(invalid(
+                    file,
+                    format!("{key}.args.data_kinds[{i}]"),
+                    format!("unsupported data kind {other:?} (WEIGHTS or WEIGHT_DIFF)"),
+                ));
+            }
+        }
+    }
+    Ok(match (weights, diff) {
+        (true, false) => Some(ParamsType::Full),
+        (false, true) => Some(ParamsType::Diff),
+        _ => None,
+    })
+}
+
+/// Refuses a `data_kinds` that asks a diff-only filter to filter full weights.
+fn diff_kinds_only(
+    file: &Path,
+    key: &str,
+    name: &str,
+    kinds: Option<Vec<String>>,
+) -> Result<(), JobError> {
+    let explicit = kinds.as_ref().is_some_and(|k| !k.is_empty());
+    match data_kinds(file, key, kinds)? {
+        Some(ParamsType::Diff) => Ok(()),
+        None if !explicit => Ok(()),
+        _ => Err(invalid(
+            file,
+            format!("{key}.args.data_kinds"),
+            format!(
+                "Flare applies {name} to WEIGHT_DIFF results only (full weights pass unchanged); \
+                 list [\"WEIGHT_DIFF\"] or leave it out"
+            ),
+        )),
+    }
+}
+
+/// A protocol filter's refusal of its arguments, at the key of the argument it names.
+fn bad_args(file: &Path, key: &str, e: FilterError) -> JobError {
+    match e {
+        FilterError::BadArgument { arg, reason, .. } => {
+            invalid(file, format!("{key}.args.{arg}"), reason)
+        }
+        e => invalid(file, format!("{key}.args"), e.to_string()),
+    }
+}
+
+/// A 32-byte noise seed from the OS, for a filter at `key`.
+fn os_seed(file: &Path, key: &str) -> Result<[u8; 32], JobError> {
+    use ring::rand::SecureRandom;
+    let mut seed = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut seed)
+        .map_err(|_| invalid(file, key, "the OS random generator failed"))?;
+    Ok(seed)
+}
+
+/// `ExcludeVars` from its parsed args.
+fn exclude_vars(file: &Path, key: &str, a: ExcludeVarsArgs) -> Result<ExcludeVars, JobError> {
+    let at = format!("{key}.args.exclude_vars");
+    let f = match a.exclude_vars {
+        serde_json::Value::Null => ExcludeVars::nothing(),
+        serde_json::Value::String(p) => {
+            ExcludeVars::pattern(&p).map_err(|e| bad_args(file, key, e))?
+        }
+        serde_json::Value::Array(items) => {
+            let mut names = Vec::with_capacity(items.len());
+            for (i, v) in items.into_iter().enumerate() {
+                match v {
+                    serde_json::Value::String(n) => names.push(n),
+                    other => {
+                        return Err(invalid(
+                            file,
+                            format!("{at}[{i}]"),
+                            format!("a tensor name must be a string, not {other}"),
+                        ));
+                    }
+                }
+            }
+            ExcludeVars::names(names)
+        }
+        other => {
+            return Err(invalid(
+                file,
+                at,
+                format!("expected a list of tensor names or a regex string, not {other}"),
+            ));
+        }
+    };
+    Ok(match data_kinds(file, key, a.data_kinds)? {
+        Some(kind) => f.only(kind),
+        None => f,
+    })
+}
+
+/// A filter a job or a site's privacy policy can name, with its checked arguments. Two specs
+/// are equal when configured alike; a clone of an SVT or local DP filter shares its noise
+/// stream (and SVT ledger) with the original.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FilterSpec {
     /// `ModelQuantizer` (`nvflare.app_opt.pt.quantization.quantizer.ModelQuantizer`).
     ModelQuantizer(ModelQuantizer),
     /// `ModelDequantizer` (`nvflare.app_opt.pt.quantization.dequantizer.ModelDequantizer`).
     ModelDequantizer(ModelDequantizer),
+    /// `ExcludeVars` (`nvflare.app_common.filters.exclude_vars.ExcludeVars`).
+    ExcludeVars(ExcludeVars),
+    /// `PercentilePrivacy` (`nvflare.app_common.filters.percentile_privacy.PercentilePrivacy`).
+    PercentilePrivacy(PercentilePrivacy),
+    /// `SVTPrivacy` (`nvflare.app_common.filters.svt_privacy.SVTPrivacy`).
+    SvtPrivacy(Arc<SvtPrivacy>),
+    /// `LocalDpMod` (Flower's `flwr.client.mod.LocalDpMod`).
+    LocalDp(Arc<LocalDp>),
 }
 
 impl FilterSpec {
@@ -147,6 +353,50 @@ impl FilterSpec {
                 let NoArgs {} = parse_args(file, key, e.args)?;
                 Ok(FilterSpec::ModelDequantizer(ModelDequantizer::new()))
             }
+            "ExcludeVars" => {
+                let a: ExcludeVarsArgs = parse_args(file, key, e.args)?;
+                Ok(FilterSpec::ExcludeVars(exclude_vars(file, key, a)?))
+            }
+            "PercentilePrivacy" => {
+                let a: PercentileArgs = parse_args(file, key, e.args)?;
+                diff_kinds_only(file, key, &name, a.data_kinds)?;
+                let f = PercentilePrivacy::new(a.percentile, a.gamma)
+                    .map_err(|e| bad_args(file, key, e))?;
+                Ok(FilterSpec::PercentilePrivacy(f))
+            }
+            "SVTPrivacy" => {
+                let a: SvtConfig = parse_args(file, key, e.args)?;
+                diff_kinds_only(file, key, &name, a.data_kinds)?;
+                let d = SvtArgs::default();
+                let args = SvtArgs {
+                    fraction: a.fraction.unwrap_or(d.fraction),
+                    epsilon: a.epsilon.unwrap_or(d.epsilon),
+                    noise_var: a.noise_var.unwrap_or(d.noise_var),
+                    gamma: a.gamma.unwrap_or(d.gamma),
+                    tau: a.tau.unwrap_or(d.tau),
+                    replace: a.replace.unwrap_or(d.replace),
+                    epsilon_threshold: a.epsilon_threshold,
+                    epsilon_query: a.epsilon_query,
+                    epsilon_release: a.epsilon_release,
+                };
+                args.check().map_err(|e| bad_args(file, key, e))?;
+                let f = SvtPrivacy::with_seed(args, os_seed(file, key)?)
+                    .map_err(|e| bad_args(file, key, e))?;
+                Ok(FilterSpec::SvtPrivacy(Arc::new(f)))
+            }
+            "LocalDpMod" => {
+                let a: LocalDpConfig = parse_args(file, key, e.args)?;
+                let args = LocalDpArgs {
+                    clipping_norm: a.clipping_norm,
+                    sensitivity: a.sensitivity,
+                    epsilon: a.epsilon,
+                    delta: a.delta,
+                };
+                args.check().map_err(|e| bad_args(file, key, e))?;
+                let f = LocalDp::with_seed(args, os_seed(file, key)?)
+                    .map_err(|e| bad_args(file, key, e))?;
+                Ok(FilterSpec::LocalDp(Arc::new(f)))
+            }
             other => Err(invalid(
                 file,
                 format!("{key}.{name_key}"),
@@ -159,6 +409,10 @@ impl FilterSpec {
         match self {
             FilterSpec::ModelQuantizer(f) => f,
             FilterSpec::ModelDequantizer(f) => f,
+            FilterSpec::ExcludeVars(f) => f,
+            FilterSpec::PercentilePrivacy(f) => f,
+            FilterSpec::SvtPrivacy(f) => f.as_ref(),
+            FilterSpec::LocalDp(f) => f.as_ref(),
         }
     }
 
@@ -166,6 +420,39 @@ impl FilterSpec {
     pub fn name(&self) -> &'static str {
         self.filter().name()
     }
+
+    /// Whether the filter transforms diffs only and passes full weights unchanged
+    /// ([`Filter::diff_only`]).
+    pub fn diff_only(&self) -> bool {
+        self.filter().diff_only()
+    }
+}
+
+/// Parses a flat list of filters at `key` of `file`, as a site's privacy policy writes them
+/// (FLARE's `local/privacy.json`: `"task_result_filters": [{"path": "...", "args": {...}}]`,
+/// no `tasks` wrapper). Errors name the entry's key, such as
+/// `scopes[0].task_result_filters[1].args.percentile`.
+pub fn parse_filter_list(
+    file: &Path,
+    key: &str,
+    value: serde_json::Value,
+) -> Result<Vec<FilterSpec>, JobError> {
+    let entries: Vec<FilterEntry> = serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let at = if inner.is_empty() || inner == "." {
+            key.to_string()
+        } else if inner.starts_with('[') {
+            format!("{key}{inner}")
+        } else {
+            format!("{key}.{inner}")
+        };
+        invalid(file, at, e.inner().to_string())
+    })?;
+    entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| FilterSpec::parse(file, &format!("{key}[{i}]"), e))
+        .collect()
 }
 
 /// Which tasks an entry covers.
@@ -229,9 +516,39 @@ impl FilterChains {
         })
     }
 
+    /// The chains with a site's own filters (its privacy scope) in front: `data` before the
+    /// job's task data filters and `result` before its task result filters, for every task,
+    /// as FLARE runs a scope's filters before the job's.
+    pub fn with_site_scope(mut self, data: Vec<FilterSpec>, result: Vec<FilterSpec>) -> Self {
+        for (scopes, filters) in [(&mut self.task_data, data), (&mut self.task_result, result)] {
+            if !filters.is_empty() {
+                scopes.insert(
+                    0,
+                    Scope {
+                        tasks: Tasks::All,
+                        filters,
+                    },
+                );
+            }
+        }
+        self
+    }
+
     /// Whether the side names no filter at all.
     pub fn is_empty(&self) -> bool {
         self.task_data.is_empty() && self.task_result.is_empty()
+    }
+
+    /// The result filters, for any task, that transform diffs only and pass full weights
+    /// unchanged (PercentilePrivacy, SVTPrivacy, LocalDpMod), by name, each once: a site
+    /// whose learner sends full weights gets no protection from them.
+    pub fn diff_only_results(&self) -> Vec<&'static str> {
+        names_once(self.task_result.iter().flat_map(|s| s.filters.iter()))
+    }
+
+    /// [`FilterChains::diff_only_results`] among the result filters that cover `task`.
+    pub fn diff_only_results_for(&self, task: &str) -> Vec<&'static str> {
+        names_once(chain(&self.task_result, task))
     }
 
     /// Whether a data filter applies to `task`.
@@ -266,6 +583,17 @@ impl FilterChains {
     pub fn task_result_ref(&self, task: &str, model: ModelRef) -> Result<ModelRef, FilterRefError> {
         run_ref(&self.task_result, task, model)
     }
+}
+
+/// The names of the diff-only filters of `filters`, each once, in order.
+fn names_once<'a>(filters: impl Iterator<Item = &'a FilterSpec>) -> Vec<&'static str> {
+    let mut names = Vec::new();
+    for f in filters.filter(|f| f.diff_only()) {
+        if !names.contains(&f.name()) {
+            names.push(f.name());
+        }
+    }
+    names
 }
 
 fn parse_scopes(file: &Path, list: &str, entries: Vec<ScopeEntry>) -> Result<Vec<Scope>, JobError> {
@@ -488,8 +816,8 @@ mod tests {
             (
                 serde_json::json!({"task_data_filters": [{"tasks": ["train"], "filters": [
                     {"name": "ModelQuantizer", "args": {"quantization_type": "blockwise8"}},
-                    {"name": "ExcludeVars"}]}]}),
-                "task_data_filters[0].filters[1].name: unknown filter \"ExcludeVars\"",
+                    {"name": "HEModelEncryptor"}]}]}),
+                "task_data_filters[0].filters[1].name: unknown filter \"HEModelEncryptor\"",
             ),
             (
                 serde_json::json!({"task_result_filters": [{"tasks": ["train"], "filters": [
@@ -548,6 +876,254 @@ mod tests {
                 "{err:?} should start with {file}: {want}"
             );
         }
+    }
+
+    fn result_filters(v: serde_json::Value) -> Result<Vec<FilterSpec>, String> {
+        let c = parse_json(
+            false,
+            serde_json::json!({"task_result_filters": [{"tasks": ["train"], "filters": v}]}),
+        )?;
+        Ok(c.task_result[0].filters.clone())
+    }
+
+    fn diff_model() -> FLModel {
+        let mut m = model();
+        m.params_type = ParamsType::Diff;
+        m
+    }
+
+    #[test]
+    fn privacy_filters_parse_by_name_and_path_with_flare_defaults() {
+        let got = result_filters(serde_json::json!([
+            {"path": "nvflare.app_common.filters.exclude_vars.ExcludeVars",
+             "args": {"exclude_vars": ["fc.weight", "fc.bias"]}},
+            {"name": "ExcludeVars", "args": {"exclude_vars": "bias$", "data_kinds": ["WEIGHT_DIFF"]}},
+            {"name": "ExcludeVars"},
+            {"path": "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy"},
+            {"name": "PercentilePrivacy", "args": {"percentile": 20, "gamma": 0.5, "data_kinds": ["WEIGHT_DIFF"]}},
+            {"path": "nvflare.app_common.filters.svt_privacy.SVTPrivacy", "args": {}},
+            {"name": "SVTPrivacy", "args": {"fraction": 0.5, "replace": false, "epsilon_release": 2.0}},
+            {"path": "flwr.client.mod.LocalDpMod",
+             "args": {"clipping_norm": 1.0, "sensitivity": 0.5, "epsilon": 2, "delta": 1e-5}}
+        ]))
+        .unwrap();
+        let seed = [0u8; 32];
+        let svt =
+            |a: SvtArgs| FilterSpec::SvtPrivacy(Arc::new(SvtPrivacy::with_seed(a, seed).unwrap()));
+        let want = vec![
+            FilterSpec::ExcludeVars(ExcludeVars::names(["fc.weight", "fc.bias"])),
+            FilterSpec::ExcludeVars(
+                ExcludeVars::pattern("bias$")
+                    .unwrap()
+                    .only(ParamsType::Diff),
+            ),
+            FilterSpec::ExcludeVars(ExcludeVars::nothing()),
+            FilterSpec::PercentilePrivacy(PercentilePrivacy::default()),
+            FilterSpec::PercentilePrivacy(PercentilePrivacy::new(20.0, 0.5).unwrap()),
+            svt(SvtArgs::default()),
+            svt(SvtArgs {
+                fraction: 0.5,
+                replace: false,
+                epsilon_release: Some(2.0),
+                ..SvtArgs::default()
+            }),
+            FilterSpec::LocalDp(Arc::new(
+                LocalDp::with_seed(
+                    LocalDpArgs {
+                        clipping_norm: 1.0,
+                        sensitivity: 0.5,
+                        epsilon: 2.0,
+                        delta: 1e-5,
+                    },
+                    seed,
+                )
+                .unwrap(),
+            )),
+        ];
+        assert_eq!(got, want);
+        let diff_only: Vec<bool> = got.iter().map(FilterSpec::diff_only).collect();
+        assert_eq!(
+            diff_only,
+            [false, false, false, true, true, true, true, true]
+        );
+        // Each SVT or local DP filter has its own OS seed: two alike draw different noise.
+        let twins = result_filters(serde_json::json!([
+            {"name": "LocalDpMod", "args": {"clipping_norm": 1e9, "sensitivity": 1, "epsilon": 1, "delta": 1e-5}},
+            {"name": "LocalDpMod", "args": {"clipping_norm": 1e9, "sensitivity": 1, "epsilon": 1, "delta": 1e-5}}
+        ]))
+        .unwrap();
+        assert_eq!(twins[0], twins[1]);
+        let m = diff_model();
+        assert_ne!(
+            twins[0].filter().apply(m.clone()).unwrap(),
+            twins[1].filter().apply(m).unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_privacy_args_name_the_key() {
+        let cases = [
+            (
+                serde_json::json!([{"name": "PercentilePrivacy", "args": {"percentil": 5}}]),
+                "task_result_filters[0].filters[0].args.percentil: unknown field `percentil`",
+            ),
+            (
+                serde_json::json!([{"name": "ExcludeVars"},
+                    {"name": "PercentilePrivacy", "args": {"percentile": 101}}]),
+                "task_result_filters[0].filters[1].args.percentile: 101 is not in [0, 100]",
+            ),
+            (
+                serde_json::json!([{"name": "PercentilePrivacy", "args": {"gamma": -1}}]),
+                "task_result_filters[0].filters[0].args.gamma: -1 is not a positive number",
+            ),
+            (
+                serde_json::json!([{"name": "PercentilePrivacy", "args": {"data_kinds": ["WEIGHTS", "WEIGHT_DIFF"]}}]),
+                "task_result_filters[0].filters[0].args.data_kinds: Flare applies PercentilePrivacy to WEIGHT_DIFF results only",
+            ),
+            (
+                serde_json::json!([{"name": "SVTPrivacy", "args": {"data_kinds": ["METRICS"]}}]),
+                "task_result_filters[0].filters[0].args.data_kinds[0]: unsupported data kind \"METRICS\"",
+            ),
+            (
+                serde_json::json!([{"name": "SVTPrivacy", "args": {"fraction": 0}}]),
+                "task_result_filters[0].filters[0].args.fraction: 0 is not in (0, 1]",
+            ),
+            (
+                serde_json::json!([{"name": "SVTPrivacy", "args": {"epsilon_threshold": 0.05, "epsilon_query": 0.5}}]),
+                "task_result_filters[0].filters[0].args.epsilon_query: epsilon_threshold + epsilon_query",
+            ),
+            (
+                serde_json::json!([{"name": "SVTPrivacy", "args": {"replace": "yes"}}]),
+                "task_result_filters[0].filters[0].args.replace: invalid type",
+            ),
+            (
+                serde_json::json!([{"name": "ExcludeVars", "args": {"exclude_vars": 3}}]),
+                "task_result_filters[0].filters[0].args.exclude_vars: expected a list of tensor names or a regex string",
+            ),
+            (
+                serde_json::json!([{"name": "ExcludeVars", "args": {"exclude_vars": ["a", 1]}}]),
+                "task_result_filters[0].filters[0].args.exclude_vars[1]: a tensor name must be a string",
+            ),
+            (
+                serde_json::json!([{"name": "ExcludeVars", "args": {"exclude_vars": "(a"}}]),
+                "task_result_filters[0].filters[0].args.exclude_vars: regex parse error",
+            ),
+            (
+                serde_json::json!([{"name": "LocalDpMod", "args": {"clipping_norm": 1, "sensitivity": 1, "epsilon": 1}}]),
+                "task_result_filters[0].filters[0].args: missing field `delta`",
+            ),
+            (
+                serde_json::json!([{"name": "LocalDpMod", "args": {"clipping_norm": 1, "sensitivity": 1, "epsilon": 1, "delta": 2}}]),
+                "task_result_filters[0].filters[0].args.delta: 2 is not in (0, 1)",
+            ),
+        ];
+        for (v, want) in cases {
+            let err = result_filters(v).unwrap_err();
+            let want = format!("config_fed_client.json: {want}");
+            assert!(err.starts_with(&want), "{err:?} should start with {want}");
+        }
+    }
+
+    #[test]
+    fn a_sites_list_parses_flat_and_goes_before_the_jobs_filters() {
+        let file = Path::new("local/privacy.json");
+        let key = "scopes[0].task_result_filters";
+        let site = parse_filter_list(
+            file,
+            key,
+            serde_json::json!([
+                {"path": "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy",
+                 "args": {"percentile": 10, "gamma": 0.01}},
+                {"name": "ExcludeVars", "args": {"exclude_vars": "^skip"}}
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            site.iter().map(FilterSpec::name).collect::<Vec<_>>(),
+            ["PercentilePrivacy", "ExcludeVars"]
+        );
+        assert_eq!(
+            parse_filter_list(file, key, serde_json::json!([])).unwrap(),
+            []
+        );
+        for (v, want) in [
+            (
+                serde_json::json!([{"name": "ExcludeVars"},
+                    {"name": "PercentilePrivacy", "args": {"percentile": -3}}]),
+                "local/privacy.json: scopes[0].task_result_filters[1].args.percentile: -3 is not in [0, 100]",
+            ),
+            (
+                serde_json::json!([{"name": "ExcludeVars", "direction": "out"}]),
+                "local/privacy.json: scopes[0].task_result_filters[0].direction: unknown field `direction`",
+            ),
+            (
+                serde_json::json!({"name": "ExcludeVars"}),
+                "local/privacy.json: scopes[0].task_result_filters: invalid type: map",
+            ),
+            (
+                serde_json::json!([{"name": "Nope"}]),
+                "local/privacy.json: scopes[0].task_result_filters[0].name: unknown filter \"Nope\"",
+            ),
+        ] {
+            let err = parse_filter_list(file, key, v).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err:?} should start with {want}");
+        }
+
+        // The job quantizes its train results; the site's privacy filters run first, on
+        // every task, and the job's after them.
+        let job = parse_json(
+            false,
+            serde_json::json!({
+                "task_data_filters": [{"tasks": ["train"], "filters": [{"name": "ModelDequantizer"}]}],
+                "task_result_filters": [{"tasks": ["train"], "filters": [
+                    {"name": "ModelQuantizer", "args": {"quantization_type": "float16"}}]}]
+            }),
+        )
+        .unwrap();
+        assert!(job.diff_only_results().is_empty());
+        let data = parse_filter_list(
+            file,
+            "scopes[0].task_data_filters",
+            serde_json::json!([{"name": "ExcludeVars"}]),
+        )
+        .unwrap();
+        let chains = job.with_site_scope(data, site);
+        let names = |scopes: &[Scope], task: &str| {
+            chain(scopes, task)
+                .map(FilterSpec::name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(&chains.task_result, "train"),
+            ["PercentilePrivacy", "ExcludeVars", "ModelQuantizer"]
+        );
+        assert_eq!(
+            names(&chains.task_result, "validate"),
+            ["PercentilePrivacy", "ExcludeVars"]
+        );
+        assert_eq!(
+            names(&chains.task_data, "train"),
+            ["ExcludeVars", "ModelDequantizer"]
+        );
+        assert_eq!(chains.diff_only_results(), ["PercentilePrivacy"]);
+        assert_eq!(
+            chains.diff_only_results_for("submit_model"),
+            ["PercentilePrivacy"]
+        );
+        // A diff is cut and clipped before it is quantized, and `skip*` tensors dropped.
+        let mut m = diff_model();
+        m.params.insert("skip.me".into(), m.params["w"].clone());
+        let out = chains.task_result("train", m).unwrap();
+        assert_eq!(out.params.keys().collect::<Vec<_>>(), ["w"]);
+        assert_eq!(out.params["w"].dtype(), flare_protocols::model::DType::F16);
+        let w = out.params["w"].to_f32_vec();
+        assert!(w.iter().all(|x| x.abs() <= 0.0101), "{w:?}");
+        // |w| = k/7 for k = 0 (once), 1..=149 (twice), 150; with skip.me's copy, the 10th
+        // percentile of the 600 is 15/7, so the 29 entries with k < 15 are cut.
+        assert_eq!(w.iter().filter(|x| **x == 0.0).count(), 29);
+        // Empty site lists leave the job's chains as they were.
+        let same = chains.clone().with_site_scope(vec![], vec![]);
+        assert_eq!(same, chains);
     }
 
     #[test]

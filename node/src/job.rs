@@ -36,7 +36,7 @@ use crate::filters::{FilterChains, ScopeEntry};
 use crate::learner::Learner;
 use crate::learner::cnn::{self, CnnHyper, DeviceSpec, OptimizerKind};
 use crate::learner::mlp::{Mlp, MlpHyper, MlpLearner};
-use crate::learner::script::{ScriptArgs, ScriptLearner, ScriptSite};
+use crate::learner::script::{ScriptArgs, ScriptLearner, ScriptSite, TransferType};
 use crate::learner::synthetic::{SyntheticArgs, SyntheticLearner};
 
 /// Why a job could not be loaded.
@@ -186,6 +186,10 @@ pub struct JobMeta {
     /// Resources each site needs (kept for the node's policy checks).
     #[serde(default)]
     pub resource_spec: BTreeMap<String, serde_json::Value>,
+    /// The privacy scope the job asks of each site (FLARE's `scope`): a name in the site's
+    /// `local/privacy.json`; none means the site's `default_scope`.
+    #[serde(default)]
+    pub scope: Option<String>,
 }
 
 fn one() -> usize {
@@ -889,6 +893,10 @@ pub struct MnistLearnerArgs {
     /// Shuffle seed.
     #[serde(default)]
     pub seed: u64,
+    /// `FULL` (the trained weights) or `DIFF` (trained minus received, what FLARE's privacy
+    /// filters need): FLARE's Client API `params_transfer_type`.
+    #[serde(default)]
+    pub params_transfer_type: TransferType,
 }
 
 /// Arguments of `TorchCnnLearner` (feature `torch`): the data as for `MnistMlpLearner`, and
@@ -931,6 +939,9 @@ pub struct TorchCnnArgs {
     /// Seed of the shuffle and of dropout.
     #[serde(default)]
     pub seed: u64,
+    /// `FULL` or `DIFF`, as for `MnistMlpLearner`.
+    #[serde(default)]
+    pub params_transfer_type: TransferType,
 }
 
 fn cnn_batch() -> usize {
@@ -1229,13 +1240,16 @@ impl ClientApp {
                     epochs: a.epochs,
                     seed: a.seed,
                 };
-                Box::new(MlpLearner::new(
-                    hyper,
-                    Arc::clone(&s.train),
-                    s.parts[&num_sites][index].clone(),
-                    Arc::clone(&s.held_out),
-                    index as u64,
-                ))
+                Box::new(
+                    MlpLearner::new(
+                        hyper,
+                        Arc::clone(&s.train),
+                        s.parts[&num_sites][index].clone(),
+                        Arc::clone(&s.held_out),
+                        index as u64,
+                    )
+                    .with_params_transfer(a.params_transfer_type),
+                )
             }
             LearnerSpec::TorchCnn(a) => self.torch_learner(a, index, num_sites)?,
             LearnerSpec::Synthetic(a) => Box::new(SyntheticLearner::new(a.clone(), index)),
@@ -1284,7 +1298,9 @@ impl ClientApp {
                 e.to_string(),
             )
         })?;
-        Ok(Box::new(learner))
+        Ok(Box::new(
+            learner.with_params_transfer(a.params_transfer_type),
+        ))
     }
 
     #[cfg(not(feature = "torch"))]

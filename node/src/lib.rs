@@ -3,9 +3,12 @@
 //! a thin CLI over this library.
 
 pub mod aggregators;
+pub mod audit;
+pub mod authz;
 pub mod bench;
 pub mod bench_algorithms;
 pub mod bench_client_api;
+pub mod bench_dp;
 pub mod bench_net;
 pub mod cmd_provision;
 pub mod data;

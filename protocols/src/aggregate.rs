@@ -5,6 +5,14 @@
 //! f32 tensors keep a running weighted *mean* in f32 (`m += w/W · (x − m)`) rather than a
 //! running sum: its rounding error grows with the number of results, not with the size of
 //! the sum, and it needs no second buffer at the end. Other dtypes sum in f64.
+//!
+//! **Per tensor.** A result may carry a subset of the global model's tensors (what FLARE's
+//! `ExcludeVars` leaves of it), as FLARE's weighted aggregation takes it: each tensor is the
+//! weighted mean over the results that carry it (its own total weight), and a tensor no
+//! result carries keeps the base model's value, for full weights and diffs alike. A tensor
+//! the global model lacks, or of another shape or dtype, is still refused.
+//! [`FedAvg::complete`] refuses a result that lacks a tensor, for the robust rules, whose
+//! medians and distances need every tensor from every result.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +20,7 @@ use crate::model::{
     DType, FLModel, META_NUM_SAMPLES, META_NUM_STEPS, MetaValue, ModelError, ParamsType, Tensor,
     numel,
 };
-use crate::stored::{ModelRef, SourceError, TensorInfo, check_layout, layout_of, memory_chunks};
+use crate::stored::{ModelRef, SourceError, TensorInfo, layout_of, memory_chunks};
 
 /// Why a result could not be aggregated.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -20,6 +28,12 @@ pub enum AggregateError {
     /// The result's tensors do not match the global model.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The result lacks a tensor of the global model, and this aggregator needs all of them.
+    #[error(
+        "result lacks tensor {0:?}: this aggregator needs every tensor of the global model \
+         (only FedAvg averages results that exclude some, as ExcludeVars leaves them)"
+    )]
+    Missing(String),
     /// The weight is zero, negative or not finite.
     #[error("invalid aggregation weight {0}")]
     BadWeight(f64),
@@ -182,10 +196,20 @@ enum Acc {
     Wide(Vec<f64>),
 }
 
-/// Streaming weighted average of models with identical tensor names, shapes and dtypes.
+/// One tensor's accumulator and the weight of the results that carried the tensor.
+#[derive(Debug)]
+struct Slot {
+    acc: Acc,
+    weight: f64,
+}
+
+/// Streaming weighted average of models whose tensors are the global model's (all of them or,
+/// unless [`FedAvg::complete`], some), tensor by tensor.
 #[derive(Debug, Default)]
 pub struct FedAvg {
-    sums: BTreeMap<String, Acc>,
+    sums: BTreeMap<String, Slot>,
+    /// Every result must carry every tensor of its reference.
+    complete: bool,
     total_weight: f64,
     count: usize,
     params_type: Option<ParamsType>,
@@ -298,10 +322,57 @@ impl Src<'_> {
     }
 }
 
+/// Checks a result's tensors against its reference's: each one the reference has, with the
+/// same shape and dtype, and when `complete` every one of the reference's.
+fn check_tensors(
+    reference: &[TensorInfo],
+    result: &[TensorInfo],
+    complete: bool,
+) -> Result<(), AggregateError> {
+    let by_name: BTreeMap<&str, &TensorInfo> =
+        reference.iter().map(|t| (t.name.as_str(), t)).collect();
+    for t in result {
+        let Some(r) = by_name.get(t.name.as_str()) else {
+            return Err(ModelError::Incompatible {
+                name: t.name.clone(),
+                reason: "unexpected tensor".into(),
+            }
+            .into());
+        };
+        if r.shape != t.shape || r.dtype != t.dtype {
+            return Err(ModelError::Incompatible {
+                name: t.name.clone(),
+                reason: format!(
+                    "expected {:?} {:?}, got {:?} {:?}",
+                    r.dtype, r.shape, t.dtype, t.shape
+                ),
+            }
+            .into());
+        }
+    }
+    if complete {
+        let names: std::collections::BTreeSet<&str> =
+            result.iter().map(|t| t.name.as_str()).collect();
+        if let Some(missing) = reference.iter().find(|t| !names.contains(t.name.as_str())) {
+            return Err(AggregateError::Missing(missing.name.clone()));
+        }
+    }
+    Ok(())
+}
+
 impl FedAvg {
-    /// An empty aggregator.
+    /// An empty aggregator that averages each tensor over the results that carry it.
     pub fn new() -> Self {
         FedAvg::default()
+    }
+
+    /// An empty aggregator that refuses a result lacking any tensor of its reference
+    /// ([`AggregateError::Missing`]): the check of the robust rules.
+    pub fn complete() -> Self {
+        FedAvg {
+            complete: true,
+            ..FedAvg::default()
+        }
     }
 
     /// Number of results folded in so far.
@@ -354,7 +425,7 @@ impl FedAvg {
         if let Some(t) = layout.iter().find(|t| t.dtype == DType::I8) {
             return Err(AggregateError::Quantized(t.name.clone()));
         }
-        check_layout(&reference.tensors(), &layout)?;
+        check_tensors(&reference.tensors(), &layout, self.complete)?;
         let params_type = result.params_type();
         if let Some(expected) = self.params_type
             && expected != params_type
@@ -382,23 +453,24 @@ impl FedAvg {
             Some(w) => return Err(AggregateError::BadWeight(w)),
         };
         self.params_type = Some(params_type);
-        // This result's share of the mean over everything folded in so far.
-        let share = (weight / (self.total_weight + weight)) as f32;
         let scale32 = scale as f32;
         for t in &layout {
-            self.sums
-                .entry(t.name.clone())
-                .or_insert_with(|| match t.dtype {
+            self.sums.entry(t.name.clone()).or_insert_with(|| Slot {
+                acc: match t.dtype {
                     DType::F32 => Acc::F32Mean(vec![0; t.byte_len().unwrap_or(0)]),
                     _ => Acc::Wide(vec![0.0; numel(&t.shape).unwrap_or(0)]),
-                });
+                },
+                weight: 0.0,
+            });
         }
         let sums = &mut self.sums;
         let folded = result.chunks(|info, at, bytes| -> Result<(), AggregateError> {
-            let Some(acc) = sums.get_mut(&info.name) else {
+            let Some(slot) = sums.get_mut(&info.name) else {
                 return Ok(());
             };
-            match acc {
+            // This result's share of the tensor's mean over the results that carried it.
+            let share = (weight / (slot.weight + weight)) as f32;
+            match &mut slot.acc {
                 Acc::F32Mean(mean) => {
                     let Some(dst) = mean.get_mut(at..at + bytes.len()) else {
                         return Ok(());
@@ -420,6 +492,11 @@ impl FedAvg {
         if let Err(e) = folded {
             self.poisoned = Some(e.to_string());
             return Err(e);
+        }
+        for t in &layout {
+            if let Some(slot) = self.sums.get_mut(&t.name) {
+                slot.weight += weight;
+            }
         }
         for (k, v) in result.metrics() {
             if v.is_finite() {
@@ -443,7 +520,8 @@ impl FedAvg {
     }
 
     /// The new global model: the weighted average of full weights, or `base` plus the
-    /// weighted average of diffs. Tensors keep the dtype of `base`.
+    /// weighted average of diffs, tensor by tensor over the results that carried it; a tensor
+    /// no result carried is `base`'s. Tensors keep the dtype of `base`.
     pub fn finish(self, base: &FLModel) -> Result<FLModel, AggregateError> {
         self.finish_src(Src::Mem(base))
     }
@@ -462,16 +540,8 @@ impl FedAvg {
         if self.count == 0 {
             return Err(AggregateError::Empty);
         }
-        let total = self.total_weight;
         let diff = self.params_type == Some(ParamsType::Diff);
         let layout = base.tensors();
-        if let Some(t) = layout.iter().find(|t| !self.sums.contains_key(&t.name)) {
-            return Err(ModelError::Incompatible {
-                name: t.name.clone(),
-                reason: "not in the results".into(),
-            }
-            .into());
-        }
         if let Some(name) = self
             .sums
             .keys()
@@ -485,16 +555,32 @@ impl FedAvg {
         }
         let mut params = BTreeMap::new();
         let sums = &mut self.sums;
-        // The tensor being built from a wide sum (or an f32 mean onto another dtype).
+        // The tensor being built from a wide sum (or an f32 mean onto another dtype), or
+        // copied from the base when no result carried it.
         let mut out: Vec<u8> = Vec::new();
         base.chunks(|info, at, bytes| -> Result<(), AggregateError> {
             let len = info.byte_len().unwrap_or(0);
             let last = at + bytes.len() == len;
-            let Some(acc) = sums.get_mut(&info.name) else {
+            let Some(slot) = sums.get_mut(&info.name) else {
+                if at == 0 {
+                    out = Vec::with_capacity(len);
+                }
+                out.extend_from_slice(bytes);
+                if last {
+                    params.insert(
+                        info.name.clone(),
+                        Tensor::from_bytes(
+                            info.dtype,
+                            info.shape.clone(),
+                            std::mem::take(&mut out),
+                        )?,
+                    );
+                }
                 return Ok(());
             };
+            let total = slot.weight;
             let first = at / info.dtype.size();
-            match acc {
+            match &mut slot.acc {
                 Acc::F32Mean(mean) if info.dtype == DType::F32 => {
                     if diff && let Some(dst) = mean.get_mut(at..at + bytes.len()) {
                         for (m, x) in dst.chunks_exact_mut(4).zip(bytes.chunks_exact(4)) {
@@ -528,7 +614,10 @@ impl FedAvg {
             }
             if last {
                 let data = match sums.remove(&info.name) {
-                    Some(Acc::F32Mean(mean)) if info.dtype == DType::F32 => mean,
+                    Some(Slot {
+                        acc: Acc::F32Mean(mean),
+                        ..
+                    }) if info.dtype == DType::F32 => mean,
                     _ => std::mem::take(&mut out),
                 };
                 params.insert(
@@ -750,6 +839,114 @@ mod tests {
         ));
         assert_eq!(agg.count(), 1);
         assert_eq!(f32s(&agg.finish(&base).unwrap(), "w"), vec![2.0, 2.0]);
+    }
+
+    /// A model of the named f32 tensors (and `n`, i64, when given).
+    fn some(tensors: &[(&str, &[f32])], n: Option<i64>, kind: ParamsType) -> FLModel {
+        let mut m = FLModel::from_params(
+            tensors
+                .iter()
+                .map(|(name, v)| {
+                    (
+                        name.to_string(),
+                        Tensor::from_f32(vec![v.len()], v).unwrap(),
+                    )
+                })
+                .collect(),
+        );
+        if let Some(n) = n {
+            m.params
+                .insert("n".into(), Tensor::from_i64(vec![1], &[n]).unwrap());
+        }
+        m.params_type = kind;
+        m
+    }
+
+    #[test]
+    fn partial_results_are_averaged_per_tensor_and_the_rest_keeps_the_base() {
+        let full = ParamsType::Full;
+        let base = some(&[("w", &[0.0, 0.0]), ("z", &[7.5])], Some(0), full);
+        let a = some(&[("w", &[1.0, 2.0])], Some(10), full);
+        let b = some(&[("w", &[5.0, 6.0])], None, full);
+        let c = some(&[], Some(40), full);
+        let mut agg = FedAvg::new();
+        agg.add(&base, &a, 1.0).unwrap();
+        agg.add(&base, &b, 3.0).unwrap();
+        agg.add(&base, &c, 2.0).unwrap();
+        assert_eq!(agg.count(), 3);
+        assert_eq!(agg.total_weight(), 6.0);
+        let out = agg.finish(&base).unwrap();
+        // w over a and b: (1·1 + 3·5)/4, (1·2 + 3·6)/4; n over a and c: (1·10 + 2·40)/3;
+        // z, which nobody sent, is the base's.
+        assert_eq!(f32s(&out, "w"), vec![4.0, 5.0]);
+        assert_eq!(out.params["n"].to_f32_vec(), vec![30.0]);
+        assert_eq!(out.params["z"], base.params["z"]);
+        // The same from stored models.
+        let mut st = FedAvg::new();
+        let sbase = stored(&base);
+        for (m, w) in [(&a, 1.0), (&b, 3.0), (&c, 2.0)] {
+            st.add_ref(&sbase, &stored(m), w).unwrap();
+        }
+        assert_eq!(st.finish_ref(&sbase).unwrap(), out);
+    }
+
+    #[test]
+    fn partial_diffs_add_their_per_tensor_mean_to_the_base() {
+        let diff = ParamsType::Diff;
+        let base = some(
+            &[("w", &[10.0, 20.0]), ("z", &[7.5])],
+            Some(100),
+            ParamsType::Full,
+        );
+        let a = some(&[("w", &[1.0, -1.0])], Some(2), diff);
+        let b = some(&[("w", &[3.0, 1.0])], None, diff);
+        let mut agg = FedAvg::new();
+        agg.add(&base, &a, 1.0).unwrap();
+        agg.add(&base, &b, 1.0).unwrap();
+        let out = agg.finish(&base).unwrap();
+        assert_eq!(f32s(&out, "w"), vec![12.0, 20.0]);
+        // n from a alone: 100 + 2; z from nobody: 7.5 + 0.
+        assert_eq!(out.params["n"].to_f32_vec(), vec![102.0]);
+        assert_eq!(f32s(&out, "z"), vec![7.5]);
+        assert_eq!(out.params_type, ParamsType::Full);
+    }
+
+    #[test]
+    fn a_complete_fedavg_refuses_a_partial_result_and_both_refuse_strangers() {
+        let base = model(&[0.0, 0.0], &[0], 1);
+        let partial = some(&[("w", &[1.0, 1.0])], None, ParamsType::Full);
+        let mut robust = FedAvg::complete();
+        assert_eq!(
+            robust.add(&base, &partial, 1.0),
+            Err(AggregateError::Missing("n".into()))
+        );
+        assert!(
+            AggregateError::Missing("n".into())
+                .to_string()
+                .contains("lacks tensor \"n\"")
+        );
+        assert_eq!(robust.count(), 0);
+        robust
+            .add(&base, &model(&[1.0, 1.0], &[1], 1), 1.0)
+            .unwrap();
+        // A tensor the global model lacks, or of another shape, is refused either way.
+        for mut agg in [FedAvg::new(), FedAvg::complete()] {
+            let extra = some(
+                &[("w", &[1.0, 1.0]), ("x", &[1.0])],
+                Some(1),
+                ParamsType::Full,
+            );
+            assert!(matches!(
+                agg.add(&base, &extra, 1.0),
+                Err(AggregateError::Model(ModelError::Incompatible { ref name, .. })) if name == "x"
+            ));
+            let short = some(&[("w", &[1.0])], None, ParamsType::Full);
+            assert!(matches!(
+                agg.add(&base, &short, 1.0),
+                Err(AggregateError::Model(ModelError::Incompatible { ref name, .. })) if name == "w"
+            ));
+            assert_eq!(agg.count(), 0);
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod aggregate;
 pub mod aggregators;
 pub mod codec;
+pub mod dp;
 pub mod filters;
 pub mod model;
 pub mod safetensors_io;

@@ -404,7 +404,7 @@ fn write_kit(
         0o644,
     )?;
     write_file(
-        &local.join("privacy.json"),
+        &local.join(crate::config::PRIVACY_SAMPLE),
         json(&default_privacy()).as_bytes(),
         0o644,
     )?;

@@ -59,47 +59,75 @@ pub struct PeerAddr {
     pub addrs: Vec<String>,
 }
 
-/// `local/authorization.json`: which admin roles may do what on this site (FLARE-style).
+/// `local/authorization.json`: which admin roles may do what on this site, FLARE's
+/// `authorization.json.default` (the node's `authz` module reads it; its doc has the rules).
 pub fn default_authorization() -> serde_json::Value {
     serde_json::json!({
-        "format_version": 1,
+        "format_version": "1.0",
         "permissions": {
             "project_admin": "any",
             "org_admin": {
                 "submit_job": "none",
+                "clone_job": "none",
                 "manage_job": "o:submitter",
                 "download_job": "o:submitter",
                 "view": "any",
                 "operate": "o:site",
-                "shell_commands": "o:site"
+                "shell_commands": "o:site",
+                "byoc": "none"
             },
             "lead": {
                 "submit_job": "any",
+                "clone_job": "n:submitter",
                 "manage_job": "n:submitter",
                 "download_job": "n:submitter",
                 "view": "any",
                 "operate": "o:site",
-                "shell_commands": "none"
+                "shell_commands": "o:site",
+                "byoc": "any"
             },
-            "member": {
-                "view": "any"
-            }
-        },
-        "allow_custom_code": true
+            "member": { "view": "any" }
+        }
     })
 }
 
-/// `local/privacy.json`: privacy scopes and the filters each applies (FLARE-style).
+/// The file name of the sample privacy policy: as in FLARE, a kit has no `privacy.json` (no
+/// privacy control) until the site copies the sample, or writes its own.
+pub const PRIVACY_SAMPLE: &str = "privacy.json.sample";
+
+/// `local/privacy.json.sample`: privacy scopes and the filters each applies (FLARE's format;
+/// a job picks a scope with `scope` in `meta.json`).
 pub fn default_privacy() -> serde_json::Value {
     serde_json::json!({
-        "format_version": 1,
-        "default_scope": "public",
         "scopes": [
-            { "name": "public", "task_result_filters": [], "task_data_filters": [] },
-            { "name": "private", "task_result_filters": [
-                { "name": "exclude_vars", "args": { "exclude_vars": [] } }
-            ], "task_data_filters": [] }
-        ]
+            {
+                "name": "public",
+                "properties": {},
+                "task_result_filters": [
+                    {
+                        "path": "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy",
+                        "args": { "percentile": 10, "gamma": 0.01 }
+                    }
+                ],
+                "task_data_filters": []
+            },
+            {
+                "name": "private",
+                "properties": {},
+                "task_result_filters": [
+                    {
+                        "path": "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy",
+                        "args": { "percentile": 10, "gamma": 0.01 }
+                    },
+                    {
+                        "path": "nvflare.app_common.filters.exclude_vars.ExcludeVars",
+                        "args": { "exclude_vars": "^fc2\\." }
+                    }
+                ],
+                "task_data_filters": []
+            }
+        ],
+        "default_scope": "public"
     })
 }
 

@@ -66,7 +66,11 @@ fn provision_then_load_every_kit() {
     );
     assert!(startup(&prod, "site-1").join("start.sh").is_file());
     assert!(startup(&prod, "site-1").join("stop.sh").is_file());
-    for f in ["authorization.json", "privacy.json", "resources.json"] {
+    for f in [
+        "authorization.json",
+        "privacy.json.sample",
+        "resources.json",
+    ] {
         assert!(prod.join("site-1/local").join(f).is_file(), "{f}");
     }
     assert!(prod.join("site-1/transfer").is_dir());
@@ -283,7 +287,7 @@ fn zip_holds_the_kit() {
     for want in [
         "site-1/startup/signature.json",
         "site-1/startup/key.pem",
-        "site-1/local/privacy.json",
+        "site-1/local/privacy.json.sample",
     ] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
     }

@@ -26,6 +26,21 @@
 //!   ([`SCAFFOLD_C_DIFF`]) and `NUM_STEPS_CURRENT_ROUND` = `K`, and `c_i` becomes `c_i⁺`.
 //!   Without `scaffold_c_global.*` tensors nothing of this happens.
 //!
+//! # Full weights or differences
+//!
+//! The learner arg `params_transfer_type` (FLARE's Client API name) chooses what a train
+//! result carries: `FULL` (the default) the trained weights, `DIFF` the trained weights
+//! minus the weights received (`params_type` [`ParamsType::Diff`]), which is what FLARE's
+//! privacy filters (`PercentilePrivacy`, `SVTPrivacy`) and local differential privacy work
+//! on. Every tensor of the network is sent as a difference, as FLARE's
+//! `numerical_params_diff` does for each key of the received `state_dict`: a network with
+//! buffers (BatchNorm's running statistics) would send their change too, and the
+//! aggregator, which adds the mean change to the global model, would end on the mean of the
+//! sites' statistics, as with full weights. SCAFFOLD's `scaffold_c_diff.*` are already
+//! changes and go out as they are; FedProx only shapes the training. The aggregators take
+//! diffs ([`flare_protocols::aggregate`]); workflows that pass a site's result on as the next
+//! site's model (cyclic) need `FULL`.
+//!
 //! Control tensors are not weights: loading a model, to train or to validate, skips every
 //! name under the two SCAFFOLD prefixes, while any other tensor the network lacks is still
 //! refused as the sign of a wrong model. A missing, extra, misshaped or non-finite control
@@ -40,7 +55,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use flare_protocols::aggregators::SCAFFOLD_C_DIFF;
-use flare_protocols::model::{DType, FLModel, META_NUM_STEPS, MetaValue, ModelError, Tensor};
+use flare_protocols::model::{
+    DType, FLModel, META_NUM_STEPS, MetaValue, ModelError, ParamsType, Tensor,
+};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -50,6 +67,7 @@ use super::algorithms::{
     check_scaffold_lr, fedprox_mu, is_control, scaffold_c_global, scaffold_c_new,
 };
 use super::gemm::{Mat, sgemm};
+use super::script::TransferType;
 use super::{Learner, LearnerError, samples_meta};
 use crate::data::Dataset;
 use crate::data::mnist::{CLASSES, PIXELS};
@@ -176,6 +194,25 @@ impl Mlp {
             })
             .collect();
         FLModel::from_params(params)
+    }
+
+    /// These weights minus `base`'s (a network of the same size), as a model of
+    /// [`ParamsType::Diff`].
+    pub fn diff_model(&self, base: &Mlp) -> FLModel {
+        let params = NAMES
+            .iter()
+            .zip(Mlp::shapes(self.hidden))
+            .zip(self.params().into_iter().zip(base.params()))
+            .map(|((name, shape), (w, b))| {
+                let d: Vec<f32> = w.iter().zip(b).map(|(w, b)| w - b).collect();
+                let t = Tensor::from_f32(shape, &d).expect("shapes are built from the same sizes");
+                (name.to_string(), t)
+            })
+            .collect();
+        FLModel {
+            params_type: ParamsType::Diff,
+            ..FLModel::from_params(params)
+        }
     }
 
     /// The parameters' shapes for `hidden` units, in [`NAMES`] order.
@@ -462,6 +499,8 @@ pub struct MlpLearner {
     /// round succeeds, then what the last one left. It lives as long as the learner, which is
     /// the rounds of one job at this site.
     c_local: Option<Controls>,
+    /// Whether train results carry the weights or their change (`params_transfer_type`).
+    transfer: TransferType,
 }
 
 impl MlpLearner {
@@ -481,7 +520,15 @@ impl MlpLearner {
             validation,
             rng,
             c_local: None,
+            transfer: TransferType::Full,
         }
+    }
+
+    /// A learner whose train results are `transfer`: the trained weights (`FULL`, the
+    /// default) or the trained minus the received weights (`DIFF`); see the module doc.
+    pub fn with_params_transfer(mut self, transfer: TransferType) -> Self {
+        self.transfer = transfer;
+        self
     }
 
     /// Number of local training examples.
@@ -513,7 +560,9 @@ impl Learner for MlpLearner {
             }
             d
         });
-        let start = (mu.is_some() || c_global.is_some()).then(|| net.clone());
+        let diff = self.transfer == TransferType::Diff;
+        // The weights as received: FedProx's anchor, SCAFFOLD's w_global, DIFF's base.
+        let start = (mu.is_some() || c_global.is_some() || diff).then(|| net.clone());
         let terms = RoundTerms {
             prox: mu.zip(start.as_ref()).map(|(mu, global)| Prox {
                 mu: mu as f32,
@@ -528,7 +577,10 @@ impl Learner for MlpLearner {
             &mut self.rng,
             &terms,
         )?;
-        let mut out = net.to_model();
+        let mut out = match &start {
+            Some(start) if diff => net.diff_model(start),
+            _ => net.to_model(),
+        };
         if let (Some(cg), Some(cl), Some(start)) = (&c_global, c_local, &start) {
             let k_lr = steps as f64 * f64::from(lr);
             let mut c_new = Controls::default();
@@ -1013,6 +1065,58 @@ mod tests {
             site.validate(&both).unwrap(),
             site.validate(&plain).unwrap()
         );
+    }
+
+    #[test]
+    fn diff_transfer_plus_the_received_model_is_the_full_result() {
+        let (train, test) = small_data();
+        let g0 = Mlp::init(16, 0).to_model();
+        let c_global: Controls = Mlp::shapes(16).map(|s| {
+            (0..s.iter().product())
+                .map(|i| ((i % 5) as f32 - 2.0) * 0.01)
+                .collect()
+        });
+        let cases = [
+            ("plain", g0.clone()),
+            (
+                "fedprox",
+                with_meta(&g0, META_FEDPROX_MU, MetaValue::Float(0.5)),
+            ),
+            ("scaffold", with_c_global(&g0, &c_global)),
+        ];
+        for (what, mut global) in cases {
+            let mut full = small_site(&train, &test);
+            let mut diff = small_site(&train, &test).with_params_transfer(TransferType::Diff);
+            // Two rounds, so that SCAFFOLD's second one runs on the stored c_i.
+            for round in 0..2 {
+                let f = full.train(&global, round).unwrap();
+                let d = diff.train(&global, round).unwrap();
+                assert_eq!(f.params_type, ParamsType::Full, "{what}");
+                assert_eq!(d.params_type, ParamsType::Diff, "{what}");
+                assert!(d.params.keys().eq(f.params.keys()), "{what}");
+                assert_eq!(d.meta, f.meta, "{what}");
+                for (name, t) in &d.params {
+                    let (d, f) = (t.to_f32_vec(), f.params[name].to_f32_vec());
+                    if name.starts_with(SCAFFOLD_C_DIFF) {
+                        // Control changes go out as they are.
+                        assert_eq!(d, f, "{what} round {round}: {name}");
+                        continue;
+                    }
+                    let g = global.params[name].to_f32_vec();
+                    assert!(d.iter().any(|v| v.abs() > 1e-4), "{what}: {name} moved");
+                    for (i, ((d, g), f)) in d.iter().zip(&g).zip(&f).enumerate() {
+                        assert!(
+                            (d + g - f).abs() <= 1e-6,
+                            "{what} round {round}: {name}[{i}]: {d} + {g} != {f}"
+                        );
+                    }
+                }
+                // The next round starts from the full result, with the same algorithm state.
+                for n in NAMES {
+                    global.params.insert(n.to_string(), f.params[n].clone());
+                }
+            }
+        }
     }
 
     #[test]

@@ -32,6 +32,15 @@
 //!
 //! Loading a model skips SCAFFOLD's control tensors; any other tensor the network lacks is
 //! refused.
+//!
+//! # Full weights or differences
+//!
+//! With `params_transfer_type` `DIFF` ([`TorchCnnLearner::with_params_transfer`]) a train
+//! result carries every variable of the network as trained minus received, on the device
+//! before export, with `params_type` `Diff`; the rules are the MLP's (see [`super::mlp`]).
+//! Every variable is a difference, as in FLARE's `numerical_params_diff` over the received
+//! `state_dict`: this CNN has no buffers, and one with BatchNorm would send the change of its
+//! running statistics too, which the aggregator adds back to the global ones.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,7 +49,7 @@ use std::time::Instant;
 
 use flare_protocols::aggregators::SCAFFOLD_C_DIFF;
 use flare_protocols::model::{
-    DType, FLModel, META_NUM_STEPS, MetaValue, ModelError, Tensor as FlTensor,
+    DType, FLModel, META_NUM_STEPS, MetaValue, ModelError, ParamsType, Tensor as FlTensor,
 };
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -50,6 +59,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::algorithms::{check_scaffold_lr, fedprox_mu, is_control, scaffold_c_global};
 use super::cnn::{CnnHyper, DeviceSpec, OptimizerKind};
+use super::script::TransferType;
 use super::{Learner, LearnerError, samples_meta};
 use crate::data::Dataset;
 use crate::data::mnist::PIXELS;
@@ -167,6 +177,31 @@ impl CnnNet {
             .map(|(name, var)| Ok((name, from_tch(&var).map_err(backend)?)))
             .collect::<Result<BTreeMap<_, _>, LearnerError>>()?;
         Ok(FLModel::from_params(params))
+    }
+
+    /// The weights minus `base` (one tensor per variable, in [`CnnNet::variables`]' order,
+    /// on this network's device), as a model of [`ParamsType::Diff`].
+    fn diff_model(&self, base: &[Tensor]) -> Result<FLModel, LearnerError> {
+        let vars = self.variables();
+        if vars.len() != base.len() {
+            return Err(LearnerError::Backend(format!(
+                "{} base tensors for {} variables",
+                base.len(),
+                vars.len()
+            )));
+        }
+        let params = vars
+            .into_iter()
+            .zip(base)
+            .map(|((name, var), b)| {
+                let d = tch::no_grad(|| var.detach() - b);
+                Ok((name, from_tch(&d).map_err(backend)?))
+            })
+            .collect::<Result<BTreeMap<_, _>, LearnerError>>()?;
+        Ok(FLModel {
+            params_type: ParamsType::Diff,
+            ..FLModel::from_params(params)
+        })
     }
 }
 
@@ -611,6 +646,8 @@ pub struct TorchCnnLearner {
     c_local: Option<BTreeMap<String, Tensor>>,
     /// Whether the warning that SCAFFOLD assumes SGD was logged already.
     warned_scaffold_optimizer: bool,
+    /// Whether train results carry the weights or their change (`params_transfer_type`).
+    transfer: TransferType,
     /// Seconds the last validation took; the `trained` log line reports it, so the time a
     /// site spends on a round beside the training step can be told from the time between
     /// sites.
@@ -643,6 +680,7 @@ impl TorchCnnLearner {
                 site,
                 c_local: None,
                 warned_scaffold_optimizer: false,
+                transfer: TransferType::Full,
                 validate_s: 0.0,
             };
             tracing::info!(
@@ -658,6 +696,13 @@ impl TorchCnnLearner {
     /// Number of local training examples.
     pub fn num_samples(&self) -> usize {
         self.train.1.size().first().map_or(0, |&n| n as usize)
+    }
+
+    /// A learner whose train results are `transfer`: the trained weights (`FULL`, the
+    /// default) or the trained minus the received weights (`DIFF`); see the module doc.
+    pub fn with_params_transfer(mut self, transfer: TransferType) -> Self {
+        self.transfer = transfer;
+        self
     }
 }
 
@@ -719,8 +764,10 @@ impl TorchCnnLearner {
         }
         self.trainer.net_mut().load(global)?;
         let device = self.trainer.net().device();
-        // The weights as received, frozen for the round: FedProx's anchor, SCAFFOLD's w_global.
-        let w_global: Option<Vec<Tensor>> = (mu.is_some() || c_global.is_some())
+        let diff = self.transfer == TransferType::Diff;
+        // The weights as received, frozen for the round: FedProx's anchor, SCAFFOLD's
+        // w_global, DIFF's base.
+        let w_global: Option<Vec<Tensor>> = (mu.is_some() || c_global.is_some() || diff)
             .then(|| tch::no_grad(|| vars.values().map(|v| v.detach().copy()).collect()));
         // SCAFFOLD's c on the device, c_i (zeros at first) and the correction lr·(c − c_i).
         let controls = match c_global {
@@ -767,7 +814,10 @@ impl TorchCnnLearner {
         // The corrections and handles are done with: free them on the device before export.
         drop(terms);
         let trained = Instant::now();
-        let mut out = self.trainer.net().to_model()?;
+        let mut out = match &w_global {
+            Some(base) if diff => self.trainer.net().diff_model(base)?,
+            _ => self.trainer.net().to_model()?,
+        };
         if let (Some(controls), Some(w_global)) = (&controls, &w_global) {
             let k_lr = steps as f64 * self.hyper.lr;
             let mut c_new = BTreeMap::new();
@@ -1055,6 +1105,53 @@ mod tests {
                     "{name}[{i}]: {} != {want}",
                     diff[i]
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn diff_transfer_plus_the_received_model_is_the_full_result() {
+        let (train, held) = small_data();
+        let g0 = cnn::init(0);
+        let mut fedprox = g0.clone();
+        fedprox
+            .meta
+            .insert(META_FEDPROX_MU.into(), MetaValue::Float(0.5));
+        let cases = [
+            ("plain", g0.clone()),
+            ("fedprox", fedprox),
+            ("scaffold", with_c_global(&g0, &zero_controls())),
+        ];
+        for (what, mut global) in cases {
+            let mut full = small_site(&train, &held);
+            let mut diff = small_site(&train, &held).with_params_transfer(TransferType::Diff);
+            // Two rounds, so that SCAFFOLD's second one runs on the stored c_i.
+            for round in 0..2 {
+                let f = full.train(&global, round).unwrap();
+                let d = diff.train(&global, round).unwrap();
+                assert_eq!(f.params_type, ParamsType::Full, "{what}");
+                assert_eq!(d.params_type, ParamsType::Diff, "{what}");
+                assert!(d.params.keys().eq(f.params.keys()), "{what}");
+                for (name, t) in &d.params {
+                    let (d, f) = (t.to_f32_vec(), f.params[name].to_f32_vec());
+                    if is_control(name) {
+                        assert_eq!(d, f, "{what} round {round}: {name}");
+                        continue;
+                    }
+                    let g = global.params[name].to_f32_vec();
+                    assert!(d.iter().any(|v| v.abs() > 1e-5), "{what}: {name} moved");
+                    for (i, ((d, g), f)) in d.iter().zip(&g).zip(&f).enumerate() {
+                        assert!(
+                            (d + g - f).abs() <= 1e-6,
+                            "{what} round {round}: {name}[{i}]: {d} + {g} != {f}"
+                        );
+                    }
+                }
+                for (name, _) in CNN_PARAMS {
+                    global
+                        .params
+                        .insert(name.to_string(), f.params[name].clone());
+                }
             }
         }
     }

@@ -153,6 +153,11 @@ pub enum ControlRequest {
     AbortJob {
         /// Job id.
         job: String,
+        /// The certificate (DER) of the admin whose `abort` this is, which the site checks
+        /// against its own `manage_job` rule; `None` when the server stops the job itself
+        /// (it ended, failed, or fell short at deploy).
+        #[serde(default)]
+        by: Option<ByteBuf>,
     },
 }
 

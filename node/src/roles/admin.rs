@@ -535,11 +535,27 @@ fn print_value(out: &mut Console, cmd: &AdminCommand, v: &Value, json_out: bool)
                 out.line(table(&["SITE", "STATE"], &rows));
             }
             if let Some(m) = v["metrics"].as_object() {
+                // A differentially private run also shows the privacy spent per version.
+                let dp = m.values().any(|x| x.get("privacy_epsilon").is_some());
                 let rows: Vec<Vec<String>> = natural_entries(m)
                     .into_iter()
-                    .map(|(k, x)| vec![k.clone(), s(&x["accuracy"]), s(&x["loss"])])
+                    .map(|(k, x)| {
+                        let mut row = vec![k.clone(), s(&x["accuracy"]), s(&x["loss"])];
+                        if dp {
+                            row.push(s(&x["privacy_epsilon"]));
+                            row.push(s(&x["privacy_delta"]));
+                        }
+                        row
+                    })
                     .collect();
-                out.line(table(&["VERSION", "ACCURACY", "LOSS"], &rows));
+                if dp {
+                    out.line(table(
+                        &["VERSION", "ACCURACY", "LOSS", "EPSILON", "DELTA"],
+                        &rows,
+                    ));
+                } else {
+                    out.line(table(&["VERSION", "ACCURACY", "LOSS"], &rows));
+                }
             }
             if let Some(h) = v["history"].as_array() {
                 let rows: Vec<Vec<String>> = h

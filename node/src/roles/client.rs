@@ -27,6 +27,37 @@ use flare_protocols::workflows::cyclic::{CyclicClient, CyclicMsg};
 use flare_protocols::workflows::swarm::{SwarmClient, SwarmMsg};
 
 use super::policy::SitePolicy;
+use crate::audit::{Actor, AuditEntry, AuditKind, AuditLog, Decision as AuditDecision};
+
+/// A deployed job's filter chains (see [`JobSlot`]).
+struct SlotFilters {
+    both: FilterChains,
+    peer: FilterChains,
+    own_result: FilterChains,
+}
+
+impl SlotFilters {
+    /// A job's own filters, with no privacy scope.
+    fn job(f: FilterChains) -> SlotFilters {
+        SlotFilters {
+            both: f.clone(),
+            peer: f,
+            own_result: FilterChains::default(),
+        }
+    }
+}
+
+/// The audit log's actor for a certificate.
+fn cert_actor(c: &flare_crypto::ParticipantCert) -> Actor {
+    Actor {
+        name: c.name.clone(),
+        org: c.org.clone(),
+        role: match c.role {
+            flare_crypto::Role::Admin(r) => r.as_str().to_string(),
+            other => other.to_string(),
+        },
+    }
+}
 use super::{connect, peer_addrs, start_net};
 use crate::filters::FilterChains;
 use crate::job::{Job, LearnerSite};
@@ -46,8 +77,18 @@ struct JobSlot {
     round: u32,
     /// A client-controlled workflow's task.
     workflow: Option<WorkflowTask>,
-    /// The app's filters on scatter-and-gather tasks coming in and results going out.
+    /// The app's filters on scatter-and-gather tasks coming in and results going out, the
+    /// site's privacy scope first.
     filters: Arc<FilterChains>,
+    /// Between sites (client-controlled workflows): the job's filters on every model sent and
+    /// received, the scope's data filters first on those received. The scope's result
+    /// filters run once, on the site's own training result (`own_result`), so they apply
+    /// whether it goes to a peer or into the site's own aggregate.
+    peer_filters: Arc<FilterChains>,
+    /// The privacy scope's result filters alone.
+    own_result: Arc<FilterChains>,
+    /// The job's submitter, whom the site's `manage_job` rule compares an admin with.
+    submitter: Option<flare_crypto::ParticipantCert>,
 }
 
 /// A running client-controlled workflow of a job: the training workflow, then (if the job has
@@ -104,6 +145,8 @@ struct Site {
     jobs: Mutex<HashMap<String, JobSlot>>,
     /// Where peer models and large local ones are spooled (`jobs/.spool`).
     spool: Arc<Spool>,
+    /// `<workspace>/audit.log`: this site's policy decisions and job events.
+    audit: AuditLog,
 }
 
 /// Runs a client site until `shutdown` turns true.
@@ -121,11 +164,17 @@ pub async fn run_with(
         .participant_dir()
         .context("the kit folder has no parent")?
         .to_path_buf();
+    // A malformed policy stops the site here, naming the file and the key; it is read again
+    // for each job, so a corrected or changed file applies without a restart.
+    SitePolicy::load(&dir.join("local"))
+        .map_err(|e| anyhow::anyhow!("local policy of {}: {e}", kit.name()))?;
     let (net, mut events) = start_net(&kit, false)?;
     let (server, server_addrs) = peer_addrs(&kit.config.server)?;
     let sealing = Sealing::new(net.local, kit.identity.sealing.clone());
     let spool = Arc::new(Spool::new(dir.join("jobs").join(".spool")));
+    let audit = AuditLog::open(&crate::audit::path_in(&dir), kit.name())?;
     let site = Arc::new(Site {
+        audit,
         tiered: opts.tiered,
         kit,
         dir,
@@ -253,26 +302,42 @@ impl Site {
                 site_index,
                 num_sites,
                 derivation,
-            } => match self.deploy(
-                &job,
-                &bundle,
-                &submitter_cert,
-                site_index,
-                num_sites,
-                derivation.as_deref(),
-            ) {
-                Ok(()) => ControlResponse::Ok,
-                Err(Refusal::Policy(reason)) => {
-                    tracing::warn!(%job, %reason, "job refused by local policy");
-                    ControlResponse::Refused { reason }
+            } => {
+                let outcome = self.deploy(
+                    &job,
+                    &bundle,
+                    &submitter_cert,
+                    site_index,
+                    num_sites,
+                    derivation.as_deref(),
+                );
+                let mut line = AuditEntry::new(AuditKind::Policy, "deploy").job(job.clone());
+                if let Ok(c) = self.kit.root_ca.verify(&submitter_cert, SystemTime::now()) {
+                    line = line.actor(cert_actor(&c));
                 }
-                Err(Refusal::Error(e)) => {
-                    tracing::warn!(%job, error = %format!("{e:#}"), "deploy failed");
-                    ControlResponse::Error {
-                        reason: format!("{e:#}"),
+                self.audit_line(match &outcome {
+                    Ok(scope) => line
+                        .decision(AuditDecision::Allowed)
+                        .detail(serde_json::json!({ "privacy_scope": scope })),
+                    Err(Refusal::Policy(reason)) => {
+                        line.decision(AuditDecision::Refused).reason(reason.clone())
+                    }
+                    Err(Refusal::Error(e)) => line.reason(format!("failed: {e:#}")),
+                });
+                match outcome {
+                    Ok(_) => ControlResponse::Ok,
+                    Err(Refusal::Policy(reason)) => {
+                        tracing::warn!(%job, %reason, "job refused by local policy");
+                        ControlResponse::Refused { reason }
+                    }
+                    Err(Refusal::Error(e)) => {
+                        tracing::warn!(%job, error = %format!("{e:#}"), "deploy failed");
+                        ControlResponse::Error {
+                            reason: format!("{e:#}"),
+                        }
                     }
                 }
-            },
+            }
             ControlRequest::Configure {
                 job,
                 peers,
@@ -295,7 +360,27 @@ impl Site {
                     reason: format!("{e:#}"),
                 },
             },
-            ControlRequest::AbortJob { job } => {
+            ControlRequest::AbortJob { job, by } => {
+                // An admin's abort: this site's own `manage_job` rule decides too. The
+                // server's own stop (the job ended, failed, or its deploy fell short) carries
+                // no admin and is obeyed.
+                if let Some(by) = by {
+                    let mut line = AuditEntry::new(AuditKind::Policy, "abort_job").job(job.clone());
+                    if let Ok(c) = self.kit.root_ca.verify(&by, SystemTime::now()) {
+                        line = line.actor(cert_actor(&c));
+                    }
+                    if let Err(reason) = self.may_abort(&job, &by) {
+                        tracing::warn!(%job, %reason, "an admin's abort refused by local policy");
+                        self.audit_line(
+                            line.decision(AuditDecision::Refused).reason(reason.clone()),
+                        );
+                        return ControlResponse::Refused { reason };
+                    }
+                    self.audit_line(line.decision(AuditDecision::Allowed));
+                }
+                self.audit_line(
+                    AuditEntry::new(AuditKind::JobEvent, "job_stopped").job(job.clone()),
+                );
                 if let Ok(mut jobs) = self.jobs.lock()
                     && let Some(slot) = jobs.remove(&job)
                     && let Some(abort) = &slot.abort
@@ -311,6 +396,40 @@ impl Site {
         }
     }
 
+    /// Appends `line` to the audit log; a failure to write is logged, never fatal.
+    fn audit_line(&self, line: AuditEntry) {
+        if let Err(e) = self.audit.record(line) {
+            tracing::error!(error = %e, "cannot write an audit line");
+        }
+    }
+
+    /// Whether the admin of certificate `by` may abort `job` here (`manage_job` in this site's
+    /// `local/authorization.json`, against the job's submitter).
+    fn may_abort(&self, job: &str, by: &[u8]) -> Result<(), String> {
+        let admin = self
+            .kit
+            .root_ca
+            .verify(by, SystemTime::now())
+            .map_err(|e| format!("the aborting admin's certificate is rejected: {e}"))?;
+        let submitter = self
+            .jobs
+            .lock()
+            .ok()
+            .and_then(|j| j.get(job).and_then(|s| s.submitter.clone()));
+        let Some(submitter) = submitter else {
+            return Ok(()); // not held here: nothing to refuse
+        };
+        let policy =
+            SitePolicy::load(&self.dir.join("local")).map_err(|e| format!("local policy: {e}"))?;
+        policy.check_manage(
+            self.kit.name(),
+            self.kit.org(),
+            &admin,
+            &submitter,
+            "abort_job",
+        )
+    }
+
     fn deploy(
         &self,
         job_id: &str,
@@ -319,7 +438,7 @@ impl Site {
         site_index: u32,
         num_sites: u32,
         derivation: Option<&super::tier::SignedDerivation>,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Option<String>, Refusal> {
         let submitter = self
             .kit
             .root_ca
@@ -352,7 +471,7 @@ impl Site {
             return Err(Refusal::Policy(format!("bad job id {job_id:?}")));
         }
         if self.jobs.lock().is_ok_and(|j| j.contains_key(job_id)) {
-            return Ok(()); // deployed already (a repeated deploy changes nothing)
+            return Ok(None); // deployed already (a repeated deploy changes nothing)
         }
         let jobs = self.dir.join("jobs");
         let dest = jobs.join(job_id);
@@ -378,9 +497,9 @@ impl Site {
             }
         }
         let running = self.jobs.lock().map(|j| j.len()).unwrap_or(0);
-        let policy =
-            SitePolicy::load(&self.dir.join("local")).map_err(|e| Refusal::Error(e.into()))?;
-        policy
+        let policy = SitePolicy::load(&self.dir.join("local"))
+            .map_err(|e| Refusal::Policy(format!("local policy: {e}")))?;
+        let scope = policy
             .check(
                 self.kit.name(),
                 self.kit.org(),
@@ -396,9 +515,14 @@ impl Site {
             let learner = hook
                 .learner(job_id, &job, bundle, submitter_cert, derivation)
                 .map_err(Refusal::Policy)?;
-            self.hold(job_id, learner, FilterChains::default());
+            self.hold(
+                job_id,
+                learner,
+                SlotFilters::job(FilterChains::default()),
+                submitter,
+            );
             tracing::info!(job = %job_id, name = %job.meta.name, "tiered job taken for the region");
-            return Ok(());
+            return Ok(None);
         }
         // A derived job's deploy map names this site as the submitter's server does: by
         // region path (`eu.de.site-1`).
@@ -422,13 +546,39 @@ impl Site {
         let learner = app
             .make_learner(site_index as usize, num_sites.max(1) as usize, site)
             .map_err(|e| Refusal::Error(e.into()))?;
-        self.hold(job_id, learner, app.filters.clone());
+        // The site's privacy scope runs first, on every task, then the job's own filters.
+        let scope_name = scope.map(|s| s.name.clone());
+        let filters = match scope {
+            Some(scope) => {
+                tracing::info!(job = %job_id, scope = %scope.name, data = scope.task_data_filters.len(), result = scope.task_result_filters.len(), "privacy scope");
+                SlotFilters {
+                    both: app.filters.clone().with_site_scope(
+                        scope.task_data_filters.clone(),
+                        scope.task_result_filters.clone(),
+                    ),
+                    peer: app
+                        .filters
+                        .clone()
+                        .with_site_scope(scope.task_data_filters.clone(), Vec::new()),
+                    own_result: FilterChains::default()
+                        .with_site_scope(Vec::new(), scope.task_result_filters.clone()),
+                }
+            }
+            None => SlotFilters::job(app.filters.clone()),
+        };
+        self.hold(job_id, learner, filters, submitter);
         tracing::info!(job = %job_id, name = %job.meta.name, site_index, num_sites, "job deployed");
-        Ok(())
+        Ok(scope_name)
     }
 
     /// Holds a deployed job's learner in its slot.
-    fn hold(&self, job_id: &str, learner: Box<dyn Learner>, filters: FilterChains) {
+    fn hold(
+        &self,
+        job_id: &str,
+        learner: Box<dyn Learner>,
+        filters: SlotFilters,
+        submitter: flare_crypto::ParticipantCert,
+    ) {
         let abort = learner.abort_handle();
         if let Ok(mut jobs) = self.jobs.lock() {
             jobs.insert(
@@ -438,7 +588,10 @@ impl Site {
                     abort,
                     round: 0,
                     workflow: None,
-                    filters: Arc::new(filters),
+                    filters: Arc::new(filters.both),
+                    peer_filters: Arc::new(filters.peer),
+                    own_result: Arc::new(filters.own_result),
+                    submitter: Some(submitter),
                 },
             );
         }
@@ -578,13 +731,13 @@ impl Site {
                 && filters.has_task_result(&name)
                 && let Some(m) = result.data.model.take()
             {
-                match filters.task_result(&name, Arc::unwrap_or_clone(m)) {
+                match super::policy::filter_own_result(&filters, &name, &site, Arc::unwrap_or_clone(m)) {
                     Ok(m) => result.data.model = Some(Arc::new(m)),
-                    Err(e) => {
-                        tracing::error!(job = %job_id, task = %name, error = %e, "task result filter failed");
+                    Err(why) => {
+                        tracing::error!(job = %job_id, task = %name, error = %why, "task result refused");
                         result.data = Shareable::error(
                             flare_protocols::ReturnCode::ExecutionException,
-                            format!("the task result filter of {site} failed: {e}"),
+                            why,
                         );
                     }
                 }
@@ -684,10 +837,11 @@ impl Site {
                 .as_ref()
                 .is_some_and(|w| w.stage == stage && w.region_round == region_round)
         };
-        let (learner, filters, already) = self.with_slot(job_id, |slot| {
+        let (learner, filters, own_result, already) = self.with_slot(job_id, |slot| {
             (
                 Arc::clone(&slot.learner),
-                Arc::clone(&slot.filters),
+                Arc::clone(&slot.peer_filters),
+                Arc::clone(&slot.own_result),
                 configured(slot),
             )
         })?;
@@ -716,7 +870,9 @@ impl Site {
                 result_clients,
                 spool: Arc::clone(&self.spool),
                 filters: Arc::clone(&filters),
+                own_result: Arc::clone(&own_result),
                 filter_task,
+                audit: crate::audit::WorkflowAudit::new(self.audit.clone(), job_id, stage),
             })
         };
         let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =

@@ -24,6 +24,8 @@ mod region;
 mod sag;
 
 use super::{now_ms, start_net};
+use crate::audit::{Actor, AuditEntry, AuditKind, AuditLog, Decision as AuditDecision};
+use crate::authz::{Authorization, Person, Request, Right};
 use crate::job::{Job, WorkflowSpec};
 use crate::net::bulk::{self, Sealing};
 use crate::net::download;
@@ -63,6 +65,9 @@ struct Runner {
     results: mpsc::Sender<(String, TaskResult, Option<ModelRef>)>,
     reports: mpsc::Sender<(String, WfEvent)>,
     abort: watch::Sender<bool>,
+    /// The certificate (DER) of the admin who aborted the job, which the sites check against
+    /// their own `manage_job` rule when they are told to stop it.
+    aborted_by: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 /// Counters a test or an operator can read from `status`.
@@ -121,7 +126,14 @@ struct Server {
     heartbeats: Mutex<HashMap<String, Heartbeat>>,
     counters: Counters,
     started_ms: u64,
+    /// `<workspace>/audit.log`: admin commands, job events, policy decisions.
+    audit: AuditLog,
+    /// The last admin commands refused by the server's authorization, for `admin status`.
+    refusals: Mutex<std::collections::VecDeque<serde_json::Value>>,
 }
+
+/// How many refused admin commands `admin status` shows.
+const MAX_REFUSALS_SHOWN: usize = 20;
 
 /// Runs the server until `shutdown` turns true.
 pub async fn run(kit: Kit, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -139,7 +151,11 @@ pub async fn run_with(
         .participant_dir()
         .context("the kit folder has no parent")?
         .to_path_buf();
+    // A malformed authorization file stops the server here, naming the file and the key.
+    Authorization::load(&dir.join("local").join("authorization.json"))
+        .map_err(|e| anyhow::anyhow!("local policy of {}: {e}", kit.name()))?;
     let store = JobStore::open(&dir.join("store"))?;
+    let audit = AuditLog::open(&crate::audit::path_in(&dir), kit.name())?;
     // Jobs that were running when the server stopped go on: a client-controlled job is
     // watched again, a scatter-and-gather job resumes after its last persisted round. A job
     // caught mid-deploy is deployed again (a repeated deploy is a no-op on a site).
@@ -190,6 +206,8 @@ pub async fn run_with(
         heartbeats: Mutex::new(HashMap::new()),
         counters: Counters::default(),
         started_ms: now_ms(),
+        refusals: Mutex::new(std::collections::VecDeque::new()),
+        audit,
     });
 
     for (id, job, sites) in resume {
@@ -325,6 +343,18 @@ fn err(reason: impl Into<String>) -> ControlResponse {
 /// (heartbeats, results) like sites.
 const SITE_KINDS: [RoleKind; 2] = [RoleKind::Client, RoleKind::Hub];
 
+/// The audit log's actor for a peer: its certificate's name, org and role.
+pub(crate) fn actor(from: &PeerInfo) -> Actor {
+    Actor {
+        name: from.cert.name.clone(),
+        org: from.cert.org.clone(),
+        role: match from.cert.role {
+            Role::Admin(r) => r.as_str().to_string(),
+            other => other.to_string(),
+        },
+    }
+}
+
 /// Whether a peer of `role` is one of this server's sites ([`SITE_KINDS`]).
 fn is_site(role: Role) -> bool {
     SITE_KINDS.contains(&role.kind())
@@ -376,7 +406,8 @@ impl Server {
                     let name = from.cert.name.clone();
                     tokio::spawn(async move {
                         for id in stale {
-                            s.stop_on_sites(&id, std::slice::from_ref(&name)).await;
+                            s.stop_on_sites(&id, std::slice::from_ref(&name), None)
+                                .await;
                         }
                     });
                 }
@@ -423,12 +454,33 @@ impl Server {
         role: AdminRole,
         req: AdminRequest,
     ) -> ControlResponse {
-        let may_manage = !matches!(role, AdminRole::Member);
+        let (right, command, job) = match &req {
+            AdminRequest::Submit(_) => (Right::SubmitJob, "submit_job", None),
+            AdminRequest::List => (Right::View, "list_jobs", None),
+            AdminRequest::Status { job } => (Right::View, "check_status", job.as_deref()),
+            AdminRequest::Sites => (Right::View, "check_status", None),
+            AdminRequest::Abort { job } => (Right::ManageJob, "abort_job", Some(job.as_str())),
+            AdminRequest::Delete { job } => (Right::ManageJob, "delete_job", Some(job.as_str())),
+            AdminRequest::Download { job } => {
+                (Right::DownloadJob, "download_job", Some(job.as_str()))
+            }
+            AdminRequest::Clone { job } => (Right::CloneJob, "clone_job", Some(job.as_str())),
+        };
+        let decided = self.authorize(from, role, right, command, job);
+        let mut line = AuditEntry::new(AuditKind::AdminCommand, command).actor(actor(from));
+        if let Some(job) = job {
+            line = line.job(job);
+        }
+        line = match &decided {
+            Ok(()) => line.decision(AuditDecision::Allowed),
+            Err(reason) => line.decision(AuditDecision::Refused).reason(reason.clone()),
+        };
+        self.audit_line(line);
+        if let Err(reason) = decided {
+            return err(reason);
+        }
         match req {
             AdminRequest::Submit(bundle) => {
-                if !may_manage {
-                    return err("the member role may not submit jobs");
-                }
                 match self.store.submit(
                     &bundle,
                     &from.cert.name,
@@ -441,6 +493,12 @@ impl Server {
                             return err(format!("{}: {e}", cert_path.display()));
                         }
                         tracing::info!(job = %rec.id, name = %rec.name, by = %from.cert.name, "job submitted");
+                        self.audit_line(
+                            AuditEntry::new(AuditKind::JobEvent, "job_submitted")
+                                .actor(actor(from))
+                                .job(rec.id.clone())
+                                .detail(json!({"name": rec.name})),
+                        );
                         admin_json(json!({"job_id": rec.id, "name": rec.name}))
                     }
                     Err(e) => err(format!("{e}")),
@@ -460,6 +518,7 @@ impl Server {
                     "sites": sites,
                     "relay_circuits_opened": self.counters.relay_circuits_opened.load(Ordering::Relaxed),
                     "relay_circuits_closed": self.counters.relay_circuits_closed.load(Ordering::Relaxed),
+                    "refused_commands": self.refusals.lock().map(|r| r.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
                 }))
             }
             AdminRequest::Status { job: Some(id) } => match self.store.record_json(&id) {
@@ -470,16 +529,16 @@ impl Server {
                 Err(e) => err(e.to_string()),
             },
             AdminRequest::Abort { job } => {
-                if !may_manage {
-                    return err("the member role may not abort jobs");
-                }
                 let runner = self
                     .runners
                     .lock()
                     .ok()
-                    .and_then(|r| r.get(&job).map(|r| r.abort.clone()));
+                    .and_then(|r| r.get(&job).map(|r| (r.abort.clone(), r.aborted_by.clone())));
                 match (runner, self.store.get(&job)) {
-                    (Some(abort), _) => {
+                    (Some((abort, by)), _) => {
+                        if let Ok(mut b) = by.lock() {
+                            *b = Some(from.cert.der.clone());
+                        }
                         let _ = abort.send(true);
                         admin_json(json!({"job_id": job, "state": "aborting"}))
                     }
@@ -498,11 +557,12 @@ impl Server {
                     // still hold it: tell every site of the job to free it.
                     (None, Ok(rec)) if !rec.state.is_active() => {
                         let sites: Vec<String> = rec.sites.keys().cloned().collect();
-                        self.stop_on_sites(&job, &sites).await;
+                        let refused = self.stop_on_sites(&job, &sites, Some(&from.cert.der)).await;
                         admin_json(json!({
                             "job_id": job,
                             "state": rec.state,
                             "sites_told_to_free_it": sites,
+                            "sites_refused": refused.into_iter().collect::<BTreeMap<_, _>>(),
                         }))
                     }
                     (None, Ok(rec)) => err(format!(
@@ -513,31 +573,21 @@ impl Server {
                 }
             }
             AdminRequest::Download { job } => self.download(&job),
-            AdminRequest::Delete { job } => {
-                if !may_manage {
-                    return err("the member role may not delete jobs");
-                }
-                match self.store.delete(&job) {
-                    Ok(()) => admin_json(json!({"job_id": job, "deleted": true})),
-                    Err(e) => err(e.to_string()),
-                }
-            }
-            AdminRequest::Clone { job } => {
-                if !may_manage {
-                    return err("the member role may not clone jobs");
-                }
-                match self.store.clone_job(&job, now_ms()) {
-                    Ok(rec) => {
-                        let src = self.store.job_dir(&job).with_file_name("submitter.der");
-                        let dst = self.store.job_dir(&rec.id).with_file_name("submitter.der");
-                        if let Err(e) = std::fs::copy(&src, &dst) {
-                            return err(format!("{}: {e}", dst.display()));
-                        }
-                        admin_json(json!({"job_id": rec.id, "name": rec.name, "cloned_from": job}))
+            AdminRequest::Delete { job } => match self.store.delete(&job) {
+                Ok(()) => admin_json(json!({"job_id": job, "deleted": true})),
+                Err(e) => err(e.to_string()),
+            },
+            AdminRequest::Clone { job } => match self.store.clone_job(&job, now_ms()) {
+                Ok(rec) => {
+                    let src = self.store.job_dir(&job).with_file_name("submitter.der");
+                    let dst = self.store.job_dir(&rec.id).with_file_name("submitter.der");
+                    if let Err(e) = std::fs::copy(&src, &dst) {
+                        return err(format!("{}: {e}", dst.display()));
                     }
-                    Err(e) => err(e.to_string()),
+                    admin_json(json!({"job_id": rec.id, "name": rec.name, "cloned_from": job}))
                 }
-            }
+                Err(e) => err(e.to_string()),
+            },
             AdminRequest::Sites => admin_json(json!(self.sites_json())),
         }
     }
@@ -644,6 +694,84 @@ impl Server {
 
     /// Answers `download` with the file list (names and sizes); the admin then fetches the
     /// files over a download stream (`on_download_stream`), so results of any size fit.
+    /// Checks an admin command against the server's own `local/authorization.json`, read
+    /// again for each command (a changed file applies at once). A refusal names the right,
+    /// the role and the rule; the last ones show in `admin status`.
+    fn authorize(
+        &self,
+        from: &PeerInfo,
+        role: AdminRole,
+        right: Right,
+        command: &str,
+        job: Option<&str>,
+    ) -> Result<(), String> {
+        let user = Person {
+            name: from.cert.name.clone(),
+            org: from.cert.org.clone(),
+            role,
+        };
+        let submitter = job.and_then(|id| self.submitter_of(id));
+        let local = self
+            .kit
+            .participant_dir()
+            .map(|d| d.join("local").join("authorization.json"))
+            .unwrap_or_default();
+        let decided = Authorization::load(&local)
+            .map_err(|e| {
+                format!(
+                    "authorization: the server's policy is unreadable, so nothing is allowed: {e}"
+                )
+            })
+            .and_then(|a| {
+                a.check(
+                    &Request {
+                        user: &user,
+                        right,
+                        command,
+                        site_org: self.kit.org(),
+                        submitter: submitter.as_ref().map(|(n, o)| (n.as_str(), o.as_str())),
+                    },
+                    self.kit.name(),
+                )
+            });
+        match decided {
+            Ok(_) => Ok(()),
+            Err(reason) => {
+                tracing::warn!(admin = %from.cert.name, %command, %reason, "admin command refused");
+                if let Ok(mut r) = self.refusals.lock() {
+                    if r.len() == MAX_REFUSALS_SHOWN {
+                        r.pop_front();
+                    }
+                    r.push_back(json!({
+                        "at_ms": now_ms(),
+                        "admin": from.cert.name,
+                        "command": command,
+                        "job": job,
+                        "reason": reason,
+                    }));
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    /// A stored job's submitter: name and org, from the certificate kept beside it (checked
+    /// as of the job's submission).
+    fn submitter_of(&self, id: &str) -> Option<(String, String)> {
+        let rec = self.store.get(id).ok()?;
+        let der = std::fs::read(self.store.job_dir(id).with_file_name("submitter.der")).ok()?;
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(rec.submitted_ms);
+        let cert = self.kit.root_ca.verify(&der, at).ok()?;
+        Some((cert.name, cert.org))
+    }
+
+    /// Appends `line` to the audit log; a failure to write is logged, never fatal.
+    fn audit_line(&self, line: AuditEntry) {
+        if let Err(e) = self.audit.record(line) {
+            tracing::error!(error = %e, "cannot write an audit line");
+        }
+    }
+
     fn download(&self, job: &str) -> ControlResponse {
         let files = match self.result_files(job) {
             Ok(f) => f,
@@ -688,6 +816,16 @@ impl Server {
     ) -> anyhow::Result<()> {
         let from = self.admitted_as(peer, &[RoleKind::Admin], "download")?;
         let req = download::read_request(&mut stream).await?;
+        if let Role::Admin(role) = from.cert.role {
+            self.authorize(
+                &from,
+                role,
+                Right::DownloadJob,
+                "download_job",
+                Some(&req.job),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
         let files = self
             .result_files(&req.job)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -884,6 +1022,13 @@ impl Server {
         }
         let answers = futures::future::join_all(asks).await;
         let mut accepted = Vec::new();
+        let audit_states = |states: &BTreeMap<String, String>| {
+            self.audit_line(
+                AuditEntry::new(AuditKind::JobEvent, "job_deployed")
+                    .job(id)
+                    .detail(json!({ "sites": states })),
+            );
+        };
         let mut states = BTreeMap::new();
         for (p, a) in targets.iter().zip(answers) {
             let state = match a {
@@ -898,6 +1043,7 @@ impl Server {
             };
             states.insert(p.cert.name.clone(), state);
         }
+        audit_states(&states);
         self.store.update(id, |r| r.sites = states.clone())?;
         let mandatory_ok = job
             .meta
@@ -916,7 +1062,7 @@ impl Server {
                 states
             );
             self.store.set_state(id, JobState::Failed, &why, now_ms())?;
-            self.stop_on_sites(id, &accepted).await;
+            self.stop_on_sites(id, &accepted, None).await;
             return Ok(());
         }
         self.store.set_state(
@@ -936,6 +1082,7 @@ impl Server {
         let (results_tx, results_rx) = mpsc::channel(64);
         let (reports_tx, reports_rx) = mpsc::channel(256);
         let (abort_tx, abort_rx) = watch::channel(false);
+        let aborted_by = Arc::new(Mutex::new(None));
         if let Ok(mut r) = self.runners.lock() {
             r.insert(
                 id.to_string(),
@@ -943,6 +1090,7 @@ impl Server {
                     results: results_tx,
                     reports: reports_tx,
                     abort: abort_tx,
+                    aborted_by: Arc::clone(&aborted_by),
                 },
             );
         }
@@ -974,14 +1122,30 @@ impl Server {
             if let Ok(mut r) = s.runners.lock() {
                 r.remove(&id);
             }
-            let (state, note) = match outcome {
+            let (state, mut note) = match outcome {
                 Ok((state, note)) => (state, note),
                 Err(e) => (JobState::Failed, format!("{e:#}")),
             };
             tracing::info!(job = %id, %state, %note, "job ended");
+            s.audit_line(
+                AuditEntry::new(AuditKind::JobEvent, "job_ended")
+                    .job(id.clone())
+                    .detail(json!({"state": state, "note": note})),
+            );
             // Free the sites first: a job submitted as soon as this one reads as ended must
-            // not find them still busy with it.
-            s.stop_on_sites(&id, &accepted).await;
+            // not find them still busy with it. An admin's abort goes with the admin's
+            // certificate: a site whose own rule refuses it keeps its part of the job.
+            let by = aborted_by.lock().ok().and_then(|b| b.clone());
+            if state == JobState::Aborted
+                && let Some(admin) = by
+                    .as_deref()
+                    .and_then(|d| s.kit.root_ca.verify(d, std::time::SystemTime::now()).ok())
+            {
+                note = format!("{note} ({} of {})", admin.name, admin.org);
+            }
+            for (site, why) in s.stop_on_sites(&id, &accepted, by.as_deref()).await {
+                note.push_str(&format!("; {site} refused to stop: {why}"));
+            }
             let _ = s.store.set_state(&id, state, &note, now_ms());
         });
     }
@@ -1067,20 +1231,34 @@ impl Server {
         }
     }
 
-    async fn stop_on_sites(&self, id: &str, sites: &[String]) {
+    /// Tells `sites` to stop job `id`; `by` is the certificate of the admin who aborted it.
+    /// Returns the sites that refused, with their reasons.
+    async fn stop_on_sites(
+        &self,
+        id: &str,
+        sites: &[String],
+        by: Option<&[u8]>,
+    ) -> Vec<(String, String)> {
+        let mut refused = Vec::new();
         for name in sites {
             if let Some(p) = self.net.peers.by_name(name) {
-                let _ = self
+                let answer = self
                     .net
                     .request(
                         p.peer,
                         ControlRequest::AbortJob {
                             job: id.to_string(),
+                            by: by.map(|b| ByteBuf::from(b.to_vec())),
                         },
                     )
                     .await;
+                if let Ok(ControlResponse::Refused { reason }) = answer {
+                    tracing::warn!(job = %id, site = %name, %reason, "a site refused to stop the job");
+                    refused.push((name.clone(), reason));
+                }
             }
         }
+        refused
     }
 
     /// Tells a job's runner that a transfer from `site` could not be stored (a full disk,

@@ -110,6 +110,12 @@ pub struct Context {
     pub filters: Arc<FilterChains>,
     /// The task name the filters are chosen by.
     pub filter_task: &'static str,
+    /// The site's privacy scope's result filters, on its own training results as the learner
+    /// returns them (before the workflow sends one or aggregates it itself).
+    pub own_result: Arc<FilterChains>,
+    /// The site's audit log, for the workflow's own lines (this site aggregated a round, an
+    /// aggregator was replaced).
+    pub audit: crate::audit::WorkflowAudit,
 }
 
 impl std::fmt::Debug for Context {
@@ -278,6 +284,33 @@ async fn reporter(ctx: Arc<Context>, mut rx: mpsc::Receiver<Report>) {
     }
 }
 
+/// The steps of a report that the site's audit log keeps: rounds it aggregated (who was in,
+/// who was pruned) and aggregators replaced.
+fn audit_report(audit: &crate::audit::WorkflowAudit, r: &flare_protocols::workflows::ccwf::Report) {
+    use flare_protocols::workflows::ccwf::ReportEvent;
+    match &r.event {
+        ReportEvent::Aggregated {
+            accepted, pruned, ..
+        } => audit.event(
+            "aggregated",
+            Some(serde_json::json!({
+                "epoch": r.epoch.to_string(),
+                "accepted": accepted,
+                "pruned": pruned,
+            })),
+        ),
+        ReportEvent::Reelected { previous, next } => audit.event(
+            "reelected",
+            Some(serde_json::json!({
+                "epoch": r.epoch.to_string(),
+                "previous": previous,
+                "next": next,
+            })),
+        ),
+        _ => {}
+    }
+}
+
 /// A peer's model through the site's task data filters, held as the workflow should.
 fn receive_filtered(ctx: &Context, model: ModelRef) -> anyhow::Result<ModelRef> {
     match ctx.filters.task_data_ref(ctx.filter_task, model)? {
@@ -355,6 +388,7 @@ fn run_task(
             }
         }
     }
+    let name = task.name.clone();
     let mut r = match ctx.learner.lock() {
         Ok(mut l) => execute(l.as_mut(), task),
         Err(_) => {
@@ -364,6 +398,22 @@ fn run_task(
     };
     let Some(m) = r.data.model.take() else {
         return (r, None);
+    };
+    let m = if r.data.return_code == ReturnCode::Ok && ctx.own_result.has_task_result(&name) {
+        match super::policy::filter_own_result(
+            &ctx.own_result,
+            &name,
+            &ctx.me,
+            Arc::unwrap_or_clone(m),
+        ) {
+            Ok(m) => Arc::new(m),
+            Err(why) => {
+                tracing::error!(job = %ctx.job, task = %name, error = %why, "task result refused");
+                return fail(r.task_id, r.round, why);
+            }
+        }
+    } else {
+        m
     };
     match hold(ctx, m) {
         Ok(m) => (r, Some(m)),
@@ -459,6 +509,7 @@ pub async fn run<W>(
                     });
                 }
                 Action::Report(r) => {
+                    audit_report(&ctx.audit, &r);
                     last_epoch = r.epoch;
                     if report_tx.try_send(r).is_err() {
                         tracing::warn!(job = %ctx.job, "report queue full; report dropped");

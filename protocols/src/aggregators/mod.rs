@@ -31,7 +31,12 @@
 //!   clients, `|S|` the results taken). FLARE adds `mean(Δc)` (no `|S|/N`), which is the
 //!   same only when every client answers; FLARE also weighs by `NUM_STEPS_CURRENT_ROUND`,
 //!   where Flare takes the run's weight (the sample count when a result gives it).
+//! - DP-FedAvg ([`dp`], [`AggregatorSpec::dp`]): each update clipped, the clipped updates
+//!   averaged with equal weights, Gaussian noise added, the privacy spent accounted; its
+//!   clipping norm, round count and spent RDP are state in the global model (`dp_clip_norm`,
+//!   `dp_rounds`, `dp_rdp`). It composes with the plain mean only.
 
+pub mod dp;
 pub mod robust;
 pub mod server_opt;
 
@@ -39,9 +44,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::aggregate::{AggregateError, FedAvg, partial_weight};
+use crate::dp::DpSpec;
 use crate::model::{DType, FLModel, MetaValue, ModelError, ParamsType, Tensor};
 use crate::stored::{ModelRef, check_layout};
 
+pub use dp::{DP_CLIP_NORM, DP_RDP, DP_ROUNDS, DpState, METRIC_CLIP, METRIC_DELTA, METRIC_EPSILON};
 pub use robust::RobustError;
 pub use server_opt::{Cosine, OptState, ServerOpt};
 
@@ -101,10 +108,11 @@ pub const FEDOPT_V: &str = "fedopt_v.";
 pub const FEDOPT_STEPS: &str = "fedopt_steps";
 
 /// Whether tensor `name` is an algorithm's state carried in the global model (a server
-/// optimizer's moments, SCAFFOLD's global control) or a SCAFFOLD client's control change,
-/// rather than a weight of the model.
+/// optimizer's moments, SCAFFOLD's global control, DP-FedAvg's clipping norm, round count
+/// and spent RDP) or a SCAFFOLD client's control change, rather than a weight of the model.
 pub fn is_state(name: &str) -> bool {
     name == FEDOPT_STEPS
+        || dp::is_dp_state(name)
         || [FEDOPT_M, FEDOPT_V, SCAFFOLD_C_GLOBAL, SCAFFOLD_C_DIFF]
             .iter()
             .any(|p| name.starts_with(p))
@@ -123,12 +131,15 @@ pub fn under(model: &ModelRef, prefix: &str) -> Result<ModelRef, ModelError> {
     )
 }
 
-/// What a learner needs of the global model: everything but a server optimizer's state,
-/// which only aggregators read.
+/// What a learner needs of the global model: everything but a server optimizer's and
+/// DP-FedAvg's state, which only aggregators read.
 pub fn task_view(model: &ModelRef) -> Result<ModelRef, ModelError> {
     model.select(
         |n| {
-            let opt = n == FEDOPT_STEPS || n.starts_with(FEDOPT_M) || n.starts_with(FEDOPT_V);
+            let opt = n == FEDOPT_STEPS
+                || n.starts_with(FEDOPT_M)
+                || n.starts_with(FEDOPT_V)
+                || dp::is_dp_state(n);
             (!opt).then(|| n.to_string())
         },
         None,
@@ -147,13 +158,39 @@ pub struct AggregatorSpec {
     /// SCAFFOLD: the global control travels with the model and the learners correct their
     /// steps with it.
     pub scaffold: bool,
+    /// Central DP-FedAvg on the plain mean ([`crate::dp`]).
+    pub dp: Option<DpSpec>,
 }
 
 impl AggregatorSpec {
     /// Whether the algorithm keeps state from round to round (a server optimizer's moments,
-    /// SCAFFOLD's control), carried in the global model.
+    /// SCAFFOLD's control, DP-FedAvg's clipping norm and accounting), carried in the global
+    /// model.
     pub fn is_stateful(&self) -> bool {
-        self.opt.is_some() || self.scaffold
+        self.opt.is_some() || self.scaffold || self.dp.is_some()
+    }
+
+    /// Why DP-FedAvg cannot be combined with the rest of this algorithm, if it cannot: its
+    /// clipping and noise bound what one client changes in the *mean*, which a robust rule's
+    /// selection, a server optimizer's moments (fed by the noisy mean they would amplify and
+    /// carry) or SCAFFOLD's unclipped, unnoised control variates do not respect.
+    pub fn dp_conflict(&self) -> Option<&'static str> {
+        self.dp?;
+        if self.rule != Rule::Mean {
+            Some(
+                "DP-FedAvg clips and noises the plain mean; a robust rule (median, trimmed mean, Krum, Bulyan) cannot take its place",
+            )
+        } else if self.opt.is_some() {
+            Some(
+                "DP-FedAvg composes with the plain mean (FedAvg) only, not with a server optimizer",
+            )
+        } else if self.scaffold {
+            Some(
+                "DP-FedAvg composes with the plain mean (FedAvg) only: SCAFFOLD's control variates would go unclipped and unnoised",
+            )
+        } else {
+            None
+        }
     }
 }
 
@@ -222,7 +259,7 @@ impl Aggregator {
             Rule::Mean => Combine::Mean(FedAvg::new()),
             rule => Combine::Kept {
                 rule,
-                check: FedAvg::new(),
+                check: FedAvg::complete(),
                 kept: Vec::new(),
             },
         };
@@ -230,6 +267,7 @@ impl Aggregator {
             combine,
             controls: self.spec.scaffold.then(FedAvg::new),
             reference: None,
+            dp: self.spec.dp.map(dp::DpRound::new),
         }
     }
 
@@ -247,7 +285,17 @@ impl Aggregator {
     pub fn finish(&self, agg: RoundAgg, global: &ModelRef) -> Result<FLModel, AggregateError> {
         let base = weights(global)?;
         let answered = agg.count();
-        let mut next = match agg.combine {
+        if let Some(why) = self.spec.dp_conflict() {
+            return Err(AggregateError::Model(ModelError::Incompatible {
+                name: "aggregator".into(),
+                reason: why.into(),
+            }));
+        }
+        let combined = match (agg.dp, agg.combine) {
+            (Some(dp), Combine::Mean(f)) => return dp.finish(f, global, &base, self.clients),
+            (_, c) => c,
+        };
+        let mut next = match combined {
             Combine::Mean(f) => f.finish_ref(&base)?,
             Combine::Kept { rule, check, kept } => {
                 if check.count() == 0 {
@@ -365,6 +413,9 @@ pub struct RoundAgg {
     /// The last reference model with its views (weights, SCAFFOLD control), made once a
     /// round rather than once a result.
     reference: Option<(ModelRef, ModelRef, ModelRef)>,
+    /// DP-FedAvg: the clipping beside the mean, which then weighs results by their clipping
+    /// factors (see [`dp`]).
+    dp: Option<dp::DpRound>,
 }
 
 impl Default for RoundAgg {
@@ -373,6 +424,7 @@ impl Default for RoundAgg {
             combine: Combine::Mean(FedAvg::new()),
             controls: None,
             reference: None,
+            dp: None,
         }
     }
 }
@@ -391,12 +443,18 @@ impl RoundAgg {
 
     /// Sum of their weights.
     pub fn total_weight(&self) -> f64 {
-        self.check().total_weight()
+        match &self.dp {
+            Some(dp) => dp.total_weight(),
+            None => self.check().total_weight(),
+        }
     }
 
     /// The weighted mean of their metrics.
     pub fn metrics(&self) -> BTreeMap<String, f64> {
-        self.check().metrics()
+        match &self.dp {
+            Some(dp) => dp.metrics(),
+            None => self.check().metrics(),
+        }
     }
 
     /// [`RoundAgg::add_ref`] for models in memory. A plain FedAvg round of models without
@@ -408,7 +466,7 @@ impl RoundAgg {
         weight: f64,
     ) -> Result<(), AggregateError> {
         let stateless = |m: &FLModel| !m.params.keys().any(|n| is_state(n));
-        if let (Combine::Mean(f), None) = (&mut self.combine, &self.controls)
+        if let (Combine::Mean(f), None, None) = (&mut self.combine, &self.controls, &self.dp)
             && stateless(reference)
             && stateless(result)
         {
@@ -482,7 +540,10 @@ impl RoundAgg {
             }
         };
         match &mut self.combine {
-            Combine::Mean(f) => f.add_ref(&ref_w, &res_w, weight)?,
+            Combine::Mean(f) => match &mut self.dp {
+                Some(dp) => dp.add(f, reference, &ref_w, &res_w, weight)?,
+                None => f.add_ref(&ref_w, &res_w, weight)?,
+            },
             Combine::Kept { check, kept, .. } => {
                 if partial_weight(result).is_some() {
                     return Err(AggregateError::PartialToRobust);

@@ -437,3 +437,276 @@ fn bad_state_in_the_global_model_is_refused() {
         assert!(e.is_err(), "{name}: {e:?}");
     }
 }
+
+// ---- DP-FedAvg ----
+
+use crate::dp::accountant::RdpAccountant;
+use crate::dp::{AdaptiveClipping, Clipping, DpSpec, Gaussian, NoiseSeed, noise_rng};
+
+fn dp(z: f64, clipping: Clipping) -> AggregatorSpec {
+    AggregatorSpec {
+        dp: Some(DpSpec {
+            noise_multiplier: z,
+            clipping,
+            target_delta: 1e-5,
+            noise_seed: NoiseSeed([3; 32]),
+        }),
+        ..AggregatorSpec::default()
+    }
+}
+
+fn fixed(z: f64, norm: f64) -> AggregatorSpec {
+    dp(z, Clipping::Fixed { norm })
+}
+
+/// A model with weights `w`, an integer counter `step` and `samples` samples.
+fn counted(w: &[f32], step: i64, samples: i64, params_type: ParamsType) -> ModelRef {
+    let mut m = (*model(w, samples).load().unwrap()).clone();
+    m.params
+        .insert("step".into(), Tensor::from_i64(vec![1], &[step]).unwrap());
+    m.params_type = params_type;
+    m.into()
+}
+
+fn close(got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn dp_clips_each_update_and_averages_them_with_equal_weights() {
+    // Without noise: updates of norm 5 and 0.5 against C = 1 become (0.6, 0.8, 0) and
+    // (0.3, 0.4, 0), whose plain mean is (0.45, 0.6, 0), whatever the sample counts.
+    let g = counted(&[1.0, 1.0, 1.0], 7, 1, ParamsType::Full);
+    for params_type in [ParamsType::Full, ParamsType::Diff] {
+        let base = if params_type == ParamsType::Full {
+            1.0
+        } else {
+            0.0
+        };
+        let rs = [
+            counted(&[base + 3.0, base + 4.0, base], 100, 1, params_type),
+            counted(&[base + 0.3, base + 0.4, base], 100, 9, params_type),
+        ];
+        let agg = Aggregator::new(fixed(0.0, 1.0));
+        let mut round = agg.round();
+        for r in &rs {
+            round
+                .add_ref(&g, r, crate::aggregate::weight_of_ref(r))
+                .unwrap();
+        }
+        // The round's metrics and weight are still the results' own (loss = samples:
+        // (1 + 81)/10 by sample count).
+        assert!(
+            (round.metrics()["loss"] - 8.2).abs() < 1e-12,
+            "{:?}",
+            round.metrics()
+        );
+        assert_eq!(round.total_weight(), 10.0);
+        let next = agg.finish(round, &g).unwrap();
+        close(&values(&next), &[1.45, 1.6, 1.0]);
+        // The integer counter cannot be clipped: it keeps the global's value.
+        assert_eq!(
+            next.params["step"],
+            Tensor::from_i64(vec![1], &[7]).unwrap()
+        );
+        assert_eq!(next.params_type, ParamsType::Full);
+    }
+    // Both within C: the plain mean of the results, not FedAvg's sample-weighted one.
+    let rs = [
+        counted(&[1.2, 1.0, 1.0], 7, 1, ParamsType::Full),
+        counted(&[1.0, 1.4, 1.0], 7, 3, ParamsType::Full),
+    ];
+    let next = run(fixed(0.0, 1.0), &g, &rs);
+    close(&values(&next), &[1.1, 1.2, 1.0]);
+}
+
+#[test]
+fn dp_state_and_privacy_metrics_are_in_the_new_global_and_not_in_its_views() {
+    let g = model(&[0.0, 0.0], 1);
+    let next = ModelRef::from(run(fixed(1.0, 2.0), &g, &[model(&[1.0, 1.0], 1)]));
+    let m = next.load().unwrap();
+    assert_eq!(m.params[DP_CLIP_NORM].to_f32_vec(), vec![2.0]);
+    assert_eq!(
+        m.params[DP_ROUNDS],
+        Tensor::from_i64(vec![1], &[1]).unwrap()
+    );
+    assert_eq!(m.params[DP_RDP].numel(), 151);
+    assert_eq!(m.metrics[METRIC_DELTA], 1e-5);
+    assert_eq!(m.metrics[METRIC_CLIP], 2.0);
+    assert!(m.metrics[METRIC_EPSILON] > 0.0);
+    for view in [weights(&next).unwrap(), task_view(&next).unwrap()] {
+        let names: Vec<String> = view.tensors().into_iter().map(|t| t.name).collect();
+        assert_eq!(names, ["step", "w"]);
+    }
+    // A second round counts on from the first.
+    let after = run(fixed(1.0, 2.0), &next, &[model(&[1.0, 1.0], 1)]);
+    assert_eq!(
+        after.params[DP_ROUNDS],
+        Tensor::from_i64(vec![1], &[2]).unwrap()
+    );
+    assert!(after.metrics[METRIC_EPSILON] > m.metrics[METRIC_EPSILON]);
+}
+
+#[test]
+fn dp_noise_has_standard_deviation_z_c_over_m() {
+    // Results equal to the global: the new model minus the old is the noise alone.
+    let n = 100_000;
+    let g = model(&vec![0.5; n], 1);
+    let (z, c, m) = (2.0, 0.5, 4);
+    let rs: Vec<ModelRef> = (0..m).map(|_| g.clone()).collect();
+    let agg = Aggregator::new(fixed(z, c));
+    let next = ModelRef::from(aggregate(&mut agg.clone(), &g, &rs).unwrap());
+    let noise: Vec<f64> = values(&next.load().unwrap())
+        .iter()
+        .map(|x| f64::from(*x) - 0.5)
+        .collect();
+    let mean = noise.iter().sum::<f64>() / n as f64;
+    let std = (noise.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+    let want = z * c / m as f64;
+    assert!((std / want - 1.0).abs() < 0.02, "std {std}, z·C/m {want}");
+    assert!(mean.abs() < 4.0 * want / (n as f64).sqrt(), "{mean}");
+    // The next round draws from its own stream.
+    let again = aggregate(&mut agg.clone(), &next, std::slice::from_ref(&next)).unwrap();
+    let before = values(&next.load().unwrap());
+    let second: Vec<f32> = values(&again)
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .collect();
+    let first: Vec<f32> = before.iter().map(|x| x - 0.5).collect();
+    assert_ne!(first[..8], second[..8]);
+    // The same seed and round give the same noise; another seed other noise.
+    let same = aggregate(&mut agg.clone(), &g, &rs).unwrap();
+    assert_eq!(same.params["w"], next.load().unwrap().params["w"]);
+    let mut other = fixed(z, c);
+    if let Some(d) = other.dp.as_mut() {
+        d.noise_seed = NoiseSeed([4; 32]);
+    }
+    let other = run(other, &g, &rs);
+    assert_ne!(other.params["w"], same.params["w"]);
+}
+
+#[test]
+fn each_rounds_epsilon_is_the_accountants_over_the_rounds_so_far() {
+    let z = 1.3;
+    let agg = Aggregator::new(fixed(z, 1.0)).for_clients(5);
+    let mut acc = RdpAccountant::new();
+    let mut g = model(&[0.0, 0.0], 1);
+    for m in [4usize, 3, 5, 5] {
+        let rs: Vec<ModelRef> = (0..m).map(|i| model(&[i as f32, 1.0], 1)).collect();
+        let next = aggregate(&mut agg.clone(), &g, &rs).unwrap();
+        acc.step(z, m as f64 / 5.0).unwrap();
+        let (want, _) = acc.epsilon(1e-5).unwrap();
+        let got = next.metrics[METRIC_EPSILON];
+        assert!(
+            (got / want - 1.0).abs() < 1e-5,
+            "{m} results: ε {got}, accountant {want}"
+        );
+        g = next.into();
+    }
+    assert_eq!(acc.history.len(), 3, "q = 4/5, 3/5, then 5/5 twice");
+}
+
+/// Andrew et al.'s rule through the aggregator: update norms drawn from a lognormal with
+/// median 1 and log-sd 0.5; from Flower's initial 0.1 the clipping norm settles on the
+/// target quantile (0.5: the median, 1.0).
+#[test]
+fn adaptive_clipping_follows_the_median_update_norm() {
+    let m = 50;
+    let spec = dp(0.1, Clipping::Adaptive(AdaptiveClipping::DEFAULT));
+    let agg = Aggregator::new(spec);
+    let mut draws = Gaussian::new(noise_rng(&NoiseSeed([5; 32]), 77));
+    let mut g = model(&[0.0, 0.0], 1);
+    let mut clips = Vec::new();
+    for _ in 0..200 {
+        let base = values(&g.load().unwrap());
+        let rs: Vec<ModelRef> = (0..m)
+            .map(|_| {
+                let norm = (0.5 * draws.sample()).exp() as f32;
+                model(&[base[0] + norm, base[1]], 1)
+            })
+            .collect();
+        let next = aggregate(&mut agg.clone(), &g, &rs).unwrap();
+        clips.push(next.metrics[METRIC_CLIP]);
+        g = next.into();
+    }
+    assert_eq!(clips[0], 0.1);
+    let tail = &clips[150..];
+    let geo = (tail.iter().map(|c| c.ln()).sum::<f64>() / tail.len() as f64).exp();
+    assert!((geo - 1.0).abs() < 0.05, "C settled at {geo}");
+}
+
+#[test]
+fn dp_refuses_partials_and_other_algorithms() {
+    let g = model(&[0.0], 1);
+    let mut partial = (*model(&[1.0], 1).load().unwrap()).clone();
+    partial
+        .meta
+        .insert(META_PARTIAL_WEIGHT.into(), MetaValue::Float(2.0));
+    let mut round = Aggregator::new(fixed(1.0, 1.0)).round();
+    let e = round.add_ref(&g, &partial.into(), 2.0).unwrap_err();
+    assert!(e.to_string().contains("partial"), "{e}");
+    assert_eq!(round.count(), 0);
+    for spec in [
+        AggregatorSpec {
+            rule: Rule::Median,
+            ..fixed(1.0, 1.0)
+        },
+        AggregatorSpec {
+            scaffold: true,
+            ..fixed(1.0, 1.0)
+        },
+        AggregatorSpec {
+            opt: Some(ServerOpt::Sgd {
+                lr: 1.0,
+                momentum: 0.0,
+                cosine: None,
+            }),
+            ..fixed(1.0, 1.0)
+        },
+    ] {
+        assert!(spec.dp_conflict().is_some());
+        // SCAFFOLD refuses the result first (it carries no control change); the others
+        // refuse to finish.
+        let e = aggregate(&mut Aggregator::new(spec), &g, &[model(&[1.0], 1)]).unwrap_err();
+        assert!(spec.scaffold || e.to_string().contains("DP-FedAvg"), "{e}");
+    }
+    assert_eq!(fixed(1.0, 1.0).dp_conflict(), None);
+    assert_eq!(
+        AggregatorSpec {
+            fedprox_mu: Some(0.01),
+            ..fixed(1.0, 1.0)
+        }
+        .dp_conflict(),
+        None
+    );
+}
+
+#[test]
+fn bad_dp_state_in_the_global_model_is_refused() {
+    let with = |name: &str, t: Tensor| {
+        let mut m = (*model(&[0.5, -0.5], 1).load().unwrap()).clone();
+        m.params.insert(name.to_string(), t);
+        ModelRef::from(m)
+    };
+    let rs = [model(&[1.0, 1.0], 1)];
+    for (name, t) in [
+        (DP_CLIP_NORM, Tensor::from_f32(vec![1], &[-1.0]).unwrap()),
+        (
+            DP_CLIP_NORM,
+            Tensor::from_f32(vec![1], &[f32::NAN]).unwrap(),
+        ),
+        (DP_CLIP_NORM, Tensor::from_i64(vec![1], &[1]).unwrap()),
+        (DP_ROUNDS, Tensor::from_i64(vec![1], &[-3]).unwrap()),
+        (DP_ROUNDS, Tensor::from_i64(vec![2], &[1, 1]).unwrap()),
+        (DP_RDP, Tensor::from_f32(vec![3], &[0.0; 3]).unwrap()),
+        (DP_RDP, Tensor::from_f32(vec![151], &[-1.0; 151]).unwrap()),
+    ] {
+        let g = with(name, t);
+        let e = aggregate(&mut Aggregator::new(fixed(1.0, 1.0)), &g, &rs);
+        assert!(e.is_err(), "{name}: {e:?}");
+    }
+}

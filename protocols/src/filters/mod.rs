@@ -6,11 +6,20 @@
 //! of the model. On error the model is dropped with it; filters run on copies that are about
 //! to be sent or have just been received, so there is nothing to keep.
 //!
-//! The filters so far are [`quantize::ModelQuantizer`] and [`quantize::ModelDequantizer`]
-//! (reduced-precision transfer, FLARE's `nvflare.app_opt.pt.quantization`).
+//! The filters:
+//! - [`quantize::ModelQuantizer`] and [`quantize::ModelDequantizer`]: reduced-precision
+//!   transfer (FLARE's `nvflare.app_opt.pt.quantization`);
+//! - [`privacy`]: FLARE's `ExcludeVars`, `PercentilePrivacy` and `SVTPrivacy`
+//!   (`nvflare.app_common.filters`) and Flower's `LocalDpMod`, on what a site sends. Those
+//!   that only make sense on a diff say so through [`Filter::diff_only`] and pass full
+//!   weights unchanged.
 
+pub mod privacy;
 pub mod quantize;
 
+pub use privacy::{
+    Exclude, ExcludeVars, LocalDp, LocalDpArgs, PercentilePrivacy, SvtArgs, SvtPrivacy,
+};
 pub use quantize::{ModelDequantizer, ModelQuantizer, QuantizationType};
 
 use crate::model::{DType, FLModel};
@@ -24,6 +33,14 @@ pub trait Filter: Send + Sync + std::fmt::Debug {
     /// Filters `model`. Consumes it so that each tensor can be converted and its original
     /// dropped before the next one is touched.
     fn apply(&self, model: FLModel) -> Result<FLModel, FilterError>;
+
+    /// Whether the filter only transforms diffs ([`crate::model::ParamsType::Diff`]) and
+    /// passes full weights unchanged, as FLARE's filters pass a data kind they do not
+    /// filter. A node uses it to warn about, or refuse, a learner that sends full weights
+    /// through a privacy filter that would then do nothing.
+    fn diff_only(&self) -> bool {
+        false
+    }
 }
 
 /// Why a filter refused a model. Every message names the filter, and the tensor or
@@ -86,7 +103,18 @@ pub enum FilterError {
         /// What is wrong.
         reason: String,
     },
-    /// The filter's configuration is invalid (a block size of zero).
+    /// A constructor argument is out of range (a percentile above 100, a negative epsilon).
+    #[error("{filter}: argument {arg}: {reason}")]
+    BadArgument {
+        /// The filter.
+        filter: &'static str,
+        /// The argument, by the name FLARE (or Flower) gives it.
+        arg: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The filter's configuration is invalid (a block size of zero), or cannot work on this
+    /// model (an SVT threshold no entry reaches).
     #[error("{filter}: invalid configuration: {reason}")]
     Config {
         /// The filter.

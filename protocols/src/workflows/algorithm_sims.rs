@@ -1,7 +1,9 @@
 //! The aggregation algorithms in the workflows: a swarm, whose aggregator changes every
 //! round, ends on the same model as scatter-and-gather with the same algorithm and the same
 //! learners, because the algorithm's state (a server optimizer's moments, SCAFFOLD's global
-//! control) travels in the global model of each `Learn`.
+//! control, DP-FedAvg's clipping norm, round count and spent privacy) travels in the global
+//! model of each `Learn`. Under DP every site is given the same noise seed here, which a real
+//! run never does (each site draws its own), so that the noise, too, is the same.
 //!
 //! The learners are deterministic functions of the task's model. Site `i` pulls the weights
 //! towards its own target `t_i` and, under SCAFFOLD, corrects by the global control and
@@ -11,14 +13,16 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::ccwf::ReportEvent;
 use super::ccwf::{ModelSlot, Outcome};
 use super::ccwf_sim::SimNet;
 use super::scatter_gather::{Event, Output, SagConfig, ScatterGather};
 use super::swarm::{SwarmClient, SwarmConfig, SwarmMsg};
 use crate::aggregators::{
-    Aggregator, AggregatorSpec, Cosine, FEDOPT_M, FEDOPT_STEPS, SCAFFOLD_C_DIFF, SCAFFOLD_C_GLOBAL,
-    ServerOpt,
+    Aggregator, AggregatorSpec, Cosine, DP_CLIP_NORM, DP_RDP, DP_ROUNDS, FEDOPT_M, FEDOPT_STEPS,
+    METRIC_DELTA, METRIC_EPSILON, SCAFFOLD_C_DIFF, SCAFFOLD_C_GLOBAL, ServerOpt,
 };
+use crate::dp::{AdaptiveClipping, Clipping, DpSpec, NoiseSeed};
 use crate::model::{FLModel, META_NUM_SAMPLES, MetaValue, Tensor};
 use crate::shareable::{Shareable, Task, TaskResult, task_names};
 use crate::stored::ModelRef;
@@ -109,12 +113,15 @@ fn controller(spec: AggregatorSpec, rounds: u32, initial: FLModel) -> ScatterGat
         .unwrap()
 }
 
-/// Runs `c` with every site answering at once: the final global model and the last
-/// round's (with the algorithm's state).
-fn drive(mut c: ScatterGather) -> (Option<ModelRef>, Option<ModelRef>) {
+/// The metrics reported per model version.
+type Versions = BTreeMap<u32, BTreeMap<String, f64>>;
+
+/// Runs `c` with every site answering at once: the final global model, the last round's
+/// (with the algorithm's state) and the metrics reported per version.
+fn drive(mut c: ScatterGather) -> (Option<ModelRef>, Option<ModelRef>, Versions) {
     let mut now = Time::ZERO;
     c.start(now);
-    let (mut end, mut last) = (None, None);
+    let (mut end, mut last, mut versions) = (None, None, Versions::new());
     for _ in 0..10_000 {
         let Some(out) = c.poll_output() else {
             match c.poll_timeout() {
@@ -139,15 +146,18 @@ fn drive(mut c: ScatterGather) -> (Option<ModelRef>, Option<ModelRef>) {
             Output::Event(Event::Finished { model }) => end = Some(model),
             Output::Event(Event::RoundAggregated { model, .. }) => last = Some(model),
             Output::Event(Event::Aborted { reason, .. }) => panic!("aborted: {reason}"),
+            Output::Event(Event::ModelEvaluated { version, metrics }) => {
+                versions.insert(version, metrics);
+            }
             Output::Event(_) => {}
         }
     }
-    (end, last)
+    (end, last, versions)
 }
 
 /// [`drive`] from the initial model, both models loaded.
 fn run_sag(spec: AggregatorSpec, rounds: u32) -> (FLModel, FLModel) {
-    let (end, last) = drive(controller(spec, rounds, initial()));
+    let (end, last, _) = drive(controller(spec, rounds, initial()));
     let load = |m: Option<ModelRef>| (*m.expect("the run finished").load().unwrap()).clone();
     (load(end), load(last))
 }
@@ -155,6 +165,12 @@ fn run_sag(spec: AggregatorSpec, rounds: u32) -> (FLModel, FLModel) {
 /// A swarm of the same sites: the final model a result client persisted, and the last
 /// round's model its aggregator persisted (with the algorithm's state).
 fn run_swarm(spec: AggregatorSpec, rounds: u32) -> (FLModel, FLModel) {
+    let (end, last, _) = swarm_with_reports(spec, rounds);
+    (end, last)
+}
+
+/// [`run_swarm`], and the metrics its aggregators reported per version.
+fn swarm_with_reports(spec: AggregatorSpec, rounds: u32) -> (FLModel, FLModel, Versions) {
     let all = names();
     let cfg = SwarmConfig {
         num_rounds: rounds,
@@ -215,7 +231,16 @@ fn run_swarm(spec: AggregatorSpec, rounds: u32) -> (FLModel, FLModel) {
         .map(|(_, m)| m)
         .expect("the last round's model");
     let load = |m: ModelRef| (*m.load().unwrap()).clone();
-    (load(final_model), load(last))
+    let mut versions = Versions::new();
+    for r in sim.reports() {
+        if let ReportEvent::Aggregated {
+            version, metrics, ..
+        } = &r.report.event
+        {
+            versions.insert(*version, metrics.clone());
+        }
+    }
+    (load(final_model), load(last), versions)
 }
 
 fn assert_close(a: &FLModel, b: &FLModel, what: &str) {
@@ -270,13 +295,40 @@ fn scaffold() -> AggregatorSpec {
     }
 }
 
+/// DP-FedAvg whose clipping bites: the sites' updates have norms from about 1.9 to 7.5.
+fn dp(clipping: Clipping) -> AggregatorSpec {
+    AggregatorSpec {
+        dp: Some(DpSpec {
+            noise_multiplier: 0.5,
+            clipping,
+            target_delta: 1e-5,
+            noise_seed: NoiseSeed([11; 32]),
+        }),
+        ..AggregatorSpec::default()
+    }
+}
+
+fn dp_fixed() -> AggregatorSpec {
+    dp(Clipping::Fixed { norm: 3.0 })
+}
+
+fn dp_adaptive() -> AggregatorSpec {
+    dp(Clipping::Adaptive(AdaptiveClipping {
+        initial_norm: 3.0,
+        count_stddev: Some(1.0),
+        ..AdaptiveClipping::DEFAULT
+    }))
+}
+
 #[test]
-fn swarm_and_scatter_gather_agree_under_fedopt_fedadam_and_scaffold() {
+fn swarm_and_scatter_gather_agree_under_fedopt_fedadam_scaffold_and_dp() {
     let (fedavg, _) = run_sag(AggregatorSpec::default(), ROUNDS);
     for (what, spec) in [
         ("FedOpt", fedopt()),
         ("FedAdam", fedadam()),
         ("SCAFFOLD", scaffold()),
+        ("DP-FedAvg, fixed clipping", dp_fixed()),
+        ("DP-FedAvg, adaptive clipping", dp_adaptive()),
     ] {
         let (sag, sag_last) = run_sag(spec, ROUNDS);
         let (swarm, swarm_last) = run_swarm(spec, ROUNDS);
@@ -361,4 +413,37 @@ fn queued_tasks_follow_a_stored_global_and_leave_the_moments_out() {
         }
     }
     assert_eq!(queued, NAMES.len());
+}
+
+/// DP-FedAvg's state travels with the round models (and the adaptive clipping norm moves),
+/// stays out of the result, and each version's reported metrics carry the privacy spent
+/// to make it, in scatter-and-gather's evaluations and in the swarm's reports alike.
+#[test]
+fn dp_state_travels_and_every_version_reports_its_privacy() {
+    for spec in [dp_fixed(), dp_adaptive()] {
+        let (end, last, sag_versions) = drive(controller(spec, ROUNDS, initial()));
+        let (end, last) = (end.unwrap().load().unwrap(), last.unwrap().load().unwrap());
+        assert_eq!(end.params.keys().collect::<Vec<_>>(), ["w"]);
+        assert_eq!(
+            last.params[DP_ROUNDS],
+            Tensor::from_i64(vec![1], &[i64::from(ROUNDS)]).unwrap()
+        );
+        assert!(last.params.contains_key(DP_RDP));
+        let clip = last.params[DP_CLIP_NORM].to_f32_vec()[0];
+        let adaptive = matches!(spec.dp.unwrap().clipping, Clipping::Adaptive(_));
+        assert_eq!(clip != 3.0, adaptive, "C = {clip}");
+        let (_, _, swarm_versions) = swarm_with_reports(spec, ROUNDS);
+        for versions in [&sag_versions, &swarm_versions] {
+            // Version 0 is the initial model; every later one was paid for, and more each
+            // round.
+            assert!(!versions[&0].contains_key(METRIC_EPSILON), "{versions:?}");
+            let eps: Vec<f64> = (1..=ROUNDS).map(|v| versions[&v][METRIC_EPSILON]).collect();
+            assert!(eps.windows(2).all(|w| w[0] < w[1]), "{eps:?}");
+            assert_eq!(versions[&ROUNDS][METRIC_DELTA], 1e-5);
+            // The trainers' measurements are still there.
+            assert!(versions[&ROUNDS].contains_key("accuracy"));
+        }
+        let last_eps = |v: &Versions| v[&ROUNDS][METRIC_EPSILON];
+        assert!((last_eps(&sag_versions) / last_eps(&swarm_versions) - 1.0).abs() < 1e-12);
+    }
 }

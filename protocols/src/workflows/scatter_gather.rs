@@ -559,7 +559,11 @@ impl ScatterGather {
             }
         }
         let agg = std::mem::take(&mut self.agg);
-        let metrics = agg.metrics();
+        let mut metrics = agg.metrics();
+        // The model's own metrics (what DP-FedAvg spent to make it) go with the measurements.
+        for (k, v) in self.global.metrics() {
+            metrics.entry(k.clone()).or_insert(*v);
+        }
         let version = self.round - self.cfg.start_round;
         if self.phase == Phase::Validate {
             self.emit(Event::ModelEvaluated { version, metrics });

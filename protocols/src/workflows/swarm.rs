@@ -1174,6 +1174,11 @@ impl SwarmClient {
                 }
             }
         };
+        // The model's own metrics (what DP-FedAvg spent to make it) go with the measurements.
+        let mut metrics = metrics;
+        for (k, v) in global.metrics() {
+            metrics.entry(k.clone()).or_insert(*v);
+        }
         // The trainers measured `global` (version `version`): is it the best so far?
         if let Some(&m) = metrics.get(&self.cfg.key_metric) {
             let better = self.best.as_ref().is_none_or(|b| {
