@@ -12,6 +12,10 @@ if ! "$VENV/bin/python" -c 'import torch, safetensors, pytest, numpy; assert tor
     "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.11.0 pytest safetensors numpy
 fi
+# TensorBoard's own reader checks the event files the Client API example leaves.
+if ! "$VENV/bin/python" -c 'import tensorboard' 2>/dev/null; then
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check tensorboard
+fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check ./clients/python
 
 # shellcheck disable=SC1091

@@ -66,6 +66,23 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// The web dashboard: the federation, its jobs and their metrics in a browser, with
+    /// the admin kit's rights. Prints the URL to open (it carries the session token).
+    Dashboard {
+        /// The admin's startup kit folder.
+        #[arg(long, value_name = "STARTUP_DIR")]
+        kit: PathBuf,
+        /// Where to listen (port 0: any free port).
+        #[arg(long, default_value_t = flare_node::dashboard::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+        /// Allow a non-loopback --listen address (needs --token-file).
+        #[arg(long)]
+        allow_remote: bool,
+        /// A file holding the session token (at least 32 letters, digits, '-', '_', '.' or
+        /// '~') instead of a random one.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
     /// Make signed startup kits from a project.yml.
     Provision(cmd_provision::ProvisionArgs),
     /// A local proof-of-concept project.
@@ -356,6 +373,27 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
         (None, Some(Command::Audit(command))) => return audit(command),
+        (
+            None,
+            Some(Command::Dashboard {
+                kit,
+                listen,
+                allow_remote,
+                token_file,
+            }),
+        ) => {
+            let opts = flare_node::dashboard::DashboardOptions {
+                kit_dir: kit.clone(),
+                listen: *listen,
+                allow_remote: *allow_remote,
+                token_file: token_file.clone(),
+            };
+            return exit(
+                tokio::runtime::Runtime::new()
+                    .context("cannot start the runtime")
+                    .and_then(|rt| rt.block_on(flare_node::dashboard::run(opts))),
+            );
+        }
         (None, None) => {
             eprintln!("error: give --kit <STARTUP_DIR> to run a node, or a command (see --help)");
             return ExitCode::from(2);
@@ -418,7 +456,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     };
     match command {
-        Command::Admin { .. } | Command::Audit(_) => {}
+        Command::Admin { .. } | Command::Audit(_) | Command::Dashboard { .. } => {}
         Command::Simulate {
             job,
             clients,

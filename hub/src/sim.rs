@@ -209,6 +209,7 @@ fn worker(
                         site: &names[i],
                         job_id: "simulate_job",
                         work_dir: &work_dir,
+                        tracker: &flare_node::tracking::Tracker::off(),
                     };
                     *slot = Some(
                         apps[i]

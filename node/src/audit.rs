@@ -925,7 +925,7 @@ fn cell(s: &str, width: usize) -> String {
 }
 
 /// `ts_ms` as `YYYY-MM-DD HH:MM:SS.mmm`, UTC.
-fn utc(ts_ms: u64) -> String {
+pub(crate) fn utc(ts_ms: u64) -> String {
     let secs = ts_ms / 1000;
     let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
     let rem = secs % 86_400;

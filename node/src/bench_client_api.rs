@@ -163,6 +163,7 @@ pub fn run(b: &ClientApiBench) -> anyhow::Result<serde_json::Value> {
             job_id: "bench".into(),
             site_name: "site-1".into(),
             tasks: vec![task_names::TRAIN.into()],
+            tracker: crate::tracking::Tracker::off(),
         },
     );
     let t = Instant::now();

@@ -373,6 +373,9 @@ struct ServerFile {
     task_data_filters: Vec<ScopeEntry>,
     #[serde(default)]
     task_result_filters: Vec<ScopeEntry>,
+    /// `false` turns metric streaming off for the job ([`crate::tracking::config`]).
+    #[serde(default)]
+    stream_metrics: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -557,6 +560,9 @@ pub struct ServerApp {
     pub filters: FilterChains,
     /// The aggregation algorithm (the `aggregator` component, [`crate::aggregators`]).
     pub aggregator: AggregatorSpec,
+    /// Which metric writers the job asks for (its receiver components,
+    /// [`crate::tracking::config`]).
+    pub tracking: crate::tracking::config::TrackingConfig,
 }
 
 /// The clients a workflow's arguments can be checked against before deploy: the ones they
@@ -820,12 +826,18 @@ impl ServerApp {
                 parse_args(&file, &format!("components[{pi}]"), p.args.clone())?
             }
         };
-        if let Some((i, c)) = f
+        let receivers: Vec<(usize, &str, serde_json::Value)> = f
             .components
             .iter()
             .enumerate()
-            .find(|(_, c)| ![&a.model_id, &a.aggregator_id, &a.persistor_id].contains(&&c.id))
-        {
+            .filter(|(_, c)| crate::tracking::config::RECEIVERS.contains(&c.name.as_str()))
+            .map(|(i, c)| (i, c.name.as_str(), c.args.clone()))
+            .collect();
+        let tracking = crate::tracking::config::parse(&file, &receivers, f.stream_metrics)?;
+        if let Some((i, c)) = f.components.iter().enumerate().find(|(_, c)| {
+            ![&a.model_id, &a.aggregator_id, &a.persistor_id].contains(&&c.id)
+                && !crate::tracking::config::RECEIVERS.contains(&c.name.as_str())
+        }) {
             return Err(invalid(
                 &file,
                 format!("components[{i}]"),
@@ -845,6 +857,7 @@ impl ServerApp {
             persistor,
             filters,
             aggregator,
+            tracking,
         })
     }
 
@@ -998,6 +1011,8 @@ pub struct LearnerSite<'a> {
     /// A folder of this site for this job (the user's program keeps its socket and exchange
     /// files under it).
     pub work_dir: &'a Path,
+    /// Where the learner logs its metrics ([`crate::tracking`]).
+    pub tracker: &'a crate::tracking::Tracker,
 }
 
 /// The file in a site's job folder (the simulator's: `<workspace>/<site>/`) that holds its
@@ -1248,10 +1263,11 @@ impl ClientApp {
                         Arc::clone(&s.held_out),
                         index as u64,
                     )
-                    .with_params_transfer(a.params_transfer_type),
+                    .with_params_transfer(a.params_transfer_type)
+                    .with_tracker(site.tracker.clone()),
                 )
             }
-            LearnerSpec::TorchCnn(a) => self.torch_learner(a, index, num_sites)?,
+            LearnerSpec::TorchCnn(a) => self.torch_learner(a, index, num_sites, site.tracker)?,
             LearnerSpec::Synthetic(a) => Box::new(SyntheticLearner::new(a.clone(), index)),
             LearnerSpec::Script(a) => Box::new(ScriptLearner::new(
                 a.clone(),
@@ -1261,6 +1277,7 @@ impl ClientApp {
                     job_id: site.job_id.to_string(),
                     site_name: site.site.to_string(),
                     tasks: self.tasks.clone(),
+                    tracker: site.tracker.clone(),
                 },
             )),
         })
@@ -1272,6 +1289,7 @@ impl ClientApp {
         a: &TorchCnnArgs,
         index: usize,
         num_sites: usize,
+        tracker: &crate::tracking::Tracker,
     ) -> Result<Box<dyn Learner>, JobError> {
         let s = self.mnist(
             DataArgs {
@@ -1299,7 +1317,9 @@ impl ClientApp {
             )
         })?;
         Ok(Box::new(
-            learner.with_params_transfer(a.params_transfer_type),
+            learner
+                .with_params_transfer(a.params_transfer_type)
+                .with_tracker(tracker.clone()),
         ))
     }
 
@@ -1309,6 +1329,7 @@ impl ClientApp {
         _: &TorchCnnArgs,
         _: usize,
         _: usize,
+        _: &crate::tracking::Tracker,
     ) -> Result<Box<dyn Learner>, JobError> {
         Err(invalid(
             &self.file,
@@ -1559,8 +1580,11 @@ mod tests {
             site: "site-1",
             job_id: "j",
             work_dir: f.dir.path(),
+            tracker: &OFF,
         }
     }
+
+    static OFF: crate::tracking::Tracker = crate::tracking::Tracker::off_const();
 
     fn script_client(args: &str) -> String {
         format!(

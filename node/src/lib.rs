@@ -11,6 +11,7 @@ pub mod bench_client_api;
 pub mod bench_dp;
 pub mod bench_net;
 pub mod cmd_provision;
+pub mod dashboard;
 pub mod data;
 pub mod filters;
 pub mod job;
@@ -22,6 +23,7 @@ pub mod poc_run;
 pub mod roles;
 pub mod simulator;
 pub mod store;
+pub mod tracking;
 
 /// The `flare-node` binary for tests and benchmarks that start node processes: `$FLARE_NODE_BIN`
 /// when set, else `flare-node` in the cargo target folder of the running executable (a test

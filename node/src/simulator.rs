@@ -296,6 +296,7 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
     let learners: Vec<Mutex<Option<Box<dyn Learner>>>> =
         (0..opts.clients).map(|_| Mutex::new(None)).collect();
     let num_sites = opts.clients;
+    let tracking = SimTracking::open(&job, &out_dir, names.len())?;
     let large = LargeSlot::default();
 
     let report = std::thread::scope(|scope| {
@@ -308,6 +309,7 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
                 names: &names,
                 workspace: &opts.workspace,
                 num_sites,
+                tracking: &tracking,
             };
             let large = &large;
             scope.spawn(move || worker(&work_rx, &done_tx, learners, sites, large));
@@ -359,7 +361,79 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
         drop(done_rx);
         r
     })?;
+    tracking.finish(&names, &report.metrics);
     Ok(report)
+}
+
+/// The simulator's metric writers: each simulated site logs into its own queue, which the
+/// worker that ran its task drains into the job's [`JobSink`] (under the run's output folder,
+/// as the server writes under a job's result); the global model's metrics per round are
+/// written at the end.
+#[derive(Debug)]
+struct SimTracking {
+    trackers: Vec<crate::tracking::Tracker>,
+    sink: Mutex<Option<crate::tracking::sink::JobSink>>,
+}
+
+impl SimTracking {
+    fn open(job: &Job, out_dir: &Path, sites: usize) -> anyhow::Result<Self> {
+        let sink = crate::tracking::sink::JobSink::open(
+            out_dir,
+            &job.server.tracking,
+            "simulate_job",
+            &job.meta.name,
+            crate::tracking::now_ms(),
+        )?;
+        let trackers = (0..sites)
+            .map(|i| match &sink {
+                Some(_) => {
+                    crate::tracking::Tracker::to_queue(crate::tracking::MetricQueue::new(i as u64))
+                }
+                None => crate::tracking::Tracker::off(),
+            })
+            .collect();
+        Ok(SimTracking {
+            trackers,
+            sink: Mutex::new(sink),
+        })
+    }
+
+    /// Writes what site `i` logged so far.
+    fn drain(&self, i: usize, name: &str) {
+        let Some(q) = self.trackers.get(i).and_then(|t| t.queue()) else {
+            return;
+        };
+        let records = q.take_all();
+        if records.is_empty() {
+            return;
+        }
+        if let Ok(mut sink) = self.sink.lock()
+            && let Some(sink) = sink.as_mut()
+            && let Err(e) = sink.write_all(name, &records)
+        {
+            tracing::warn!(site = %name, error = %e, "cannot write the site's metrics");
+        }
+    }
+
+    /// Writes what is left, the global model's metrics, and closes the files.
+    fn finish(&self, names: &[String], global: &BTreeMap<u32, BTreeMap<String, f64>>) {
+        for (i, n) in names.iter().enumerate() {
+            self.drain(i, n);
+        }
+        if let Ok(mut sink) = self.sink.lock()
+            && let Some(sink) = sink.as_mut()
+        {
+            let now = crate::tracking::now_ms();
+            for (v, m) in global {
+                if let Err(e) = sink.global(*v, m, now) {
+                    tracing::warn!(error = %e, "cannot write the global model's metrics");
+                }
+            }
+            if let Err(e) = sink.finish(now) {
+                tracing::warn!(error = %e, "cannot finish the metric files");
+            }
+        }
+    }
 }
 
 /// Hands queued work to the workers, as much as the bounded queue takes.
@@ -384,6 +458,7 @@ struct Sites<'a> {
     names: &'a [String],
     workspace: &'a Path,
     num_sites: usize,
+    tracking: &'a SimTracking,
 }
 
 fn worker(
@@ -421,6 +496,7 @@ fn worker(
                         site: &sites.names[i],
                         job_id: "simulate_job",
                         work_dir: &work_dir,
+                        tracker: &sites.tracking.trackers[i],
                     };
                     match sites.apps[i].make_learner(i, sites.num_sites, site) {
                         Ok(l) => *slot = Some(l),
@@ -437,6 +513,7 @@ fn worker(
             }
             Err(_) => Err("a previous task of this client panicked".to_string()),
         };
+        sites.tracking.drain(i, &sites.names[i]);
         if done_tx.send((i, outcome, held)).is_err() {
             return;
         }

@@ -158,6 +158,9 @@ pub struct JobRecord {
     /// restarted server resumes the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_round: Option<u32>,
+    /// The rounds the job's workflow runs, once it started (for progress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_rounds: Option<u32>,
 }
 
 impl JobRecord {
@@ -182,6 +185,7 @@ impl JobRecord {
             global_holder: None,
             waiting: None,
             snapshot_round: None,
+            num_rounds: None,
         }
     }
 }

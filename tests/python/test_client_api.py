@@ -308,8 +308,10 @@ def test_ten_thousand_scalars_arrive_in_order_in_few_messages(node, tmp_path):
     by_key = {r["key"]: r for r in n.records}
     assert by_key["acc"]["kind"] == "scalars" and by_key["acc"]["value"] == {"train": 0.9, "val": 0.8}
     assert by_key["lr"]["value"] == 0.01 and by_key["a"]["step"] == 2 and by_key["b"]["value"] == 2.0
-    assert by_key["batch"] == {"key": "batch", "kind": "text", "value": "32"}
-    assert by_key["model"]["value"] == "cnn" and by_key["notes.txt"]["value"] == "hello"
+    # MLflow params and tags go as their own kinds (the server's MLflow writer stores them so).
+    assert by_key["batch"] == {"key": "batch", "kind": "param", "value": "32"}
+    assert by_key["model"]["value"] == "cnn" and by_key["model"]["kind"] == "tag"
+    assert by_key["notes.txt"]["value"] == "hello" and by_key["notes.txt"]["kind"] == "text"
     assert by_key["wb"]["value"] == 4.0 and by_key["direct"]["step"] == 9
     n.shutdown()
     code, out = finish(proc)

@@ -74,6 +74,27 @@ def trainers_under(folder):
     return found
 
 
+def tensorboard_runs(logdir):
+    """What TensorBoard itself reads in `logdir`: {run: {tag: [[step, value], ...]}}."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import tb_read  # needs the tensorboard package (scripts/test-torch.sh installs it)
+
+    return {run: tb_read.read_run(folder) for run, folder in tb_read.run_dirs(logdir)}
+
+
+def check_curves(logdir, rounds=5):
+    """Each site's run holds the program's `train_loss` (one point a round, steps in order)
+    and the validation of every global model it received; the global model's run its
+    accuracy per round."""
+    runs = tensorboard_runs(logdir)
+    for site in ("site-1", "site-2", "site-3"):
+        assert site in runs, "no TensorBoard run for %s in %s: %s" % (site, logdir, sorted(runs))
+        loss = runs[site].get("train_loss", [])
+        steps = [s for s, _ in loss]
+        assert steps == sorted(steps) and len(steps) >= rounds, (site, loss)
+    assert len(runs["global_model"]["accuracy"]) >= rounds, runs["global_model"]
+
+
 def no_trainers_left(folder, timeout=30):
     deadline = time.monotonic() + timeout
     while trainers_under(folder) and time.monotonic() < deadline:
@@ -170,6 +191,7 @@ def test_the_simulator_runs_the_example_to_97_percent(job, tmp_path):
     assert acc >= TARGET, "%s: held-out accuracy %.4f after %d rounds\n%s" % (job, acc, version, out.stderr[-3000:])
     assert os.path.isfile(report["final_model"])
     assert not no_trainers_left(ws), "trainers outlived the simulator"
+    check_curves(os.path.join(ws, "server", "simulate_job", "tb_events"))
 
 
 # ---- flare-node: a POC federation of real processes --------------------------------------
@@ -224,3 +246,6 @@ def test_a_poc_federation_runs_the_example_to_97_percent(poc, job):
     assert acc >= TARGET, "%s: held-out accuracy %.4f after %d rounds" % (job, acc, version)
     left = no_trainers_left(ws)
     assert not left, "trainer processes outlived the job: %s" % left
+    # `tensorboard --logdir <download>/tb_events` shows each site's curves.
+    dl = json.loads(run(["admin", "--kit", kit, "--json", "download", job_id], timeout=300).stdout)
+    check_curves(os.path.join(dl["dir"], "tb_events"))

@@ -43,8 +43,9 @@ _watchdog.start()
 
 class AnalyticsDataType(str, Enum):
     """The kinds of `log()` records (FLARE's names). SCALAR and METRIC go as `scalar`, SCALARS
-    and METRICS as `scalars` (without a key: one `scalar` record per item); TEXT, PARAMETER and TAG as `text` (PARAMETERS and TAGS as one
-    `text` record per item, keyed `<key>/<name>`)."""
+    and METRICS as `scalars` (without a key: one `scalar` record per item); TEXT as `text`;
+    PARAMETER and TAG as `param` and `tag` (PARAMETERS and TAGS as one record per item, keyed
+    `<key>/<name>`), which the server's MLflow writer stores as MLflow params and tags."""
 
     SCALAR = "SCALAR"
     SCALARS = "SCALARS"
@@ -143,9 +144,12 @@ def log(key, value, data_type=None, **kwargs):
             for k, v in dict(value).items():
                 _client.log(k, v, "scalar", step)
     elif dt in ("PARAMETERS", "TAGS"):
+        kind = "param" if dt == "PARAMETERS" else "tag"
         for k, v in dict(value).items():
-            _client.log("%s/%s" % (key, k) if key else str(k), str(v), "text", step)
-    elif dt in ("TEXT", "PARAMETER", "TAG", "LOG_RECORD"):
+            _client.log("%s/%s" % (key, k) if key else str(k), str(v), kind, step)
+    elif dt in ("PARAMETER", "TAG"):
+        _client.log(key, str(value), "param" if dt == "PARAMETER" else "tag", step)
+    elif dt in ("TEXT", "LOG_RECORD"):
         _client.log(key, value, "text", step)
     else:
         raise FlareModelError("log %r: data type %s cannot be sent" % (key, dt))

@@ -947,7 +947,7 @@ fn check_record(record: &LogRecord) -> Result<usize, ClientError> {
             .value
             .as_object()
             .is_some_and(|o| o.values().all(serde_json::Value::is_number)),
-        "text" => record.value.is_string(),
+        "text" | "param" | "tag" => record.value.is_string(),
         other => return Err(bad(format!("unknown kind {other:?}"))),
     };
     if !fits {

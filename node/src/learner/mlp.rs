@@ -71,6 +71,7 @@ use super::script::TransferType;
 use super::{Learner, LearnerError, samples_meta};
 use crate::data::Dataset;
 use crate::data::mnist::{CLASSES, PIXELS};
+use crate::tracking::Tracker;
 
 const MEAN: f32 = 0.1307;
 const STD: f32 = 0.3081;
@@ -385,12 +386,20 @@ impl Mlp {
         hyper: &MlpHyper,
         rng: &mut ChaCha8Rng,
     ) -> Result<f64, LearnerError> {
-        self.train_with(data, indices, hyper, rng, &RoundTerms::default())
-            .map(|(loss, _)| loss)
+        self.train_with(
+            data,
+            indices,
+            hyper,
+            rng,
+            &RoundTerms::default(),
+            &mut |_, _, _| {},
+        )
+        .map(|(loss, _)| loss)
     }
 
     /// [`Mlp::train`] with what the round's FL algorithm adds; returns the mean loss of the
-    /// last epoch and the number of SGD steps taken.
+    /// last epoch and the number of SGD steps taken, and calls `epoch_done` after each epoch
+    /// with its mean loss and its samples per second.
     fn train_with(
         &mut self,
         data: &Dataset,
@@ -398,6 +407,7 @@ impl Mlp {
         hyper: &MlpHyper,
         rng: &mut ChaCha8Rng,
         terms: &RoundTerms<'_>,
+        epoch_done: &mut dyn FnMut(usize, f64, f64),
     ) -> Result<(f64, usize), LearnerError> {
         if indices.is_empty() {
             return Err(LearnerError::NoData);
@@ -407,7 +417,8 @@ impl Mlp {
         let mut y = Vec::new();
         let mut last = 0.0;
         let mut steps = 0;
-        for _ in 0..hyper.epochs.max(1) {
+        for epoch in 0..hyper.epochs.max(1) {
+            let started = std::time::Instant::now();
             order.shuffle(rng);
             let mut total = 0.0f64;
             for batch in order.chunks(hyper.batch_size.max(1)) {
@@ -428,6 +439,8 @@ impl Mlp {
             if !last.is_finite() {
                 return Err(LearnerError::Diverged(format!("loss is {last}")));
             }
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
+            epoch_done(epoch, last, order.len() as f64 / secs);
         }
         Ok((last, steps))
     }
@@ -501,6 +514,8 @@ pub struct MlpLearner {
     c_local: Option<Controls>,
     /// Whether train results carry the weights or their change (`params_transfer_type`).
     transfer: TransferType,
+    /// Where the learner logs its metrics.
+    tracker: Tracker,
 }
 
 impl MlpLearner {
@@ -521,6 +536,7 @@ impl MlpLearner {
             rng,
             c_local: None,
             transfer: TransferType::Full,
+            tracker: Tracker::off(),
         }
     }
 
@@ -531,6 +547,12 @@ impl MlpLearner {
         self
     }
 
+    /// A learner that logs its metrics to `tracker`.
+    pub fn with_tracker(mut self, tracker: Tracker) -> Self {
+        self.tracker = tracker;
+        self
+    }
+
     /// Number of local training examples.
     pub fn num_samples(&self) -> usize {
         self.indices.len()
@@ -538,7 +560,7 @@ impl MlpLearner {
 }
 
 impl Learner for MlpLearner {
-    fn train(&mut self, global: &FLModel, _round: u32) -> Result<FLModel, LearnerError> {
+    fn train(&mut self, global: &FLModel, round: u32) -> Result<FLModel, LearnerError> {
         let (hidden, lr) = (self.hyper.hidden, self.hyper.lr);
         let mut net = Mlp::from_model(global, hidden)?;
         let mu = fedprox_mu(global)?;
@@ -570,12 +592,23 @@ impl Learner for MlpLearner {
             }),
             scaffold: correction.as_ref(),
         };
+        let tracker = &self.tracker;
+        let epochs = self.hyper.epochs.max(1) as i64;
         let (loss, steps) = net.train_with(
             &self.train,
             &self.indices,
             &self.hyper,
             &mut self.rng,
             &terms,
+            &mut |epoch, loss, samples_per_sec| {
+                log_epoch(
+                    tracker,
+                    i64::from(round) * epochs + epoch as i64,
+                    loss,
+                    f64::from(lr),
+                    samples_per_sec,
+                );
+            },
         )?;
         let mut out = match &start {
             Some(start) if diff => net.diff_model(start),
@@ -617,6 +650,19 @@ impl Learner for MlpLearner {
         let net = Mlp::from_model(model, self.hyper.hidden)?;
         Ok(net.evaluate(&self.validation))
     }
+
+    fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+}
+
+/// What the built-in learners log after each local epoch (`step`: the site's epochs so far,
+/// round × epochs + epoch): FLARE's examples' `train_loss` and `learning_rate`, and the
+/// epoch's `samples_per_sec`.
+pub(crate) fn log_epoch(tracker: &Tracker, step: i64, loss: f64, lr: f64, samples_per_sec: f64) {
+    tracker.scalar("train_loss", loss, step);
+    tracker.scalar("learning_rate", lr, step);
+    tracker.scalar("samples_per_sec", samples_per_sec, step);
 }
 
 #[cfg(test)]
@@ -941,7 +987,14 @@ mod tests {
             };
             let mut net = start.clone();
             let (_, k) = net
-                .train_with(&train, &site.indices, &site.hyper, &mut rng.clone(), &terms)
+                .train_with(
+                    &train,
+                    &site.indices,
+                    &site.hyper,
+                    &mut rng.clone(),
+                    &terms,
+                    &mut |_, _, _| {},
+                )
                 .unwrap();
             assert_eq!(k, 10);
             net

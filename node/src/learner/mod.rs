@@ -65,6 +65,25 @@ pub trait Learner: Send {
     fn abort_handle(&self) -> Option<AbortHandle> {
         None
     }
+
+    /// Where the learner logs its metrics; [`execute`] logs the validation of each model the
+    /// learner receives there too.
+    fn tracker(&self) -> &crate::tracking::Tracker {
+        &NO_TRACKER
+    }
+}
+
+static NO_TRACKER: crate::tracking::Tracker = crate::tracking::Tracker::off_const();
+
+/// Logs the validation metrics of the model a site received in `round` (FLARE's examples'
+/// `val_acc_global_model`), step = the round.
+fn log_received(learner: &(impl Learner + ?Sized), round: u32, metrics: &BTreeMap<String, f64>) {
+    let t = learner.tracker();
+    if t.is_on() {
+        for (k, v) in metrics {
+            t.scalar(&crate::tracking::global_model_tag(k), *v, i64::from(round));
+        }
+    }
 }
 
 /// Tells a learner that its job was stopped at this site (it ended or was aborted); shared
@@ -145,6 +164,7 @@ fn run<L: Learner + ?Sized>(learner: &mut L, task: Task) -> Result<FLModel, (Ret
     match task.name.as_str() {
         task_names::TRAIN => {
             let metrics = learner.validate(&global).map_err(fail)?;
+            log_received(learner, task.round, &metrics);
             // The task's model is this task's alone once it arrived: train in it.
             let mut owned = Arc::try_unwrap(global).unwrap_or_else(|shared| (*shared).clone());
             // What the algorithm tells the learner (FedProx's `mu`) reaches it in the model's
@@ -161,6 +181,7 @@ fn run<L: Learner + ?Sized>(learner: &mut L, task: Task) -> Result<FLModel, (Ret
         }
         task_names::VALIDATE => {
             let metrics = learner.validate(&global).map_err(fail)?;
+            log_received(learner, task.round, &metrics);
             let mut out = FLModel {
                 metrics,
                 ..FLModel::default()

@@ -391,8 +391,15 @@ impl CnnTrainer {
         hyper: &CnnHyper,
         rng: &mut ChaCha8Rng,
     ) -> Result<f64, LearnerError> {
-        self.train_epochs_with(x, y, hyper, rng, &mut RoundTerms::default())
-            .map(|(loss, _)| loss)
+        self.train_epochs_with(
+            x,
+            y,
+            hyper,
+            rng,
+            &mut RoundTerms::default(),
+            &mut |_, _, _| {},
+        )
+        .map(|(loss, _)| loss)
     }
 
     /// [`CnnTrainer::train_epochs`] with what the round's FL algorithm adds; returns the
@@ -404,6 +411,7 @@ impl CnnTrainer {
         hyper: &CnnHyper,
         rng: &mut ChaCha8Rng,
         terms: &mut RoundTerms,
+        epoch_done: &mut dyn FnMut(usize, f64, f64),
     ) -> Result<(f64, usize), LearnerError> {
         let n = y.size().first().copied().unwrap_or(0);
         if n == 0 {
@@ -414,7 +422,8 @@ impl CnnTrainer {
         let mut order: Vec<i64> = (0..n).collect();
         let mut last = 0.0;
         let mut steps = 0;
-        for _ in 0..hyper.epochs.max(1) {
+        for epoch in 0..hyper.epochs.max(1) {
+            let started = Instant::now();
             order.shuffle(rng);
             let perm = Tensor::from_slice(&order).to_device(device);
             // Summed on the device: one read per epoch, not one GPU sync per step.
@@ -444,6 +453,11 @@ impl CnnTrainer {
             if !last.is_finite() {
                 return Err(LearnerError::Diverged(format!("loss is {last}")));
             }
+            epoch_done(
+                epoch,
+                last,
+                n as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            );
         }
         Ok((last, steps))
     }
@@ -652,6 +666,8 @@ pub struct TorchCnnLearner {
     /// site spends on a round beside the training step can be told from the time between
     /// sites.
     validate_s: f64,
+    /// Where the learner logs its metrics.
+    tracker: crate::tracking::Tracker,
 }
 
 impl TorchCnnLearner {
@@ -682,6 +698,7 @@ impl TorchCnnLearner {
                 warned_scaffold_optimizer: false,
                 transfer: TransferType::Full,
                 validate_s: 0.0,
+                tracker: crate::tracking::Tracker::off(),
             };
             tracing::info!(
                 site = site + 1,
@@ -704,6 +721,12 @@ impl TorchCnnLearner {
         self.transfer = transfer;
         self
     }
+
+    /// A learner that logs its metrics to `tracker`.
+    pub fn with_tracker(mut self, tracker: crate::tracking::Tracker) -> Self {
+        self.tracker = tracker;
+        self
+    }
 }
 
 /// Runs `f`, turning a LibTorch error that `tch` raises as a panic (its non-`f_` methods,
@@ -723,6 +746,10 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, LearnerError>) -> Result<T, LearnerE
 impl Learner for TorchCnnLearner {
     fn train(&mut self, global: &FLModel, round: u32) -> Result<FLModel, LearnerError> {
         guarded(|| self.train_round(global, round))
+    }
+
+    fn tracker(&self) -> &crate::tracking::Tracker {
+        &self.tracker
     }
 
     fn validate(&mut self, model: &FLModel) -> Result<BTreeMap<String, f64>, LearnerError> {
@@ -804,12 +831,23 @@ impl TorchCnnLearner {
             }),
         };
         let loaded = Instant::now();
+        let tracker = &self.tracker;
+        let (lr, epochs) = (self.hyper.lr, self.hyper.epochs.max(1) as i64);
         let (loss, steps) = self.trainer.train_epochs_with(
             &self.train.0,
             &self.train.1,
             &self.hyper,
             &mut self.rng,
             &mut terms,
+            &mut |epoch, loss, samples_per_sec| {
+                crate::learner::mlp::log_epoch(
+                    tracker,
+                    i64::from(round) * epochs + epoch as i64,
+                    loss,
+                    lr,
+                    samples_per_sec,
+                );
+            },
         )?;
         // The corrections and handles are done with: free them on the device before export.
         drop(terms);

@@ -67,6 +67,11 @@ pub enum AdminRequest {
     },
     /// Connected sites and how they are connected.
     Sites,
+    /// A job's metric series (every site's and the global model's), for plots.
+    Metrics {
+        /// Job id.
+        job: String,
+    },
 }
 
 /// Everything a node may ask another over the control protocol.
@@ -148,6 +153,18 @@ pub enum ControlRequest {
         /// the largest part of a request.
         #[serde(default)]
         derivation: Option<Box<crate::roles::tier::SignedDerivation>>,
+    },
+    /// A batch of a job's metrics (client → server), acknowledged with `Ok` once written
+    /// (`crate::tracking`).
+    Metrics {
+        /// Job id.
+        job: String,
+        /// The sending queue's random id (a restarted site's queue is a new stream).
+        stream: u64,
+        /// The sequence number of the first record in the queue.
+        seq: u64,
+        /// At most [`crate::tracking::MAX_BATCH`] records.
+        records: Vec<crate::tracking::MetricRecord>,
     },
     /// Stop a job on a site (server → client).
     AbortJob {

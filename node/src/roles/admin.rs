@@ -9,7 +9,7 @@
 
 use std::cmp::Ordering;
 use std::fmt::Display;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -158,13 +158,9 @@ async fn run_inner(
         }
         _ => None,
     };
-    let (net, _events) = start_net(&kit, false)?;
-    let (server, addrs) = peer_addrs(&kit.config.server)?;
-    connect_with(&net, server, &addrs, &connect_options()).await?;
-    let ask = |req: AdminRequest| {
-        let net = net.clone();
-        async move { net.request(server, ControlRequest::Admin(req)).await }
-    };
+    let session = AdminSession::connect_kit(kit).await?;
+    let ask = |req: AdminRequest| session.request(req);
+    let kit = &session.kit;
     let transfer = kit
         .participant_dir()
         .map(|d| d.join("transfer"))
@@ -183,6 +179,7 @@ async fn run_inner(
         AdminCommand::Sites => AdminRequest::Sites,
         AdminCommand::Wait { job, timeout } => {
             let start = Instant::now();
+            let mut progress = (!json_out).then(|| Progress::new(std::io::stderr().is_terminal()));
             loop {
                 let resp = ask(AdminRequest::Status {
                     job: Some(job.clone()),
@@ -196,7 +193,13 @@ async fn run_inner(
                     }
                 };
                 let state = v["state"].as_str().unwrap_or("").to_string();
+                if let Some(p) = &mut progress {
+                    p.show(&v, start.elapsed(), out);
+                }
                 if matches!(state.as_str(), "finished" | "failed" | "aborted") {
+                    if let Some(p) = progress.take() {
+                        p.finish();
+                    }
                     print_value(out, &cmd, &v, json_out);
                     return Ok(if state == "finished" {
                         EXIT_OK
@@ -227,7 +230,7 @@ async fn run_inner(
         let names: Vec<String> = if v.get("stream").is_some() {
             // Today's servers list the files and stream them, sealed, over a download stream.
             let expected = listed_files(&v)?;
-            if let Err(e) = fetch_files(&net, &kit, server, job, &expected, &dir).await {
+            if let Err(e) = session.fetch_files(job, &expected, &dir).await {
                 err_line(format_args!("error: download of {job}: {e:#}"));
                 return Ok(EXIT_FAILED);
             }
@@ -265,6 +268,232 @@ async fn run_inner(
     Ok(EXIT_OK)
 }
 
+/// An admin's connection to its server, with the admin's identity: what the console and the
+/// dashboard (`crate::dashboard`) send their commands through. The server checks each command
+/// against its `authorization.json` for this admin, whoever drives the session.
+#[derive(Debug)]
+pub struct AdminSession {
+    kit: flare_provision::kit::Kit,
+    net: crate::net::NetHandle,
+    server: libp2p::PeerId,
+    addrs: Vec<libp2p::Multiaddr>,
+}
+
+impl AdminSession {
+    /// Loads and checks the admin kit at `kit_dir`, then connects to its server.
+    pub async fn connect(kit_dir: &Path) -> anyhow::Result<Self> {
+        let kit = load_kit(kit_dir, SystemTime::now())
+            .with_context(|| format!("admin kit {}", kit_dir.display()))?;
+        Self::connect_kit(kit).await
+    }
+
+    async fn connect_kit(kit: flare_provision::kit::Kit) -> anyhow::Result<Self> {
+        let (net, _events) = start_net(&kit, false)?;
+        let (server, addrs) = peer_addrs(&kit.config.server)?;
+        connect_with(&net, server, &addrs, &connect_options()).await?;
+        Ok(AdminSession {
+            kit,
+            net,
+            server,
+            addrs,
+        })
+    }
+
+    /// The admin's kit.
+    pub fn kit(&self) -> &flare_provision::kit::Kit {
+        &self.kit
+    }
+
+    /// Sends one admin command and returns the raw answer; a lost connection is dialled
+    /// again once (a restarted server) before the error is returned.
+    pub async fn request(&self, req: AdminRequest) -> anyhow::Result<ControlResponse> {
+        match self
+            .net
+            .request(self.server, ControlRequest::Admin(req.clone()))
+            .await
+        {
+            Ok(r) => Ok(r),
+            Err(first) => {
+                if self.net.peers.get(&self.server).is_some() {
+                    return Err(first.into());
+                }
+                connect_with(&self.net, self.server, &self.addrs, &connect_options()).await?;
+                Ok(self
+                    .net
+                    .request(self.server, ControlRequest::Admin(req))
+                    .await?)
+            }
+        }
+    }
+
+    /// Sends one admin command: the answer's JSON, or the server's refusal (`Ok(Err(why))`).
+    pub async fn ask(&self, req: AdminRequest) -> anyhow::Result<Result<Value, String>> {
+        Ok(unpack(self.request(req).await?).map(|(v, _)| v))
+    }
+
+    /// Downloads a finished job's result files into `dir`; the names of the files, or the
+    /// server's refusal.
+    pub async fn download(
+        &self,
+        job: &str,
+        dir: &Path,
+    ) -> anyhow::Result<Result<Vec<String>, String>> {
+        let v = match self.ask(AdminRequest::Download { job: job.into() }).await? {
+            Ok(v) => v,
+            Err(why) => return Ok(Err(why)),
+        };
+        let expected = listed_files(&v)?;
+        self.fetch_files(job, &expected, dir).await?;
+        Ok(Ok(expected.into_iter().map(|e| e.name).collect()))
+    }
+
+    /// Opens a download stream to the server and receives `job`'s files into `dir`.
+    async fn fetch_files(
+        &self,
+        job: &str,
+        expected: &[download::FileEntry],
+        dir: &Path,
+    ) -> anyhow::Result<()> {
+        let from = self
+            .net
+            .peers
+            .get(&self.server)
+            .context("the server disconnected")?;
+        let sealing = Sealing::new(self.net.local, self.kit.identity.sealing.clone());
+        let mut stream = self
+            .net
+            .streams
+            .clone()
+            .open_stream(self.server, DOWNLOAD_PROTOCOL)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open a download stream: {e}"))?;
+        download::request(&mut stream, job).await?;
+        std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+        download::receive_files(&mut stream, &sealing, &from, job, expected, dir).await?;
+        Ok(())
+    }
+}
+
+/// Where a job stands, read off its status for `admin wait`: the round done, the rounds in
+/// all, who aggregated the last one (swarm), and the last global accuracy.
+#[derive(Debug, Clone, PartialEq)]
+struct Standing {
+    round: u64,
+    num_rounds: Option<u64>,
+    aggregator: Option<String>,
+    accuracy: Option<f64>,
+}
+
+impl Standing {
+    fn of(v: &Value) -> Option<Standing> {
+        let round = v["round"].as_u64()?;
+        let aggregator = v["history"].as_array().and_then(|h| {
+            h.iter().rev().find_map(|e| {
+                let note = e["note"].as_str()?;
+                let at = note.find("aggregated by ")? + "aggregated by ".len();
+                Some(note[at..].split([':', ' ', ',']).next()?.to_string())
+            })
+        });
+        let accuracy = v["metrics"].as_object().and_then(|m| {
+            m.iter()
+                .filter_map(|(k, x)| Some((k.parse::<u64>().ok()?, x["accuracy"].as_f64()?)))
+                .max_by_key(|(k, _)| *k)
+                .map(|(_, a)| a)
+        });
+        Some(Standing {
+            round,
+            num_rounds: v["num_rounds"].as_u64(),
+            aggregator,
+            accuracy,
+        })
+    }
+
+    /// `round 3/5 · aggregated by site-2 · accuracy 0.9312`.
+    fn detail(&self) -> String {
+        let mut s = match self.num_rounds {
+            Some(n) => format!("round {}/{n}", self.round),
+            None => format!("round {}", self.round),
+        };
+        if let Some(a) = &self.aggregator {
+            s.push_str(&format!(" · aggregated by {a}"));
+        }
+        if let Some(a) = self.accuracy {
+            s.push_str(&format!(" · accuracy {a:.4}"));
+        }
+        s
+    }
+
+    /// Seconds left, from the pace so far.
+    fn eta(&self, elapsed: Duration) -> Option<Duration> {
+        let n = self.num_rounds?;
+        (self.round > 0 && n >= self.round)
+            .then(|| elapsed.mul_f64((n - self.round) as f64 / self.round as f64))
+    }
+}
+
+/// `admin wait`'s progress: a live bar on a terminal (stderr), one line per new round when
+/// the output is a pipe (stdout, before the final table).
+#[derive(Debug)]
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    last: Option<Standing>,
+}
+
+impl Progress {
+    fn new(terminal: bool) -> Self {
+        let bar = terminal.then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {msg} (ETA {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b.enable_steady_tick(Duration::from_millis(200));
+            b
+        });
+        Progress { bar, last: None }
+    }
+
+    fn show(&mut self, v: &Value, elapsed: Duration, out: &mut Console) {
+        let Some(now) = Standing::of(v) else {
+            if let Some(b) = &self.bar {
+                b.set_message(s(&v["state"]));
+            }
+            return;
+        };
+        match &self.bar {
+            Some(b) => {
+                if let Some(n) = now.num_rounds {
+                    b.set_length(n);
+                }
+                b.set_position(now.round);
+                b.set_message(now.detail());
+            }
+            None => {
+                if self.last.as_ref().is_none_or(|l| l.round != now.round) {
+                    let eta = now
+                        .eta(elapsed)
+                        .map(|d| format!(", ETA {:.0} s", d.as_secs_f64()))
+                        .unwrap_or_default();
+                    out.line(format_args!(
+                        "{} (elapsed {:.1} s{eta})",
+                        now.detail(),
+                        elapsed.as_secs_f64()
+                    ));
+                }
+            }
+        }
+        self.last = Some(now);
+    }
+
+    fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
 /// The file list of a `download` answer: `files` (names) and `sizes`, in the same order.
 fn listed_files(v: &Value) -> anyhow::Result<Vec<download::FileEntry>> {
     let names = v["files"]
@@ -292,29 +521,6 @@ fn listed_files(v: &Value) -> anyhow::Result<Vec<download::FileEntry>> {
             })
         })
         .collect()
-}
-
-/// Opens a download stream to the server and receives `job`'s files into `dir`.
-async fn fetch_files(
-    net: &crate::net::NetHandle,
-    kit: &flare_provision::kit::Kit,
-    server: libp2p::PeerId,
-    job: &str,
-    expected: &[download::FileEntry],
-    dir: &Path,
-) -> anyhow::Result<()> {
-    let from = net.peers.get(&server).context("the server disconnected")?;
-    let sealing = Sealing::new(net.local, kit.identity.sealing.clone());
-    let mut stream = net
-        .streams
-        .clone()
-        .open_stream(server, DOWNLOAD_PROTOCOL)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot open a download stream: {e}"))?;
-    download::request(&mut stream, job).await?;
-    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
-    download::receive_files(&mut stream, &sealing, &from, job, expected, dir).await?;
-    Ok(())
 }
 
 type Files = std::collections::BTreeMap<String, serde_bytes::ByteBuf>;
@@ -572,6 +778,34 @@ fn print_value(out: &mut Console, cmd: &AdminCommand, v: &Value, json_out: bool)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_reads_the_round_the_aggregator_and_the_accuracy() {
+        let v: Value = serde_json::from_str(
+            r#"{"state": "running", "round": 2, "num_rounds": 5,
+                "metrics": {"0": {"accuracy": 0.1}, "2": {"accuracy": 0.93}, "10": {"loss": 1.0}},
+                "history": [{"note": "epoch 0.0 aggregated by site-3: accepted [], pruned []"},
+                            {"note": "epoch 1.0 aggregated by site-12: accepted [], pruned []"},
+                            {"note": "site-2 left"}]}"#,
+        )
+        .unwrap();
+        let st = Standing::of(&v).unwrap();
+        assert_eq!(
+            st.detail(),
+            "round 2/5 · aggregated by site-12 · accuracy 0.9300"
+        );
+        assert_eq!(
+            st.eta(Duration::from_secs(10)),
+            Some(Duration::from_secs(15))
+        );
+        assert!(Standing::of(&serde_json::json!({"state": "submitted"})).is_none());
+        let sag: Value = serde_json::from_str(r#"{"round": 0, "metrics": {}}"#).unwrap();
+        let st = Standing::of(&sag).unwrap();
+        assert_eq!(
+            (st.detail(), st.eta(Duration::from_secs(3))),
+            ("round 0".into(), None)
+        );
+    }
 
     #[test]
     fn natural_order_counts_digits_as_numbers() {

@@ -89,6 +89,32 @@ struct JobSlot {
     own_result: Arc<FilterChains>,
     /// The job's submitter, whom the site's `manage_job` rule compares an admin with.
     submitter: Option<flare_crypto::ParticipantCert>,
+    /// The job's metrics on their way to the server (none when its tracking is off).
+    metrics: Option<MetricsLink>,
+}
+
+/// A job's metric queue and its sender's stop switch, thrown when the slot goes.
+struct MetricsLink {
+    queue: Arc<crate::tracking::MetricQueue>,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for MetricsLink {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// How long a site waits for its learner's metrics to be acknowledged before it sends a
+/// result anyway (the server away: the result's own delivery waits too).
+const METRICS_FLUSH: Duration = Duration::from_secs(10);
+
+/// A random stream id for a job's metric queue (see [`crate::tracking`]).
+fn metric_stream() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    u64::from_le_bytes(b)
 }
 
 /// A running client-controlled workflow of a job: the training workflow, then (if the job has
@@ -520,6 +546,7 @@ impl Site {
                 learner,
                 SlotFilters::job(FilterChains::default()),
                 submitter,
+                None,
             );
             tracing::info!(job = %job_id, name = %job.meta.name, "tiered job taken for the region");
             return Ok(None);
@@ -538,10 +565,20 @@ impl Site {
                 .check_custom_code(self.kit.name(), self.kit.org(), &submitter)
                 .map_err(Refusal::Policy)?;
         }
+        let queue = job
+            .server
+            .tracking
+            .is_on()
+            .then(|| crate::tracking::MetricQueue::new(metric_stream()));
+        let tracker = queue
+            .clone()
+            .map(crate::tracking::Tracker::to_queue)
+            .unwrap_or_default();
         let site = LearnerSite {
             site: self.kit.name(),
             job_id,
             work_dir: &dest,
+            tracker: &tracker,
         };
         let learner = app
             .make_learner(site_index as usize, num_sites.max(1) as usize, site)
@@ -566,7 +603,7 @@ impl Site {
             }
             None => SlotFilters::job(app.filters.clone()),
         };
-        self.hold(job_id, learner, filters, submitter);
+        self.hold(job_id, learner, filters, submitter, queue);
         tracing::info!(job = %job_id, name = %job.meta.name, site_index, num_sites, "job deployed");
         Ok(scope_name)
     }
@@ -578,8 +615,20 @@ impl Site {
         learner: Box<dyn Learner>,
         filters: SlotFilters,
         submitter: flare_crypto::ParticipantCert,
+        metrics: Option<Arc<crate::tracking::MetricQueue>>,
     ) {
         let abort = learner.abort_handle();
+        let metrics = metrics.map(|queue| {
+            let (stop, stop_rx) = watch::channel(false);
+            super::metrics::spawn_sender(
+                self.net.clone(),
+                self.server,
+                job_id.to_string(),
+                Arc::clone(&queue),
+                stop_rx,
+            );
+            MetricsLink { queue, stop }
+        });
         if let Ok(mut jobs) = self.jobs.lock() {
             jobs.insert(
                 job_id.to_string(),
@@ -592,6 +641,7 @@ impl Site {
                     peer_filters: Arc::new(filters.peer),
                     own_result: Arc::new(filters.own_result),
                     submitter: Some(submitter),
+                    metrics,
                 },
             );
         }
@@ -682,7 +732,7 @@ impl Site {
                 from.cert.name
             );
         }
-        let (learner, filters) = {
+        let (learner, filters, metrics) = {
             let mut jobs = self
                 .jobs
                 .lock()
@@ -691,7 +741,11 @@ impl Site {
                 .get_mut(&job)
                 .with_context(|| format!("task for job {job} that is not deployed here"))?;
             slot.round = got.meta.round;
-            (Arc::clone(&slot.learner), Arc::clone(&slot.filters))
+            (
+                Arc::clone(&slot.learner),
+                Arc::clone(&slot.filters),
+                slot.metrics.as_ref().map(|m| Arc::clone(&m.queue)),
+            )
         };
         let mut task = Task {
             id: TaskId(got.meta.task_id),
@@ -745,6 +799,12 @@ impl Site {
             result
         })
         .await?;
+        // What the learner logged during the task reaches the server before its result.
+        if let Some(q) = metrics
+            && !q.flushed(METRICS_FLUSH).await
+        {
+            tracing::warn!(%job, queued = q.len(), "metrics not yet acknowledged; the result goes first");
+        }
         let meta = TransferMeta {
             task_id: result.task_id.0,
             task_name: got.meta.task_name,
@@ -837,11 +897,12 @@ impl Site {
                 .as_ref()
                 .is_some_and(|w| w.stage == stage && w.region_round == region_round)
         };
-        let (learner, filters, own_result, already) = self.with_slot(job_id, |slot| {
+        let (learner, filters, own_result, metrics, already) = self.with_slot(job_id, |slot| {
             (
                 Arc::clone(&slot.learner),
                 Arc::clone(&slot.peer_filters),
                 Arc::clone(&slot.own_result),
+                slot.metrics.as_ref().map(|m| Arc::clone(&m.queue)),
                 configured(slot),
             )
         })?;
@@ -871,6 +932,7 @@ impl Site {
                 spool: Arc::clone(&self.spool),
                 filters: Arc::clone(&filters),
                 own_result: Arc::clone(&own_result),
+                metrics: metrics.clone(),
                 filter_task,
                 audit: crate::audit::WorkflowAudit::new(self.audit.clone(), job_id, stage),
             })

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod tier;

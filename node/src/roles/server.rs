@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 mod ccwf;
 mod region;
 mod sag;
+mod tracking;
 
 use super::{now_ms, start_net};
 use crate::audit::{Actor, AuditEntry, AuditKind, AuditLog, Decision as AuditDecision};
@@ -130,6 +131,8 @@ struct Server {
     audit: AuditLog,
     /// The last admin commands refused by the server's authorization, for `admin status`.
     refusals: Mutex<std::collections::VecDeque<serde_json::Value>>,
+    /// The running jobs' metric writers.
+    tracking: tracking::Tracking,
 }
 
 /// How many refused admin commands `admin status` shows.
@@ -207,6 +210,7 @@ pub async fn run_with(
         counters: Counters::default(),
         started_ms: now_ms(),
         refusals: Mutex::new(std::collections::VecDeque::new()),
+        tracking: tracking::Tracking::default(),
         audit,
     });
 
@@ -438,6 +442,20 @@ impl Server {
                     None => err(format!("job {job} is not running here")),
                 }
             }
+            ControlRequest::Metrics {
+                job,
+                stream,
+                seq,
+                records,
+            } if is_site(from.cert.role) => {
+                match self
+                    .tracking
+                    .accept(&job, &from.cert.name, stream, seq, &records)
+                {
+                    Ok(_) => ControlResponse::Ok,
+                    Err(why) => err(why),
+                }
+            }
             ControlRequest::Admin(req) => match from.cert.role {
                 Role::Admin(role) => self.on_admin(from, role, req).await,
                 other => err(format!(
@@ -465,6 +483,7 @@ impl Server {
                 (Right::DownloadJob, "download_job", Some(job.as_str()))
             }
             AdminRequest::Clone { job } => (Right::CloneJob, "clone_job", Some(job.as_str())),
+            AdminRequest::Metrics { job } => (Right::View, "show_metrics", Some(job.as_str())),
         };
         let decided = self.authorize(from, role, right, command, job);
         let mut line = AuditEntry::new(AuditKind::AdminCommand, command).actor(actor(from));
@@ -573,6 +592,19 @@ impl Server {
                 }
             }
             AdminRequest::Download { job } => self.download(&job),
+            AdminRequest::Metrics { job } => match self.store.get(&job) {
+                Ok(_) => {
+                    let folder = crate::job::Job::load(&self.store.job_dir(&job))
+                        .ok()
+                        .and_then(|j| j.server.tracking.tensorboard)
+                        .unwrap_or_else(|| crate::tracking::config::DEFAULT_TB_FOLDER.into());
+                    admin_json(
+                        self.tracking
+                            .series(&job, &self.store.result_dir(&job), &folder),
+                    )
+                }
+                Err(e) => err(e.to_string()),
+            },
             AdminRequest::Delete { job } => match self.store.delete(&job) {
                 Ok(()) => admin_json(json!({"job_id": job, "deleted": true})),
                 Err(e) => err(e.to_string()),
@@ -1094,6 +1126,9 @@ impl Server {
                 },
             );
         }
+        self.tracking.open(id, &job, &self.store.result_dir(id));
+        let rounds = tracking::num_rounds(&job);
+        let _ = self.store.update(id, |r| r.num_rounds = Some(rounds));
         let s = Arc::clone(&self);
         let id = id.to_string();
         tokio::spawn(async move {
@@ -1146,6 +1181,8 @@ impl Server {
             for (site, why) in s.stop_on_sites(&id, &accepted, by.as_deref()).await {
                 note.push_str(&format!("; {site} refused to stop: {why}"));
             }
+            // The metric files are complete before the job reads as ended (and downloadable).
+            s.tracking.close(&id);
             let _ = s.store.set_state(&id, state, &note, now_ms());
         });
     }

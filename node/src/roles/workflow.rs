@@ -56,6 +56,8 @@ const REPORT_QUEUE: usize = 4096;
 /// How many times (a second apart) a report the server refuses is tried again before it is
 /// dropped.
 const REFUSALS_KEPT: u32 = 60;
+/// How long a report waits for the metrics logged before it to be acknowledged.
+const METRICS_BEFORE_REPORT: Duration = Duration::from_secs(5);
 /// How long a peer connection may take (direct, relay, hole punching).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -113,6 +115,9 @@ pub struct Context {
     /// The site's privacy scope's result filters, on its own training results as the learner
     /// returns them (before the workflow sends one or aggregates it itself).
     pub own_result: Arc<FilterChains>,
+    /// The job's metric queue: a report waits (bounded) until what the learner logged before
+    /// it is acknowledged, so the server has a round's metrics when it hears of the round.
+    pub metrics: Option<Arc<crate::tracking::MetricQueue>>,
     /// The site's audit log, for the workflow's own lines (this site aggregated a round, an
     /// aggregator was replaced).
     pub audit: crate::audit::WorkflowAudit,
@@ -255,6 +260,9 @@ async fn reporter(ctx: Arc<Context>, mut rx: mpsc::Receiver<Report>) {
         let Some(r) = queue.front().cloned() else {
             continue;
         };
+        if let Some(m) = &ctx.metrics {
+            m.flushed(METRICS_BEFORE_REPORT).await;
+        }
         let req = ControlRequest::WorkflowReport {
             job: ctx.job.clone(),
             report: r,

@@ -25,6 +25,7 @@ mod common;
 
 mod sag;
 mod swarm;
+mod tracking;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -77,6 +77,10 @@ struct Args {
     /// trainer's bookkeeping, not the protocol's cost).
     #[arg(long)]
     forget_trained: bool,
+    /// Log this many `stress` scalars in each `train` task (value = step = round × N + i),
+    /// as `SummaryWriter.add_scalar` would, besides the three `train_loss` records.
+    #[arg(long, default_value_t = 0)]
+    log_scalars: u32,
 }
 
 fn main() -> ExitCode {
@@ -198,6 +202,13 @@ fn train(args: &Args) -> anyhow::Result<()> {
             step: Some(step + i64::from(i)),
             kind: Some("scalar".into()),
         }))?;
+        if task.name == "train" && args.log_scalars > 0 {
+            let n = i64::from(args.log_scalars);
+            for i in 0..n {
+                let step = i64::from(task.round) * n + i;
+                client.log_scalar("stress", step as f64, Some(step))?;
+            }
+        }
         match result {
             Some(result) => client.send(task.id, result)?,
             None => client.send_failure(task.id, "no model to submit: nothing trained yet")?,

@@ -177,6 +177,8 @@ pub struct ScriptSite {
     pub site_name: String,
     /// The task names the executor serves.
     pub tasks: Vec<String>,
+    /// Where the program's `log` records go ([`crate::tracking`]).
+    pub tracker: crate::tracking::Tracker,
 }
 
 /// A launched program and its connection.
@@ -339,7 +341,13 @@ impl ScriptLearner {
             }
             match running.endpoint.try_accept() {
                 Ok(Some(stream)) => {
-                    match Connection::handshake(stream, &token, accept.clone(), &self.site.job_id) {
+                    match Connection::handshake(
+                        stream,
+                        &token,
+                        accept.clone(),
+                        &self.site.job_id,
+                        self.site.tracker.clone(),
+                    ) {
                         Ok(c) => {
                             running.conn = Some(c);
                             self.running = Some(running);

@@ -115,6 +115,7 @@ impl Connection {
         token: &str,
         accept: Accept,
         job: &str,
+        tracker: crate::tracking::Tracker,
     ) -> Result<Connection, String> {
         stream
             .set_nonblocking(false)
@@ -159,7 +160,7 @@ impl Connection {
         let heard = Arc::new(AtomicU64::new(0));
         let h = Arc::clone(&heard);
         let job = job.to_string();
-        std::thread::spawn(move || read_loop(reader, tx, h, epoch, &job));
+        std::thread::spawn(move || read_loop(reader, tx, h, epoch, &job, &tracker));
         Ok(Connection {
             writer: Mutex::new(stream),
             events,
@@ -206,8 +207,10 @@ fn read_loop(
     heard: Arc<AtomicU64>,
     epoch: Instant,
     job: &str,
+    tracker: &crate::tracking::Tracker,
 ) {
     let mut records = 0u64;
+    let mut refused = 0u64;
     let end = loop {
         let body = match proto::read_frame_bytes(&mut stream, MAX_TO_NODE) {
             Ok(b) => b,
@@ -230,10 +233,20 @@ fn read_loop(
                     ));
                 }
                 records += batch.len() as u64;
-                for r in &batch {
-                    tracing::debug!(target: "flare::metrics", %job, key = %r.key, value = %r.value, step = ?r.step, "metric");
+                let now = crate::tracking::now_ms();
+                for r in batch {
+                    match to_metric(r, now) {
+                        Ok(m) => tracker.record(m),
+                        Err(why) => {
+                            refused += 1;
+                            // The first few refusals are shown; the rest only counted.
+                            if refused <= 10 {
+                                tracing::warn!(%job, %why, "a metric record from the program refused");
+                            }
+                        }
+                    }
                 }
-                tracing::debug!(%job, batch = batch.len(), total = records, "metric records from the program");
+                tracing::debug!(%job, total = records, refused, "metric records from the program");
             }
             Ok(ToNode::Result(r)) => {
                 if tx.send(Event::Result(r)).is_err() {
@@ -247,9 +260,104 @@ fn read_loop(
     let _ = tx.send(end);
 }
 
+/// A Client API `log` record as a tracked metric: `scalar` (a number), `scalars` (an object of
+/// numbers), `text`, `param` or `tag` (strings); checked against the tracking limits.
+fn to_metric(r: proto::LogRecord, now_ms: u64) -> Result<crate::tracking::MetricRecord, String> {
+    use crate::tracking::{MetricRecord, MetricValue};
+    let kind = r.kind.as_deref().unwrap_or("scalar");
+    let text = |v: &serde_json::Value| {
+        v.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("{:?}: a {kind} record needs a string, not {v}", r.key))
+    };
+    let value = match kind {
+        "scalar" => MetricValue::Scalar(r.value.as_f64().ok_or_else(|| {
+            format!(
+                "{:?}: a scalar record needs a number, not {}",
+                r.key, r.value
+            )
+        })?),
+        "scalars" => {
+            let o = r.value.as_object().ok_or_else(|| {
+                format!("{:?}: a scalars record needs an object of numbers", r.key)
+            })?;
+            let mut m = std::collections::BTreeMap::new();
+            for (k, v) in o {
+                let x = v
+                    .as_f64()
+                    .ok_or_else(|| format!("{:?}: {k:?} is not a number", r.key))?;
+                m.insert(k.clone(), x);
+            }
+            MetricValue::Scalars(m)
+        }
+        "text" => MetricValue::Text(text(&r.value)?),
+        "param" => MetricValue::Param(text(&r.value)?),
+        "tag" => MetricValue::Tag(text(&r.value)?),
+        other => return Err(format!("{:?}: unknown kind {other:?}", r.key)),
+    };
+    let m = MetricRecord {
+        key: r.key,
+        value,
+        step: r.step,
+        wall_ms: now_ms,
+    };
+    m.check().map_err(|e| e.to_string())?;
+    Ok(m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_records_become_metrics_or_are_refused() {
+        use crate::tracking::MetricValue;
+        let rec = |key: &str, value: serde_json::Value, kind: Option<&str>| proto::LogRecord {
+            key: key.into(),
+            value,
+            step: Some(3),
+            kind: kind.map(str::to_string),
+        };
+        let m = to_metric(rec("loss", serde_json::json!(0.5), None), 7).unwrap();
+        assert_eq!(
+            (m.value, m.step, m.wall_ms),
+            (MetricValue::Scalar(0.5), Some(3), 7)
+        );
+        let m = to_metric(
+            rec("l", serde_json::json!({"a": 1, "b": 2.5}), Some("scalars")),
+            0,
+        )
+        .unwrap();
+        assert!(matches!(m.value, MetricValue::Scalars(ref x) if x.len() == 2 && x["b"] == 2.5));
+        assert!(matches!(
+            to_metric(rec("p", serde_json::json!("x"), Some("param")), 0)
+                .unwrap()
+                .value,
+            MetricValue::Param(_)
+        ));
+        assert!(matches!(
+            to_metric(rec("t", serde_json::json!("x"), Some("tag")), 0)
+                .unwrap()
+                .value,
+            MetricValue::Tag(_)
+        ));
+        for (r, what) in [
+            (rec("x", serde_json::json!("a"), None), "number"),
+            (
+                rec("x", serde_json::json!({"a": "b"}), Some("scalars")),
+                "not a number",
+            ),
+            (rec("x", serde_json::json!(1), Some("text")), "string"),
+            (
+                rec("x", serde_json::json!(1), Some("image")),
+                "unknown kind",
+            ),
+            (rec("", serde_json::json!(1), None), "metric key"),
+        ] {
+            let e = to_metric(r, 0).unwrap_err();
+            assert!(e.contains(what), "{e}");
+        }
+    }
 
     #[test]
     fn tokens_compare_whole() {

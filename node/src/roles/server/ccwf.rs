@@ -409,10 +409,16 @@ impl Server {
                         )
                     })
                     .unwrap_or_default();
+                let mut fresh = false;
                 self.store.update(id, |rec| {
+                    fresh = rec.metrics.get(&version) != Some(&metrics);
                     rec.metrics.insert(version, metrics.clone());
                     rec.round = Some(round.max(rec.round.unwrap_or(0)));
                 })?;
+                // A report sent again (its acknowledgement was lost) is not plotted twice.
+                if fresh {
+                    self.tracking.global(id, version, &metrics);
+                }
                 let note = if cyclic && pruned.is_empty() {
                     format!("hop {version} (round {round}) trained by {site}")
                 } else if cyclic {

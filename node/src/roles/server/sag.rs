@@ -396,6 +396,7 @@ impl Server {
             }
             Event::ModelEvaluated { version, metrics } => {
                 tracing::info!(job = %id, version, ?metrics, "global model evaluated");
+                self.tracking.global(id, version, &metrics);
                 self.store.add_metrics(id, version, metrics)?;
             }
             Event::RoundAggregated {
