@@ -4,7 +4,11 @@ examples/swarm-mnist with metric streaming on (the default) and a copy with
 (the job's `running` to `finished` in its history, over its rounds) and the records the
 sites sent. Writes bench/results/tracking/results.json and prints a table.
 
-Usage: python3 scripts/bench-tracking.py [REPEATS]   (builds nothing: flare-node on PATH or
+Also reports the difference of the medians with a 95% bootstrap interval and P(on > off),
+the share of (on, off) pairs where the streamed run was slower (0.5: no difference).
+
+Usage: python3 scripts/bench-tracking.py [REPEATS]
+       python3 scripts/bench-tracking.py --analyze   (again, from results.json)   (builds nothing: flare-node on PATH or
 FLARE_NODE_BIN; prepares and starts its own POC federation under /tmp/flare-bench-tracking)."""
 
 import json
@@ -28,7 +32,26 @@ def node(*args, check=True):
     return out.stdout
 
 
+def analyze(res):
+    import random
+
+    on, off = res["on"]["runs"], res["off"]["runs"]
+    rng = random.Random(0)
+    diffs = sorted(statistics.median(rng.choices(on, k=len(on))) - statistics.median(rng.choices(off, k=len(off)))
+                   for _ in range(5000))
+    res["median_diff_ms"] = statistics.median(on) - statistics.median(off)
+    res["median_diff_ci95_ms"] = [diffs[125], diffs[4874]]
+    res["p_on_slower"] = sum((a > b) + 0.5 * (a == b) for a in on for b in off) / (len(on) * len(off))
+    print("on - off median: %.1f ms, 95%% bootstrap interval [%.1f, %.1f] ms; P(on > off) = %.2f"
+          % (res["median_diff_ms"], diffs[125], diffs[4874], res["p_on_slower"]))
+    return res
+
+
 def main():
+    out = os.path.join(ROOT, "bench", "results", "tracking", "results.json")
+    if sys.argv[1:] == ["--analyze"]:
+        json.dump(analyze(json.load(open(out))), open(out, "w"), indent=1)
+        return
     repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     shutil.rmtree(WS, ignore_errors=True)
     node("poc", "prepare", "-n", "3", "-w", WS)
@@ -67,8 +90,8 @@ def main():
         res = {m: {"median_ms_per_round": statistics.median(v), "mean_ms_per_round": statistics.mean(v),
                    "stdev_ms": statistics.stdev(v) if len(v) > 1 else 0.0, "runs": v} for m, v in per_round.items()}
         res["ratio_on_over_off"] = res["on"]["median_ms_per_round"] / res["off"]["median_ms_per_round"]
-        out = os.path.join(ROOT, "bench", "results", "tracking", "results.json")
-        json.dump(res, open(out, "w"), indent=1)
+        res["repeats"] = repeats
+        json.dump(analyze(res), open(out, "w"), indent=1)
         print("streaming  median ms/round  mean   stdev")
         for m in ("on", "off"):
             r = res[m]
