@@ -109,14 +109,6 @@ impl Drop for MetricsLink {
 /// result anyway (the server away: the result's own delivery waits too).
 const METRICS_FLUSH: Duration = Duration::from_secs(10);
 
-/// A random stream id for a job's metric queue (see [`crate::tracking`]).
-fn metric_stream() -> u64 {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 8];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    u64::from_le_bytes(b)
-}
-
 /// A running client-controlled workflow of a job: the training workflow, then (if the job has
 /// one) its cross-site evaluation.
 struct WorkflowTask {
@@ -569,7 +561,9 @@ impl Site {
             .server
             .tracking
             .is_on()
-            .then(|| crate::tracking::MetricQueue::new(metric_stream()));
+            // The queue's stream id: random, like the process's instance id, so a restarted
+            // site's queue is a new stream (`crate::tracking`).
+            .then(|| crate::tracking::MetricQueue::new(super::instance_id().unwrap_or_default()));
         let tracker = queue
             .clone()
             .map(crate::tracking::Tracker::to_queue)

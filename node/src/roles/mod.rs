@@ -149,7 +149,7 @@ pub fn start_net_in(
 }
 
 /// A random id for this process, from the OS random source (see [`NetConfig::instance`]).
-fn instance_id() -> anyhow::Result<u64> {
+pub(crate) fn instance_id() -> anyhow::Result<u64> {
     let bytes: [u8; 8] = ring::rand::generate(&ring::rand::SystemRandom::new())
         .map_err(|_| anyhow::anyhow!("the OS random source failed"))?
         .expose();

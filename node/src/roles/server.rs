@@ -593,16 +593,11 @@ impl Server {
             }
             AdminRequest::Download { job } => self.download(&job),
             AdminRequest::Metrics { job } => match self.store.get(&job) {
-                Ok(_) => {
-                    let folder = crate::job::Job::load(&self.store.job_dir(&job))
-                        .ok()
-                        .and_then(|j| j.server.tracking.tensorboard)
-                        .unwrap_or_else(|| crate::tracking::config::DEFAULT_TB_FOLDER.into());
-                    admin_json(
-                        self.tracking
-                            .series(&job, &self.store.result_dir(&job), &folder),
-                    )
-                }
+                Ok(_) => admin_json(self.tracking.series(
+                    &job,
+                    &self.store.result_dir(&job),
+                    &self.store.job_dir(&job),
+                )),
                 Err(e) => err(e.to_string()),
             },
             AdminRequest::Delete { job } => match self.store.delete(&job) {

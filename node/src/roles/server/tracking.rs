@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::json;
 
 use crate::job::{Job, WorkflowSpec};
+use crate::tracking::config::DEFAULT_TB_FOLDER;
 use crate::tracking::sink::{Accepted, JobSink, read_runs};
 use crate::tracking::{MetricRecord, now_ms};
 
@@ -100,12 +101,22 @@ impl Tracking {
     }
 
     /// `admin metrics`: every TensorBoard run of the job (site, child runs, the global model)
-    /// as tag → `[[step, value], …]`, at most [`MAX_POINTS`] points a series.
-    pub(crate) fn series(&self, id: &str, result_dir: &Path, tb_folder: &str) -> serde_json::Value {
-        if let Some(sink) = self.sink(id) {
-            let _ = lock(&sink).flush();
-        }
-        match read_runs(&result_dir.join(tb_folder), MAX_POINTS) {
+    /// as tag → `[[step, value], …]`, at most [`MAX_POINTS`] points a series. The folder is
+    /// the open sink's; an ended job's is read from its stored config (`job_dir`).
+    pub(crate) fn series(&self, id: &str, result_dir: &Path, job_dir: &Path) -> serde_json::Value {
+        let open = self.sink(id).and_then(|sink| {
+            let mut s = lock(&sink);
+            let _ = s.flush();
+            s.tb_root().map(Path::to_path_buf)
+        });
+        let tb_root = open.unwrap_or_else(|| {
+            let folder = Job::load(job_dir)
+                .ok()
+                .and_then(|j| j.server.tracking.tensorboard)
+                .unwrap_or_else(|| DEFAULT_TB_FOLDER.into());
+            result_dir.join(folder)
+        });
+        match read_runs(&tb_root, MAX_POINTS) {
             Ok(runs) => json!({"job_id": id, "runs": runs}),
             Err(e) => json!({"job_id": id, "runs": {}, "error": e.to_string()}),
         }
