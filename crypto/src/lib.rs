@@ -11,6 +11,7 @@ pub mod folder;
 pub mod identity;
 pub mod oid;
 pub mod seal;
+pub mod secagg;
 
 pub use cert::{
     AdminRole, CaParams, CertError, CertificateAuthority, IssuedCert, ParticipantCert,

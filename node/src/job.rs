@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use flare_protocols::aggregators::AggregatorSpec;
 use flare_protocols::model::FLModel;
+use flare_protocols::secagg::SecAggArgs;
 use flare_protocols::workflows::cse::CseArgs;
 use flare_protocols::workflows::cyclic::CyclicArgs;
 use flare_protocols::workflows::scatter_gather::SagConfig;
@@ -420,6 +421,9 @@ struct SagArgs {
     aggregator_id: String,
     #[serde(default = "persistor_id")]
     persistor_id: String,
+    /// SecAgg+ settings: the server learns only each round's sum (`crate::secagg`).
+    #[serde(default)]
+    secure_aggregation: Option<SecAggArgs>,
 }
 
 fn default_wait() -> f64 {
@@ -563,6 +567,8 @@ pub struct ServerApp {
     /// Which metric writers the job asks for (its receiver components,
     /// [`crate::tracking::config`]).
     pub tracking: crate::tracking::config::TrackingConfig,
+    /// Secure aggregation (scatter-and-gather's `secure_aggregation` argument).
+    pub secagg: Option<SecAggArgs>,
 }
 
 /// The clients a workflow's arguments can be checked against before deploy: the ones they
@@ -627,6 +633,7 @@ impl ServerApp {
                     model_id: model_id(),
                     aggregator_id: aggregator_id(),
                     persistor_id: persistor_id(),
+                    secure_aggregation: None,
                 };
                 (WorkflowSpec::Swarm(Box::new(x)), sag)
             }
@@ -646,6 +653,7 @@ impl ServerApp {
                     model_id: model_id(),
                     aggregator_id: aggregator_id(),
                     persistor_id: persistor_id(),
+                    secure_aggregation: None,
                 };
                 (WorkflowSpec::Cyclic(Box::new(x)), sag)
             }
@@ -666,6 +674,7 @@ impl ServerApp {
                     model_id: x.model_id.clone(),
                     aggregator_id: x.aggregator_id.clone(),
                     persistor_id: x.persistor_id.clone(),
+                    secure_aggregation: None,
                 };
                 tiered = Some(x);
                 (WorkflowSpec::ScatterAndGather, sag)
@@ -809,6 +818,31 @@ impl ServerApp {
             }
             _ => {}
         }
+        if let Some(sa) = &a.secure_aggregation {
+            let key = "workflows[0].args.secure_aggregation";
+            if let Err(e) = sa.check() {
+                let field = match &e {
+                    flare_protocols::secagg::SecAggError::Config { field, .. } => {
+                        format!("{key}.{field}")
+                    }
+                    _ => key.to_string(),
+                };
+                return Err(invalid(&file, field, e.to_string()));
+            }
+            if aggregator != AggregatorSpec::default() {
+                return refuse(format!(
+                    "{} needs each site's own update, and secure aggregation reveals only the sum: use FedAvg with secure_aggregation",
+                    agg.name
+                ));
+            }
+            if tiered.is_some() {
+                return Err(invalid(
+                    &file,
+                    key,
+                    "secure aggregation is not supported in a TieredScatterAndGather job yet",
+                ));
+            }
+        }
         let persistor = match seen.get(a.persistor_id.as_str()) {
             None => PersistorConfig::default(),
             Some(&pi) => {
@@ -858,6 +892,7 @@ impl ServerApp {
             filters,
             aggregator,
             tracking,
+            secagg: a.secure_aggregation,
         })
     }
 

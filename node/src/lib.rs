@@ -21,6 +21,7 @@ pub mod model_io;
 pub mod net;
 pub mod poc_run;
 pub mod roles;
+pub mod secagg;
 pub mod simulator;
 pub mod store;
 pub mod tracking;

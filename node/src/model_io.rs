@@ -215,6 +215,7 @@ fn open_with(path: &Path, remove_on_drop: bool) -> Result<StoredModel, ModelFile
                     "BF16" => DType::BF16,
                     "I64" => DType::I64,
                     "I8" => DType::I8,
+                    "U32" => DType::U32,
                     other => {
                         return Err(ModelFileError::Model {
                             path: path.to_path_buf(),

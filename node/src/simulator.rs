@@ -239,12 +239,18 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
     )?;
     let aggregator = Aggregator::new(job.server.aggregator);
     let mut ctrl = match &job.server.workflow {
-        WorkflowSpec::ScatterAndGather => Ctrl::Sag(Box::new(
-            ScatterGather::new(job.server.sag.clone(), names.clone(), initial)
+        WorkflowSpec::ScatterAndGather => {
+            let mut c = ScatterGather::new(job.server.sag.clone(), names.clone(), initial)
                 .with_context(|| format!("{}: workflow settings", opts.job_dir.display()))?
                 .with_aggregator(aggregator.clone())
-                .with_context(|| format!("{}: the initial model", opts.job_dir.display()))?,
-        )),
+                .with_context(|| format!("{}: the initial model", opts.job_dir.display()))?;
+            if let Some(args) = &job.server.secagg {
+                c = c
+                    .with_secagg(*args, "simulate_job", crate::roles::instance_id()?)
+                    .with_context(|| format!("{}: secure_aggregation", opts.job_dir.display()))?;
+            }
+            Ctrl::Sag(Box::new(c))
+        }
         WorkflowSpec::Swarm(args) => {
             let cfg = args
                 .to_config(&names, seed_of(&job.meta.name))
@@ -298,6 +304,8 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
     let num_sites = opts.clients;
     let tracking = SimTracking::open(&job, &out_dir, names.len())?;
     let large = LargeSlot::default();
+    let secagg: Vec<crate::secagg::SiteSecAgg> =
+        (0..opts.clients).map(|_| Default::default()).collect();
 
     let report = std::thread::scope(|scope| {
         for _ in 0..threads {
@@ -310,6 +318,7 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
                 workspace: &opts.workspace,
                 num_sites,
                 tracking: &tracking,
+                secagg: &secagg,
             };
             let large = &large;
             scope.spawn(move || worker(&work_rx, &done_tx, learners, sites, large));
@@ -459,6 +468,8 @@ struct Sites<'a> {
     workspace: &'a Path,
     num_sites: usize,
     tracking: &'a SimTracking,
+    /// Each site's secure-aggregation state.
+    secagg: &'a [crate::secagg::SiteSecAgg],
 }
 
 fn worker(
@@ -507,7 +518,12 @@ fn worker(
                     }
                 }
                 match slot.as_mut() {
-                    Some(l) => Ok(execute(l.as_mut(), task)),
+                    Some(l) => Ok(sites.secagg[i].run_task(
+                        &sites.names[i],
+                        "simulate_job",
+                        task,
+                        |task| execute(l.as_mut(), task),
+                    )),
                     None => Err("learner missing".to_string()),
                 }
             }

@@ -261,6 +261,14 @@ fn widen(dtype: DType, first: usize, bytes: &[u8], mut f: impl FnMut(usize, f64)
                 f(first + i, f64::from(*c as i8));
             }
         }
+        DType::U32 => {
+            for (i, c) in bytes.chunks_exact(4).enumerate() {
+                f(
+                    first + i,
+                    f64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                );
+            }
+        }
     }
 }
 
@@ -272,6 +280,7 @@ fn narrow(dtype: DType, v: f64, out: &mut Vec<u8>) {
         DType::BF16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
         DType::I64 => out.extend_from_slice(&(v.round() as i64).to_le_bytes()),
         DType::I8 => out.push(v.round().clamp(-128.0, 127.0) as i8 as u8),
+        DType::U32 => out.extend_from_slice(&(v.round() as u32).to_le_bytes()),
     }
 }
 
@@ -422,7 +431,10 @@ impl FedAvg {
             return Err(AggregateError::BadWeight(weight));
         }
         let layout = result.tensors();
-        if let Some(t) = layout.iter().find(|t| t.dtype == DType::I8) {
+        if let Some(t) = layout
+            .iter()
+            .find(|t| matches!(t.dtype, DType::I8 | DType::U32))
+        {
             return Err(AggregateError::Quantized(t.name.clone()));
         }
         check_tensors(&reference.tensors(), &layout, self.complete)?;

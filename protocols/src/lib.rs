@@ -10,6 +10,7 @@ pub mod dp;
 pub mod filters;
 pub mod model;
 pub mod safetensors_io;
+pub mod secagg;
 pub mod shareable;
 pub mod stored;
 pub mod time;

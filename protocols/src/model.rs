@@ -23,6 +23,9 @@ pub enum DType {
     /// 8-bit signed integer: the codes of a blockwise 8-bit quantized tensor
     /// (see `filters::quantize`). Never averaged.
     I8,
+    /// 32-bit unsigned integer: a secure-aggregation masked input (see `secagg`). Never
+    /// averaged.
+    U32,
 }
 
 impl DType {
@@ -33,6 +36,7 @@ impl DType {
             DType::F16 | DType::BF16 => 2,
             DType::I64 => 8,
             DType::I8 => 1,
+            DType::U32 => 4,
         }
     }
 
@@ -44,6 +48,7 @@ impl DType {
             DType::BF16 => "BF16",
             DType::I64 => "I64",
             DType::I8 => "I8",
+            DType::U32 => "U32",
         }
     }
 }
@@ -253,6 +258,10 @@ impl Tensor {
                 i64::from_le_bytes(a) as f64
             }
             DType::I8 => f64::from(b[i] as i8),
+            DType::U32 => {
+                let o = i * 4;
+                f64::from(u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]))
+            }
         }
     }
 
@@ -293,6 +302,7 @@ impl Tensor {
                 DType::BF16 => data.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
                 DType::I64 => data.extend_from_slice(&(v.round() as i64).to_le_bytes()),
                 DType::I8 => data.extend_from_slice(&(v.round() as i8).to_le_bytes()),
+                DType::U32 => data.extend_from_slice(&(v.round() as u32).to_le_bytes()),
             }
         }
         Tensor {

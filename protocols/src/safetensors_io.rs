@@ -25,6 +25,7 @@ fn to_st(d: DType) -> Dtype {
         DType::BF16 => Dtype::BF16,
         DType::I64 => Dtype::I64,
         DType::I8 => Dtype::I8,
+        DType::U32 => Dtype::U32,
     }
 }
 
@@ -101,6 +102,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<FLModel, ModelError> {
             Dtype::BF16 => DType::BF16,
             Dtype::I64 => DType::I64,
             Dtype::I8 => DType::I8,
+            Dtype::U32 => DType::U32,
             other => {
                 return Err(ModelError::UnsupportedDType {
                     name: name.to_string(),

@@ -223,6 +223,8 @@ fn kind_of(dtype: DType) -> Kind {
         DType::BF16 => Kind::BFloat16,
         DType::I64 => Kind::Int64,
         DType::I8 => Kind::Int8,
+        // A masked SecAgg input never reaches LibTorch; 32-bit ints keep its width.
+        DType::U32 => Kind::Int,
     }
 }
 

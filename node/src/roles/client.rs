@@ -91,6 +91,8 @@ struct JobSlot {
     submitter: Option<flare_crypto::ParticipantCert>,
     /// The job's metrics on their way to the server (none when its tracking is off).
     metrics: Option<MetricsLink>,
+    /// The site's secure-aggregation round of this job.
+    secagg: Arc<crate::secagg::SiteSecAgg>,
 }
 
 /// A job's metric queue and its sender's stop switch, thrown when the slot goes.
@@ -636,6 +638,7 @@ impl Site {
                     own_result: Arc::new(filters.own_result),
                     submitter: Some(submitter),
                     metrics,
+                    secagg: Arc::default(),
                 },
             );
         }
@@ -726,7 +729,7 @@ impl Site {
                 from.cert.name
             );
         }
-        let (learner, filters, metrics) = {
+        let (learner, filters, metrics, secagg) = {
             let mut jobs = self
                 .jobs
                 .lock()
@@ -739,6 +742,7 @@ impl Site {
                 Arc::clone(&slot.learner),
                 Arc::clone(&slot.filters),
                 slot.metrics.as_ref().map(|m| Arc::clone(&m.queue)),
+                Arc::clone(&slot.secagg),
             )
         };
         let mut task = Task {
@@ -756,9 +760,10 @@ impl Site {
         let site = self.kit.name().to_string();
         let job_id = job.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let failed = |reason: String| flare_protocols::TaskResult {
-                task_id: task.id,
-                round: task.round,
+            let (task_id, round) = (task.id, task.round);
+            let failed = move |reason: String| flare_protocols::TaskResult {
+                task_id,
+                round,
                 data: Shareable::error(flare_protocols::ReturnCode::ExecutionException, reason),
             };
             // The site's task data filters, on the model as it comes in.
@@ -769,28 +774,32 @@ impl Site {
                     return failed(format!("the task data filter of {site} failed: {e}"));
                 }
             }
-            let name = task.name.clone();
-            let mut result = match learner.lock() {
-                Ok(mut l) => execute(l.as_mut(), task),
-                Err(_) => return failed("a previous task of this job panicked".into()),
-            };
-            // The site's task result filters, on the result's model going out.
-            if result.data.return_code == flare_protocols::ReturnCode::Ok
-                && filters.has_task_result(&name)
-                && let Some(m) = result.data.model.take()
-            {
-                match super::policy::filter_own_result(&filters, &name, &site, Arc::unwrap_or_clone(m)) {
-                    Ok(m) => result.data.model = Some(Arc::new(m)),
-                    Err(why) => {
-                        tracing::error!(job = %job_id, task = %name, error = %why, "task result refused");
-                        result.data = Shareable::error(
-                            flare_protocols::ReturnCode::ExecutionException,
-                            why,
-                        );
+            // Secure aggregation answers its own tasks and masks the train result, after
+            // the site's result filters ran on it.
+            secagg.run_task(&site, &job_id, task, |task| {
+                let name = task.name.clone();
+                let mut result = match learner.lock() {
+                    Ok(mut l) => execute(l.as_mut(), task),
+                    Err(_) => return failed("a previous task of this job panicked".into()),
+                };
+                // The site's task result filters, on the result's model going out.
+                if result.data.return_code == flare_protocols::ReturnCode::Ok
+                    && filters.has_task_result(&name)
+                    && let Some(m) = result.data.model.take()
+                {
+                    match super::policy::filter_own_result(&filters, &name, &site, Arc::unwrap_or_clone(m)) {
+                        Ok(m) => result.data.model = Some(Arc::new(m)),
+                        Err(why) => {
+                            tracing::error!(job = %job_id, task = %name, error = %why, "task result refused");
+                            result.data = Shareable::error(
+                                flare_protocols::ReturnCode::ExecutionException,
+                                why,
+                            );
+                        }
                     }
                 }
-            }
-            result
+                result
+            })
         })
         .await?;
         // What the learner logged during the task reaches the server before its result.

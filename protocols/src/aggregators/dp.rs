@@ -145,7 +145,7 @@ fn floats(dtype: DType, bytes: &[u8], mut f: impl FnMut(usize, f64)) {
                 f(i, f64::from(half::bf16::from_le_bytes([c[0], c[1]])));
             }
         }
-        DType::I64 | DType::I8 => {}
+        DType::I64 | DType::I8 | DType::U32 => {}
     }
 }
 
@@ -347,7 +347,7 @@ impl DpRound {
                     old.for_each_f64(|i, gi| out.push(next(gi, xs.get(i).copied().unwrap_or(gi))));
                     Tensor::from_f64_like(old, out.into_iter())
                 }
-                DType::I64 | DType::I8 => old.clone(),
+                DType::I64 | DType::I8 | DType::U32 => old.clone(),
             };
             params.insert(name.clone(), t);
         }

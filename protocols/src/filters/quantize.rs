@@ -387,13 +387,21 @@ fn dtype_tag(d: DType) -> &'static str {
         DType::BF16 => "bf16",
         DType::I64 => "i64",
         DType::I8 => "i8",
+        DType::U32 => "u32",
     }
 }
 
 fn parse_dtype_tag(tag: &str) -> Option<DType> {
-    [DType::F32, DType::F16, DType::BF16, DType::I64, DType::I8]
-        .into_iter()
-        .find(|&d| dtype_tag(d) == tag)
+    [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::I64,
+        DType::I8,
+        DType::U32,
+    ]
+    .into_iter()
+    .find(|&d| dtype_tag(d) == tag)
 }
 
 fn bad_meta(key: &str, reason: String) -> FilterError {

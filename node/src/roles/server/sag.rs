@@ -86,7 +86,7 @@ impl Server {
         )?;
         if !resume {
             let c = ScatterGather::new(cfg, sites, job.server.initial_model()?)?;
-            return Ok(c.with_aggregator(aggregator)?);
+            return with_secagg(c.with_aggregator(aggregator)?, job, id);
         }
         let rec = self.store.get(id)?;
         let (next, model) = match rec.snapshot_round {
@@ -137,7 +137,8 @@ impl Server {
                 ready.join(", ")
             ),
         );
-        Ok(ScatterGather::resume(cfg, ready, model, next)?.with_aggregator(aggregator)?)
+        let c = ScatterGather::resume(cfg, ready, model, next)?.with_aggregator(aggregator)?;
+        with_secagg(c, job, id)
     }
 
     /// Where the global model after `round` is kept for a resume: the persistor's round file
@@ -501,6 +502,15 @@ impl Server {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// The controller with the job's secure aggregation, if it asks for it; the neighbour graphs
+/// and round contexts come from a fresh OS-random seed, so a resumed run never reuses a key.
+fn with_secagg(c: ScatterGather, job: &Job, id: &str) -> anyhow::Result<ScatterGather> {
+    match &job.server.secagg {
+        None => Ok(c),
+        Some(args) => Ok(c.with_secagg(*args, id, super::super::instance_id()?)?),
     }
 }
 

@@ -21,6 +21,8 @@
 //! [`ScatterGather::handle_timeout`] with the current [`Time`], and drains
 //! [`ScatterGather::poll_output`]; [`ScatterGather::poll_timeout`] says when to call back.
 
+mod secagg;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -234,6 +236,8 @@ pub struct ScatterGather {
     deadline: Time,
     /// When to aggregate now that `min_clients` results are in.
     aggregate_at: Option<Time>,
+    /// Secure aggregation, when the run uses it.
+    secagg: Option<secagg::SagSecAgg>,
     out: VecDeque<Output>,
 }
 
@@ -274,6 +278,7 @@ impl ScatterGather {
             task_model: ModelRef::from(FLModel::default()),
             deadline: Time::ZERO,
             aggregate_at: None,
+            secagg: None,
             out: VecDeque::new(),
         })
     }
@@ -382,10 +387,14 @@ impl ScatterGather {
     /// When the driver must call [`ScatterGather::handle_timeout`] next, if ever.
     pub fn poll_timeout(&self) -> Option<Time> {
         match self.phase {
-            Phase::Train | Phase::Validate => Some(match self.aggregate_at {
-                Some(at) => at.min(self.deadline),
-                None => self.deadline,
-            }),
+            Phase::Train if self.unmasking() => self.secagg_timeout(),
+            Phase::Train | Phase::Validate => {
+                let t = match self.aggregate_at {
+                    Some(at) => at.min(self.deadline),
+                    None => self.deadline,
+                };
+                Some(self.secagg_timeout().map_or(t, |s| s.min(t)))
+            }
             Phase::Idle | Phase::Done => None,
         }
     }
@@ -417,6 +426,11 @@ impl ScatterGather {
         // A server optimizer's moments stay here; everything else of the global model goes.
         let task_model = task_view(&self.global).unwrap_or_else(|_| self.global.clone());
         self.task_model = task_model.clone();
+        if phase == Phase::Train && self.secagg.is_some() {
+            // The train tasks go out with the shares, after the key stages.
+            self.secagg_begin(now);
+            return;
+        }
         for client in self.clients.clone() {
             let id = TaskId(self.next_task);
             self.next_task += 1;
@@ -455,6 +469,9 @@ impl ScatterGather {
         result: TaskResult,
         model: Option<ModelRef>,
     ) {
+        if self.secagg_claims(&result) {
+            return self.secagg_result(now, from, result);
+        }
         let expected = self.asked.get(from).copied();
         let reason = match expected {
             _ if !matches!(self.phase, Phase::Train | Phase::Validate) => Some(DropReason::Late),
@@ -497,6 +514,7 @@ impl ScatterGather {
                     .map(|()| w)
                     .map_err(|e| e.to_string())
             }
+            (Some(m), _) if self.secagg.is_some() => self.secagg_input(from, m),
             (Some(m), _) => {
                 let w = weight_of_ref(m);
                 self.agg
@@ -536,6 +554,12 @@ impl ScatterGather {
         if !matches!(self.phase, Phase::Train | Phase::Validate) {
             return;
         }
+        if self.secagg_timeout().is_some_and(|t| t <= now) {
+            self.secagg_tick(now);
+        }
+        if self.unmasking() || self.phase == Phase::Done {
+            return;
+        }
         if now >= self.deadline {
             self.close_phase(now, true);
         } else if self.aggregate_at.is_some_and(|at| at <= now) {
@@ -544,6 +568,9 @@ impl ScatterGather {
     }
 
     fn close_phase(&mut self, now: Time, timed_out: bool) {
+        if self.unmasking() {
+            return;
+        }
         if timed_out {
             let silent: Vec<String> = self
                 .asked
@@ -585,6 +612,9 @@ impl ScatterGather {
             return;
         }
         self.emit(Event::ModelEvaluated { version, metrics });
+        if self.secagg.is_some() {
+            return self.secagg_close(now);
+        }
         let accepted = agg.count();
         let weight = agg.total_weight();
         match self.aggregator.finish(agg, &self.global) {
@@ -608,6 +638,11 @@ impl ScatterGather {
             accepted,
             weight,
         });
+        self.next_phase(now);
+    }
+
+    /// After a round's aggregation: the next round, the final validation, or the end.
+    fn next_phase(&mut self, now: Time) {
         self.round += 1;
         if self.round < self.cfg.start_round + self.cfg.num_rounds {
             self.begin_phase(now, Phase::Train);
