@@ -288,11 +288,15 @@ pub fn pick(seed: u64, round: u32, attempt: u32, n: usize) -> usize {
     if n == 0 {
         return 0;
     }
-    let mut z = seed ^ (u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let z = splitmix64(seed ^ (u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+    ((z % n as u64) as usize + attempt as usize) % n
+}
+
+/// SplitMix64's output mix: a well-spread 64-bit value from a seed combined with counters.
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    ((z % n as u64) as usize + attempt as usize) % n
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -332,13 +332,7 @@ impl ScatterGather {
         if self.phase != Phase::Idle {
             return;
         }
-        if self.round < self.cfg.start_round + self.cfg.num_rounds {
-            self.begin_phase(now, Phase::Train);
-        } else if self.cfg.validate_final {
-            self.begin_phase(now, Phase::Validate);
-        } else {
-            self.finish();
-        }
+        self.enter_round(now);
     }
 
     /// The current global model.
@@ -644,6 +638,11 @@ impl ScatterGather {
     /// After a round's aggregation: the next round, the final validation, or the end.
     fn next_phase(&mut self, now: Time) {
         self.round += 1;
+        self.enter_round(now);
+    }
+
+    /// Trains the current round, or after the last one validates the final model or ends.
+    fn enter_round(&mut self, now: Time) {
         if self.round < self.cfg.start_round + self.cfg.num_rounds {
             self.begin_phase(now, Phase::Train);
         } else if self.cfg.validate_final {
