@@ -540,6 +540,28 @@ proptest! {
         while agg.poll_output().is_some() {}
     }
 
+    /// A secagg header or a masked-input model with random contents is an error, never a
+    /// panic, at the site and at the aggregator.
+    #[test]
+    fn random_headers_and_masked_models_never_panic(text in ".{0,200}", bytes in any_to_client()) {
+        let mut headers = std::collections::BTreeMap::new();
+        for v in [text.clone(), hex::encode(&bytes)] {
+            headers.insert(SECAGG_HEADER.to_string(), crate::MetaValue::Text(v));
+            let _ = from_headers::<ToClient>(&headers);
+            let _ = from_headers::<ToAggregator>(&headers);
+        }
+        let n = bytes.len() / 4;
+        for dtype in [crate::DType::U32, crate::DType::F32, crate::DType::I8] {
+            let size = if dtype == crate::DType::I8 { bytes.len() } else { n };
+            let data = bytes[..size * dtype.size()].to_vec();
+            if let Ok(t) = crate::Tensor::from_bytes(dtype, vec![size], data) {
+                let mut m = crate::FLModel::default();
+                m.params.insert(MASKED_TENSOR.to_string(), t);
+                let _ = masked_input(&m);
+            }
+        }
+    }
+
     /// Well-formed messages with random contents never panic either side.
     #[test]
     fn random_well_formed_messages_never_panic(
