@@ -539,6 +539,11 @@ impl FilterChains {
         self.task_data.is_empty() && self.task_result.is_empty()
     }
 
+    /// Whether the side names a result filter, for any task.
+    pub fn has_results(&self) -> bool {
+        !self.task_result.is_empty()
+    }
+
     /// The result filters, for any task, that transform diffs only and pass full weights
     /// unchanged (PercentilePrivacy, SVTPrivacy, LocalDpMod), by name, each once: a site
     /// whose learner sends full weights gets no protection from them.

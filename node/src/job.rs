@@ -567,7 +567,7 @@ pub struct ServerApp {
     /// Which metric writers the job asks for (its receiver components,
     /// [`crate::tracking::config`]).
     pub tracking: crate::tracking::config::TrackingConfig,
-    /// Secure aggregation (scatter-and-gather's `secure_aggregation` argument).
+    /// Secure aggregation (the `secure_aggregation` argument of ScatterAndGather or Swarm).
     pub secagg: Option<SecAggArgs>,
 }
 
@@ -633,7 +633,7 @@ impl ServerApp {
                     model_id: model_id(),
                     aggregator_id: aggregator_id(),
                     persistor_id: persistor_id(),
-                    secure_aggregation: None,
+                    secure_aggregation: x.secure_aggregation,
                 };
                 (WorkflowSpec::Swarm(Box::new(x)), sag)
             }
@@ -882,6 +882,13 @@ impl ServerApp {
             ));
         }
         let filters = FilterChains::parse(&file, f.task_data_filters, f.task_result_filters)?;
+        if a.secure_aggregation.is_some() && filters.has_results() {
+            return Err(invalid(
+                &file,
+                "task_result_filters",
+                "with secure_aggregation the server gets only masked inputs, which no filter can read: filter on the sites, whose result filters run before their update is masked",
+            ));
+        }
         Ok(ServerApp {
             workflow,
             evaluation,
@@ -1529,6 +1536,22 @@ impl Job {
                 "deploy_map",
                 "no app is deployed to any client",
             ));
+        }
+        if server.secagg.is_some() && matches!(server.workflow, WorkflowSpec::Swarm(_)) {
+            // Between swarm sites a submission is a masked input: a filter on the models a
+            // site sends or receives would read or change it.
+            if let Some(app) = client_apps.values().find(|a| !a.filters.is_empty()) {
+                let field = if app.filters.has_results() {
+                    "task_result_filters"
+                } else {
+                    "task_data_filters"
+                };
+                return Err(invalid(
+                    &app.file,
+                    field,
+                    "a Swarm job with secure_aggregation sends masked inputs between sites, which no filter can read: use the site's privacy scope, whose filters run on its result before it is masked",
+                ));
+            }
         }
         let deploy = deploy_entries(&meta.deploy_map, &client_apps);
         Ok(Job {

@@ -3,6 +3,9 @@
 //! `train` result into the site's masked input (its update against the model it trained
 //! from, quantized and masked), so that only the sum of the sites' updates is ever revealed.
 //! The site's own privacy filters run on its result before the update is taken.
+//!
+//! In a swarm the site's workflow state machine masks its update itself
+//! (`flare_protocols::workflows::swarm::secagg`); the node hands it [`os_seed`].
 
 use std::sync::{Arc, Mutex};
 
@@ -13,6 +16,15 @@ use flare_protocols::secagg::{
 };
 use flare_protocols::shareable::{ReturnCode, Shareable, Task, TaskResult, task_names};
 use ring::rand::{SecureRandom, SystemRandom};
+
+/// 32 bytes from the OS: a site's secret randomness for its SecAgg keys and masks.
+pub fn os_seed() -> anyhow::Result<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut seed)
+        .map_err(|_| anyhow::anyhow!("the OS random source failed"))?;
+    Ok(seed)
+}
 
 /// One site's SecAgg state for one job: the round in progress, if any.
 #[derive(Debug, Default)]
@@ -104,11 +116,7 @@ impl SiteSecAgg {
                     context.starts_with(&prefix),
                     "setup for {context:?}, not for {prefix}…"
                 );
-                let mut seed = [0u8; 32];
-                SystemRandom::new()
-                    .fill(&mut seed)
-                    .map_err(|_| anyhow::anyhow!("the OS random source failed"))?;
-                let c = SecAggClient::new(site, context.clone(), seed);
+                let c = SecAggClient::new(site, context.clone(), os_seed()?);
                 *self
                     .round
                     .lock()

@@ -257,9 +257,17 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
                 .with_context(|| format!("{}: swarm settings", opts.job_dir.display()))?;
             let clients = names
                 .iter()
-                .map(|n| {
-                    SwarmClient::new(cfg.clone(), n.as_str())
-                        .map(|c| c.with_aggregator(aggregator.clone()))
+                .map(|n| -> anyhow::Result<SwarmClient> {
+                    let c = SwarmClient::new(cfg.clone(), n.as_str())?
+                        .with_aggregator(aggregator.clone());
+                    Ok(match &job.server.secagg {
+                        Some(a) => c
+                            .with_secagg(*a, "simulate_job", crate::secagg::os_seed()?)
+                            .with_context(|| {
+                                format!("{}: secure_aggregation", opts.job_dir.display())
+                            })?,
+                        None => c,
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let first = args

@@ -1,12 +1,14 @@
-//! Secure aggregation (SecAgg+) in scatter-and-gather: in the simulator and across POC
-//! processes, a job with `secure_aggregation` learns as well as the same job without it, and
-//! the server's files never hold a site's update.
+//! Secure aggregation (SecAgg+) in scatter-and-gather and in swarm: in the simulator and
+//! across POC processes, a job with `secure_aggregation` learns as well as the same job
+//! without it, the server's files never hold a site's update, and a swarm whose site is
+//! killed mid-round still finishes.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::*;
 
@@ -113,4 +115,89 @@ fn scatter_and_gather_with_secure_aggregation_learns_across_processes() {
     let round = flare_node::model_io::read(&dir.join("models/round-000.safetensors")).unwrap();
     assert!(round.params.contains_key("fc1.weight"));
     assert!(!round.params.contains_key("secagg.masked"));
+}
+
+#[test]
+fn a_secure_swarm_learns_as_well_in_the_simulator_as_a_plain_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let on = example_copy(dir.path(), "swarm-secagg-mnist", 5, ROUNDS, 1);
+    let off = example_copy(dir.path(), "swarm-mnist", 5, ROUNDS, 1);
+    let r_on = simulate(&on, 3, &dir.path().join("ws-on"));
+    let r_off = simulate(&off, 3, &dir.path().join("ws-off"));
+    let (a_on, a_off) = (last_accuracy(&r_on), last_accuracy(&r_off));
+    assert!(a_off > 0.85, "{a_off}");
+    assert!(
+        (a_on - a_off).abs() <= 0.005,
+        "with {a_on}, without {a_off}"
+    );
+    // Masked inputs are no larger than the models: one more word, the weight.
+    let (up_on, up_off) = (
+        r_on["model_bytes_from_sites"].as_u64().unwrap(),
+        r_off["model_bytes_from_sites"].as_u64().unwrap(),
+    );
+    assert!(
+        up_on as f64 <= up_off as f64 * 1.01,
+        "{up_on} bytes up with, {up_off} without"
+    );
+}
+
+#[test]
+fn a_swarm_job_with_filters_between_sites_and_secure_aggregation_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = example_copy(dir.path(), "swarm-secagg-mnist", 5, 1, 1);
+    let client = job.join("app/config/config_fed_client.json");
+    let mut c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&client).unwrap()).unwrap();
+    c["task_result_filters"] = serde_json::json!([
+        { "tasks": ["train"], "filters": [
+            { "path": "nvflare.app_common.filters.exclude_vars.ExcludeVars",
+              "args": { "exclude_vars": ["fc2.bias"] } } ] }
+    ]);
+    std::fs::write(&client, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+    let err = flare_node::job::Job::load(&job).unwrap_err().to_string();
+    assert!(err.contains("config_fed_client.json"), "{err}");
+    assert!(err.contains("task_result_filters"), "{err}");
+    assert!(err.contains("masked inputs"), "{err}");
+}
+
+#[test]
+fn a_secure_swarm_across_processes_finishes_when_a_site_is_killed_mid_round() {
+    let mut f = Federation::running(3, 27_400);
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough rounds that the kill lands while the sites train.
+    let src = example_copy(dir.path(), "swarm-secagg-mnist", 5, 5, 12);
+    let job = f.submit(src.to_str().unwrap());
+    // Killed as round 2 starts: a trainer, not the aggregator of round 2 nor of round 3,
+    // so its death is a dropout, not a re-election.
+    f.wait_status(&job, "round 1 was not aggregated", Duration::from_secs(120), |st| {
+        history_notes(st)
+            .iter()
+            .any(|n| n.starts_with("epoch 1.0 securely aggregated"))
+    });
+    let aggregators = [
+        swarm_aggregator(&src, &job, 2),
+        swarm_aggregator(&src, &job, 3),
+    ];
+    let victim = ["site-1", "site-2", "site-3"]
+        .into_iter()
+        .find(|s| !aggregators.iter().any(|a| a == s))
+        .unwrap();
+    f.kill(victim);
+    let st = f.wait_status(&job, "the job did not end", Duration::from_secs(300), ended);
+    assert_eq!(st["state"], "finished", "{st}\n{}", f.log_tails(40));
+    // The round under way when the victim died closed without it: its masks were removed
+    // with its neighbours' shares, and the rounds after went on among the two left.
+    let notes = history_notes(&st);
+    let recovered = format!("the masks of [\"{victim}\"], gone mid-round, were removed");
+    assert!(notes.iter().any(|n| n.contains(&recovered)), "{notes:?}");
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("aggregated by") && n.contains(&format!("pruned [\"{victim}\"]"))),
+        "{notes:?}"
+    );
+    let dl = f.admin_json(&["download", &job]);
+    let dir = PathBuf::from(dl["dir"].as_str().unwrap());
+    let acc = held_out_accuracy(&dir.join("global_final.safetensors"));
+    assert!(acc >= 0.85, "accuracy {acc}");
 }

@@ -989,6 +989,10 @@ impl Site {
                         SwarmClient::new(cfg.clone(), me.clone())?
                     }
                     .with_aggregator(Aggregator::new(job.server.aggregator));
+                    let wf = match &job.server.secagg {
+                        Some(a) => wf.with_secagg(*a, job_id, crate::secagg::os_seed()?)?,
+                        None => wf,
+                    };
                     let c = ctx(cfg.result_clients.clone());
                     Box::pin(workflow::run(c, wf, swarm_start, rx, stop_rx))
                 }

@@ -307,6 +307,22 @@ fn audit_report(audit: &crate::audit::WorkflowAudit, r: &flare_protocols::workfl
                 "pruned": pruned,
             })),
         ),
+        ReportEvent::Unmasked { survivors, dropped } => audit.event(
+            "unmasked",
+            Some(serde_json::json!({
+                "epoch": r.epoch.to_string(),
+                "survivors": survivors,
+                "dropped": dropped,
+            })),
+        ),
+        ReportEvent::Retried { reason, next } => audit.event(
+            "retried",
+            Some(serde_json::json!({
+                "epoch": r.epoch.to_string(),
+                "reason": reason,
+                "next": next,
+            })),
+        ),
         ReportEvent::Reelected { previous, next } => audit.event(
             "reelected",
             Some(serde_json::json!({

@@ -173,6 +173,16 @@ impl SecAggAggregator {
         self.shares.keys().cloned().collect()
     }
 
+    /// Whether `site` is one of the round's participants.
+    pub fn is_participant(&self, site: &str) -> bool {
+        self.participants.iter().any(|p| p == site)
+    }
+
+    /// Whether a masked input is expected from `site` (it shared its keys).
+    pub fn expects_input(&self, site: &str) -> bool {
+        self.shares.contains_key(site)
+    }
+
     /// The sites whose masked input is in the sum so far.
     pub fn inputs(&self) -> &BTreeSet<String> {
         &self.inputs

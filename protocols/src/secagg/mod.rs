@@ -219,6 +219,8 @@ impl SecAggArgs {
 
     /// The round's parameters for `n` participants (Flower's rules: a fraction of shares is
     /// rounded and made odd, and two or fewer means everyone; the threshold is at least 2).
+    /// A count of shares is made odd too, unless it is everyone, so the ring of
+    /// neighbourhoods is symmetric.
     pub fn resolve(&self, n: usize) -> Result<Params, SecAggError> {
         self.check()?;
         if n < 2 {
@@ -247,6 +249,11 @@ impl SecAggArgs {
         };
         if k < 2 {
             return Err(config("num_shares", format!("{k} is below 2")));
+        }
+        // An even neighbourhood smaller than everyone would not be symmetric on the ring
+        // (a site would get shares from a neighbour whose keys it never got): made odd.
+        if k % 2 == 0 && k < n {
+            k += 1;
         }
         k = k.min(n);
         if k > 255 {

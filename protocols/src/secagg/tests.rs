@@ -426,6 +426,34 @@ fn out_of_turn_and_misaddressed_messages_are_refused_without_changing_the_round(
 }
 
 #[test]
+fn every_resolved_neighbourhood_is_symmetric() {
+    // A site gets shares only from sites whose keys it got: its neighbours must have it
+    // as a neighbour too, for every count and fraction of shares.
+    for n in 2..14 {
+        for shares in (2..=n + 1).map(|k| k as f64).chain([0.3, 0.5, 0.8, 1.0]) {
+            let Ok(p) = SecAggArgs {
+                num_shares: shares,
+                reconstruction_threshold: 2.0,
+                ..SecAggArgs::default()
+            }
+            .resolve(n) else {
+                continue;
+            };
+            let hoods = crate::secagg::neighbourhoods(&names(n), p.num_shares.into(), n as u64);
+            for (site, hood) in &hoods {
+                assert_eq!(hood.len(), usize::from(p.num_shares), "{n} sites, {shares}");
+                for other in hood {
+                    assert!(
+                        hoods[other].contains(site),
+                        "{n} sites, {shares} shares: {site} has {other}, not back"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn flower_rules_resolve_shares_and_thresholds() {
     let f = |shares: f64, t: f64, n: usize| {
         SecAggArgs {
@@ -437,6 +465,8 @@ fn flower_rules_resolve_shares_and_thresholds() {
         .map(|p| (p.num_shares, p.threshold))
     };
     assert_eq!(f(5.0, 3.0, 10), Ok((5, 3)));
+    assert_eq!(f(4.0, 3.0, 10), Ok((5, 3)), "a count is made odd too");
+    assert_eq!(f(4.0, 3.0, 4), Ok((4, 3)), "unless it is everyone");
     assert_eq!(
         f(0.5, 0.5, 10),
         Ok((5, 3)),

@@ -177,6 +177,23 @@ pub enum ReportEvent {
         /// Its successor.
         next: String,
     },
+    /// The epoch's secure aggregation unmasked the sum of `survivors`' updates; the masks of
+    /// `dropped` (sites that shared keys but sent no input) were removed with their
+    /// neighbours' shares. Sent just before [`ReportEvent::Aggregated`].
+    Unmasked {
+        /// Sites whose update is in the sum.
+        survivors: Vec<String>,
+        /// Sites recovered from.
+        dropped: Vec<String>,
+    },
+    /// The epoch's aggregation failed in a way another aggregator may not (a secure
+    /// aggregation round aborted): the round goes on with its next attempt.
+    Retried {
+        /// Why.
+        reason: String,
+        /// The next attempt's aggregator.
+        next: String,
+    },
     /// A cross-site evaluation result: `evaluator` measured `model` (a site name or
     /// `global`/`best`).
     Evaluated {

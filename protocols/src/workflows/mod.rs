@@ -20,4 +20,6 @@ mod cyclic_sims;
 #[cfg(test)]
 mod sim_tests;
 #[cfg(test)]
+mod swarm_secagg_sims;
+#[cfg(test)]
 mod swarm_sims;

@@ -433,6 +433,26 @@ impl Server {
                 };
                 self.note_once(id, note)?;
             }
+            ReportEvent::Unmasked { survivors, dropped } => {
+                let recovered = if dropped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; the masks of {dropped:?}, gone mid-round, were removed")
+                };
+                self.note_once(
+                    id,
+                    format!(
+                        "epoch {} securely aggregated by {site}: the sum of {survivors:?}{recovered}",
+                        r.epoch
+                    ),
+                )?;
+            }
+            ReportEvent::Retried { reason, next } => {
+                self.note_once(
+                    id,
+                    format!("{site}: {reason}; epoch {} goes to {next}", r.epoch),
+                )?;
+            }
             ReportEvent::Reelected { previous, next } => {
                 self.note_once(
                     id,

@@ -49,6 +49,14 @@
 //!   ([`SwarmMsg::Sync`]) until someone sends it the current epoch's `Learn`.
 //! - **The server away**: nothing here depends on it after the start; reports queue in the
 //!   driver.
+//!
+//! With secure aggregation ([`SwarmClient::with_secagg`]) each training epoch's aggregator
+//! learns only the weighted mean of the trainers' updates: it runs a SecAgg+ round
+//! ([`crate::secagg`]) among the epoch's trainers while they train, and a trainer submits its
+//! masked input instead of its model (see [`secagg`]). A SecAgg+ round that aborts sends the
+//! round to its next attempt, with the next aggregator.
+
+pub mod secagg;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -62,6 +70,7 @@ use super::ccwf::{
 use crate::aggregate::weight_of_ref;
 use crate::aggregators::{Aggregator, RoundAgg, task_view, weights};
 use crate::model::ParamsType;
+use crate::secagg::{SecAggAggregator, ToAggregator, ToClient};
 use crate::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult, task_names};
 use crate::stored::ModelRef;
 use crate::time::Time;
@@ -250,6 +259,10 @@ pub struct SwarmArgs {
     /// Seconds between repeated `Ready`/`Sync` messages.
     #[serde(default = "default_resend")]
     pub resend_interval: f64,
+    /// SecAgg+ settings: each round's aggregator learns only the weighted mean update
+    /// ([`secagg`]).
+    #[serde(default)]
+    pub secure_aggregation: Option<crate::secagg::SecAggArgs>,
 }
 
 fn one() -> usize {
@@ -389,6 +402,20 @@ pub enum SwarmMsg {
         /// Why.
         reason: String,
     },
+    /// Aggregator → trainer: a message of `epoch`'s SecAgg+ round.
+    SecAggToClient {
+        /// The epoch.
+        epoch: Epoch,
+        /// The message.
+        msg: ToClient,
+    },
+    /// Trainer → aggregator: the answer to a [`SwarmMsg::SecAggToClient`].
+    SecAggToAggregator {
+        /// The epoch.
+        epoch: Epoch,
+        /// The answer.
+        msg: ToAggregator,
+    },
 }
 
 /// A trainer's result, kept for its round so it can be submitted again to a new aggregator.
@@ -414,6 +441,10 @@ struct Gather {
     expected: BTreeSet<String>,
     granted: BTreeMap<String, Time>,
     queue: VecDeque<String>,
+    /// The epoch's SecAgg+ round, with secure aggregation.
+    secagg: Option<SecAggAggregator>,
+    /// The masked inputs are closed and the survivors are unmasking the sum.
+    unmasking: bool,
 }
 
 /// One client of a swarm run.
@@ -451,6 +482,8 @@ pub struct SwarmClient {
     early_ready: BTreeMap<String, Epoch>,
     /// The run's aggregation algorithm (stateless: the aggregator changes every round).
     aggregator: Aggregator,
+    /// Secure aggregation's settings and this client's side of it.
+    secagg: Option<secagg::SwarmSecAgg>,
 }
 
 impl SwarmClient {
@@ -492,6 +525,7 @@ impl SwarmClient {
             actions: VecDeque::new(),
             early_ready: BTreeMap::new(),
             aggregator: Aggregator::default(),
+            secagg: None,
         })
     }
 
@@ -684,8 +718,21 @@ impl SwarmClient {
                 let Some(g) = self.gather.as_mut() else {
                     return;
                 };
-                if g.accepted.contains(from) || g.failed.contains(from) {
+                if g.accepted.contains(from) || g.failed.contains(from) || g.unmasking {
                     return;
+                }
+                if let Some(sa) = &g.secagg {
+                    // Inputs are taken once every trainer holds its shares, and only from the
+                    // round's participants.
+                    if !sa.taking_inputs() {
+                        if sa.is_participant(from) && !g.queue.iter().any(|q| q == from) {
+                            g.queue.push_back(from.to_string());
+                        }
+                        return;
+                    }
+                    if !sa.expects_input(from) {
+                        return;
+                    }
                 }
                 if g.granted.contains_key(from) || g.granted.len() < max {
                     g.granted.insert(from.to_string(), now);
@@ -705,17 +752,31 @@ impl SwarmClient {
                 if c.round != epoch.round || c.validate_only != self.validate_only {
                     return;
                 }
+                let mut return_code = c.data.return_code;
+                let mut reason = c.data.error_reason().map(str::to_string);
+                let mut model = c.model.clone();
+                if self.secagg.is_some() && !self.validate_only && return_code == ReturnCode::Ok {
+                    match self.secagg_masked(epoch, &c) {
+                        // The shares have not come yet: the next Ready asks again.
+                        None => return,
+                        Some(Ok(m)) => model = Some(m),
+                        Some(Err(e)) => {
+                            return_code = ReturnCode::ExecutionException;
+                            reason = Some(e);
+                            model = None;
+                        }
+                    }
+                }
                 self.granted = true;
                 self.ready_at = None;
-                let reason = c.data.error_reason().map(str::to_string);
                 self.send(
                     from,
                     SwarmMsg::Submit {
                         epoch,
-                        return_code: c.data.return_code,
+                        return_code,
                         reason,
                     },
-                    c.model.clone(),
+                    model,
                 );
             }
             SwarmMsg::Submit {
@@ -770,6 +831,12 @@ impl SwarmClient {
             }
             SwarmMsg::BestModel { best } => self.on_best_model(now, best, model),
             SwarmMsg::Abort { reason } => self.finish(now, Outcome::Failed { reason }),
+            SwarmMsg::SecAggToClient { epoch, msg } => {
+                self.secagg_to_client(now, from, epoch, msg);
+            }
+            SwarmMsg::SecAggToAggregator { epoch, msg } => {
+                self.secagg_to_aggregator(now, from, epoch, msg);
+            }
         }
     }
 
@@ -889,6 +956,8 @@ impl SwarmClient {
                 expected,
                 granted: BTreeMap::new(),
                 queue: VecDeque::new(),
+                secagg: None,
+                unmasking: false,
             });
             if same_round && epoch.attempt > 0 {
                 // A re-elected aggregator announces itself, so every trainer resubmits now.
@@ -910,6 +979,15 @@ impl SwarmClient {
         }
         self.take_up_early_ready(now);
         self.report(now, ReportEvent::Training);
+        if self.secagg.is_some() && !validate_only {
+            if self.gather.is_some() {
+                self.secagg_begin(now);
+                if self.done.is_some() {
+                    return;
+                }
+            }
+            self.take_up_early_secagg(now);
+        }
         if self.is_trainer() {
             let have = self
                 .cached
@@ -1026,11 +1104,15 @@ impl SwarmClient {
         if !self.cfg.train_clients.iter().any(|c| c == from)
             || g.accepted.contains(from)
             || g.failed.contains(from)
+            || g.unmasking
         {
             return;
         }
         g.granted.remove(from);
         let outcome = match (code, model) {
+            (ReturnCode::Ok, Some(m)) if g.secagg.is_some() && !validate_only => {
+                secagg::add_input(g, from, &m)
+            }
             (ReturnCode::Ok, Some(m)) if validate_only => {
                 let w = weight_of_ref(&m);
                 for (k, v) in m.metrics() {
@@ -1070,11 +1152,15 @@ impl SwarmClient {
         let max = self.cfg.max_concurrent_submissions;
         let mut grants = Vec::new();
         if let Some(g) = self.gather.as_mut() {
-            while g.granted.len() < max {
+            let open = !g.unmasking && g.secagg.as_ref().is_none_or(|sa| sa.taking_inputs());
+            while open && g.granted.len() < max {
                 let Some(next) = g.queue.pop_front() else {
                     break;
                 };
                 if g.accepted.contains(&next) || g.failed.contains(&next) {
+                    continue;
+                }
+                if g.secagg.as_ref().is_some_and(|sa| !sa.expects_input(&next)) {
                     continue;
                 }
                 g.granted.insert(next.clone(), now);
@@ -1091,11 +1177,23 @@ impl SwarmClient {
         let Some(g) = self.gather.as_ref() else {
             return;
         };
+        if g.unmasking {
+            return; // the SecAgg+ round ends it
+        }
         let answered = g.accepted.len() + g.failed.len();
-        let all_in = g
-            .expected
-            .iter()
-            .all(|m| g.accepted.contains(m) || g.failed.contains(m) || self.down.contains(m));
+        // With secure aggregation, a trainer the key stages went on without sends nothing.
+        let in_round = |m: &String| {
+            g.secagg
+                .as_ref()
+                .is_none_or(|sa| sa.taking_inputs() && sa.expects_input(m))
+        };
+        let all_in = g.secagg.as_ref().is_none_or(|sa| sa.taking_inputs())
+            && g.expected.iter().all(|m| {
+                g.accepted.contains(m)
+                    || g.failed.contains(m)
+                    || self.down.contains(m)
+                    || !in_round(m)
+            });
         let quorum_wait = g
             .quorum_at
             .is_some_and(|t| now >= t + self.cfg.wait_time_after_min_resps_received);
@@ -1107,7 +1205,43 @@ impl SwarmClient {
         }
     }
 
+    /// Why `g` cannot be aggregated: fewer than `min_clients` usable results.
+    fn short_of_min(&self, g: &Gather) -> Option<String> {
+        if g.accepted.len() >= self.cfg.min_clients {
+            return None;
+        }
+        let missing: Vec<&String> = self
+            .cfg
+            .train_clients
+            .iter()
+            .filter(|c| !g.accepted.contains(*c) && !g.failed.contains(*c))
+            .collect();
+        Some(format!(
+            "round {}: {} usable results, fewer than min_clients {} (failed: {:?}, missing: {:?})",
+            g.epoch.round,
+            g.accepted.len(),
+            self.cfg.min_clients,
+            g.failed,
+            missing
+        ))
+    }
+
+    /// Fails the run for everyone.
+    fn abort_run(&mut self, now: Time, reason: String) {
+        self.gather = None;
+        for c in self.cfg.clients.clone() {
+            if c != self.me {
+                let reason = reason.clone();
+                self.send(&c, SwarmMsg::Abort { reason }, None);
+            }
+        }
+        self.finish(now, Outcome::Failed { reason });
+    }
+
     fn aggregate(&mut self, now: Time) {
+        if !self.validate_only && self.gather.as_ref().is_some_and(|g| g.secagg.is_some()) {
+            return self.secagg_close(now);
+        }
         let Some(g) = self.gather.take() else {
             return;
         };
@@ -1115,39 +1249,9 @@ impl SwarmClient {
             return;
         };
         self.aggregated.insert(g.epoch);
-        let mut accepted: Vec<String> = g.accepted.iter().cloned().collect();
-        accepted.sort();
-        let pruned: Vec<String> = self
-            .cfg
-            .train_clients
-            .iter()
-            .filter(|c| !g.accepted.contains(*c))
-            .cloned()
-            .collect();
-        if accepted.len() < self.cfg.min_clients {
-            let reason = format!(
-                "round {}: {} usable results, fewer than min_clients {} (failed: {:?}, missing: {:?})",
-                g.epoch.round,
-                accepted.len(),
-                self.cfg.min_clients,
-                g.failed,
-                pruned
-            );
-            for c in self.cfg.clients.clone() {
-                if c != self.me {
-                    self.send(
-                        &c,
-                        SwarmMsg::Abort {
-                            reason: reason.clone(),
-                        },
-                        None,
-                    );
-                }
-            }
-            self.finish(now, Outcome::Failed { reason });
-            return;
+        if let Some(reason) = self.short_of_min(&g) {
+            return self.abort_run(now, reason);
         }
-        let version = g.epoch.round.saturating_sub(self.cfg.start_round);
         let weight = if self.validate_only {
             0.0
         } else {
@@ -1174,6 +1278,33 @@ impl SwarmClient {
                 }
             }
         };
+        self.conclude(now, g.epoch, &g.accepted, metrics, next, weight);
+    }
+
+    /// Ends the aggregated `epoch`, whose model took the results of `in_round`: the best model, the report, and the next epoch (or the
+    /// end of the run) with `next`, the new global model (none after the validation epoch).
+    fn conclude(
+        &mut self,
+        now: Time,
+        epoch: Epoch,
+        in_round: &BTreeSet<String>,
+        metrics: BTreeMap<String, f64>,
+        next: Option<ModelRef>,
+        weight: f64,
+    ) {
+        let Some(global) = self.global.clone() else {
+            return;
+        };
+        let mut accepted: Vec<String> = in_round.iter().cloned().collect();
+        accepted.sort();
+        let pruned: Vec<String> = self
+            .cfg
+            .train_clients
+            .iter()
+            .filter(|c| !in_round.contains(*c))
+            .cloned()
+            .collect();
+        let version = epoch.round.saturating_sub(self.cfg.start_round);
         // The model's own metrics (what DP-FedAvg spent to make it) go with the measurements.
         let mut metrics = metrics;
         for (k, v) in global.metrics() {
@@ -1208,10 +1339,10 @@ impl SwarmClient {
                 weight,
             },
         );
-        let next_epoch = Epoch::new(g.epoch.round + 1, g.epoch.attempt);
+        let next_epoch = Epoch::new(epoch.round + 1, epoch.attempt);
         match next {
             Some(model) => {
-                self.persist(now, ModelSlot::Round(g.epoch.round), model.clone());
+                self.persist(now, ModelSlot::Round(epoch.round), model.clone());
                 // Pruned trainers are not waited for next round, but may still submit.
                 self.members = self
                     .cfg
@@ -1233,7 +1364,7 @@ impl SwarmClient {
                     self.send(
                         &c,
                         SwarmMsg::Done {
-                            epoch: g.epoch,
+                            epoch,
                             best: best.clone(),
                         },
                         model,
@@ -1247,14 +1378,7 @@ impl SwarmClient {
     /// Gives up on the current aggregator and moves to the next attempt of the round.
     fn reelect(&mut self, now: Time) {
         let previous = self.cfg.aggregator(self.epoch).to_string();
-        let n = self.cfg.aggr_clients.len() as u32;
-        let mut next = Epoch::new(self.epoch.round, self.epoch.attempt + 1);
-        for _ in 0..n {
-            if !self.down.contains(self.cfg.aggregator(next)) {
-                break;
-            }
-            next.attempt += 1;
-        }
+        let next = self.next_attempt();
         let successor = self.cfg.aggregator(next).to_string();
         self.report(
             now,
@@ -1267,6 +1391,19 @@ impl SwarmClient {
             let (members, best, v) = (self.members.clone(), self.best.clone(), self.validate_only);
             self.adopt(now, next, g, members, best, v);
         }
+    }
+
+    /// The round's next attempt whose aggregator is not known to be down.
+    fn next_attempt(&self) -> Epoch {
+        let n = self.cfg.aggr_clients.len() as u32;
+        let mut next = Epoch::new(self.epoch.round, self.epoch.attempt + 1);
+        for _ in 0..n {
+            if !self.down.contains(self.cfg.aggregator(next)) {
+                break;
+            }
+            next.attempt += 1;
+        }
+        next
     }
 
     fn finish(&mut self, now: Time, outcome: Outcome) {
@@ -1341,6 +1478,7 @@ impl ClientWorkflow for SwarmClient {
                     g.granted.remove(&s);
                 }
             }
+            self.secagg_tick(now);
             self.grant_next(now);
             self.check_gather(now);
             if self.ready_at.is_some_and(|t| now >= t) && !self.granted {
@@ -1369,7 +1507,7 @@ impl ClientWorkflow for SwarmClient {
             t.push(r + self.cfg.max_status_report_interval);
         }
         if self.done.is_none() {
-            if let Some(g) = &self.gather {
+            if let Some(g) = self.gather.as_ref().filter(|g| !g.unmasking) {
                 t.push(g.deadline);
                 if let Some(q) = g.quorum_at {
                     t.push(q + self.cfg.wait_time_after_min_resps_received);
@@ -1377,6 +1515,14 @@ impl ClientWorkflow for SwarmClient {
                 for at in g.granted.values() {
                     t.push(*at + self.cfg.learn_task_timeout / 2);
                 }
+            }
+            if let Some(d) = self
+                .gather
+                .as_ref()
+                .and_then(|g| g.secagg.as_ref())
+                .and_then(SecAggAggregator::poll_timeout)
+            {
+                t.push(d);
             }
             if !self.granted
                 && let Some(r) = self.ready_at
@@ -1408,6 +1554,9 @@ impl ClientWorkflow for SwarmClient {
         }
         for (_, _, m) in &mut self.inbox {
             replace_in(m, was, now);
+        }
+        if let Some(sa) = &mut self.secagg {
+            sa.replace_model(was, now);
         }
         replace_in_actions(&mut self.actions, was, now);
     }
