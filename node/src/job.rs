@@ -829,9 +829,9 @@ impl ServerApp {
                 };
                 return Err(invalid(&file, field, e.to_string()));
             }
-            if aggregator != AggregatorSpec::default() {
+            if !flare_protocols::aggregators::Aggregator::new(aggregator).supports_secure() {
                 return refuse(format!(
-                    "{} needs each site's own update, and secure aggregation reveals only the sum: use FedAvg with secure_aggregation",
+                    "{} needs each site's own update, and secure aggregation reveals only the sum: use FedAvg, FedProx or a DifferentialPrivacy aggregator with secure_aggregation",
                     agg.name
                 ));
             }

@@ -297,95 +297,157 @@ impl DpRound {
                 state.clip.unwrap_or(self.spec.initial_clip()),
             ),
         };
-        let mf = m as f64;
-        let z = self.spec.noise_multiplier;
-        let mut noise = Gaussian::new(noise_rng(&self.spec.noise_seed, state.rounds));
-        // Adaptive clipping: the noisy count first (its draw comes first in the stream), then
-        // the model's share of the noise. When this round has too few results to afford
-        // the count's noise, it does not adapt and the model takes all of `z`.
-        let (z_model, next_clip) = match self.spec.clipping {
-            Clipping::Fixed { .. } => (z, clip),
-            Clipping::Adaptive(a) => {
-                let sigma_b = a.count_stddev_for(m);
-                match adaptive_model_noise(z, sigma_b) {
-                    Ok(z_model) => {
-                        let noisy = (self.unclipped as f64 + sigma_b * noise.sample()) / mf;
-                        let c = next_clip_norm(clip, noisy, a.target_quantile, a.lr);
-                        (z_model, c)
-                    }
-                    Err(e) => {
-                        tracing::warn!(round = state.rounds, results = m, %e, "adaptive clipping skips this round");
-                        (z, clip)
-                    }
+        let shrink = self.scale_sum / m as f64;
+        noisy_step(
+            &self.spec,
+            &state,
+            &g,
+            clip,
+            &mean,
+            shrink,
+            m,
+            self.unclipped as f64,
+            clients,
+        )
+    }
+}
+
+/// The round's `C`: the global model's, or the configured one before the first round.
+pub fn round_clip(spec: &DpSpec, global: &ModelRef) -> Result<f64, AggregateError> {
+    Ok(DpState::of(global)?.clip.unwrap_or(spec.initial_clip()))
+}
+
+/// DP-FedAvg's step on a securely aggregated round ([`crate::secagg`]): each of the `m`
+/// survivors clipped its update to the round's `C` ([`round_clip`]) before masking, with
+/// weight 1, so `mean` is `Σ sᵢΔᵢ / m`, the mean clipped update, and `unclipped` the number
+/// of updates within `C` (adaptive clipping; `m` otherwise). The noise, the next `C` and
+/// the accounting are those of [`DpRound::finish`]: the noise is added once, to the sum the
+/// aggregator learns. `global` carries the DP state, `weights` is its model without it.
+pub fn secure_step(
+    spec: &DpSpec,
+    global: &ModelRef,
+    weights: &FLModel,
+    mean: &[f32],
+    m: usize,
+    unclipped: f64,
+    clients: usize,
+) -> Result<FLModel, AggregateError> {
+    if m == 0 {
+        return Err(AggregateError::Model(ModelError::Incompatible {
+            name: "secure aggregation".into(),
+            reason: "no survivors".into(),
+        }));
+    }
+    let state = DpState::of(global)?;
+    let clip = round_clip(spec, global)?;
+    let x = crate::secagg::apply_update(weights, mean)
+        .map_err(|e| bad_state("secure aggregation", &e.to_string()))?;
+    noisy_step(spec, &state, weights, clip, &x, 1.0, m, unclipped, clients)
+}
+
+/// The noisy new global model from `mean` (the clipped results' mean, as a model) and `g`
+/// (the old weights): `g + shrink·(mean − g) + N(0, (z·C/m)²)` per float value, with the next
+/// `C`, the DP state moved one round and the privacy spent. `unclipped` is the number of
+/// results within `C`.
+#[allow(clippy::too_many_arguments)] // the mechanism's inputs, each named where it is used
+fn noisy_step(
+    spec: &DpSpec,
+    state: &DpState,
+    g: &FLModel,
+    clip: f64,
+    mean: &FLModel,
+    shrink: f64,
+    m: usize,
+    unclipped: f64,
+    clients: usize,
+) -> Result<FLModel, AggregateError> {
+    let mf = m as f64;
+    let z = spec.noise_multiplier;
+    let mut noise = Gaussian::new(noise_rng(&spec.noise_seed, state.rounds));
+    // Adaptive clipping: the noisy count first (its draw comes first in the stream), then
+    // the model's share of the noise. When this round has too few results to afford
+    // the count's noise, it does not adapt and the model takes all of `z`.
+    let (z_model, next_clip) = match spec.clipping {
+        Clipping::Fixed { .. } => (z, clip),
+        Clipping::Adaptive(a) => {
+            let sigma_b = a.count_stddev_for(m);
+            match adaptive_model_noise(z, sigma_b) {
+                Ok(z_model) => {
+                    let noisy = (unclipped + sigma_b * noise.sample()) / mf;
+                    let c = next_clip_norm(clip, noisy, a.target_quantile, a.lr);
+                    (z_model, c)
+                }
+                Err(e) => {
+                    tracing::warn!(round = state.rounds, results = m, %e, "adaptive clipping skips this round");
+                    (z, clip)
                 }
             }
-        };
-        let std = z_model * clip / mf;
-        let shrink = self.scale_sum / mf;
-        let mut params = BTreeMap::new();
-        for (name, x) in &mean.params {
-            let old = g
-                .params
-                .get(name)
-                .ok_or_else(|| bad_state(name, "not in the global model"))?;
-            let mut next = |gi: f64, xi: f64| gi + shrink * (xi - gi) + std * noise.sample();
-            let t = match old.dtype() {
-                DType::F32 => {
-                    let mut out = Vec::with_capacity(old.bytes().len());
-                    for (a, b) in old.bytes().chunks_exact(4).zip(x.bytes().chunks_exact(4)) {
-                        let gi = f32::from_le_bytes([a[0], a[1], a[2], a[3]]);
-                        let xi = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        let v = next(f64::from(gi), f64::from(xi)) as f32;
-                        out.extend_from_slice(&v.to_le_bytes());
-                    }
-                    Tensor::from_bytes(DType::F32, old.shape().to_vec(), out)?
-                }
-                DType::F16 | DType::BF16 => {
-                    let mut xs = Vec::with_capacity(x.numel());
-                    x.for_each_f64(|_, v| xs.push(v));
-                    let mut out = Vec::with_capacity(old.numel());
-                    old.for_each_f64(|i, gi| out.push(next(gi, xs.get(i).copied().unwrap_or(gi))));
-                    Tensor::from_f64_like(old, out.into_iter())
-                }
-                DType::I64 | DType::I8 | DType::U32 => old.clone(),
-            };
-            params.insert(name.clone(), t);
         }
-        // Accounting: one more step of the sampled Gaussian mechanism at q = m/N.
-        let q = if clients == 0 {
-            1.0
-        } else {
-            (mf / clients as f64).min(1.0)
+    };
+    let std = z_model * clip / mf;
+    let mut params = BTreeMap::new();
+    for (name, x) in &mean.params {
+        let old = g
+            .params
+            .get(name)
+            .ok_or_else(|| bad_state(name, "not in the global model"))?;
+        let mut next = |gi: f64, xi: f64| gi + shrink * (xi - gi) + std * noise.sample();
+        let t = match old.dtype() {
+            DType::F32 => {
+                let mut out = Vec::with_capacity(old.bytes().len());
+                for (a, b) in old.bytes().chunks_exact(4).zip(x.bytes().chunks_exact(4)) {
+                    let gi = f32::from_le_bytes([a[0], a[1], a[2], a[3]]);
+                    let xi = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    let v = next(f64::from(gi), f64::from(xi)) as f32;
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                Tensor::from_bytes(DType::F32, old.shape().to_vec(), out)?
+            }
+            DType::F16 | DType::BF16 => {
+                let mut xs = Vec::with_capacity(x.numel());
+                x.for_each_f64(|_, v| xs.push(v));
+                let mut out = Vec::with_capacity(old.numel());
+                old.for_each_f64(|i, gi| out.push(next(gi, xs.get(i).copied().unwrap_or(gi))));
+                Tensor::from_f64_like(old, out.into_iter())
+            }
+            DType::I64 | DType::I8 | DType::U32 => old.clone(),
         };
-        let step =
-            compute_rdp(q, z, 1, &DEFAULT_ALPHAS).map_err(|e| bad_state(DP_RDP, &e.to_string()))?;
-        let rdp: Vec<f64> = state.rdp.iter().zip(step).map(|(a, b)| a + b).collect();
-        let (eps, _) = privacy_spent(&DEFAULT_ALPHAS, &rdp, self.spec.target_delta)
-            .map_err(|e| bad_state(DP_RDP, &e.to_string()))?;
-        // f32 state: an RDP too large for f32 is no privacy either way.
-        let rdp32: Vec<f32> = rdp.iter().map(|x| (*x as f32).min(f32::MAX)).collect();
-        params.insert(
-            DP_CLIP_NORM.into(),
-            Tensor::from_f32(vec![1], &[next_clip as f32])?,
-        );
-        params.insert(
-            DP_ROUNDS.into(),
-            Tensor::from_i64(
-                vec![1],
-                &[i64::try_from(state.rounds + 1).unwrap_or(i64::MAX)],
-            )?,
-        );
-        params.insert(DP_RDP.into(), Tensor::from_f32(vec![rdp32.len()], &rdp32)?);
-        let metrics = BTreeMap::from([
-            (METRIC_EPSILON.to_string(), eps),
-            (METRIC_DELTA.to_string(), self.spec.target_delta),
-            (METRIC_CLIP.to_string(), clip),
-        ]);
-        Ok(FLModel {
-            params,
-            params_type: ParamsType::Full,
-            metrics,
-            ..FLModel::default()
-        })
+        params.insert(name.clone(), t);
     }
+    // Accounting: one more step of the sampled Gaussian mechanism at q = m/N.
+    let q = if clients == 0 {
+        1.0
+    } else {
+        (mf / clients as f64).min(1.0)
+    };
+    let step =
+        compute_rdp(q, z, 1, &DEFAULT_ALPHAS).map_err(|e| bad_state(DP_RDP, &e.to_string()))?;
+    let rdp: Vec<f64> = state.rdp.iter().zip(step).map(|(a, b)| a + b).collect();
+    let (eps, _) = privacy_spent(&DEFAULT_ALPHAS, &rdp, spec.target_delta)
+        .map_err(|e| bad_state(DP_RDP, &e.to_string()))?;
+    // f32 state: an RDP too large for f32 is no privacy either way.
+    let rdp32: Vec<f32> = rdp.iter().map(|x| (*x as f32).min(f32::MAX)).collect();
+    params.insert(
+        DP_CLIP_NORM.into(),
+        Tensor::from_f32(vec![1], &[next_clip as f32])?,
+    );
+    params.insert(
+        DP_ROUNDS.into(),
+        Tensor::from_i64(
+            vec![1],
+            &[i64::try_from(state.rounds + 1).unwrap_or(i64::MAX)],
+        )?,
+    );
+    params.insert(DP_RDP.into(), Tensor::from_f32(vec![rdp32.len()], &rdp32)?);
+    let metrics = BTreeMap::from([
+        (METRIC_EPSILON.to_string(), eps),
+        (METRIC_DELTA.to_string(), spec.target_delta),
+        (METRIC_CLIP.to_string(), clip),
+    ]);
+    Ok(FLModel {
+        params,
+        params_type: ParamsType::Full,
+        metrics,
+        ..FLModel::default()
+    })
 }

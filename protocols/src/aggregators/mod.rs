@@ -48,6 +48,7 @@ use crate::dp::DpSpec;
 use crate::model::{DType, FLModel, MetaValue, ModelError, ParamsType, Tensor};
 use crate::stored::{ModelRef, check_layout};
 
+use crate::secagg::{DpClip, Unmasked};
 pub use dp::{DP_CLIP_NORM, DP_RDP, DP_ROUNDS, DpState, METRIC_CLIP, METRIC_DELTA, METRIC_EPSILON};
 pub use robust::RobustError;
 pub use server_opt::{Cosine, OptState, ServerOpt};
@@ -278,6 +279,47 @@ impl Aggregator {
             .map(|mu| (META_FEDPROX_MU.to_string(), MetaValue::Float(mu)))
             .into_iter()
             .collect()
+    }
+
+    /// Whether secure aggregation can run this algorithm: it reveals only the sum, which is
+    /// all FedAvg, FedProx and DP-FedAvg use.
+    pub fn supports_secure(&self) -> bool {
+        self.spec.rule == Rule::Mean && self.spec.opt.is_none() && !self.spec.scaffold
+    }
+
+    /// What the sites of a securely aggregated round do to their update for this algorithm:
+    /// DP-FedAvg's clipping to the round's `C` (from `global`'s state), or nothing.
+    pub fn secure_clip(&self, global: &ModelRef) -> Result<Option<DpClip>, AggregateError> {
+        let Some(spec) = &self.spec.dp else {
+            return Ok(None);
+        };
+        Ok(Some(DpClip {
+            clip_norm: dp::round_clip(spec, global)?,
+            count_unclipped: matches!(spec.clipping, crate::dp::Clipping::Adaptive(_)),
+        }))
+    }
+
+    /// The next global model from a securely aggregated round's unmasked mean update and the
+    /// current `global`: the old weights plus the mean, or, under DP-FedAvg, the mean of the
+    /// sites' clipped updates with the noise added once and the privacy accounted
+    /// ([`dp::secure_step`]).
+    pub fn finish_secure(
+        &self,
+        global: &ModelRef,
+        u: &Unmasked,
+    ) -> Result<FLModel, AggregateError> {
+        let base = weights(global)?
+            .load()
+            .map_err(|e| AggregateError::Poisoned(e.to_string()))?;
+        match &self.spec.dp {
+            None => crate::secagg::apply_update(&base, &u.mean)
+                .map_err(|e| AggregateError::Poisoned(e.to_string())),
+            Some(spec) => {
+                let m = u.survivors.len();
+                let unclipped = u.unclipped.unwrap_or(m as f64);
+                dp::secure_step(spec, global, &base, &u.mean, m, unclipped, self.clients)
+            }
+        }
     }
 
     /// The next global model from the round's results and the current `global`, with the

@@ -43,6 +43,9 @@ pub struct Unmasked {
     pub total_weight: f64,
     /// The weighted mean of the survivors' updates, `Σ w_i x_i / Σ w_i`.
     pub mean: Vec<f32>,
+    /// Under DP-FedAvg with adaptive clipping ([`crate::secagg::DpClip`]): how many of the
+    /// survivors' updates were within `C` (the indicator's mean times the survivors).
+    pub unclipped: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +114,8 @@ impl SecAggAggregator {
         }
         let context = context.into();
         let hoods = neighbourhoods(&participants, k, graph_seed);
+        // The within-C indicator rides as one more value.
+        let len = len + usize::from(params.dp.is_some_and(|d| d.count_unclipped));
         let mut a = SecAggAggregator {
             context: context.clone(),
             params,
@@ -544,15 +549,21 @@ impl SecAggAggregator {
         if w.is_nan() || w <= 0.0 {
             return Err(protocol(format!("the unmasked total weight is {w}")));
         }
-        let mean = sum[1..]
+        let mut mean: Vec<f64> = sum[1..]
             .iter()
-            .map(|v| (dequantize_sum(q(*v), n, clip, levels) / w) as f32)
+            .map(|v| dequantize_sum(q(*v), n, clip, levels) / w)
             .collect();
+        let unclipped = if self.params.dp.is_some_and(|d| d.count_unclipped) {
+            mean.pop().map(|f| (f * n as f64).clamp(0.0, n as f64))
+        } else {
+            None
+        };
         Ok(Unmasked {
             survivors: self.inputs.iter().cloned().collect(),
             dropped: dropped.into_iter().collect(),
             total_weight: w * self.params.max_weight,
-            mean,
+            mean: mean.into_iter().map(|x| x as f32).collect(),
+            unclipped,
         })
     }
 }

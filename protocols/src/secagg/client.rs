@@ -149,6 +149,9 @@ impl SecAggClient {
             || params.quantization_range >= params.modulus_range
             || !(params.clipping_range.is_finite() && params.clipping_range > 0.0)
             || !(params.max_weight.is_finite() && params.max_weight > 0.0)
+            || params
+                .dp
+                .is_some_and(|d| !(d.clip_norm.is_finite() && d.clip_norm > 0.0))
             || sorted.len() as u64 > params.modulus_range / params.quantization_range
         {
             return Err(protocol(format!("setup parameters do not fit: {params:?}")));
@@ -310,7 +313,9 @@ impl SecAggClient {
     /// This site's masked input: `[w, w·x_1, …, w·x_n]` quantized, where
     /// `w = min(samples / max_weight, 1)`, plus its self-mask and its pairwise masks with
     /// every neighbour whose shares it got. `update` is the site's update (its model minus
-    /// the global model it trained from), in the order the aggregator expects.
+    /// the global model it trained from), in the order the aggregator expects. Under
+    /// DP-FedAvg ([`Params::dp`]) the update is first clipped to `C`, `w` is 1, and the
+    /// within-`C` indicator is appended when asked for.
     pub fn mask(
         &mut self,
         update: impl ExactSizeIterator<Item = f32>,
@@ -326,14 +331,33 @@ impl SecAggClient {
         if !(samples.is_finite() && samples > 0.0) {
             return Err(protocol(format!("weight {samples} is not positive")));
         }
-        let w = (samples / p.max_weight).min(1.0);
+        // In place when `update` is a vector's iterator.
+        let mut update: Vec<f32> = update.collect();
+        if update.iter().any(|x| !x.is_finite()) {
+            return Err(protocol("the update holds a non-finite value"));
+        }
+        let mut w = (samples / p.max_weight).min(1.0);
+        if let Some(dp) = p.dp {
+            let norm = update
+                .iter()
+                .map(|x| f64::from(*x) * f64::from(*x))
+                .sum::<f64>()
+                .sqrt();
+            let scale = crate::dp::clip_scale(norm, dp.clip_norm);
+            if scale < 1.0 {
+                for x in &mut update {
+                    *x = (f64::from(*x) * scale) as f32;
+                }
+            }
+            if dp.count_unclipped {
+                update.push(if norm <= dp.clip_norm { 1.0 } else { 0.0 });
+            }
+            w = 1.0;
+        }
         let mut out = Vec::with_capacity(update.len() + 1);
         let u: f64 = self.rng.random();
         out.push(quantize(w, p.clipping_range, p.quantization_range, u));
         for x in update {
-            if !x.is_finite() {
-                return Err(protocol("the update holds a non-finite value"));
-            }
             let u: f64 = self.rng.random();
             out.push(quantize(
                 w * f64::from(x),

@@ -131,6 +131,23 @@ pub struct Params {
     pub quantization_range: u64,
     /// Modulus of the sums.
     pub modulus_range: u64,
+    /// DP-FedAvg's site-side clipping, when the run composes secure aggregation with
+    /// central DP ([`crate::aggregators::Aggregator::finish_secure`]).
+    #[serde(default)]
+    pub dp: Option<DpClip>,
+}
+
+/// What a site does to its update for DP-FedAvg under secure aggregation: the aggregator
+/// cannot clip an update it never sees, so each site clips its own to `clip_norm` (L2) and
+/// takes weight 1 (DP-FedAvg averages with equal weights); with `count_unclipped` it also
+/// adds one value, 1 if its update was within `clip_norm` and 0 if not, so the unmasked
+/// mean carries the fraction adaptive clipping needs, and nothing of which site it was.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DpClip {
+    /// The round's clipping norm `C`.
+    pub clip_norm: f64,
+    /// Whether the sites add the within-`C` indicator (adaptive clipping).
+    pub count_unclipped: bool,
 }
 
 /// Why SecAgg settings, a message or a round were refused.
@@ -280,6 +297,7 @@ impl SecAggArgs {
             clipping_range: self.clipping_range,
             quantization_range: self.quantization_range,
             modulus_range: self.modulus_range,
+            dp: None,
         })
     }
 }

@@ -20,7 +20,7 @@ use crate::aggregators::RoundAgg;
 use crate::model::FLModel;
 use crate::secagg::{
     AggOutput, SECAGG_HEADER, SECAGG_TASK, SecAggAggregator, SecAggArgs, SecAggError, ToAggregator,
-    ToClient, Unmasked, apply_update, from_headers, masked_input, to_header, update_len,
+    ToClient, Unmasked, from_headers, masked_input, to_header, update_len,
 };
 use crate::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult, task_names};
 use crate::stored::ModelRef;
@@ -54,7 +54,9 @@ impl ScatterGather {
     /// The controller with secure aggregation: the server learns each round's weighted mean
     /// update and nothing of any one site's. `run` names the run in every key derivation
     /// (the job id), `seed` draws the neighbour graphs and must differ between a run and its
-    /// resumption. Only plain FedAvg is supported (the caller checks the aggregator).
+    /// resumption. FedAvg, FedProx and DP-FedAvg are supported (the caller checks
+    /// [`crate::aggregators::Aggregator::supports_secure`]); under DP-FedAvg the sites clip
+    /// and the noise is added once, to the unmasked mean.
     pub fn with_secagg(
         mut self,
         args: SecAggArgs,
@@ -78,10 +80,15 @@ impl ScatterGather {
     pub(super) fn secagg_begin(&mut self, now: Time) {
         let len = update_len(&self.task_model.tensors());
         let (round, next_task, n) = (self.round, self.next_task, self.clients.len());
+        let clip = match self.aggregator.secure_clip(&self.global) {
+            Ok(c) => c,
+            Err(e) => return self.abort_round(format!("secure aggregation: {e}")),
+        };
         let Some(sa) = self.secagg.as_mut() else {
             return;
         };
-        let started = sa.args.resolve(n).and_then(|params| {
+        let started = sa.args.resolve(n).and_then(|mut params| {
+            params.dp = clip;
             let nonce = mix(sa.seed, u64::from(round), next_task);
             let context = format!("{}/round-{round}/{nonce:016x}", sa.run);
             SecAggAggregator::new(
@@ -282,11 +289,7 @@ impl ScatterGather {
             sa.unmasking = false;
             sa.late = std::mem::take(&mut sa.tasks).into_keys().collect();
         }
-        let next = self
-            .global
-            .load()
-            .map_err(|e| e.to_string())
-            .and_then(|g| apply_update(&g, &u.mean).map_err(|e| e.to_string()));
+        let next = self.aggregator.finish_secure(&self.global, &u);
         let mut model = match next {
             Ok(m) => m,
             Err(e) => return self.abort_round(format!("secure aggregation: {e}")),

@@ -33,10 +33,11 @@ use rand_chacha::ChaCha20Rng;
 
 use super::{Cached, Gather, SwarmClient, SwarmMsg};
 use crate::aggregate::weight_of;
+use crate::aggregators::task_view;
 use crate::model::FLModel;
 use crate::secagg::{
     AggOutput, SecAggAggregator, SecAggArgs, SecAggClient, SecAggError, ToAggregator, ToClient,
-    Unmasked, apply_update, flat_update, masked_input, masked_model, update_len,
+    Unmasked, flat_update, masked_input, masked_model, update_len,
 };
 use crate::stored::ModelRef;
 use crate::time::Time;
@@ -113,8 +114,10 @@ impl SwarmClient {
     /// The client with secure aggregation: each training epoch's aggregator learns only the
     /// weighted mean update. `run` names the run in every key derivation (the job id), and
     /// `seed` is this client's secret randomness (from the OS in a node; every client's
-    /// differs). Every client of a run must use the same `args`. Only plain FedAvg is
-    /// supported (the caller checks the aggregator).
+    /// differs). Every client of a run must use the same `args`. FedAvg, FedProx and
+    /// DP-FedAvg are supported (the caller checks
+    /// [`crate::aggregators::Aggregator::supports_secure`]); under DP-FedAvg the trainers clip
+    /// and the aggregator adds the noise once, to the unmasked mean.
     pub fn with_secagg(
         mut self,
         args: SecAggArgs,
@@ -138,7 +141,9 @@ impl SwarmClient {
         let Some(global) = self.global.clone() else {
             return;
         };
-        let len = update_len(&global.tensors());
+        // The trainers' view: the weights, without the algorithm's state.
+        let len = task_view(&global).map(|v| update_len(&v.tensors()));
+        let clip = self.aggregator.secure_clip(&global);
         let (Some(sa), Some(g)) = (self.secagg.as_mut(), self.gather.as_mut()) else {
             return;
         };
@@ -152,7 +157,13 @@ impl SwarmClient {
             .collect();
         let (nonce, graph_seed) = (sa.rng.next_u64(), sa.rng.next_u64());
         let context = format!("{}{nonce:016x}", context_prefix(&sa.run, g.epoch));
-        let started = sa.args.resolve(participants.len()).and_then(|params| {
+        let (len, clip) = match (len, clip) {
+            (Ok(l), Ok(c)) => (l, c),
+            (Err(e), _) => return self.abort_run(now, format!("secure aggregation: {e}")),
+            (_, Err(e)) => return self.abort_run(now, format!("secure aggregation: {e}")),
+        };
+        let started = sa.args.resolve(participants.len()).and_then(|mut params| {
+            params.dp = clip;
             SecAggAggregator::new(
                 params,
                 &participants,
@@ -274,10 +285,7 @@ impl SwarmClient {
         let Some(global) = self.global.clone() else {
             return;
         };
-        let next = global
-            .load()
-            .map_err(|e| e.to_string())
-            .and_then(|m| apply_update(&m, &u.mean).map_err(|e| e.to_string()));
+        let next = self.aggregator.finish_secure(&global, &u);
         match next {
             Ok(mut m) => {
                 let (survivors, dropped) = (u.survivors, u.dropped);
@@ -430,7 +438,10 @@ impl SwarmClient {
                 .ok_or("the result carries no model")?
                 .load()
                 .map_err(|e| e.to_string())?;
-            let g = global.load().map_err(|e| e.to_string())?;
+            let g = task_view(&global)
+                .map_err(|e| e.to_string())?
+                .load()
+                .map_err(|e| e.to_string())?;
             let update = flat_update(&g, &local).map_err(|e| e.to_string())?;
             drop(g);
             let words = c
