@@ -110,6 +110,15 @@ fn scatter_and_gather_with_secure_aggregation_learns_across_processes() {
     let dir = PathBuf::from(dl["dir"].as_str().unwrap());
     let acc = held_out_accuracy(&dir.join("global_final.safetensors"));
     assert!(acc >= 0.85, "accuracy {acc}");
+    // As the same job without secure aggregation, in the simulator, within half a point.
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = example_copy(tmp.path(), "hello-fedavg", 5, ROUNDS, 1);
+    let r = simulate(&plain, 3, &tmp.path().join("ws"));
+    let plain_acc = held_out_accuracy(Path::new(r["final_model"].as_str().unwrap()));
+    assert!(
+        (acc - plain_acc).abs() <= 0.005,
+        "with {acc} across processes, without {plain_acc}"
+    );
     // The sites' answers were masked inputs: no model file the server kept holds a site's
     // parameters, and the rounds' models are the global ones.
     let round = flare_node::model_io::read(&dir.join("models/round-000.safetensors")).unwrap();
