@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Federation, bin, history_notes, job_copy};
+use common::{Federation, bin, history_notes, job_copy, use_dp_aggregator};
 use serde_json::Value;
 
 /// A project with a server, two sites of two orgs, and admins of every role: the project
@@ -483,18 +483,7 @@ fn with_dp(job: &str, dir: &Path, name: &str) -> String {
         .status()
         .unwrap();
     assert!(cp.success());
-    let server = out.join("app/config/config_fed_server.json");
-    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&server).unwrap()).unwrap();
-    for comp in c["components"].as_array_mut().unwrap() {
-        if comp["id"] == "aggregator" {
-            *comp = serde_json::json!({
-                "id": "aggregator",
-                "name": "DifferentialPrivacyServerSideFixedClipping",
-                "args": { "target_epsilon": 8.0, "clipping_norm": 0.5, "target_delta": 1e-5 }
-            });
-        }
-    }
-    std::fs::write(&server, c.to_string()).unwrap();
+    use_dp_aggregator(&out);
     let meta_path = out.join("meta.json");
     let mut meta: Value =
         serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();

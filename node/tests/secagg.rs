@@ -216,29 +216,12 @@ fn a_secure_swarm_across_processes_finishes_when_a_site_is_killed_mid_round() {
     assert!(acc >= 0.85, "accuracy {acc}");
 }
 
-/// `job` with the DP-FedAvg aggregator (ε 8 at δ 1e-5 over the run) in place of FedAvg.
-fn with_dp(job: &Path) {
-    let server = job.join("app/config/config_fed_server.json");
-    let mut c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&server).unwrap()).unwrap();
-    for comp in c["components"].as_array_mut().unwrap() {
-        if comp["id"] == "aggregator" {
-            *comp = serde_json::json!({
-                "id": "aggregator",
-                "name": "DifferentialPrivacyServerSideFixedClipping",
-                "args": { "target_epsilon": 8.0, "clipping_norm": 0.5, "target_delta": 1e-5 }
-            });
-        }
-    }
-    std::fs::write(&server, c.to_string()).unwrap();
-}
-
 #[test]
 fn central_dp_composes_with_secure_aggregation_in_both_workflows() {
     let dir = tempfile::tempdir().unwrap();
     for (example, sites) in [("hello-fedavg-secagg", 5), ("swarm-secagg-mnist", 3)] {
         let job = example_copy(dir.path(), example, 5, ROUNDS, 1);
-        with_dp(&job);
+        use_dp_aggregator(&job);
         let r = simulate(&job, sites, &dir.path().join(format!("ws-{example}")));
         // The accountant ran once per round on the unmasked mean and spent the budget.
         let eps: Vec<f64> = r["metrics"]

@@ -315,6 +315,23 @@ pub(crate) fn swarm_aggregator(job_dir: &Path, job_id: &str, round: u32) -> Stri
         .to_string()
 }
 
+/// Puts DP-FedAvg (fixed clipping at 0.5, ε 8 at δ 1e-5 over the run) in place of the
+/// aggregator of the job in `job`.
+pub(crate) fn use_dp_aggregator(job: &Path) {
+    let server = job.join("app/config/config_fed_server.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&server).unwrap()).unwrap();
+    for comp in c["components"].as_array_mut().unwrap() {
+        if comp["id"] == "aggregator" {
+            *comp = serde_json::json!({
+                "id": "aggregator",
+                "name": "DifferentialPrivacyServerSideFixedClipping",
+                "args": { "target_epsilon": 8.0, "clipping_norm": 0.5, "target_delta": 1e-5 }
+            });
+        }
+    }
+    std::fs::write(&server, c.to_string()).unwrap();
+}
+
 /// The notes of a job status's history, oldest first.
 pub(crate) fn history_notes(st: &Value) -> Vec<String> {
     st["history"]

@@ -380,6 +380,28 @@ impl std::fmt::Debug for ShareOf {
     }
 }
 
+/// Adds a submitted masked input (a [`masked_model`]) to `round`'s sum, and its metrics (of
+/// the model the site received) to `measured` with weight 1: its sample count is secret.
+/// The workflows' one way of taking a masked input.
+pub(crate) fn take_masked_input(
+    round: &mut SecAggAggregator,
+    measured: &mut crate::aggregators::RoundAgg,
+    from: &str,
+    model: &crate::stored::ModelRef,
+) -> Result<(), String> {
+    let loaded = model.load().map_err(|e| e.to_string())?;
+    let words = masked_input(&loaded).map_err(|e| e.to_string())?;
+    drop(loaded);
+    round.add_input(from, &words).map_err(|e| e.to_string())?;
+    let metrics_only = crate::FLModel {
+        metrics: model.metrics().clone(),
+        ..crate::FLModel::default()
+    };
+    measured
+        .add(&crate::FLModel::default(), &metrics_only, 1.0)
+        .map_err(|e| e.to_string())
+}
+
 /// Largest SecAgg control message (keys, shares, unmask lists): 1 MiB, as for control.
 pub const MAX_SECAGG_MESSAGE: usize = crate::codec::MAX_CONTROL_MESSAGE;
 

@@ -104,6 +104,14 @@ fn args(num_shares: f64, threshold: f64) -> SecAggArgs {
     }
 }
 
+/// The run's first global model: `w = 0`.
+fn initial() -> ModelRef {
+    ModelRef::from(FLModel::from_params(BTreeMap::from([(
+        "w".to_string(),
+        Tensor::from_f32(vec![3], &[0.0, 0.0, 0.0]).unwrap(),
+    )])))
+}
+
 fn seed_of(name: &str, incarnation: u8) -> [u8; 32] {
     let mut s = [incarnation; 32];
     s[0] = name.as_bytes()[0];
@@ -130,17 +138,7 @@ fn net(seed: u64, rounds: u32, sa: SecAggArgs) -> SimNet<SwarmClient> {
             .with_secagg(sa, "job-1", seed_of(n, 1))
             .unwrap()
     });
-    let initial = FLModel::from_params(BTreeMap::from([(
-        "w".to_string(),
-        Tensor::from_f32(vec![3], &[0.0, 0.0, 0.0]).unwrap(),
-    )]));
-    sim.inject(
-        0,
-        "a",
-        "server",
-        SwarmMsg::Start,
-        Some(ModelRef::from(initial)),
-    );
+    sim.inject(0, "a", "server", SwarmMsg::Start, Some(initial()));
     sim
 }
 
@@ -393,17 +391,7 @@ fn too_few_trainers_for_the_threshold_fail_the_run_with_the_reason() {
         } if epoch.round == 1 && who == victim => KillPoint::Before,
         _ => KillPoint::None,
     });
-    let initial = FLModel::from_params(BTreeMap::from([(
-        "w".to_string(),
-        Tensor::from_f32(vec![3], &[0.0, 0.0, 0.0]).unwrap(),
-    )]));
-    sim.inject(
-        0,
-        "a",
-        "server",
-        SwarmMsg::Start,
-        Some(ModelRef::from(initial)),
-    );
+    sim.inject(0, "a", "server", SwarmMsg::Start, Some(initial()));
     sim.run_until_done(600_000);
     let failed: Vec<Outcome> = NAMES[..5]
         .iter()
@@ -468,17 +456,13 @@ mod fuzz {
                 (n.to_string(), c)
             })
             .collect();
-        let initial = FLModel::from_params(BTreeMap::from([(
-            "w".to_string(),
-            Tensor::from_f32(vec![3], &[0.0, 0.0, 0.0]).unwrap(),
-        )]));
         let mut queue: VecDeque<(String, Input<SwarmMsg>)> = VecDeque::new();
         queue.push_back((
             "a".into(),
             Input::Message {
                 from: "server".into(),
                 msg: SwarmMsg::Start,
-                model: Some(ModelRef::from(initial)),
+                model: Some(initial()),
             },
         ));
         let (mut now, mut secagg_msgs, mut steps) = (Time::ZERO, 0usize, 0usize);
@@ -609,17 +593,7 @@ mod dp {
             },
             learner,
         );
-        let initial = FLModel::from_params(BTreeMap::from([(
-            "w".to_string(),
-            Tensor::from_f32(vec![3], &[0.0, 0.0, 0.0]).unwrap(),
-        )]));
-        sim.inject(
-            0,
-            "a",
-            "server",
-            SwarmMsg::Start,
-            Some(ModelRef::from(initial)),
-        );
+        sim.inject(0, "a", "server", SwarmMsg::Start, Some(initial()));
         assert_eq!(sim.run_until_done(120_000), RunEnd::AllDone);
         let finals: Vec<Vec<f64>> = sim
             .persisted("a")

@@ -20,7 +20,7 @@ use crate::aggregators::RoundAgg;
 use crate::model::FLModel;
 use crate::secagg::{
     AggOutput, SECAGG_HEADER, SECAGG_TASK, SecAggAggregator, SecAggArgs, SecAggError, ToAggregator,
-    ToClient, Unmasked, from_headers, masked_input, to_header, update_len,
+    ToClient, Unmasked, from_headers, take_masked_input, to_header, update_len,
 };
 use crate::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult, task_names};
 use crate::stored::ModelRef;
@@ -233,18 +233,7 @@ impl ScatterGather {
         let Some(round) = self.secagg.as_mut().and_then(|sa| sa.round.as_mut()) else {
             return Err("no secure aggregation round is running".into());
         };
-        let loaded = model.load().map_err(|e| e.to_string())?;
-        let words = masked_input(&loaded).map_err(|e| e.to_string())?;
-        drop(loaded);
-        round.add_input(from, &words).map_err(|e| e.to_string())?;
-        let metrics_only = FLModel {
-            metrics: model.metrics().clone(),
-            ..FLModel::default()
-        };
-        self.agg
-            .add(&FLModel::default(), &metrics_only, 1.0)
-            .map(|()| 1.0)
-            .map_err(|e| e.to_string())
+        take_masked_input(round, &mut self.agg, from, model).map(|()| 1.0)
     }
 
     /// No more masked inputs: the survivors are asked to unmask.

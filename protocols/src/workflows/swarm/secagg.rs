@@ -34,10 +34,9 @@ use rand_chacha::ChaCha20Rng;
 use super::{Cached, Gather, SwarmClient, SwarmMsg};
 use crate::aggregate::weight_of;
 use crate::aggregators::task_view;
-use crate::model::FLModel;
 use crate::secagg::{
     AggOutput, SecAggAggregator, SecAggArgs, SecAggClient, SecAggError, ToAggregator, ToClient,
-    Unmasked, flat_update, masked_input, masked_model, update_len,
+    Unmasked, flat_update, masked_model, take_masked_input, update_len,
 };
 use crate::stored::ModelRef;
 use crate::time::Time;
@@ -97,17 +96,7 @@ pub(super) fn add_input(g: &mut Gather, from: &str, model: &ModelRef) -> Result<
         .secagg
         .as_mut()
         .ok_or("no secure aggregation round is running")?;
-    let loaded = model.load().map_err(|e| e.to_string())?;
-    let words = masked_input(&loaded).map_err(|e| e.to_string())?;
-    drop(loaded);
-    sa.add_input(from, &words).map_err(|e| e.to_string())?;
-    let metrics_only = FLModel {
-        metrics: model.metrics().clone(),
-        ..FLModel::default()
-    };
-    g.fedavg
-        .add(&FLModel::default(), &metrics_only, 1.0)
-        .map_err(|e| e.to_string())
+    take_masked_input(sa, &mut g.fedavg, from, model)
 }
 
 impl SwarmClient {
