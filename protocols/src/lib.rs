@@ -12,6 +12,7 @@ pub mod model;
 pub mod safetensors_io;
 pub mod secagg;
 pub mod shareable;
+pub mod stats;
 pub mod stored;
 pub mod time;
 pub mod workflows;

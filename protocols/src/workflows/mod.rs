@@ -7,6 +7,7 @@ pub(crate) mod ccwf_sim;
 pub mod cse;
 pub mod cyclic;
 pub mod scatter_gather;
+pub mod statistics;
 pub mod swarm;
 pub mod tiered;
 
@@ -19,6 +20,8 @@ mod cyclic_sims;
 
 #[cfg(test)]
 mod sim_tests;
+#[cfg(test)]
+mod statistics_sims;
 #[cfg(test)]
 mod swarm_secagg_sims;
 #[cfg(test)]
