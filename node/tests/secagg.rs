@@ -173,8 +173,9 @@ fn a_swarm_job_with_filters_between_sites_and_secure_aggregation_is_refused() {
 fn a_secure_swarm_across_processes_finishes_when_a_site_is_killed_mid_round() {
     let mut f = Federation::running(3, 27_400);
     let dir = tempfile::tempdir().unwrap();
-    // Long enough rounds that the kill lands while the sites train.
-    let src = example_copy(dir.path(), "swarm-secagg-mnist", 5, 5, 12);
+    // Rounds of seconds, so the kill lands while the sites train even when the status
+    // polling below is slow on a loaded machine.
+    let src = example_copy(dir.path(), "swarm-secagg-mnist", 5, 4, 60);
     let job = f.submit(src.to_str().unwrap());
     // Killed as round 2 starts: a trainer, not the aggregator of round 2 nor of round 3,
     // so its death is a dropout, not a re-election.
