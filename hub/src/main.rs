@@ -169,6 +169,38 @@ enum BenchCommand {
         /// Run swarm (every site trains and may aggregate) instead of scatter-and-gather.
         #[arg(long)]
         swarm: bool,
+        /// Secure aggregation (SecAgg+), with settings fit for the synthetic model.
+        #[arg(long)]
+        secagg: bool,
+    },
+    /// What secure aggregation costs across real processes: for each model size and
+    /// workflow, a POC federation runs the synthetic FedAvg job without and with SecAgg+,
+    /// alternating; seconds per round and TCP bytes a site sends; writes processes.md and
+    /// processes.json (~10 min with the defaults on 2 cores).
+    Secagg {
+        /// Model sizes (f32 parameters), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
+        params: Vec<usize>,
+        /// Site processes.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Rounds of each job (the first is left out of the round times).
+        #[arg(long, default_value_t = 6)]
+        rounds: u32,
+        /// Pairs of jobs (plain, SecAgg+) per setting; the order alternates (off, on, on,
+        /// off, …).
+        #[arg(long, default_value_t = 2)]
+        repeats: u32,
+        /// Workflows, comma-separated: scatter-and-gather (or sag), swarm.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "scatter-and-gather,swarm"
+        )]
+        workflows: Vec<String>,
+        /// Where processes.md and processes.json go.
+        #[arg(long, default_value = "bench/results/secagg")]
+        out: PathBuf,
     },
     /// The Client API's cost: the same training in process and in `flare-test-trainer`
     /// (median task time, hand-off seconds each way, the node's peak RSS per model size).
@@ -553,19 +585,54 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             progress_every,
             quantize,
             swarm,
+            secagg,
         }) => {
             let quantize = quantize
                 .map(|q| q.parse::<flare_protocols::filters::QuantizationType>())
                 .transpose()?;
-            let r = flare_node::bench_net::run_fedavg(
+            let r = flare_node::bench_net::run_fedavg(&flare_node::bench_net::FedavgBench {
                 params,
                 clients,
                 rounds,
                 progress_every,
                 quantize,
                 swarm,
-            )?;
+                secagg,
+            })?;
             println!("{r}");
+        }
+        Command::Bench(BenchCommand::Secagg {
+            params,
+            clients,
+            rounds,
+            repeats,
+            workflows,
+            out,
+        }) => {
+            use flare_node::bench_secagg::{self as bs, SecAggBench, Workflow};
+            let workflows = workflows
+                .iter()
+                .map(|w| w.parse::<Workflow>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            let r = bs::run_study(&SecAggBench {
+                params,
+                clients,
+                rounds,
+                repeats,
+                workflows,
+                out: out.clone(),
+                command: std::iter::once("flare-node".to_string())
+                    .chain(std::env::args().skip(1))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            })?;
+            print!("{}", bs::format_table(&r));
+            println!(
+                "\n{:.0} s; table and measurements in {}",
+                r.seconds,
+                out.display()
+            );
         }
         Command::Bench(BenchCommand::TransferPeer {
             kit,

@@ -120,6 +120,46 @@ pub fn make_swarm_job(
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// SecAgg+ settings for the synthetic model of a job with `clients` sites: every site a
+/// neighbour of every other (`num_shares` 1.0), half of them rebuild a secret, and
+/// `max_weight` large enough that no weight is clipped to 1 and every weighted update stays
+/// well inside `clipping_range`. The synthetic learner of site `i` moves every weight by
+/// `i + 1` and claims [`SyntheticArgs::default`]'s sample count `n`, so its weighted update is
+/// `(i + 1) · n / max_weight`; with `max_weight = n · max(clients, 10)` that is at most 1,
+/// an eighth of the clipping range of 8.
+///
+/// [`SyntheticArgs::default`]: crate::learner::synthetic::SyntheticArgs
+pub fn synthetic_secagg_args(clients: usize) -> serde_json::Value {
+    let samples = crate::learner::synthetic::SyntheticArgs::default().samples;
+    json!({
+        "num_shares": 1.0,
+        "reconstruction_threshold": 0.5,
+        "max_weight": (samples * clients.max(10)) as f64,
+        "clipping_range": 8.0,
+        "quantization_range": 1u64 << 22,
+        "modulus_range": 1u64 << 32,
+        // The key stages carry a few hundred bytes, but a loaded machine moving 40 MB models
+        // to eight processes can be slow to answer them: no stage is given up on early.
+        "stage_timeout": 600.0
+    })
+}
+
+/// Adds `secure_aggregation` (`args`) to the workflow of the job in `dir` (a job
+/// [`write_synthetic_job`] or [`make_swarm_job`] wrote: one workflow, FedAvg).
+pub fn add_secure_aggregation(dir: &Path, args: &serde_json::Value) -> anyhow::Result<()> {
+    let path = dir.join("app/config/config_fed_server.json");
+    let text = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut server: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let wf_args = server
+        .pointer_mut("/workflows/0/args")
+        .and_then(serde_json::Value::as_object_mut)
+        .with_context(|| format!("{}: no workflows[0].args object", path.display()))?;
+    wf_args.insert("secure_aggregation".into(), args.clone());
+    std::fs::write(&path, serde_json::to_vec_pretty(&server)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Peak resident set size of this process in MiB, from `/proc/self/status`.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -281,6 +321,27 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(median(vec![]), 0.0);
+    }
+
+    #[test]
+    fn secure_aggregation_is_added_to_either_workflow_and_the_job_loads() {
+        for swarm in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            write_synthetic_job(dir.path(), 100, 8, 2).unwrap();
+            if swarm {
+                make_swarm_job(dir.path(), 100, 8, 2).unwrap();
+            }
+            let args = synthetic_secagg_args(8);
+            add_secure_aggregation(dir.path(), &args).unwrap();
+            let job = crate::job::Job::load(dir.path()).unwrap();
+            let sa: flare_protocols::secagg::SecAggArgs = serde_json::from_value(args).unwrap();
+            assert_eq!(job.server.secagg, Some(sa), "swarm: {swarm}");
+            let p = sa.resolve(8).unwrap();
+            assert_eq!((p.num_shares, p.threshold), (8, 4));
+            // The largest weighted update (site 8's step of 8) is well inside the clip.
+            let samples = crate::learner::synthetic::SyntheticArgs::default().samples as f64;
+            assert!(8.0 * samples / p.max_weight <= p.clipping_range / 8.0);
+        }
     }
 
     #[test]

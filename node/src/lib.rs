@@ -10,6 +10,7 @@ pub mod bench_algorithms;
 pub mod bench_client_api;
 pub mod bench_dp;
 pub mod bench_net;
+pub mod bench_secagg;
 pub mod cmd_provision;
 pub mod dashboard;
 pub mod data;
