@@ -83,6 +83,11 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Job templates: list them, make a job folder from one, show its variables, submit it.
+    Job {
+        #[command(subcommand)]
+        cmd: flare_node::job_cli::JobCommand,
+    },
     /// Make signed startup kits from a project.yml.
     Provision(cmd_provision::ProvisionArgs),
     /// A local proof-of-concept project.
@@ -570,6 +575,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Provision(args) => cmd_provision::run_provision(&args)?,
         Command::Poc { command } => cmd_provision::run_poc(&command)?,
+        Command::Job { cmd } => flare_node::job_cli::run(cmd)?,
         Command::Bench(BenchCommand::Transfer {
             mib,
             relayed,

@@ -16,6 +16,7 @@ pub mod dashboard;
 pub mod data;
 pub mod filters;
 pub mod job;
+pub mod job_cli;
 pub mod jobpack;
 pub mod learner;
 pub mod model_io;
