@@ -118,26 +118,24 @@ fn seed_of(name: &str, incarnation: u8) -> [u8; 32] {
     s
 }
 
+/// Client `n` of a secure run, with its first incarnation's seed.
+fn secure_client(c: &SwarmConfig, n: &str, sa: SecAggArgs) -> SwarmClient {
+    SwarmClient::new(c.clone(), n)
+        .unwrap()
+        .with_secagg(sa, "job-1", seed_of(n, 0))
+        .unwrap()
+}
+
 fn net(seed: u64, rounds: u32, sa: SecAggArgs) -> SimNet<SwarmClient> {
     let c = cfg(rounds);
     let c2 = c.clone();
-    let mut sim = SimNet::new(
-        seed,
-        &NAMES,
-        move |n| {
-            SwarmClient::new(c.clone(), n)
+    let mut sim = SimNet::new(seed, &NAMES, move |n| secure_client(&c, n, sa), learner)
+        .with_remake(move |n| {
+            SwarmClient::joining(c2.clone(), n)
                 .unwrap()
-                .with_secagg(sa, "job-1", seed_of(n, 0))
+                .with_secagg(sa, "job-1", seed_of(n, 1))
                 .unwrap()
-        },
-        learner,
-    )
-    .with_remake(move |n| {
-        SwarmClient::joining(c2.clone(), n)
-            .unwrap()
-            .with_secagg(sa, "job-1", seed_of(n, 1))
-            .unwrap()
-    });
+        });
     sim.inject(0, "a", "server", SwarmMsg::Start, Some(initial()));
     sim
 }
@@ -373,24 +371,14 @@ fn too_few_trainers_for_the_threshold_fail_the_run_with_the_reason() {
         .find(|n| **n != c.aggregator(Epoch::new(1, 0)))
         .unwrap()
         .to_string();
-    let mut sim = SimNet::new(
-        5,
-        &NAMES[..5],
-        move |n| {
-            SwarmClient::new(c.clone(), n)
-                .unwrap()
-                .with_secagg(sa, "job-1", seed_of(n, 0))
-                .unwrap()
-        },
-        learner,
-    )
-    .with_kill_when(move |who, a| match a {
-        Action::Send {
-            msg: SwarmMsg::Submit { epoch, .. },
-            ..
-        } if epoch.round == 1 && who == victim => KillPoint::Before,
-        _ => KillPoint::None,
-    });
+    let mut sim = SimNet::new(5, &NAMES[..5], move |n| secure_client(&c, n, sa), learner)
+        .with_kill_when(move |who, a| match a {
+            Action::Send {
+                msg: SwarmMsg::Submit { epoch, .. },
+                ..
+            } if epoch.round == 1 && who == victim => KillPoint::Before,
+            _ => KillPoint::None,
+        });
     sim.inject(0, "a", "server", SwarmMsg::Start, Some(initial()));
     sim.run_until_done(600_000);
     let failed: Vec<Outcome> = NAMES[..5]
@@ -448,13 +436,7 @@ mod fuzz {
         let sa = args(4.0, 3.0);
         let mut clients: BTreeMap<String, SwarmClient> = NAMES
             .iter()
-            .map(|n| {
-                let c = SwarmClient::new(cfg(2), *n)
-                    .unwrap()
-                    .with_secagg(sa, "job-1", seed_of(n, 0))
-                    .unwrap();
-                (n.to_string(), c)
-            })
+            .map(|n| (n.to_string(), secure_client(&cfg(2), n, sa)))
             .collect();
         let mut queue: VecDeque<(String, Input<SwarmMsg>)> = VecDeque::new();
         queue.push_back((

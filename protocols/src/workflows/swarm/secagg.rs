@@ -40,7 +40,7 @@ use crate::secagg::{
 };
 use crate::stored::ModelRef;
 use crate::time::Time;
-use crate::workflows::ccwf::{Epoch, ReportEvent, replace_in};
+use crate::workflows::ccwf::{Epoch, ReportEvent};
 
 /// `Setup` messages kept for epochs this client has not reached yet.
 const EARLY_SETUPS: usize = 4;
@@ -74,12 +74,10 @@ impl std::fmt::Debug for SwarmSecAgg {
 
 impl SwarmSecAgg {
     pub(super) fn replace_model(&mut self, was: &ModelRef, now: &ModelRef) {
-        if let Some((_, m)) = &mut self.masked {
-            let mut o = Some(m.clone());
-            replace_in(&mut o, was, now);
-            if let Some(n) = o {
-                *m = n;
-            }
+        if let Some((_, m)) = &mut self.masked
+            && m.same(was)
+        {
+            *m = now.clone();
         }
     }
 }
