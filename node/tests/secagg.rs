@@ -197,6 +197,21 @@ fn a_secure_swarm_across_processes_finishes_when_a_site_is_killed_mid_round() {
         .into_iter()
         .find(|s| !aggregators.iter().any(|a| a == s))
         .unwrap();
+    // Killed once it holds its neighbours' shares for round 2, so its keys are in the round
+    // and its death is a dropout mid-round, and while it still trains (60 local epochs).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !f
+        .log(victim)
+        .lines()
+        .any(|l| l.contains("the neighbours' shares are in") && l.contains("epoch=2."))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{victim} never held its shares for round 2\n{}",
+            f.log_tails(40)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     f.kill(victim);
     let st = f.wait_status(&job, "the job did not end", Duration::from_secs(300), ended);
     assert_eq!(st["state"], "finished", "{st}\n{}", f.log_tails(40));

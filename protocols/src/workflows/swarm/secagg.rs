@@ -371,6 +371,7 @@ impl SwarmClient {
                 self.send(from, msg, None);
             }
             Ok(None) => {
+                tracing::info!(aggregator = from, %epoch, "secure aggregation: the neighbours' shares are in");
                 // The shares are in: a trainer already granted sends at once.
                 if self.ready_at.is_some() && !self.granted {
                     self.ready(now);
