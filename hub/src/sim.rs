@@ -210,6 +210,7 @@ fn worker(
                         job_id: "simulate_job",
                         work_dir: &work_dir,
                         tracker: &flare_node::tracking::Tracker::off(),
+                        gpus: None,
                     };
                     *slot = Some(
                         apps[i]

@@ -164,6 +164,7 @@ pub fn run(b: &ClientApiBench) -> anyhow::Result<serde_json::Value> {
             site_name: "site-1".into(),
             tasks: vec![task_names::TRAIN.into()],
             tracker: crate::tracking::Tracker::off(),
+            gpus: None,
         },
     );
     let t = Instant::now();

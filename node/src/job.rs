@@ -184,9 +184,10 @@ pub struct JobMeta {
     /// [`MAX_APPS`] apps and [`MAX_DEPLOY_NAMES`] names in all.
     #[serde(deserialize_with = "bounded::deploy_map")]
     pub deploy_map: BTreeMap<String, Vec<String>>,
-    /// Resources each site needs (kept for the node's policy checks).
+    /// What the job needs of each site (or `@ALL`): GPUs and their memory, which the
+    /// server's scheduler waits for ([`crate::roles::resources`]).
     #[serde(default)]
-    pub resource_spec: BTreeMap<String, serde_json::Value>,
+    pub resource_spec: BTreeMap<String, crate::roles::resources::ResourceAsk>,
     /// The privacy scope the job asks of each site (FLARE's `scope`): a name in the site's
     /// `local/privacy.json`; none means the site's `default_scope`.
     #[serde(default)]
@@ -1055,6 +1056,9 @@ pub struct LearnerSite<'a> {
     pub work_dir: &'a Path,
     /// Where the learner logs its metrics ([`crate::tracking`]).
     pub tracker: &'a crate::tracking::Tracker,
+    /// The GPUs the site reserved for the job (`None`: the site lends no GPUs, so the
+    /// learner's own device setting stands).
+    pub gpus: Option<&'a [u32]>,
 }
 
 /// The file in a site's job folder (the simulator's: `<workspace>/<site>/`) that holds its
@@ -1309,7 +1313,7 @@ impl ClientApp {
                     .with_tracker(site.tracker.clone()),
                 )
             }
-            LearnerSpec::TorchCnn(a) => self.torch_learner(a, index, num_sites, site.tracker)?,
+            LearnerSpec::TorchCnn(a) => self.torch_learner(a, index, num_sites, &site)?,
             LearnerSpec::Synthetic(a) => Box::new(SyntheticLearner::new(a.clone(), index)),
             LearnerSpec::Script(a) => Box::new(ScriptLearner::new(
                 a.clone(),
@@ -1320,6 +1324,7 @@ impl ClientApp {
                     site_name: site.site.to_string(),
                     tasks: self.tasks.clone(),
                     tracker: site.tracker.clone(),
+                    gpus: site.gpus.map(<[u32]>::to_vec),
                 },
             )),
         })
@@ -1331,8 +1336,12 @@ impl ClientApp {
         a: &TorchCnnArgs,
         index: usize,
         num_sites: usize,
-        tracker: &crate::tracking::Tracker,
+        site: &LearnerSite<'_>,
     ) -> Result<Box<dyn Learner>, JobError> {
+        let device = a
+            .device
+            .within(site.gpus)
+            .map_err(|e| invalid(&self.file, "executors[0].executor.args.device", e))?;
         let s = self.mnist(
             DataArgs {
                 data_dir: &a.data_dir,
@@ -1345,7 +1354,7 @@ impl ClientApp {
         )?;
         let learner = crate::learner::torch::TorchCnnLearner::new(
             a.hyper(),
-            a.device,
+            device,
             &s.train,
             &s.parts[&num_sites][index],
             &s.held_out,
@@ -1361,7 +1370,7 @@ impl ClientApp {
         Ok(Box::new(
             learner
                 .with_params_transfer(a.params_transfer_type)
-                .with_tracker(tracker.clone()),
+                .with_tracker(site.tracker.clone()),
         ))
     }
 
@@ -1371,7 +1380,7 @@ impl ClientApp {
         _: &TorchCnnArgs,
         _: usize,
         _: usize,
-        _: &crate::tracking::Tracker,
+        _: &LearnerSite<'_>,
     ) -> Result<Box<dyn Learner>, JobError> {
         Err(invalid(
             &self.file,
@@ -1495,6 +1504,10 @@ impl Job {
         }
         if meta.deploy_map.is_empty() {
             return Err(invalid(&meta_path, "deploy_map", "deploys no app"));
+        }
+        for (site, ask) in &meta.resource_spec {
+            ask.check()
+                .map_err(|e| invalid(&meta_path, format!("resource_spec.{site}"), e))?;
         }
         let mut server = None;
         let mut client_apps = BTreeMap::new();
@@ -1639,6 +1652,7 @@ mod tests {
             job_id: "j",
             work_dir: f.dir.path(),
             tracker: &OFF,
+            gpus: None,
         }
     }
 
@@ -1764,6 +1778,43 @@ mod tests {
             r#"{{"name": "t", "deploy_map": {{"app": [{}]}}}}"#,
             names.join(",")
         )
+    }
+
+    #[test]
+    fn resource_spec_is_typed_and_its_errors_name_the_site_and_key() {
+        let f = Fixture::new();
+        f.write(
+            "meta.json",
+            r#"{"name": "t", "deploy_map": {"app": ["@ALL"]},
+                "resource_spec": {"@ALL": {"num_of_gpus": 1}, "site-2": {"num_of_gpus": 2, "mem_per_gpu_in_GiB": 8}}}"#,
+        );
+        let job = Job::load(f.dir.path()).unwrap();
+        let ask = crate::roles::resources::ResourceAsk::of;
+        assert_eq!(ask(&job.meta, "site-1").num_of_gpus, 1);
+        assert_eq!(ask(&job.meta, "site-2").mem_per_gpu_gib, 8.0);
+        for (spec, says) in [
+            (
+                r#"{"site-1": {"gpus": 1}}"#,
+                "resource_spec.site-1.gpus: unknown field `gpus`",
+            ),
+            (
+                r#"{"site-1": {"num_of_gpus": -1}}"#,
+                "resource_spec.site-1.num_of_gpus",
+            ),
+            (
+                r#"{"@ALL": {"mem_per_gpu_in_GiB": -2}}"#,
+                "resource_spec.@ALL: mem_per_gpu_in_GiB must be 0 or more",
+            ),
+        ] {
+            f.write(
+                "meta.json",
+                &format!(
+                    r#"{{"name": "t", "deploy_map": {{"app": ["@ALL"]}}, "resource_spec": {spec}}}"#
+                ),
+            );
+            let e = f.err();
+            assert!(e.contains("meta.json") && e.contains(says), "{spec}: {e}");
+        }
     }
 
     #[test]

@@ -516,6 +516,7 @@ fn worker(
                         job_id: "simulate_job",
                         work_dir: &work_dir,
                         tracker: &sites.tracking.trackers[i],
+                        gpus: None,
                     };
                     match sites.apps[i].make_learner(i, sites.num_sites, site) {
                         Ok(l) => *slot = Some(l),

@@ -81,6 +81,7 @@ fn hello_fedavg_with_diff_ends_on_the_full_weights_model() {
         job_id: "j",
         work_dir: &work,
         tracker: &flare_node::tracking::Tracker::off(),
+        gpus: None,
     };
     let mut learner = app.make_learner(0, 2, site).unwrap();
     let global = job.server.initial_model().unwrap();

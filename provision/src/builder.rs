@@ -410,7 +410,11 @@ fn write_kit(
     )?;
     write_file(
         &local.join("resources.json"),
-        json(&default_resources()).as_bytes(),
+        json(&default_resources(
+            matches!(p.role, Role::Server | Role::Hub),
+            matches!(p.role, Role::Client | Role::Hub),
+        ))
+        .as_bytes(),
         0o644,
     )?;
     write_folder_signature(&startup, Purpose::Kit, ca.secret())?;

@@ -131,12 +131,18 @@ pub fn default_privacy() -> serde_json::Value {
     })
 }
 
-/// `local/resources.json`: what this site offers to jobs.
-pub fn default_resources() -> serde_json::Value {
-    serde_json::json!({
-        "format_version": 1,
-        "num_of_gpus": 0,
-        "mem_per_gpu_in_GiB": 0,
-        "max_concurrent_jobs": 1
-    })
+/// `local/resources.json`: what a site lends jobs (`num_of_gpus` or a `gpus` list,
+/// `mem_per_gpu_in_GiB`, `max_concurrent_jobs`) and how many jobs a server runs at once
+/// (`max_jobs`); a hub's holds both.
+pub fn default_resources(server: bool, site: bool) -> serde_json::Value {
+    let mut v = serde_json::json!({ "format_version": 1 });
+    if server {
+        v["max_jobs"] = 4.into();
+    }
+    if site {
+        v["num_of_gpus"] = 0.into();
+        v["mem_per_gpu_in_GiB"] = 0.into();
+        v["max_concurrent_jobs"] = 4.into();
+    }
+    v
 }

@@ -117,6 +117,29 @@ impl FromStr for DeviceSpec {
     }
 }
 
+impl DeviceSpec {
+    /// The device on a site that reserved `gpus` for the job (`None`: the site lends no GPUs,
+    /// and the setting stands). As under `CUDA_VISIBLE_DEVICES`, `cuda:N` is the job's N-th
+    /// GPU; `auto` is its first, or the CPU when it has none.
+    pub fn within(self, gpus: Option<&[u32]>) -> Result<DeviceSpec, String> {
+        let Some(gpus) = gpus else {
+            return Ok(self);
+        };
+        match self {
+            DeviceSpec::Cpu => Ok(DeviceSpec::Cpu),
+            DeviceSpec::Auto => Ok(gpus
+                .first()
+                .map_or(DeviceSpec::Cpu, |&g| DeviceSpec::Cuda(g as usize))),
+            DeviceSpec::Cuda(i) => gpus.get(i).map(|&g| DeviceSpec::Cuda(g as usize)).ok_or_else(|| {
+                format!(
+                    "device {self}: the site gave this job {} GPU(s) {gpus:?}; ask for more with num_of_gpus in meta.json's resource_spec",
+                    gpus.len()
+                )
+            }),
+        }
+    }
+}
+
 impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -168,6 +191,21 @@ impl Default for CnnHyper {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_device_maps_onto_the_gpus_the_site_reserved() {
+        use super::DeviceSpec::{Auto, Cpu, Cuda};
+        assert_eq!(Cuda(1).within(None), Ok(Cuda(1)));
+        assert_eq!(Auto.within(Some(&[2, 5])), Ok(Cuda(2)));
+        assert_eq!(Cuda(1).within(Some(&[2, 5])), Ok(Cuda(5)));
+        assert_eq!(Auto.within(Some(&[])), Ok(Cpu));
+        assert_eq!(Cpu.within(Some(&[3])), Ok(Cpu));
+        let e = Cuda(1).within(Some(&[3])).unwrap_err();
+        assert!(
+            e.contains("cuda:1") && e.contains("[3]") && e.contains("resource_spec"),
+            "{e}"
+        );
+    }
+
     use flare_protocols::model::DType;
 
     use super::*;

@@ -123,6 +123,14 @@ pub enum ControlRequest {
         #[serde(default)]
         region_round: Option<u32>,
     },
+    /// Whether a job's resources fit on the site now (server → client, before a deploy):
+    /// `Ok`; `Refused` with what it waits for; `Error` when the site could never give them.
+    CheckResources {
+        /// Job id.
+        job: String,
+        /// What the job asks of this site.
+        ask: crate::roles::resources::ResourceAsk,
+    },
     /// Start a configured client-controlled workflow on its starting client (server → client).
     StartWorkflow {
         /// Job id.

@@ -27,6 +27,7 @@ use flare_protocols::workflows::cyclic::{CyclicClient, CyclicMsg};
 use flare_protocols::workflows::swarm::{SwarmClient, SwarmMsg};
 
 use super::policy::SitePolicy;
+use super::resources::{Ledger, ResourceAsk, Shortfall};
 use crate::audit::{Actor, AuditEntry, AuditKind, AuditLog, Decision as AuditDecision};
 
 /// A deployed job's filter chains (see [`JobSlot`]).
@@ -163,6 +164,9 @@ struct Site {
     sealing: Sealing,
     server: PeerId,
     jobs: Mutex<HashMap<String, JobSlot>>,
+    /// What this site has given the jobs it holds (reserved at deploy, freed when the server
+    /// stops the job here).
+    ledger: Mutex<Ledger>,
     /// Where peer models and large local ones are spooled (`jobs/.spool`).
     spool: Arc<Spool>,
     /// `<workspace>/audit.log`: this site's policy decisions and job events.
@@ -202,6 +206,7 @@ pub async fn run_with(
         sealing,
         server,
         jobs: Mutex::new(HashMap::new()),
+        ledger: Mutex::new(Ledger::default()),
         spool,
     });
     tracing::info!(site = %site.kit.name(), peer = %net.local, "client starting");
@@ -374,6 +379,7 @@ impl Site {
                     }
                 }
             },
+            ControlRequest::CheckResources { job, ask } => self.check_resources(&job, &ask),
             ControlRequest::StartWorkflow { job } => match self.start_workflow(&job) {
                 Ok(()) => ControlResponse::Ok,
                 Err(e) => ControlResponse::Error {
@@ -406,6 +412,9 @@ impl Site {
                     && let Some(abort) = &slot.abort
                 {
                     abort.abort();
+                }
+                if let Ok(mut l) = self.ledger.lock() {
+                    l.free(&job);
                 }
                 tracing::info!(%job, "job stopped here by the server (it ended or was aborted)");
                 ControlResponse::Ok
@@ -448,6 +457,37 @@ impl Site {
             &submitter,
             "abort_job",
         )
+    }
+
+    /// The server's scheduler asks whether a job's `ask` fits here now: `Ok`, `Refused`
+    /// with what it waits for, or `Error` when it never could (more than the site has).
+    fn check_resources(&self, job: &str, ask: &ResourceAsk) -> ControlResponse {
+        if let Err(reason) = ask.check() {
+            return ControlResponse::Error {
+                reason: format!("resource_spec: {reason}"),
+            };
+        }
+        let policy = match SitePolicy::load(&self.dir.join("local")) {
+            Ok(p) => p,
+            Err(e) => {
+                return ControlResponse::Error {
+                    reason: format!("local policy: {e}"),
+                };
+            }
+        };
+        let Ok(ledger) = self.ledger.lock() else {
+            return ControlResponse::Error {
+                reason: "the resource ledger is poisoned".into(),
+            };
+        };
+        if self.jobs.lock().is_ok_and(|j| j.contains_key(job)) {
+            return ControlResponse::Ok; // deployed already
+        }
+        match ledger.check(&policy.resources, ask) {
+            Ok(()) => ControlResponse::Ok,
+            Err(Shortfall::Now(reason)) => ControlResponse::Refused { reason },
+            Err(Shortfall::Never(reason)) => ControlResponse::Error { reason },
+        }
     }
 
     fn deploy(
@@ -516,18 +556,67 @@ impl Site {
                 }
             }
         }
-        let running = self.jobs.lock().map(|j| j.len()).unwrap_or(0);
         let policy = SitePolicy::load(&self.dir.join("local"))
             .map_err(|e| Refusal::Policy(format!("local policy: {e}")))?;
         let scope = policy
-            .check(
-                self.kit.name(),
-                self.kit.org(),
-                &submitter,
-                &job.meta,
-                running,
-            )
-            .map_err(Refusal::Policy)?;
+            .check(self.kit.name(), self.kit.org(), &submitter, &job.meta)
+            .map_err(Refusal::Policy)?
+            .cloned();
+        let ask = ResourceAsk::of(&job.meta, self.kit.name());
+        let gpus = self
+            .ledger
+            .lock()
+            .map_err(|_| Refusal::Error(anyhow::anyhow!("the resource ledger is poisoned")))?
+            .reserve(job_id, &policy.resources, &ask)
+            .map_err(|e| Refusal::Policy(format!("resources: {e}")))?;
+        // The GPUs the job may see: exactly those reserved where the site lends GPUs.
+        let gpus = (!policy.resources.gpus.is_empty()).then_some(gpus);
+        let held = self.hold_deployed(
+            job_id,
+            DeployedJob {
+                job,
+                dest,
+                derived,
+                bundle,
+                submitter_cert,
+                submitter,
+                policy: &policy,
+                scope,
+                gpus,
+            },
+            site_index,
+            num_sites,
+            derivation,
+        );
+        if held.is_err()
+            && let Ok(mut l) = self.ledger.lock()
+        {
+            l.free(job_id);
+        }
+        held
+    }
+
+    /// The rest of a deploy once the site's resources are reserved: the learner, its filters
+    /// and its slot.
+    fn hold_deployed(
+        &self,
+        job_id: &str,
+        d: DeployedJob<'_>,
+        site_index: u32,
+        num_sites: u32,
+        derivation: Option<&super::tier::SignedDerivation>,
+    ) -> Result<Option<String>, Refusal> {
+        let DeployedJob {
+            job,
+            dest,
+            derived,
+            bundle,
+            submitter_cert,
+            submitter,
+            policy,
+            scope,
+            gpus,
+        } = d;
         // A hub answers tier 1's tasks with its region.
         if job.server.tiered.is_some()
             && let Some(hook) = &self.tiered
@@ -575,13 +664,14 @@ impl Site {
             job_id,
             work_dir: &dest,
             tracker: &tracker,
+            gpus: gpus.as_deref(),
         };
         let learner = app
             .make_learner(site_index as usize, num_sites.max(1) as usize, site)
             .map_err(|e| Refusal::Error(e.into()))?;
         // The site's privacy scope runs first, on every task, then the job's own filters.
-        let scope_name = scope.map(|s| s.name.clone());
-        let filters = match scope {
+        let scope_name = scope.as_ref().map(|s| s.name.clone());
+        let filters = match &scope {
             Some(scope) => {
                 tracing::info!(job = %job_id, scope = %scope.name, data = scope.task_data_filters.len(), result = scope.task_result_filters.len(), "privacy scope");
                 SlotFilters {
@@ -1095,6 +1185,21 @@ fn swarm_start(model: Option<ModelRef>) -> Input<SwarmMsg> {
         msg: SwarmMsg::Start,
         model,
     }
+}
+
+/// A job unpacked and allowed here, with its resources reserved.
+struct DeployedJob<'a> {
+    job: Job,
+    dest: PathBuf,
+    derived: Option<super::tier::Derivation>,
+    bundle: &'a crate::net::protocol::JobBundle,
+    submitter_cert: &'a [u8],
+    submitter: flare_crypto::ParticipantCert,
+    policy: &'a SitePolicy,
+    scope: Option<super::policy::PrivacyScope>,
+    /// The GPUs the job may use; `None` where the site lends none (the job's environment is
+    /// left alone).
+    gpus: Option<Vec<u32>>,
 }
 
 enum Refusal {

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod client;
 pub mod metrics;
 pub mod policy;
+pub mod resources;
 pub mod server;
 pub mod tier;
 pub mod workflow;

@@ -48,27 +48,6 @@ pub enum PolicyError {
     Authz(#[from] AuthzError),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-struct Resources {
-    #[serde(default = "one")]
-    max_concurrent_jobs: usize,
-    #[serde(default)]
-    num_of_gpus: u64,
-}
-
-fn one() -> usize {
-    1
-}
-
-impl Default for Resources {
-    fn default() -> Self {
-        Resources {
-            max_concurrent_jobs: 1,
-            num_of_gpus: 0,
-        }
-    }
-}
-
 /// One privacy scope: its filters, site first.
 #[derive(Debug, Clone)]
 pub struct PrivacyScope {
@@ -208,7 +187,8 @@ fn names(scopes: &[PrivacyScope]) -> String {
         .join(", ")
 }
 
-fn read<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, PolicyError> {
+/// Reads the JSON file `path` into `T`; no file means `T::default()`.
+pub(super) fn read<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, PolicyError> {
     match std::fs::read_to_string(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
         Err(e) => Err(PolicyError::File {
@@ -230,7 +210,8 @@ pub struct SitePolicy {
     pub authz: Authorization,
     /// `privacy.json`, if the site has one.
     pub privacy: Option<Privacy>,
-    resources: Resources,
+    /// `resources.json`: what the site lends jobs.
+    pub resources: super::resources::SiteResources,
 }
 
 /// The person behind an admin certificate, or why it is not one.
@@ -246,7 +227,7 @@ impl SitePolicy {
         Ok(SitePolicy {
             authz: Authorization::load(&local_dir.join("authorization.json"))?,
             privacy: Privacy::load(&local_dir.join("privacy.json"))?,
-            resources: read(&local_dir.join("resources.json"))?,
+            resources: super::resources::SiteResources::load(&local_dir.join("resources.json"))?,
         })
     }
 
@@ -298,16 +279,16 @@ impl SitePolicy {
             .map(|_| ())
     }
 
-    /// Whether this site runs `meta`, submitted by `submitter`, while `running` jobs run here:
-    /// `submit_job` for the submitter, the privacy scope, and the resources. On success, the
-    /// privacy scope the job runs under (if the site has a `privacy.json`).
+    /// Whether this site runs `meta`, submitted by `submitter`: `submit_job` for the
+    /// submitter, and the privacy scope (the resources are the site's
+    /// [`Ledger`](super::resources::Ledger)'s). On success, the privacy scope the job runs
+    /// under (if the site has a `privacy.json`).
     pub fn check(
         &self,
         site: &str,
         site_org: &str,
         submitter: &ParticipantCert,
         meta: &JobMeta,
-        running: usize,
     ) -> Result<Option<&PrivacyScope>, String> {
         let user = person(submitter)?;
         self.authz.check(
@@ -324,25 +305,6 @@ impl SitePolicy {
             None => None,
             Some(p) => Some(p.pick(site, meta.scope.as_deref())?),
         };
-        if running >= self.resources.max_concurrent_jobs {
-            return Err(format!(
-                "resources: {running} jobs already run here (max_concurrent_jobs {})",
-                self.resources.max_concurrent_jobs
-            ));
-        }
-        let gpus = meta
-            .resource_spec
-            .get(site)
-            .or_else(|| meta.resource_spec.get("@ALL"))
-            .and_then(|v| v.get("num_of_gpus"))
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0);
-        if gpus > self.resources.num_of_gpus {
-            return Err(format!(
-                "resources: the job asks for {gpus} GPUs, this site has {}",
-                self.resources.num_of_gpus
-            ));
-        }
         Ok(scope)
     }
 }

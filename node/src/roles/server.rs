@@ -22,8 +22,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 mod ccwf;
 mod region;
 mod sag;
+mod schedule;
 mod tracking;
 
+use super::resources::ServerResources;
 use super::{now_ms, start_net};
 use crate::audit::{Actor, AuditEntry, AuditKind, AuditLog, Decision as AuditDecision};
 use crate::authz::{Authorization, Person, Request, Right};
@@ -36,6 +38,7 @@ use crate::net::protocol::{
 use crate::net::{NetEvent, NetHandle, PeerInfo};
 use crate::store::{JobState, JobStore};
 use flare_protocols::workflows::ccwf::Report;
+use schedule::Placement;
 
 /// Largest result model the server accepts from a site.
 pub const MAX_RESULT_MODEL: u64 = 16 << 30;
@@ -133,6 +136,8 @@ struct Server {
     refusals: Mutex<std::collections::VecDeque<serde_json::Value>>,
     /// The running jobs' metric writers.
     tracking: tracking::Tracking,
+    /// `local/resources.json`: how many jobs run at once.
+    limits: ServerResources,
 }
 
 /// How many refused admin commands `admin status` shows.
@@ -156,6 +161,8 @@ pub async fn run_with(
         .to_path_buf();
     // A malformed authorization file stops the server here, naming the file and the key.
     Authorization::load(&dir.join("local").join("authorization.json"))
+        .map_err(|e| anyhow::anyhow!("local policy of {}: {e}", kit.name()))?;
+    let limits = ServerResources::load(&dir.join("local").join("resources.json"))
         .map_err(|e| anyhow::anyhow!("local policy of {}: {e}", kit.name()))?;
     let store = JobStore::open(&dir.join("store"))?;
     let audit = AuditLog::open(&crate::audit::path_in(&dir), kit.name())?;
@@ -212,6 +219,7 @@ pub async fn run_with(
         refusals: Mutex::new(std::collections::VecDeque::new()),
         tracking: tracking::Tracking::default(),
         audit,
+        limits,
     });
 
     for (id, job, sites) in resume {
@@ -510,6 +518,12 @@ impl Server {
                         let cert_path = self.store.job_dir(&rec.id).with_file_name("submitter.der");
                         if let Err(e) = std::fs::write(&cert_path, &from.cert.der) {
                             return err(format!("{}: {e}", cert_path.display()));
+                        }
+                        if let Some(why) = self.never_fits(&rec.id).await {
+                            if let Err(e) = self.store.delete(&rec.id) {
+                                tracing::warn!(job = %rec.id, error = %e, "cannot remove a refused job");
+                            }
+                            return err(format!("job {} refused: {why}", rec.name));
                         }
                         tracing::info!(job = %rec.id, name = %rec.name, by = %from.cert.name, "job submitted");
                         self.audit_line(
@@ -928,70 +942,9 @@ impl Server {
         Ok(())
     }
 
-    /// Deploys submitted jobs whose sites are connected.
-    async fn schedule(self: Arc<Self>) {
-        let pending = self.store.ids_in_state(JobState::Submitted);
-        for id in pending {
-            if let Err(e) = Arc::clone(&self).try_deploy(&id).await {
-                tracing::warn!(job = %id, error = %format!("{e:#}"), "deploy failed");
-                let _ = self
-                    .store
-                    .set_state(&id, JobState::Failed, &format!("{e:#}"), now_ms());
-            }
-        }
-    }
-
-    /// What a submitted job waits for: its `min_clients` among the sites its `deploy_map`
-    /// names, and each `mandatory_clients` site, naming those not connected and those that
-    /// have not connected since this server started (a name the project may not have).
-    fn waiting_for(&self, meta: &crate::job::JobMeta, connected: &[&str], all: bool) -> String {
-        let seen: Vec<String> = self
-            .heartbeats
-            .lock()
-            .map(|h| h.keys().cloned().collect())
-            .unwrap_or_default();
-        let describe = |name: &str| {
-            if seen.iter().any(|s| s == name) {
-                format!("{name} (disconnected)")
-            } else {
-                format!("{name} (not connected since the server started)")
-            }
-        };
-        let mut parts = Vec::new();
-        if connected.len() < meta.min_clients {
-            let mut missing: Vec<&str> = meta
-                .deploy_map
-                .values()
-                .flatten()
-                .map(String::as_str)
-                .filter(|n| !matches!(*n, "@ALL" | "server") && !connected.contains(n))
-                .collect();
-            missing.sort_unstable();
-            missing.dedup();
-            let mut p = format!(
-                "{} of min_clients {} sites connected",
-                connected.len(),
-                meta.min_clients
-            );
-            if !all && !missing.is_empty() {
-                let named: Vec<String> = missing.iter().map(|n| describe(n)).collect();
-                p.push_str(&format!("; deploy_map names {}", named.join(", ")));
-            }
-            parts.push(p);
-        }
-        let absent: Vec<String> = meta
-            .mandatory_clients
-            .iter()
-            .filter(|m| !connected.contains(&m.as_str()))
-            .map(|m| describe(m))
-            .collect();
-        if !absent.is_empty() {
-            parts.push(format!("mandatory_clients {}", absent.join(", ")));
-        }
-        format!("waiting for sites: {}", parts.join("; "))
-    }
-
-    async fn try_deploy(self: Arc<Self>, id: &str) -> anyhow::Result<()> {
+    /// Deploys job `id` if its sites are connected and have room for it: whether it now
+    /// holds a slot (dispatched, running); a job that must wait says why in its status.
+    async fn try_deploy(self: Arc<Self>, id: &str) -> anyhow::Result<bool> {
         let job = load_job(&self.store, id)?;
         let connected = self.connected_sites();
         let all = job
@@ -1012,17 +965,19 @@ impl Server {
         if targets.len() < job.meta.min_clients || !mandatory_ok {
             // Wait for more sites, and say in the job's status what for.
             let why = self.waiting_for(&job.meta, &names, all);
-            if self.store.get(id)?.waiting.as_deref() != Some(why.as_str()) {
-                self.store.update(id, |r| {
-                    r.history.push(crate::store::StatusEntry {
-                        at_ms: now_ms(),
-                        state: r.state,
-                        note: why.clone(),
-                    });
-                    r.waiting = Some(why.clone());
-                })?;
+            self.wait(id, why)?;
+            return Ok(false);
+        }
+        match self.place(id, &job.meta, &targets).await {
+            Placement::Fits => {}
+            Placement::Wait(why) => {
+                self.wait(id, why)?;
+                return Ok(false);
             }
-            return Ok(());
+            Placement::Never(why) => {
+                self.store.set_state(id, JobState::Failed, &why, now_ms())?;
+                return Ok(false);
+            }
         }
         self.store.update(id, |r| r.waiting = None)?;
         self.store.set_state(
@@ -1090,7 +1045,7 @@ impl Server {
             );
             self.store.set_state(id, JobState::Failed, &why, now_ms())?;
             self.stop_on_sites(id, &accepted, None).await;
-            return Ok(());
+            return Ok(false);
         }
         self.store.set_state(
             id,
@@ -1099,7 +1054,7 @@ impl Server {
             now_ms(),
         )?;
         Arc::clone(&self).launch(id, job, accepted, false);
-        Ok(())
+        Ok(true)
     }
 
     /// Runs a job's workflow on a task of its own: the server's controller for

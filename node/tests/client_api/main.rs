@@ -13,6 +13,7 @@
 //! | `admin abort`, a killed `flare-node` | no process of the program is left | `sag::abort_and_a_killed_node_leave_no_program_behind` |
 //! | a site forbids custom code | the job is refused there, the reason in `admin status` | `sag::a_site_that_forbids_custom_code_refuses_the_job` |
 //! | in swarm, a site's program crashes | the site is pruned like a dead trainer, the run finishes | `swarm::a_swarm_prunes_the_site_whose_program_crashed` |
+//! | the site lends GPUs | the program sees only those its job reserved (`CUDA_VISIBLE_DEVICES`); a job whose GPUs are taken waits, one asking more than a site has is refused at submit | `resources::jobs_get_only_their_reserved_gpus_and_wait_for_taken_ones` |
 //!
 //! The Python client (`clients/python`) runs the same way in `tests/python/test_hello_pt.py`
 //! (simulator and POC, scatter-and-gather and swarm) and against a mock node in
@@ -23,6 +24,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod resources;
 mod sag;
 mod swarm;
 mod tracking;

@@ -179,6 +179,9 @@ pub struct ScriptSite {
     pub tasks: Vec<String>,
     /// Where the program's `log` records go ([`crate::tracking`]).
     pub tracker: crate::tracking::Tracker,
+    /// The GPUs the site reserved for the job, given to the program as
+    /// `CUDA_VISIBLE_DEVICES` (over the job's own `env`); `None` leaves it alone.
+    pub gpus: Option<Vec<u32>>,
 }
 
 /// A launched program and its connection.
@@ -306,6 +309,12 @@ impl ScriptLearner {
             ),
             ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
         ]);
+        if let Some(gpus) = &self.site.gpus {
+            env.insert(
+                "CUDA_VISIBLE_DEVICES".to_string(),
+                crate::roles::resources::cuda_visible_devices(gpus),
+            );
+        }
         let program = Program::spawn(
             &self.args.command,
             &self.site.app_dir,
