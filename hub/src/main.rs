@@ -55,11 +55,20 @@ enum Command {
     /// Measure Flare itself.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Admin console: talk to the server with an admin kit.
+    /// Admin console: talk to the server with an admin kit. `--kit` and `--json` go before
+    /// or after the command (`admin --kit K status`, `admin status --kit K`).
     Admin {
-        /// The admin's startup kit folder.
-        #[arg(long, value_name = "STARTUP_DIR")]
-        kit: PathBuf,
+        // An `Option` because clap's global options (those that may follow the command)
+        // cannot be required; `main` says it is missing. Its own id because clap copies a
+        // global's value to every level, and the node's top-level `--kit` is `kit`.
+        /// The admin's startup kit folder (required).
+        #[arg(
+            id = "admin_kit",
+            long = "kit",
+            value_name = "STARTUP_DIR",
+            global = true
+        )]
+        kit: Option<PathBuf>,
         /// Print JSON instead of tables.
         #[arg(long, global = true)]
         json: bool,
@@ -400,6 +409,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         (None, Some(Command::Admin { kit, json, command })) => {
+            let Some(kit) = kit else {
+                eprintln!("error: admin: --kit <admin startup kit folder> is required");
+                return ExitCode::from(2);
+            };
             let code = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt.block_on(flare_node::roles::admin::run(kit, command.clone(), *json)),
                 Err(e) => {

@@ -623,7 +623,10 @@ pub fn format_table(r: &TieredReport) -> String {
         ));
     }
     for (v, m) in &r.metrics {
-        let line: Vec<String> = m.iter().map(|(k, x)| format!("{k} {x:.4}")).collect();
+        let line: Vec<String> = m
+            .iter()
+            .map(|(k, x)| format!("{k} {}", flare_node::display::metric(*x)))
+            .collect();
         s.push_str(&format!("version {v}: {}\n", line.join(", ")));
     }
     s.push_str(&format!(

@@ -14,6 +14,7 @@ pub mod bench_secagg;
 pub mod cmd_provision;
 pub mod dashboard;
 pub mod data;
+pub mod display;
 pub mod filters;
 pub mod job;
 pub mod job_cli;

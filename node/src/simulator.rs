@@ -1201,7 +1201,7 @@ pub fn format_table(report: &SimReport) -> String {
         s.push_str(&format!("{label:>6} {clients:>8} {secs:>9}"));
         for k in &keys {
             match m.get(*k) {
-                Some(v) => s.push_str(&format!(" {v:>10.4}")),
+                Some(v) => s.push_str(&format!(" {:>10}", crate::display::metric(*v))),
                 None => s.push_str(&format!(" {:>10}", "-")),
             }
         }
@@ -1234,7 +1234,7 @@ pub fn format_cross_site(cross: &CrossSite, key: &str) -> String {
         s.push_str(&format!("{:>12}", format!("at {evaluator}")));
         for m in &models {
             match row.get(*m).and_then(|x| x.get(key)) {
-                Some(v) => s.push_str(&format!(" {v:>10.4}")),
+                Some(v) => s.push_str(&format!(" {:>10}", crate::display::metric(*v))),
                 None => s.push_str(&format!(" {:>10}", "-")),
             }
         }

@@ -1,6 +1,7 @@
 //! The admin console (`flare-node admin <cmd> --kit <admin>/startup`): connects to the server
 //! with the admin's kit, sends one command, prints the answer as a table (or JSON with
-//! `--json`), and exits with a code scripts can use.
+//! `--json`), and exits with a code scripts can use. Tables show metrics to four decimals and
+//! times as local time ([`crate::display`]); JSON keeps the raw values.
 //!
 //! Everything the console prints goes through [`Console`]: a reader that goes away
 //! (`admin list | head -1`) ends the output quietly, as with any Unix tool, never a panic.
@@ -20,6 +21,7 @@ use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::Value;
 
 use super::{ConnectOptions, connect_with, peer_addrs, start_net};
+use crate::display::{self, cell};
 use crate::net::bulk::Sealing;
 use crate::net::download;
 use crate::net::protocol::{AdminRequest, ControlRequest, ControlResponse, DOWNLOAD_PROTOCOL};
@@ -601,6 +603,24 @@ fn sites_table(sites: &Value) -> String {
     )
 }
 
+/// A job's history: when (local time, and since the job was submitted), the state, why. The
+/// raw Unix milliseconds stay in `--json`.
+fn history_table(submitted_ms: Option<u64>, history: &[Value]) -> String {
+    let start = submitted_ms.or_else(|| history.first().and_then(|e| e["at_ms"].as_u64()));
+    let rows: Vec<Vec<String>> = history
+        .iter()
+        .map(|e| {
+            let (time, since) = match (e["at_ms"].as_u64(), start) {
+                (Some(at), Some(start)) => (display::local_time(at), display::since(start, at)),
+                (Some(at), None) => (display::local_time(at), "-".into()),
+                (None, _) => ("-".into(), "-".into()),
+            };
+            vec![time, since, s(&e["state"]), s(&e["note"])]
+        })
+        .collect();
+    table(&["TIME", "SINCE_SUBMIT", "STATE", "NOTE"], &rows)
+}
+
 /// The refused second processes of a site: how many, the last one's address and age.
 fn duplicates(d: &Value) -> String {
     match d["count"].as_u64() {
@@ -746,10 +766,10 @@ fn print_value(out: &mut Console, cmd: &AdminCommand, v: &Value, json_out: bool)
                 let rows: Vec<Vec<String>> = natural_entries(m)
                     .into_iter()
                     .map(|(k, x)| {
-                        let mut row = vec![k.clone(), s(&x["accuracy"]), s(&x["loss"])];
+                        let mut row = vec![k.clone(), cell(&x["accuracy"]), cell(&x["loss"])];
                         if dp {
-                            row.push(s(&x["privacy_epsilon"]));
-                            row.push(s(&x["privacy_delta"]));
+                            row.push(cell(&x["privacy_epsilon"]));
+                            row.push(cell(&x["privacy_delta"]));
                         }
                         row
                     })
@@ -764,11 +784,7 @@ fn print_value(out: &mut Console, cmd: &AdminCommand, v: &Value, json_out: bool)
                 }
             }
             if let Some(h) = v["history"].as_array() {
-                let rows: Vec<Vec<String>> = h
-                    .iter()
-                    .map(|e| vec![s(&e["at_ms"]), s(&e["state"]), s(&e["note"])])
-                    .collect();
-                out.line(table(&["AT_MS", "STATE", "NOTE"], &rows));
+                out.line(history_table(v["submitted_ms"].as_u64(), h));
             }
         }
         _ => out.line(natural_json(v)),
@@ -805,6 +821,31 @@ mod tests {
             (st.detail(), st.eta(Duration::from_secs(3))),
             ("round 0".into(), None)
         );
+    }
+
+    #[test]
+    fn history_shows_local_times_and_time_since_submit_not_milliseconds() {
+        let h: Vec<Value> = serde_json::from_str(
+            r#"[{"at_ms": 1709210096789, "state": "submitted", "note": "by admin"},
+                {"at_ms": 1709210109089, "state": "running", "note": "started"},
+                {"state": "running", "note": "no time"}]"#,
+        )
+        .unwrap();
+        let t = history_table(Some(1_709_210_096_789), &h);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            ["TIME", "SINCE_SUBMIT", "STATE", "NOTE"]
+        );
+        let first = display::local_time(1_709_210_096_789);
+        assert!(lines[1].starts_with(&format!("{first}  +0.0s ")), "{t}");
+        let second = display::local_time(1_709_210_109_089);
+        assert!(lines[2].starts_with(&format!("{second}  +12.3s")), "{t}");
+        assert!(lines[3].starts_with("-  "), "{t}");
+        assert!(!t.contains("17092"), "{t}");
+        // Without submitted_ms (an older server), the first entry is the start.
+        let t = history_table(None, &h);
+        assert!(t.lines().nth(2).unwrap().contains("+12.3s"), "{t}");
     }
 
     #[test]
