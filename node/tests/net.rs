@@ -489,3 +489,48 @@ async fn a_site_admits_only_its_own_regions_hub() {
     );
     assert!(!t1.peers.is_admitted(&rs.local));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_transfer_is_not_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let kits = poc(dir.path(), 2);
+    let server = kit(&kits, "server");
+    let site = kit(&kits, "site-1");
+    let (s, _srx) = start(server, true);
+    let (c, _crx) = start(site, false);
+    let (on_client, _) = admitted_pair(&s, &c).await;
+    let model = FLModel::from_params(BTreeMap::from([(
+        "w".to_string(),
+        Tensor::from_f32(vec![4], &[1.0, 2.0, 3.0, 4.0]).unwrap(),
+    )]));
+    let mut incoming = s.streams.clone().accept(BULK_PROTOCOL).unwrap();
+    let server_sealing = Sealing::new(s.local, server.identity.sealing.clone());
+    let client_sealing = Sealing::new(c.local, site.identity.sealing.clone());
+    // The server takes the whole transfer, then refuses it, as it does an upload for a job
+    // that has ended; it counts every stream that comes.
+    let receiver = tokio::spawn({
+        let peers = s.peers.clone();
+        async move {
+            let mut n = 0;
+            while let Ok(Some((peer, mut st))) =
+                tokio::time::timeout(Duration::from_secs(3), incoming.next()).await
+            {
+                n += 1;
+                let from = peers.get(&peer).unwrap();
+                bulk::receive_held(&mut st, &server_sealing, &from, 1 << 20)
+                    .await
+                    .unwrap();
+                bulk::refuse(&mut st).await.unwrap();
+            }
+            n
+        }
+    });
+    let (route, meta) = result_of(1, 0);
+    let sent = bulk::deliver(&c, &client_sealing, &on_client, &route, &meta, Some(&model)).await;
+    assert!(matches!(sent, Err(bulk::BulkError::Refused)), "{sent:?}");
+    assert_eq!(
+        receiver.await.unwrap(),
+        1,
+        "the refused transfer was sent again"
+    );
+}

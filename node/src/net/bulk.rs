@@ -36,6 +36,9 @@ const MAX_FRAME: usize = CHUNK + 1024;
 const MAX_META: usize = 4 << 20;
 /// The byte a receiver writes back once a transfer is complete.
 const ACK: u8 = 0x06;
+/// The byte a receiver writes back for a transfer it will never take (the job it belongs to
+/// has ended): the sender stops trying.
+const REFUSED: u8 = 0x15;
 /// How long a frame may take to arrive before the transfer is abandoned.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -57,6 +60,9 @@ pub enum BulkError {
     /// The receiver did not confirm the transfer.
     #[error("transfer not acknowledged: {0}")]
     NotAcknowledged(String),
+    /// The receiver will never take the transfer (its job has ended there); not retried.
+    #[error("the receiver refused the transfer: its job no longer runs there")]
+    Refused,
     /// The sender is not an admitted peer.
     #[error("peer {0} is not admitted")]
     NotAdmitted(PeerId),
@@ -424,6 +430,7 @@ impl<'a, W: futures::AsyncWrite + Unpin> ChunkWriter<'a, W> {
         let mut ack = [0u8; 1];
         match tokio::time::timeout(FRAME_TIMEOUT, self.out.read_exact(&mut ack)).await {
             Ok(Ok(())) if ack[0] == ACK => Ok(self.sent),
+            Ok(Ok(())) if ack[0] == REFUSED => Err(BulkError::Refused),
             Ok(Ok(())) => Err(BulkError::NotAcknowledged(format!(
                 "bad ack byte {}",
                 ack[0]
@@ -900,6 +907,17 @@ pub async fn receive_held<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     receive_inner(stream, sealing, from, max_model_bytes, true, false, None).await
 }
 
+/// Tells the sender of a transfer received with [`receive_held`] or [`receive_spooled`] that
+/// it will never be taken, so it is not sent again.
+pub async fn refuse<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<(), BulkError> {
+    stream.write_all(&[REFUSED]).await?;
+    stream.flush().await?;
+    let _ = stream.close().await;
+    Ok(())
+}
+
 /// Acknowledges a transfer received with [`receive_held`].
 pub async fn acknowledge<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
     stream: &mut S,
@@ -1191,6 +1209,7 @@ pub async fn deliver_body(
         };
         match result {
             Ok(n) => return Ok(n),
+            Err(BulkError::Refused) => return Err(BulkError::Refused),
             Err(e) => {
                 tracing::warn!(peer = %to.peer, attempt, error = %e, "transfer failed; retrying");
                 last = Some(e);

@@ -1293,6 +1293,21 @@ impl Server {
         }
     }
 
+    /// `runner`, or, where the job has none because it has ended (or never was), `None`
+    /// after telling the sender so: it stops sending it again. A job still `running` in the
+    /// store without a runner (a server that has just restarted) is not refused.
+    async fn refuse_if_ended<T>(
+        &self,
+        runner: Option<T>,
+        job: &str,
+        stream: &mut libp2p::Stream,
+    ) -> Option<T> {
+        if runner.is_none() && !self.store.state(job).is_ok_and(JobState::is_active) {
+            let _ = bulk::refuse(stream).await;
+        }
+        runner
+    }
+
     async fn on_result_stream(
         self: Arc<Self>,
         peer: PeerId,
@@ -1321,7 +1336,10 @@ impl Server {
                 .runners
                 .lock()
                 .ok()
-                .and_then(|r| r.get(&got.header.job).map(|r| r.reports.clone()))
+                .and_then(|r| r.get(&got.header.job).map(|r| r.reports.clone()));
+            let tx = self
+                .refuse_if_ended(tx, &got.header.job, &mut stream)
+                .await
                 .with_context(|| {
                     format!("upload for job {} that is not running", got.header.job)
                 })?;
@@ -1358,7 +1376,10 @@ impl Server {
             .runners
             .lock()
             .ok()
-            .and_then(|r| r.get(&got.header.job).map(|r| r.results.clone()))
+            .and_then(|r| r.get(&got.header.job).map(|r| r.results.clone()));
+        let tx = self
+            .refuse_if_ended(tx, &got.header.job, &mut stream)
+            .await
             .with_context(|| format!("result for job {} that is not running", got.header.job))?;
         let result = TaskResult {
             task_id: flare_protocols::TaskId(got.meta.task_id),

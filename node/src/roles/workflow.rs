@@ -602,6 +602,15 @@ pub async fn run<W>(
                             for attempt in 0..30 {
                                 match upload(&c, &slot, &model).await {
                                     Ok(()) => break,
+                                    Err(e)
+                                        if matches!(
+                                            e.downcast_ref::<bulk::BulkError>(),
+                                            Some(bulk::BulkError::Refused)
+                                        ) =>
+                                    {
+                                        tracing::info!(job = %c.job, slot = %slot.file_stem(), "the job has ended on the server; upload dropped");
+                                        break;
+                                    }
                                     Err(e) => {
                                         tracing::warn!(job = %c.job, attempt, error = %format!("{e:#}"), "upload to the server failed; retrying");
                                         tokio::time::sleep(Duration::from_secs(2)).await;
