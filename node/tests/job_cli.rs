@@ -459,7 +459,7 @@ fn a_job_from_each_template_runs_in_a_poc_federation() {
     let f = common::Federation::running(3, 27_600);
     let kit = f.prod.join("admin@nvidia.com").join("startup");
     // The loop of the README, through the binary as a user runs it. sag_pt needs PyTorch
-    // (tests/python runs that template) and tiered_sag a hub (hub/tests runs hub jobs).
+    // (scripts/test-torch.sh runs hello-pt, its job) and tiered_sag a hub (hub/tests runs hub-mnist).
     let run = |args: &[&str]| {
         let out = std::process::Command::new(&bin)
             .args(args)
