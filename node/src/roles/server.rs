@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 mod ccwf;
 mod region;
 mod sag;
+mod stats;
 mod tracking;
 
 use super::{now_ms, start_net};
@@ -1146,6 +1147,11 @@ impl Server {
                 WorkflowSpec::Swarm(_) | WorkflowSpec::Cyclic(_) => {
                     Arc::clone(&s)
                         .watch_ccwf(&id, &job, &accepted, resume, reports_rx, abort_rx)
+                        .await
+                }
+                WorkflowSpec::Statistics(_) => {
+                    Arc::clone(&s)
+                        .run_stats(&id, &job, accepted.clone(), resume, results_rx, abort_rx)
                         .await
                 }
             };
