@@ -421,7 +421,7 @@ mod tests {
         );
         cleanse_result(&chains, "fed_stats", "site-1", &mut result);
         assert_eq!(result.data.return_code, ReturnCode::ExecutionException);
-        assert!(result.data.headers.get(HEADER_STATS_DATA).is_none());
+        assert!(!result.data.headers.contains_key(HEADER_STATS_DATA));
     }
 
     #[test]
