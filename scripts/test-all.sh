@@ -28,4 +28,4 @@ if ! "$VENV/bin/python" -c 'import tensorboard' 2>/dev/null; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check tensorboard
 fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check ./clients/python
-FLARE_NODE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/flare-node" "$VENV/bin/pytest" -q tests/python/test_safetensors_interop.py tests/python/test_client_api.py tests/python/test_tensorboard.py
+FLARE_NODE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/flare-node" "$VENV/bin/pytest" -q tests/python/test_safetensors_interop.py tests/python/test_client_api.py tests/python/test_tensorboard.py tests/python/test_stats.py

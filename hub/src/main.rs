@@ -29,6 +29,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a whole job in one process: the server's controller and N simulated clients.
+    #[command(alias = "simulator")]
     Simulate {
         /// The job folder (meta.json plus app folders).
         job: PathBuf,
@@ -564,7 +565,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                     }
                 }
-                println!("final model:   {}", report.final_model.display());
+                match &report.statistics {
+                    Some(st) => {
+                        println!("statistics:    {}", st.files.json.display());
+                        if let Some(dir) = st.files.plots.first().and_then(|p| p.parent()) {
+                            println!(
+                                "plots:         {} ({} histogram_*.svg)",
+                                dir.display(),
+                                st.files.plots.len()
+                            );
+                        }
+                    }
+                    None => println!("final model:   {}", report.final_model.display()),
+                }
                 println!("metrics:       {}", report.metrics_file.display());
                 if let Some(dir) = report.round_models.first().and_then(|p| p.parent()) {
                     println!("round models:  {}", dir.display());

@@ -28,6 +28,7 @@
 //! | `PercentilePrivacy` | `nvflare.app_common.filters.percentile_privacy.PercentilePrivacy` | `percentile` (10), `gamma` (0.01), `data_kinds` |
 //! | `SVTPrivacy` | `nvflare.app_common.filters.svt_privacy.SVTPrivacy` | `fraction` (0.1), `epsilon` (0.1), `noise_var` (0.1), `gamma` (1e-5), `tau` (1e-6), `replace` (true), `epsilon_threshold`, `epsilon_query`, `epsilon_release` (null), `data_kinds` |
 //! | `LocalDpMod` | `flwr.client.mod.LocalDpMod` | `clipping_norm`, `sensitivity`, `epsilon`, `delta` (all required) |
+//! | `StatisticsPrivacyFilter` | `nvflare.app_common.filters.statistics_privacy_filter.StatisticsPrivacyFilter` | `result_cleanser_ids` (required): ids of cleanser components of the same file ([`crate::stats`]) |
 //!
 //! What the privacy filters compute is in [`flare_protocols::filters::privacy`]. Unknown
 //! args are refused, naming the key. `data_kinds` is FLARE's list of `"WEIGHTS"` and
@@ -55,6 +56,7 @@
 //! Adding a filter touches one place: a [`FilterSpec`] variant, its typed args, and its arm
 //! in [`FilterSpec::parse`].
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -69,8 +71,17 @@ use serde::Deserialize;
 use crate::job::{JobError, invalid, parse_args};
 
 /// The filter names this node knows, for error messages.
-const KNOWN: &str =
-    "ModelQuantizer, ModelDequantizer, ExcludeVars, PercentilePrivacy, SVTPrivacy, LocalDpMod";
+const KNOWN: &str = "ModelQuantizer, ModelDequantizer, ExcludeVars, PercentilePrivacy, SVTPrivacy, LocalDpMod, StatisticsPrivacyFilter";
+
+/// Cleanser components by id, which a `StatisticsPrivacyFilter` names.
+pub(crate) type Cleansers = BTreeMap<String, flare_protocols::stats::Cleanser>;
+
+/// `StatisticsPrivacyFilter`'s args (FLARE's).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsPrivacyArgs {
+    result_cleanser_ids: Vec<String>,
+}
 
 /// One `{ "tasks": [...], "filters": [...] }` entry as written in a config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -300,11 +311,19 @@ pub enum FilterSpec {
     SvtPrivacy(Arc<SvtPrivacy>),
     /// `LocalDpMod` (Flower's `flwr.client.mod.LocalDpMod`).
     LocalDp(Arc<LocalDp>),
+    /// `StatisticsPrivacyFilter`: cleansers on statistics results; models pass unchanged.
+    StatisticsPrivacy(Arc<crate::stats::StatisticsPrivacyFilter>),
 }
 
 impl FilterSpec {
-    /// The filter named by an entry at `key` (`task_data_filters[0].filters[1]`).
-    fn parse(file: &Path, key: &str, e: FilterEntry) -> Result<FilterSpec, JobError> {
+    /// The filter named by an entry at `key` (`task_data_filters[0].filters[1]`); a
+    /// `StatisticsPrivacyFilter` names its cleansers among `cleansers`.
+    fn parse(
+        file: &Path,
+        key: &str,
+        e: FilterEntry,
+        cleansers: &Cleansers,
+    ) -> Result<FilterSpec, JobError> {
         let from_path = e
             .path
             .as_deref()
@@ -397,6 +416,35 @@ impl FilterSpec {
                     .map_err(|e| bad_args(file, key, e))?;
                 Ok(FilterSpec::LocalDp(Arc::new(f)))
             }
+            "StatisticsPrivacyFilter" => {
+                let a: StatsPrivacyArgs = parse_args(file, key, e.args)?;
+                let known = || {
+                    if cleansers.is_empty() {
+                        "none".to_string()
+                    } else {
+                        cleansers.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                };
+                let list = a
+                    .result_cleanser_ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| {
+                        cleansers.get(id).copied().ok_or_else(|| {
+                            invalid(
+                                file,
+                                format!("{key}.args.result_cleanser_ids[{i}]"),
+                                format!(
+                                    "no cleanser component with id {id:?} in this file (cleansers: {})",
+                                    known()
+                                ),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let f = crate::stats::StatisticsPrivacyFilter::new(list, os_seed(file, key)?);
+                Ok(FilterSpec::StatisticsPrivacy(Arc::new(f)))
+            }
             other => Err(invalid(
                 file,
                 format!("{key}.{name_key}"),
@@ -413,6 +461,7 @@ impl FilterSpec {
             FilterSpec::PercentilePrivacy(f) => f,
             FilterSpec::SvtPrivacy(f) => f.as_ref(),
             FilterSpec::LocalDp(f) => f.as_ref(),
+            FilterSpec::StatisticsPrivacy(f) => f.as_ref(),
         }
     }
 
@@ -437,6 +486,17 @@ pub fn parse_filter_list(
     key: &str,
     value: serde_json::Value,
 ) -> Result<Vec<FilterSpec>, JobError> {
+    parse_filter_list_with(file, key, value, &Cleansers::new())
+}
+
+/// [`parse_filter_list`], with the cleanser components a `StatisticsPrivacyFilter` may name
+/// (a `privacy.json`'s `components`).
+pub(crate) fn parse_filter_list_with(
+    file: &Path,
+    key: &str,
+    value: serde_json::Value,
+    cleansers: &Cleansers,
+) -> Result<Vec<FilterSpec>, JobError> {
     let entries: Vec<FilterEntry> = serde_path_to_error::deserialize(value).map_err(|e| {
         let inner = e.path().to_string();
         let at = if inner.is_empty() || inner == "." {
@@ -451,7 +511,7 @@ pub fn parse_filter_list(
     entries
         .into_iter()
         .enumerate()
-        .map(|(i, e)| FilterSpec::parse(file, &format!("{key}[{i}]"), e))
+        .map(|(i, e)| FilterSpec::parse(file, &format!("{key}[{i}]"), e, cleansers))
         .collect()
 }
 
@@ -510,10 +570,35 @@ impl FilterChains {
         task_data: Vec<ScopeEntry>,
         task_result: Vec<ScopeEntry>,
     ) -> Result<FilterChains, JobError> {
+        FilterChains::parse_with(file, task_data, task_result, &Cleansers::new())
+    }
+
+    /// [`FilterChains::parse`], with the file's cleanser components, which a
+    /// `StatisticsPrivacyFilter` names.
+    pub(crate) fn parse_with(
+        file: &Path,
+        task_data: Vec<ScopeEntry>,
+        task_result: Vec<ScopeEntry>,
+        cleansers: &Cleansers,
+    ) -> Result<FilterChains, JobError> {
         Ok(FilterChains {
-            task_data: parse_scopes(file, "task_data_filters", task_data)?,
-            task_result: parse_scopes(file, "task_result_filters", task_result)?,
+            task_data: parse_scopes(file, "task_data_filters", task_data, cleansers)?,
+            task_result: parse_scopes(file, "task_result_filters", task_result, cleansers)?,
         })
+    }
+
+    /// The `StatisticsPrivacyFilter`s among the result filters that cover `task`, in order
+    /// (a site's scope first).
+    pub fn statistics_filters<'a>(
+        &'a self,
+        task: &'a str,
+    ) -> Vec<&'a crate::stats::StatisticsPrivacyFilter> {
+        chain(&self.task_result, task)
+            .filter_map(|f| match f {
+                FilterSpec::StatisticsPrivacy(s) => Some(s.as_ref()),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The chains with a site's own filters (its privacy scope) in front: `data` before the
@@ -601,7 +686,12 @@ fn names_once<'a>(filters: impl Iterator<Item = &'a FilterSpec>) -> Vec<&'static
     names
 }
 
-fn parse_scopes(file: &Path, list: &str, entries: Vec<ScopeEntry>) -> Result<Vec<Scope>, JobError> {
+fn parse_scopes(
+    file: &Path,
+    list: &str,
+    entries: Vec<ScopeEntry>,
+    cleansers: &Cleansers,
+) -> Result<Vec<Scope>, JobError> {
     entries
         .into_iter()
         .enumerate()
@@ -625,7 +715,7 @@ fn parse_scopes(file: &Path, list: &str, entries: Vec<ScopeEntry>) -> Result<Vec
                 .filters
                 .into_iter()
                 .enumerate()
-                .map(|(j, f)| FilterSpec::parse(file, &format!("{at}.filters[{j}]"), f))
+                .map(|(j, f)| FilterSpec::parse(file, &format!("{at}.filters[{j}]"), f, cleansers))
                 .collect::<Result<_, _>>()?;
             Ok(Scope { tasks, filters })
         })

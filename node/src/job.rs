@@ -39,6 +39,7 @@ use crate::learner::cnn::{self, CnnHyper, DeviceSpec, OptimizerKind};
 use crate::learner::mlp::{Mlp, MlpHyper, MlpLearner};
 use crate::learner::script::{ScriptArgs, ScriptLearner, ScriptSite, TransferType};
 use crate::learner::synthetic::{SyntheticArgs, SyntheticLearner};
+use crate::stats::{StatsSource, StatsWorkflow};
 
 /// Why a job could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -519,6 +520,8 @@ pub enum WorkflowSpec {
     /// Client-controlled cyclic weight transfer (`Cyclic`, FLARE's
     /// `CyclicServerController`).
     Cyclic(Box<CyclicArgs>),
+    /// Federated statistics (FLARE's `StatisticsController`, [`crate::stats`]).
+    Statistics(Box<StatsWorkflow>),
 }
 
 impl WorkflowSpec {
@@ -528,12 +531,13 @@ impl WorkflowSpec {
             WorkflowSpec::ScatterAndGather => "scatter_and_gather",
             WorkflowSpec::Swarm(_) => SWARM_WIRE_NAME,
             WorkflowSpec::Cyclic(_) => "cyclic",
+            WorkflowSpec::Statistics(_) => "statistics",
         }
     }
 
     /// Whether the clients run the workflow (the server only configures, starts and watches).
     pub fn client_controlled(&self) -> bool {
-        !matches!(self, WorkflowSpec::ScatterAndGather)
+        matches!(self, WorkflowSpec::Swarm(_) | WorkflowSpec::Cyclic(_))
     }
 }
 
@@ -556,8 +560,8 @@ pub struct ServerApp {
     pub tiered: Option<TieredArgs>,
     /// Scatter-and-gather settings (the defaults when the workflow is another one).
     pub sag: SagConfig,
-    /// The initial model.
-    pub model: ModelSource,
+    /// The initial model; none for a workflow that trains nothing (`StatisticsController`).
+    pub model: Option<ModelSource>,
     /// Persistence settings.
     pub persistor: PersistorConfig,
     /// Filters on tasks going out and results coming in (`task_data_filters`,
@@ -587,6 +591,74 @@ fn seconds(file: &Path, key: &str, v: f64) -> Result<Duration, JobError> {
         .map_err(|_| invalid(file, key, format!("{v} is not a valid number of seconds")))
 }
 
+/// The server app of a `StatisticsController` job: the controller and its writer, and
+/// nothing else (no model, no second workflow, no server filters: statistics tasks and
+/// results carry no model, and the cleansers run at the sites).
+fn statistics_app(
+    file: &Path,
+    f: &ServerFile,
+    wf: &ComponentEntry,
+    second: bool,
+) -> Result<ServerApp, JobError> {
+    if second {
+        return Err(invalid(
+            file,
+            "workflows[1]",
+            "StatisticsController runs alone: no second workflow",
+        ));
+    }
+    let comps: Vec<crate::stats::config::ComponentRef<'_>> = f
+        .components
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i, c.id.as_str(), c.name.as_str(), &c.args))
+        .collect();
+    let (stats, wi) =
+        crate::stats::config::parse_workflow(file, "workflows[0]", wf.args.clone(), &comps)?;
+    if let Some((i, c)) = f.components.iter().enumerate().find(|(i, _)| *i != wi) {
+        return Err(invalid(
+            file,
+            format!("components[{i}]"),
+            format!(
+                "component {:?} ({}) is not used by the StatisticsController",
+                c.id, c.name
+            ),
+        ));
+    }
+    for (list, empty) in [
+        ("task_data_filters", f.task_data_filters.is_empty()),
+        ("task_result_filters", f.task_result_filters.is_empty()),
+    ] {
+        if !empty {
+            return Err(invalid(
+                file,
+                list,
+                "statistics tasks and results carry no model for the server's filters: cleanse at the sites (StatisticsPrivacyFilter)",
+            ));
+        }
+    }
+    let sag = SagConfig {
+        num_rounds: stats.passes(),
+        start_round: 0,
+        min_clients: stats.controller.min_clients.unwrap_or(1),
+        wait_time_after_min_received: stats.controller.wait_time_after_min_received,
+        task_timeout: stats.controller.result_wait_timeout,
+        validate_final: false,
+    };
+    Ok(ServerApp {
+        workflow: WorkflowSpec::Statistics(Box::new(stats)),
+        evaluation: None,
+        tiered: None,
+        sag,
+        model: None,
+        persistor: PersistorConfig::default(),
+        filters: FilterChains::default(),
+        aggregator: AggregatorSpec::default(),
+        tracking: crate::tracking::config::TrackingConfig::off(),
+        secagg: None,
+    })
+}
+
 impl ServerApp {
     /// Loads `<app>/config/config_fed_server.{json,yml,yaml}`.
     pub fn load(app_dir: &Path) -> Result<ServerApp, JobError> {
@@ -607,6 +679,9 @@ impl ServerApp {
                 ));
             }
         };
+        if wf.name == "StatisticsController" {
+            return statistics_app(&file, &f, wf, evaluation.is_some());
+        }
         let mut tiered = None;
         let (workflow, a) = match wf.name.as_str() {
             "ScatterAndGather" => (
@@ -685,7 +760,7 @@ impl ServerApp {
                     &file,
                     "workflows[0].name",
                     format!(
-                        "unknown workflow {other:?} (known: ScatterAndGather, Swarm, Cyclic, TieredScatterAndGather; CrossSiteEval as the second)"
+                        "unknown workflow {other:?} (known: ScatterAndGather, Swarm, Cyclic, TieredScatterAndGather, StatisticsController; CrossSiteEval as the second)"
                     ),
                 ));
             }
@@ -895,7 +970,7 @@ impl ServerApp {
             evaluation,
             tiered,
             sag,
-            model,
+            model: Some(model),
             persistor,
             filters,
             aggregator,
@@ -907,10 +982,14 @@ impl ServerApp {
     /// Builds the initial global model.
     pub fn initial_model(&self) -> anyhow::Result<FLModel> {
         Ok(match &self.model {
-            ModelSource::MnistMlp { hidden, seed } => Mlp::init(*hidden, *seed).to_model(),
-            ModelSource::MnistCnn { seed } => cnn::init(*seed),
-            ModelSource::Synthetic(a) => a.init()?,
-            ModelSource::File(path) => crate::model_io::read(path)?,
+            Some(ModelSource::MnistMlp { hidden, seed }) => Mlp::init(*hidden, *seed).to_model(),
+            Some(ModelSource::MnistCnn { seed }) => cnn::init(*seed),
+            Some(ModelSource::Synthetic(a)) => a.init()?,
+            Some(ModelSource::File(path)) => crate::model_io::read(path)?,
+            None => anyhow::bail!(
+                "the job's workflow ({}) has no model",
+                self.workflow.wire_name()
+            ),
         })
     }
 }
@@ -1042,6 +1121,13 @@ pub enum LearnerSpec {
     Synthetic(SyntheticArgs),
     /// The user's own program (`ScriptExecutor`, FLARE's `ClientAPILauncherExecutor`).
     Script(ScriptArgs),
+    /// FLARE's `StatisticsExecutor` over its `generator_id` data source ([`crate::stats`]).
+    Statistics {
+        /// The source's index in the config's `components`.
+        component: usize,
+        /// The data source.
+        source: StatsSource,
+    },
 }
 
 /// Who a learner is for: the site, the job, and a folder of the site's for the job.
@@ -1096,13 +1182,14 @@ impl ClientApp {
         let file = config_file(app_dir, "config_fed_client")?;
         let f: ClientFile = parse_file(&file, MAX_CONFIG_BYTES)?;
         check_format(&file, f.format_version)?;
-        if !f.components.is_empty() {
-            return Err(invalid(
-                &file,
-                "components",
-                "client components are not supported yet",
-            ));
-        }
+        // Client components are statistics' data sources and cleansers.
+        let comps: Vec<crate::stats::config::ComponentRef<'_>> = f
+            .components
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.id.as_str(), c.name.as_str(), &c.args))
+            .collect();
+        let components = crate::stats::config::parse_components(&file, &comps)?;
         let [e] = f.executors.as_slice() else {
             return Err(invalid(
                 &file,
@@ -1159,17 +1246,46 @@ impl ClientApp {
                     .map_err(|(arg, why)| invalid(&file, format!("{key}.args.{arg}"), why))?;
                 LearnerSpec::Script(a)
             }
+            "StatisticsExecutor" => {
+                let (component, mut source) = crate::stats::config::executor_source(
+                    &file,
+                    key,
+                    e.executor.args.clone(),
+                    &components,
+                )?;
+                if let StatsSource::Mnist(a) = &mut source {
+                    let job_dir = app_dir.parent().unwrap_or(app_dir);
+                    a.data_dir = resolve_data_dir(job_dir, &a.data_dir);
+                }
+                LearnerSpec::Statistics { component, source }
+            }
             other => {
                 return Err(invalid(
                     &file,
                     format!("{key}.name"),
                     format!(
-                        "unknown executor {other:?} (known: MnistMlpLearner, TorchCnnLearner, SyntheticLearner, ScriptExecutor)"
+                        "unknown executor {other:?} (known: MnistMlpLearner, TorchCnnLearner, SyntheticLearner, ScriptExecutor, StatisticsExecutor)"
                     ),
                 ));
             }
         };
-        let filters = FilterChains::parse(&file, f.task_data_filters, f.task_result_filters)?;
+        if let Some((_, (i, _))) = components
+            .generators
+            .iter()
+            .find(|(_, (i, _))| !matches!(&learner, LearnerSpec::Statistics { component, .. } if component == i))
+        {
+            return Err(invalid(
+                &file,
+                format!("components[{i}]"),
+                "a statistics data source that no StatisticsExecutor names (generator_id)",
+            ));
+        }
+        let filters = FilterChains::parse_with(
+            &file,
+            f.task_data_filters,
+            f.task_result_filters,
+            &components.cleansers,
+        )?;
         Ok(ClientApp {
             tasks: e.tasks.clone(),
             learner,
@@ -1198,14 +1314,25 @@ impl ClientApp {
             Ok(s) if s.parts.contains_key(&num_sites) => Ok(s),
             Ok(_) => Err(invalid(
                 &self.file,
-                "executors[0].executor.args.partition",
+                self.data_key("partition"),
                 "the partition was made for another number of sites",
             )),
             Err(reason) => Err(invalid(
                 &self.file,
-                "executors[0].executor.args.data_dir",
+                self.data_key("data_dir"),
                 reason.clone(),
             )),
+        }
+    }
+
+    /// The key of the data source's `arg`: the executor's, or a `StatisticsExecutor`'s
+    /// generator component's.
+    fn data_key(&self, arg: &str) -> String {
+        match &self.learner {
+            LearnerSpec::Statistics { component, .. } => {
+                format!("components[{component}].args.{arg}")
+            }
+            _ => format!("executors[0].executor.args.{arg}"),
         }
     }
 
@@ -1232,6 +1359,10 @@ impl ClientApp {
                 &a.partition,
                 a.partition_seed,
             ),
+            LearnerSpec::Statistics {
+                source: StatsSource::Mnist(a),
+                ..
+            } => (&a.data_dir, 0, 0, &a.partition, a.partition_seed),
             _ => return None,
         };
         Some(DataArgs {
@@ -1315,6 +1446,9 @@ impl ClientApp {
             }
             LearnerSpec::TorchCnn(a) => self.torch_learner(a, index, num_sites, &site)?,
             LearnerSpec::Synthetic(a) => Box::new(SyntheticLearner::new(a.clone(), index)),
+            LearnerSpec::Statistics { component, source } => {
+                Box::new(self.stats_executor(*component, source, index, num_sites, site.site)?)
+            }
             LearnerSpec::Script(a) => Box::new(ScriptLearner::new(
                 a.clone(),
                 ScriptSite {
@@ -1328,6 +1462,50 @@ impl ClientApp {
                 },
             )),
         })
+    }
+
+    /// Site `index`'s `StatisticsExecutor`, its data read now: an unreadable file is the
+    /// deploy's error, naming the config file and the source's key.
+    fn stats_executor(
+        &self,
+        component: usize,
+        source: &StatsSource,
+        index: usize,
+        num_sites: usize,
+        site: &str,
+    ) -> Result<crate::stats::StatsExecutor, JobError> {
+        let data = match source {
+            StatsSource::Mnist(a) => {
+                let s = self.mnist(
+                    DataArgs {
+                        data_dir: &a.data_dir,
+                        held_out: 0,
+                        split_seed: 0,
+                        partition: &a.partition,
+                        partition_seed: a.partition_seed,
+                    },
+                    num_sites,
+                )?;
+                let part = s.parts[&num_sites]
+                    .get(index)
+                    .map_or(&[][..], Vec::as_slice);
+                crate::stats::data::mnist_site(&s.train, part)
+            }
+            StatsSource::Csv(a) => {
+                let job_dir = self.app_dir.parent().unwrap_or(&self.app_dir);
+                let own = a.data_path.contains("{site}");
+                let path =
+                    resolve_data_file(job_dir, Path::new(&a.data_path.replace("{site}", site)));
+                crate::stats::data::csv_site(&path, a, index, num_sites, own).map_err(|e| {
+                    invalid(
+                        &self.file,
+                        format!("components[{component}].args.data_path"),
+                        e.to_string(),
+                    )
+                })?
+            }
+        };
+        Ok(crate::stats::StatsExecutor::new(data))
     }
 
     #[cfg(feature = "torch")]
@@ -1412,11 +1590,20 @@ fn data_dir(_file: &Path, _key: &str, app_dir: &Path, dir: &Path) -> Result<Path
 /// directory, with the path's leading `..` components dropped. The first that exists wins;
 /// otherwise the job-relative path, so the error names what the job asked for.
 pub fn resolve_data_dir(job_dir: &Path, data_dir: &Path) -> PathBuf {
+    resolve_data(job_dir, data_dir, Path::is_dir)
+}
+
+/// [`resolve_data_dir`] for a data file (a `CsvStats`'s `data_path`).
+pub fn resolve_data_file(job_dir: &Path, path: &Path) -> PathBuf {
+    resolve_data(job_dir, path, Path::is_file)
+}
+
+fn resolve_data(job_dir: &Path, data_dir: &Path, exists: fn(&Path) -> bool) -> PathBuf {
     if data_dir.is_absolute() {
         return data_dir.to_path_buf();
     }
     let in_job = job_dir.join(data_dir);
-    if in_job.is_dir() {
+    if exists(&in_job) {
         return in_job;
     }
     let tail: PathBuf = data_dir
@@ -1434,7 +1621,7 @@ pub fn resolve_data_dir(job_dir: &Path, data_dir: &Path) -> PathBuf {
         .chain(std::env::current_dir().ok());
     for root in roots {
         let p = root.join(&tail);
-        if p.is_dir() {
+        if exists(&p) {
             return p;
         }
     }
@@ -1927,7 +2114,7 @@ mod tests {
         );
         assert!(!job.server.persistor.save_every_round);
         assert_eq!(
-            job.server.model,
+            job.server.model.clone().unwrap(),
             ModelSource::MnistMlp {
                 hidden: 16,
                 seed: 0
@@ -2084,7 +2271,7 @@ mod tests {
         let loaded = Job::load(f.dir.path());
         if cfg!(feature = "torch") {
             let job = loaded.unwrap();
-            assert_eq!(job.server.model, ModelSource::MnistCnn { seed: 7 });
+            assert_eq!(job.server.model, Some(ModelSource::MnistCnn { seed: 7 }));
             assert_eq!(job.server.initial_model().unwrap(), cnn::init(7));
             let LearnerSpec::TorchCnn(a) = &job.app_for("site-1").unwrap().learner else {
                 panic!("not the torch learner");

@@ -26,6 +26,7 @@ pub mod poc_run;
 pub mod roles;
 pub mod secagg;
 pub mod simulator;
+pub mod stats;
 pub mod store;
 pub mod tracking;
 

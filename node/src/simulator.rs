@@ -19,6 +19,7 @@ use flare_protocols::shareable::{ReturnCode, Shareable, Task, TaskId, TaskResult
 use flare_protocols::stored::ModelRef;
 use flare_protocols::time::Time;
 use flare_protocols::workflows::scatter_gather::{Event, Output, ScatterGather};
+use flare_protocols::workflows::statistics::{self, StatisticsController};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use flare_protocols::workflows::ccwf::{
@@ -67,7 +68,8 @@ pub struct SimReport {
     pub rounds: Vec<RoundReport>,
     /// Metrics per global model version (0 = initial, k = after k rounds).
     pub metrics: BTreeMap<u32, BTreeMap<String, f64>>,
-    /// Where the final model was written.
+    /// Where the final model was written (empty for a statistics job, which has none).
+    #[serde(skip_serializing_if = "path_is_empty")]
     pub final_model: PathBuf,
     /// Where the per-round models were written (empty when not saved).
     pub round_models: Vec<PathBuf>,
@@ -88,6 +90,25 @@ pub struct SimReport {
     pub model_bytes_from_sites: u64,
     /// Total wall time in seconds.
     pub seconds: f64,
+    /// A statistics job's outcome.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statistics: Option<StatsReport>,
+}
+
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// What a statistics job produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StatsReport {
+    /// The sites whose data the statistics cover.
+    pub sites: Vec<String>,
+    /// The files written.
+    #[serde(flatten)]
+    pub files: crate::stats::StatsFiles,
+    /// The statistics, in FLARE's JSON layout (as in the file).
+    pub output: flare_protocols::stats::StatsOutput,
 }
 
 /// Cross-site evaluation metrics: evaluator → model → metric → value.
@@ -104,6 +125,7 @@ enum Ctrl {
     Cyclic {
         clients: Vec<CyclicClient>,
     },
+    Stats(Box<StatisticsController>),
 }
 
 /// What a client-controlled run left behind.
@@ -230,7 +252,7 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
                 .with_context(|| format!("deploy_map deploys no app to {n}"))
         })
         .collect::<anyhow::Result<_>>()?;
-    let initial = job.server.initial_model()?;
+    let initial = || job.server.initial_model();
     crate::aggregators::check_clients(
         &opts.job_dir,
         "aggregator",
@@ -240,7 +262,7 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
     let aggregator = Aggregator::new(job.server.aggregator);
     let mut ctrl = match &job.server.workflow {
         WorkflowSpec::ScatterAndGather => {
-            let mut c = ScatterGather::new(job.server.sag.clone(), names.clone(), initial)
+            let mut c = ScatterGather::new(job.server.sag.clone(), names.clone(), initial()?)
                 .with_context(|| format!("{}: workflow settings", opts.job_dir.display()))?
                 .with_aggregator(aggregator.clone())
                 .with_context(|| format!("{}: the initial model", opts.job_dir.display()))?;
@@ -277,7 +299,7 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
             Ctrl::Swarm {
                 clients,
                 first,
-                initial: ModelRef::from(initial),
+                initial: ModelRef::from(initial()?),
             }
         }
         WorkflowSpec::Cyclic(args) => {
@@ -285,7 +307,7 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
                 .to_config(&names, seed_of(&job.meta.name))
                 .with_context(|| format!("{}: cyclic settings", opts.job_dir.display()))?;
             let starting = cfg.starting_client.clone().unwrap_or(names[0].clone());
-            let initial = ModelRef::from(initial);
+            let initial = ModelRef::from(initial()?);
             let clients = names
                 .iter()
                 .map(|n| {
@@ -295,6 +317,10 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
                 .collect::<Result<Vec<_>, _>>()?;
             Ctrl::Cyclic { clients }
         }
+        WorkflowSpec::Statistics(wf) => Ctrl::Stats(Box::new(
+            StatisticsController::new(wf.controller.clone(), names.clone())
+                .with_context(|| format!("{}: StatisticsController", opts.job_dir.display()))?,
+        )),
     };
 
     let out_dir = opts.workspace.join("server").join("simulate_job");
@@ -371,6 +397,7 @@ pub fn run(opts: &SimOptions) -> anyhow::Result<SimReport> {
                 let versions = job.server.sag.num_rounds * names.len() as u32;
                 driver.run_ccwf(clients, starts, versions, &work_tx, &done_rx)
             }
+            Ctrl::Stats(c) => driver.drive_stats(c, &work_tx, &done_rx),
         };
         // Close both channels before the scope joins the workers: a worker blocked sending
         // a result nobody will read (the drive stopped on an error) then returns.
@@ -757,6 +784,137 @@ impl Driver<'_> {
         self.write_report(run, outcome)
     }
 
+    /// Runs a statistics job: the controller here, each site's `fed_stats` tasks on the
+    /// workers, each answer through the site's cleansers (its job's
+    /// `StatisticsPrivacyFilter`s) on its virtual way back; then the statistics file and plots
+    /// in the output folder, where the writer's `output_path` says.
+    fn drive_stats(
+        &self,
+        ctrl: &mut StatisticsController,
+        work_tx: &SyncSender<Work>,
+        done_rx: &Receiver<Done>,
+    ) -> anyhow::Result<SimReport> {
+        let WorkflowSpec::Statistics(wf) = &self.job.server.workflow else {
+            bail!("not a statistics job");
+        };
+        let mut pending: VecDeque<Work> = VecDeque::new();
+        let mut asked: Vec<Option<String>> = vec![None; self.names.len()];
+        let mut outcome: Option<
+            Result<(flare_protocols::stats::StatsOutput, Vec<String>), String>,
+        > = None;
+        let mut excluded: Option<String> = None;
+        let say = |line: String| {
+            if self.opts.progress {
+                eprintln!("{line}");
+            }
+        };
+        ctrl.start(self.now());
+        loop {
+            while let Some(out) = ctrl.poll_output() {
+                match out {
+                    statistics::Output::Send { to, task } => {
+                        let i = self.index(&to)?;
+                        asked[i] = Some(task.name.clone());
+                        pending.push_back((i, task, None));
+                    }
+                    statistics::Output::Event(e) => match e {
+                        statistics::Event::PassStarted { pass, clients } => {
+                            say(format!("{pass}: asking {clients} sites"));
+                        }
+                        statistics::Event::ResultAccepted {
+                            pass,
+                            client,
+                            answered,
+                            asked,
+                        } => say(format!("{pass}: {client} answered ({answered}/{asked})")),
+                        statistics::Event::ResultDropped { client, reason, .. } => {
+                            tracing::warn!(%client, ?reason, "result dropped");
+                        }
+                        statistics::Event::SiteExcluded {
+                            pass,
+                            client,
+                            reason,
+                            ..
+                        } => {
+                            tracing::warn!(%pass, %client, %reason, "site left out");
+                            excluded = Some(format!("{client}: {reason}"));
+                        }
+                        statistics::Event::NoAnswer { pass, clients } => {
+                            tracing::warn!(%pass, ?clients, "sites did not answer");
+                        }
+                        statistics::Event::Finished { output, sites } => {
+                            outcome = Some(Ok((output, sites)));
+                        }
+                        statistics::Event::Aborted { reason, .. } => {
+                            outcome = Some(Err(match &excluded {
+                                Some(x) => format!("{reason} (last site left out: {x})"),
+                                None => reason,
+                            }));
+                        }
+                    },
+                }
+            }
+            if ctrl.is_done() {
+                break;
+            }
+            hand_out(&mut pending, work_tx)?;
+            let wait = match ctrl.poll_timeout() {
+                Some(at) => at.saturating_since(self.now()),
+                None => Duration::from_secs(1),
+            };
+            let wait = if pending.is_empty() {
+                wait
+            } else {
+                wait.min(Duration::from_millis(50))
+            };
+            match done_rx.recv_timeout(wait) {
+                Ok((i, Ok(mut result), _)) => {
+                    let site = &self.names[i];
+                    if let (Some(task), Some(app)) = (&asked[i], self.job.app_for(site)) {
+                        crate::stats::cleanse_result(&app.filters, task, site, &mut result);
+                    }
+                    ctrl.handle_result(self.now(), site, result);
+                }
+                Ok((i, Err(e), _)) => bail!("{}: {e}", self.names[i]),
+                Err(RecvTimeoutError::Timeout) => {
+                    let now = self.now();
+                    if ctrl.poll_timeout().is_some_and(|t| t <= now) {
+                        ctrl.handle_timeout(now);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => bail!("all simulator workers stopped"),
+            }
+        }
+        let (output, sites) = match outcome {
+            Some(Ok(x)) => x,
+            Some(Err(reason)) => bail!("the job aborted: {reason}"),
+            None => bail!("the controller stopped without an outcome"),
+        };
+        let files = crate::stats::write_results(self.out_dir, &wf.output_path, &output)?;
+        let metrics_file = self.out_dir.join("metrics.json");
+        let report = SimReport {
+            job: self.job.meta.name.clone(),
+            rounds: Vec::new(),
+            metrics: BTreeMap::new(),
+            final_model: PathBuf::new(),
+            round_models: Vec::new(),
+            metrics_file: metrics_file.clone(),
+            cross_site: CrossSite::new(),
+            cross_site_failed: BTreeMap::new(),
+            model_bytes_to_sites: 0,
+            model_bytes_from_sites: 0,
+            seconds: self.started.elapsed().as_secs_f64(),
+            statistics: Some(StatsReport {
+                sites,
+                files,
+                output,
+            }),
+        };
+        std::fs::write(&metrics_file, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", metrics_file.display()))?;
+        Ok(report)
+    }
+
     /// A model on its virtual way from client `i` to client `j`: `i`'s task result filters,
     /// its bytes on the wire, then `j`'s task data filters (a model to itself passes through
     /// neither and counts no bytes, as a site's messages to itself never leave it).
@@ -884,6 +1042,7 @@ impl Driver<'_> {
             model_bytes_to_sites: run.bytes_to_sites,
             model_bytes_from_sites: run.bytes_from_sites,
             seconds: self.started.elapsed().as_secs_f64(),
+            statistics: None,
         };
         if !report.cross_site.is_empty() || !report.cross_site_failed.is_empty() {
             let dir = self.out_dir.join("cross_site_val");
@@ -1175,8 +1334,12 @@ impl Driver<'_> {
     }
 }
 
-/// The per-version metrics as a table, one row per global model version.
+/// The per-version metrics as a table, one row per global model version; for a statistics
+/// job, the statistics' table ([`crate::stats::format_table`]).
 pub fn format_table(report: &SimReport) -> String {
+    if let Some(st) = &report.statistics {
+        return crate::stats::format_table(&st.output);
+    }
     let mut keys: Vec<&String> = report.metrics.values().flat_map(|m| m.keys()).collect();
     keys.sort();
     keys.dedup();

@@ -263,6 +263,15 @@ async fn run_inner(
             for f in &names {
                 out.line(format_args!("  {}", dir.join(f).display()));
             }
+            // A statistics job's result: its table too.
+            for f in names.iter().filter(|f| f.ends_with(".json")) {
+                if let Some(stats) = crate::stats::read_output(&dir.join(f)) {
+                    out.line(format_args!("statistics ({f}):"));
+                    for l in crate::stats::format_table(&stats).lines() {
+                        out.line(l);
+                    }
+                }
+            }
         }
         return Ok(EXIT_OK);
     }

@@ -872,6 +872,8 @@ impl Site {
                     Ok(mut l) => execute(l.as_mut(), task),
                     Err(_) => return failed("a previous task of this job panicked".into()),
                 };
+                // A statistics answer goes through the site's cleansers first.
+                crate::stats::cleanse_result(&filters, &name, &site, &mut result);
                 // The site's task result filters, on the result's model going out.
                 if result.data.return_code == flare_protocols::ReturnCode::Ok
                     && filters.has_task_result(&name)
@@ -1113,10 +1115,12 @@ impl Site {
                     };
                     Box::pin(workflow::run(ctx(result_clients), wf, start, rx, stop_rx))
                 }
-                (None, WorkflowSpec::ScatterAndGather, None) => anyhow::bail!(
-                    "job {job_id} runs {}, not a client-controlled workflow",
-                    job.server.workflow.wire_name()
-                ),
+                (None, WorkflowSpec::ScatterAndGather | WorkflowSpec::Statistics(_), None) => {
+                    anyhow::bail!(
+                        "job {job_id} runs {}, not a client-controlled workflow",
+                        job.server.workflow.wire_name()
+                    )
+                }
             };
         // Install the new task (stopping the previous stage's) only now that it is built: a
         // configure that fails leaves the running workflow alone, and of two at once only

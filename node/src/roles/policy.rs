@@ -15,6 +15,11 @@
 //!   "default_scope": "public" }
 //! ```
 //!
+//! Federated statistics' cleansers are FLARE's too: top-level `components` (each `id`, `name`
+//! or dotted `path`, `args`: `MinCountCleanser`, `AddNoiseToMinMax`, `HistogramBinsCleanser`)
+//! that a scope's `StatisticsPrivacyFilter` names in its `result_cleanser_ids`
+//! ([`crate::stats`]).
+//!
 //! A job picks a scope with `scope` in `meta.json`. No `privacy.json` means no control (any
 //! scope, no site filters). With one, a job naming an unknown scope, or none where the site
 //! has no `default_scope`, is refused at deploy. The scope's filters run before the job's own,
@@ -28,7 +33,7 @@ use flare_crypto::ParticipantCert;
 use serde::Deserialize;
 
 use crate::authz::{Authorization, AuthzError, Person, Request, Right};
-use crate::filters::{FilterSpec, parse_filter_list};
+use crate::filters::{FilterSpec, parse_filter_list_with};
 
 use crate::job::JobMeta;
 
@@ -76,6 +81,9 @@ struct PrivacyFile {
     scopes: Vec<ScopeFile>,
     #[serde(default)]
     default_scope: Option<String>,
+    /// Cleanser components, which a scope's `StatisticsPrivacyFilter` names by id.
+    #[serde(default)]
+    components: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +116,11 @@ impl Privacy {
             let at = e.path().to_string();
             file_err(format!("{at}: {}", e.inner()))
         })?;
+        let cleansers = match raw.components {
+            None => Default::default(),
+            Some(v) => crate::stats::config::parse_privacy_components(path, "components", v)
+                .map_err(|e| file_err(strip_path(path, &e.to_string())))?,
+        };
         let mut scopes: Vec<PrivacyScope> = Vec::new();
         for (i, s) in raw.scopes.into_iter().enumerate() {
             if s.name.is_empty() {
@@ -122,8 +135,10 @@ impl Privacy {
             let list = |key: &str, v: Option<serde_json::Value>| -> Result<_, PolicyError> {
                 match v {
                     None => Ok(Vec::new()),
-                    Some(v) => parse_filter_list(path, &format!("scopes[{i}].{key}"), v)
-                        .map_err(|e| file_err(strip_path(path, &e.to_string()))),
+                    Some(v) => {
+                        parse_filter_list_with(path, &format!("scopes[{i}].{key}"), v, &cleansers)
+                            .map_err(|e| file_err(strip_path(path, &e.to_string())))
+                    }
                 }
             };
             scopes.push(PrivacyScope {

@@ -23,6 +23,7 @@ mod ccwf;
 mod region;
 mod sag;
 mod schedule;
+mod stats;
 mod tracking;
 
 use super::resources::ServerResources;
@@ -1101,6 +1102,11 @@ impl Server {
                 WorkflowSpec::Swarm(_) | WorkflowSpec::Cyclic(_) => {
                     Arc::clone(&s)
                         .watch_ccwf(&id, &job, &accepted, resume, reports_rx, abort_rx)
+                        .await
+                }
+                WorkflowSpec::Statistics(_) => {
+                    Arc::clone(&s)
+                        .run_stats(&id, &job, accepted.clone(), resume, results_rx, abort_rx)
                         .await
                 }
             };

@@ -149,7 +149,9 @@ impl Server {
                     vec![first],
                 )
             }
-            WorkflowSpec::ScatterAndGather => anyhow::bail!("not a client-controlled job"),
+            WorkflowSpec::ScatterAndGather | WorkflowSpec::Statistics(_) => {
+                anyhow::bail!("not a client-controlled job")
+            }
         };
         let configure_min = configure_min.unwrap_or(sites.len());
         let rec = self.store.get(id)?;

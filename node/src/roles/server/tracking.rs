@@ -34,6 +34,7 @@ pub(crate) fn num_rounds(job: &Job) -> u32 {
         WorkflowSpec::ScatterAndGather => job.server.sag.num_rounds,
         WorkflowSpec::Swarm(a) => a.num_rounds,
         WorkflowSpec::Cyclic(a) => a.num_rounds,
+        WorkflowSpec::Statistics(s) => s.passes(),
     }
 }
 
