@@ -278,7 +278,8 @@ pub fn write_results(
 fn number(v: Option<&StatValue>) -> String {
     match v {
         Some(StatValue::Int(n)) => n.to_string(),
-        Some(StatValue::Float(x)) => format!("{x}"),
+        // Fixed decimals as every table; a noised minimum of -0 reads 0.
+        Some(StatValue::Float(x)) => crate::display::metric(if *x == 0.0 { 0.0 } else { *x }),
         _ => "-".into(),
     }
 }
