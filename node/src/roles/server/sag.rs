@@ -276,7 +276,9 @@ impl Server {
                                     tracing::warn!(job = %id, hub = %to, error = %format!("{e:#}"), "redeploy failed");
                                 }
                             }
-                            if let Err(e) = s.send_task(&id, &to, task, model).await {
+                            if let Err(e) =
+                                s.send_task(&id, WORKFLOW, &to, task, Some(&model)).await
+                            {
                                 tracing::warn!(job = %id, site = %to, error = %format!("{e:#}"), "task not delivered");
                             }
                         });
@@ -464,12 +466,15 @@ impl Server {
         self.store.job_dir(id).with_file_name("initial.safetensors")
     }
 
-    async fn send_task(
+    /// Sends `task` of `workflow` to `site`: its headers in the transfer's meta, with `model`
+    /// when the task carries one (a statistics task carries none).
+    pub(super) async fn send_task(
         &self,
         id: &str,
+        workflow: &str,
         site: &str,
         task: Task,
-        model: ModelRef,
+        model: Option<&ModelRef>,
     ) -> anyhow::Result<()> {
         let to = self
             .net
@@ -488,7 +493,7 @@ impl Server {
         };
         let route = Route {
             job: id.to_string(),
-            workflow: WORKFLOW.into(),
+            workflow: workflow.into(),
             round: u64::from(task.round),
             kind: "task".into(),
         };
@@ -498,7 +503,7 @@ impl Server {
             &to,
             &route,
             &meta,
-            Some(bulk::Body::of(&model)),
+            model.map(bulk::Body::of),
         )
         .await?;
         Ok(())

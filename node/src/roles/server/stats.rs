@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use flare_protocols::shareable::{Task, TaskResult};
+use flare_protocols::shareable::TaskResult;
 use flare_protocols::stored::ModelRef;
 use flare_protocols::time::Time;
 use flare_protocols::workflows::statistics::{Event, Output, StatisticsController};
@@ -21,7 +21,6 @@ use tokio::sync::{mpsc, watch};
 
 use super::Server;
 use crate::job::{Job, WorkflowSpec};
-use crate::net::bulk::{self, Route, TransferMeta};
 use crate::store::JobState;
 
 /// How long a run resumed after a server restart waits for its sites to come back.
@@ -67,7 +66,7 @@ impl Server {
                         let s = Arc::clone(&self);
                         let id = id.to_string();
                         tokio::spawn(async move {
-                            if let Err(e) = s.send_stats_task(&id, wire, &to, task).await {
+                            if let Err(e) = s.send_task(&id, wire, &to, task, None).await {
                                 tracing::warn!(job = %id, site = %to, error = %format!("{e:#}"), "statistics task not delivered");
                             }
                         });
@@ -209,39 +208,5 @@ impl Server {
             ),
         );
         Ok(ready)
-    }
-
-    /// Sends a `fed_stats` task to `site`: the task's headers in the transfer's meta, no
-    /// model.
-    async fn send_stats_task(
-        &self,
-        id: &str,
-        workflow: &str,
-        site: &str,
-        task: Task,
-    ) -> anyhow::Result<()> {
-        let to = self
-            .net
-            .peers
-            .by_name(site)
-            .with_context(|| format!("site {site} is not connected"))?;
-        let meta = TransferMeta {
-            task_id: task.id.0,
-            task_name: task.name.clone(),
-            round: task.round,
-            return_code: task.data.return_code,
-            headers: task.data.headers,
-            skeleton: None,
-            body: None,
-            resume: None,
-        };
-        let route = Route {
-            job: id.to_string(),
-            workflow: workflow.into(),
-            round: u64::from(task.round),
-            kind: "task".into(),
-        };
-        bulk::deliver_body(&self.net, &self.sealing, &to, &route, &meta, None).await?;
-        Ok(())
     }
 }
